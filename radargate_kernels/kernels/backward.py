@@ -1,0 +1,146 @@
+"""Fused backward kernels (SPEC "Backward").
+
+``radargate_bwd_rows_kernel`` (grid: token blocks) makes two passes over D per token block:
+pass A recomputes the rotation and accumulates dg and dd = dalpha B^T; the K x K chain
+(drho, softmax, dC, S, dZ) runs in registers; pass B writes dV = g R(-alpha) dy + normalisation
+term + dZ A^T, and stores dg and dZ.
+
+``radargate_bwd_params_kernel`` (grid: feature chunks x token groups) reduces the parameter
+gradients dB, dbeta and dA over its tokens in registers and writes one fp32 partial per token
+group; the host sums the partials (deterministic, no atomics).
+"""
+import triton
+import triton.language as tl
+
+from .common import (angles, block_masks, expert_of_row, kk_offsets, load_halves,
+                     load_param_chunk, load_rows, load_token_halves, rotate, row_ids, store_rows)
+
+
+@triton.jit
+def radargate_bwd_rows_kernel(
+    V, G, A, B, BETA, IDS, DY,            # inputs
+    N, CM, RHO, Z, DD,                    # saved state
+    DV, DG, DZ,                           # outputs: dV [T,K,D], dg [T,K], dZ [T,K,r] (state dtype)
+    T, K, h, r, E,
+    s_vt, s_vk, s_vd, s_gt, s_gk, s_ad, s_ar, s_br, s_bh, s_be, s_bbh, s_it, s_ik, s_dyt, s_dyd,
+    s_dvt, s_dvk, s_dvd,
+    tau_inv, eps,
+    KP: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BH: tl.constexpr,
+    HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    tok, slot, valid = row_ids(blk, T, K, KP, BT)
+    voff = tok * s_vt + slot.to(tl.int64) * s_vk
+    rr = tl.arange(0, RP)
+    flat = tok * K + slot
+    same, off = block_masks(K, KP, BT, valid)
+    kk = kk_offsets(tok, slot, K)
+    n = tl.load(N + flat, mask=valid, other=1.0).to(ACC)
+    C = tl.load(CM + kk, mask=same, other=0.0).to(ACC)
+    rho = tl.load(RHO + kk, mask=same, other=0.0).to(ACC)
+    z = load_rows(Z, flat, valid, r, RP, ACC)
+    d = load_rows(DD, flat, valid, r, RP, ACC)
+    g = tl.load(G + tok * s_gt + slot.to(tl.int64) * s_gk, mask=valid, other=0.0).to(ACC)
+    eid = expert_of_row(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
+
+    # pass A: dg_i = <dy, u_i>, dalpha, dd = dalpha B^T
+    dg = tl.zeros((BT * KP,), dtype=ACC)
+    dd = tl.zeros((BT * KP, RP), dtype=ACC)
+    for c0 in range(0, h, BH):
+        cols = c0 + tl.arange(0, BH)
+        cmask = cols < h
+        v1, v2 = load_halves(V, voff, cols, h, s_vd, valid[:, None] & cmask[None, :], ACC)
+        dy1, dy2 = load_token_halves(DY, blk, T, cols, h, s_dyt, s_dyd, cmask, KP, BT, BH, ACC)
+        Bc = load_param_chunk(B, rr, cols, r, h, s_br, s_bh, ACC)
+        alpha = angles(d, Bc, BETA, eid, valid, cols, cmask, s_be, s_bbh, HAS_BETA, ACC)
+        u1, u2 = rotate(v1, v2, tl.cos(alpha), tl.sin(alpha))
+        dg += tl.sum(dy1 * u1 + dy2 * u2, axis=1)
+        dalpha = g[:, None] * (dy2 * u1 - dy1 * u2)
+        dd += tl.dot(dalpha, tl.trans(Bc), input_precision="ieee", out_dtype=ACC)
+
+    # K x K chain in registers
+    drho = tl.where(off, tl.dot(dd, tl.trans(z), input_precision="ieee", out_dtype=ACC), 0.0)
+    dC = rho * (drho - tl.sum(rho * drho, axis=1)[:, None]) * tau_inv
+    S = dC + tl.trans(dC)
+    q = tl.where(n > eps, tl.sum(S * C, axis=1), 0.0)  # <v^_i, dv^_i>; 0 where the eps floor held
+    dZ = tl.dot(tl.trans(rho), dd, input_precision="ieee", out_dtype=ACC) - dd
+    inv_n = 1.0 / n
+    tl.store(DG + flat, dg.to(DG.dtype.element_ty), mask=valid)
+    store_rows(DZ, dZ, flat, valid, r, RP)
+
+    # pass B: dV
+    dvoff = tok * s_dvt + slot.to(tl.int64) * s_dvk
+    for c0 in range(0, h, BH):
+        cols = c0 + tl.arange(0, BH)
+        cmask = cols < h
+        m = valid[:, None] & cmask[None, :]
+        v1, v2 = load_halves(V, voff, cols, h, s_vd, m, ACC)
+        dy1, dy2 = load_token_halves(DY, blk, T, cols, h, s_dyt, s_dyd, cmask, KP, BT, BH, ACC)
+        Bc = load_param_chunk(B, rr, cols, r, h, s_br, s_bh, ACC)
+        alpha = angles(d, Bc, BETA, eid, valid, cols, cmask, s_be, s_bbh, HAS_BETA, ACC)
+        dv1, dv2 = rotate(dy1, dy2, tl.cos(alpha), -tl.sin(alpha))  # R(-alpha) dy
+        vh1 = v1 * inv_n[:, None]
+        vh2 = v2 * inv_n[:, None]
+        dvh1 = tl.dot(S, vh1, input_precision="ieee", out_dtype=ACC)
+        dvh2 = tl.dot(S, vh2, input_precision="ieee", out_dtype=ACC)
+        a1 = load_param_chunk(A, cols, rr, h, r, s_ad, s_ar, ACC)
+        a2 = load_param_chunk(A + h * s_ad, cols, rr, h, r, s_ad, s_ar, ACC)
+        dv1 = g[:, None] * dv1 + (dvh1 - q[:, None] * vh1) * inv_n[:, None] \
+            + tl.dot(dZ, tl.trans(a1), input_precision="ieee", out_dtype=ACC)
+        dv2 = g[:, None] * dv2 + (dvh2 - q[:, None] * vh2) * inv_n[:, None] \
+            + tl.dot(dZ, tl.trans(a2), input_precision="ieee", out_dtype=ACC)
+        o = dvoff[:, None] + cols[None, :].to(tl.int64) * s_dvd
+        tl.store(DV + o, dv1.to(DV.dtype.element_ty), mask=m)
+        tl.store(DV + o + h * s_dvd, dv2.to(DV.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def radargate_bwd_params_kernel(
+    V, G, B, BETA, IDS, DY, DD, DZ,       # inputs and state (d, dZ)
+    PB, PBETA, PA,                        # partials: [NB, r, h], [NB, E, h], [NB, D, r]
+    T, K, h, r, E, n_blocks,
+    s_vt, s_vk, s_vd, s_gt, s_gk, s_br, s_bh, s_be, s_bbh, s_it, s_ik, s_dyt, s_dyd,
+    KP: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BH: tl.constexpr, EP: tl.constexpr,
+    HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr,
+):
+    cid = tl.program_id(0)
+    grp = tl.program_id(1)
+    n_groups = tl.num_programs(1)
+    cols = cid * BH + tl.arange(0, BH)
+    cmask = cols < h
+    rr = tl.arange(0, RP)
+    er = tl.arange(0, EP)
+    Bc = load_param_chunk(B, rr, cols, r, h, s_br, s_bh, ACC)
+    acc_b = tl.zeros((RP, BH), dtype=ACC)
+    acc_beta = tl.zeros((EP, BH), dtype=ACC)
+    acc_a1 = tl.zeros((BH, RP), dtype=ACC)
+    acc_a2 = tl.zeros((BH, RP), dtype=ACC)
+    for blk in range(grp, n_blocks, n_groups):
+        tok, slot, valid = row_ids(blk, T, K, KP, BT)
+        voff = tok * s_vt + slot.to(tl.int64) * s_vk
+        flat = tok * K + slot
+        v1, v2 = load_halves(V, voff, cols, h, s_vd, valid[:, None] & cmask[None, :], ACC)
+        dy1, dy2 = load_token_halves(DY, blk, T, cols, h, s_dyt, s_dyd, cmask, KP, BT, BH, ACC)
+        g = tl.load(G + tok * s_gt + slot.to(tl.int64) * s_gk, mask=valid, other=0.0).to(ACC)
+        d = load_rows(DD, flat, valid, r, RP, ACC)
+        dZ = load_rows(DZ, flat, valid, r, RP, ACC)
+        eid = expert_of_row(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
+        alpha = angles(d, Bc, BETA, eid, valid, cols, cmask, s_be, s_bbh, HAS_BETA, ACC)
+        u1, u2 = rotate(v1, v2, tl.cos(alpha), tl.sin(alpha))
+        dalpha = g[:, None] * (dy2 * u1 - dy1 * u2)
+        acc_b += tl.dot(tl.trans(d), dalpha, input_precision="ieee", out_dtype=ACC)
+        if HAS_BETA:
+            onehot = ((er[:, None] == eid[None, :]) & valid[None, :]).to(ACC)
+            acc_beta += tl.dot(onehot, dalpha, input_precision="ieee", out_dtype=ACC)
+        acc_a1 += tl.dot(tl.trans(v1), dZ, input_precision="ieee", out_dtype=ACC)
+        acc_a2 += tl.dot(tl.trans(v2), dZ, input_precision="ieee", out_dtype=ACC)
+    g64 = grp.to(tl.int64)
+    mb = (rr[:, None] < r) & cmask[None, :]
+    tl.store(PB + g64 * r * h + rr[:, None] * h + cols[None, :], acc_b, mask=mb)
+    if HAS_BETA:
+        me = (er[:, None] < E) & cmask[None, :]
+        tl.store(PBETA + g64 * E * h + er[:, None] * h + cols[None, :], acc_beta, mask=me)
+    ma = cmask[:, None] & (rr[None, :] < r)
+    pa = PA + g64 * 2 * h * r + cols[:, None] * r + rr[None, :]
+    tl.store(pa, acc_a1, mask=ma)
+    tl.store(pa + h * r, acc_a2, mask=ma)

@@ -1,0 +1,111 @@
+"""Triton helpers shared by the forward and backward kernels.
+
+Layout used by every kernel: a program owns ``BT`` tokens and flattens (token, slot) into
+``R = BT * KP`` rows (``KP`` = K padded to a power of two). Row ``a`` is token
+``a // KP``, slot ``a % KP``. Per-token K x K matrices live as the diagonal blocks of an
+R x R tile, so every product is a plain 2-D ``tl.dot`` and padding rows are masked.
+Feature columns are walked in chunks of ``BH`` pairs: column ``p`` pairs with ``p + h``.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def row_ids(blk, T, K, KP: tl.constexpr, BT: tl.constexpr):
+    """Rows of token block ``blk`` -> (token int64 [R], slot [R], row-is-real mask [R])."""
+    rows = tl.arange(0, BT * KP)
+    tok = blk * BT + rows // KP
+    slot = rows % KP
+    valid = (tok < T) & (slot < K)
+    return tok.to(tl.int64), slot, valid
+
+
+@triton.jit
+def block_masks(K, KP: tl.constexpr, BT: tl.constexpr, valid):
+    """Masks on the R x R tile: same token (both rows real), and same token off the diagonal."""
+    ri = tl.arange(0, BT * KP)
+    same = ((ri[:, None] // KP) == (ri[None, :] // KP)) & valid[:, None] & valid[None, :]
+    off = same & (ri[:, None] != ri[None, :])
+    return same, off
+
+
+@triton.jit
+def load_halves(ptr, row_off, cols, h, s_d, mask, ACC: tl.constexpr):
+    """Load columns ``cols`` and ``cols + h`` of rows at ``row_off`` -> two [R, BH] tiles in ACC."""
+    off = row_off[:, None] + cols[None, :].to(tl.int64) * s_d
+    x1 = tl.load(ptr + off, mask=mask, other=0.0).to(ACC)
+    x2 = tl.load(ptr + off + h * s_d, mask=mask, other=0.0).to(ACC)
+    return x1, x2
+
+
+@triton.jit
+def load_token_halves(ptr, blk, T, cols, h, s_t, s_d, cmask, KP: tl.constexpr,
+                      BT: tl.constexpr, BH: tl.constexpr, ACC: tl.constexpr):
+    """Load a per-token [T, D] tensor (``dy``) once per token and broadcast it to the R rows."""
+    tb = blk * BT + tl.arange(0, BT)
+    off = tb.to(tl.int64)[:, None] * s_t + cols[None, :].to(tl.int64) * s_d
+    m = (tb < T)[:, None] & cmask[None, :]
+    x1 = tl.load(ptr + off, mask=m, other=0.0).to(ACC)
+    x2 = tl.load(ptr + off + h * s_d, mask=m, other=0.0).to(ACC)
+    x1 = tl.reshape(tl.broadcast_to(x1[:, None, :], (BT, KP, BH)), (BT * KP, BH))
+    x2 = tl.reshape(tl.broadcast_to(x2[:, None, :], (BT, KP, BH)), (BT * KP, BH))
+    return x1, x2
+
+
+@triton.jit
+def load_rows(ptr, row_idx, valid, ncols, RP: tl.constexpr, ACC: tl.constexpr):
+    """Load [R, RP] of a contiguous [T*K, ncols] state tensor (z, d, dZ) at flat rows ``row_idx``."""
+    rr = tl.arange(0, RP)
+    m = valid[:, None] & (rr[None, :] < ncols)
+    return tl.load(ptr + row_idx[:, None] * ncols + rr[None, :], mask=m, other=0.0).to(ACC)
+
+
+@triton.jit
+def store_rows(ptr, x, row_idx, valid, ncols, RP: tl.constexpr):
+    rr = tl.arange(0, RP)
+    m = valid[:, None] & (rr[None, :] < ncols)
+    tl.store(ptr + row_idx[:, None] * ncols + rr[None, :], x, mask=m)
+
+
+@triton.jit
+def kk_offsets(tok, slot, K):
+    """Offsets of the per-token K x K state (C, rho) [T, K, K] for the R x R tile."""
+    return tok[:, None] * K * K + slot[:, None] * K + slot[None, :]
+
+
+@triton.jit
+def load_param_chunk(ptr, rows, cols, nrows, ncols, s_r, s_c, ACC: tl.constexpr):
+    """Load a [len(rows), len(cols)] tile of a 2-D parameter (B, A, beta), masked."""
+    m = (rows[:, None] < nrows) & (cols[None, :] < ncols)
+    off = rows[:, None].to(tl.int64) * s_r + cols[None, :].to(tl.int64) * s_c
+    return tl.load(ptr + off, mask=m, other=0.0).to(ACC)
+
+
+@triton.jit
+def angles(d, Bc, beta_ptr, eid, valid, cols, cmask, s_be, s_bh, HAS_BETA: tl.constexpr,
+           ACC: tl.constexpr):
+    """SPEC step 4 for one chunk: alpha = d B (+ beta[ids]) -> [R, BH]."""
+    alpha = tl.dot(d, Bc, input_precision="ieee", out_dtype=ACC)
+    if HAS_BETA:
+        m = (valid & (eid >= 0))[:, None] & cmask[None, :]
+        off = eid.to(tl.int64)[:, None] * s_be + cols[None, :].to(tl.int64) * s_bh
+        alpha += tl.load(beta_ptr + off, mask=m, other=0.0).to(ACC)
+    return alpha
+
+
+@triton.jit
+def rotate(x1, x2, c, s):
+    """Givens rotation of the pairs (x1, x2) by the angle with cosine c and sine s."""
+    return c * x1 - s * x2, s * x1 + c * x2
+
+
+@triton.jit
+def expert_of_row(ids_ptr, tok, slot, valid, s_it, s_ik, E, HAS_IDS: tl.constexpr):
+    """Expert index of each row: ids[t, k], or k without ids. Out-of-range ids map to -1."""
+    if HAS_IDS:
+        e = tl.load(ids_ptr + tok * s_it + slot.to(tl.int64) * s_ik, mask=valid, other=-1)
+        e = e.to(tl.int32)
+        e = tl.where((e >= 0) & (e < E), e, -1)
+    else:
+        e = slot
+    return e

@@ -1,0 +1,91 @@
+"""Fused forward kernel: SPEC steps 1-6 in one launch, two passes over D.
+
+Pass 1 accumulates the Gram matrix and z = V A; the relation map, softmax and d = rho z - z
+are computed in registers; pass 2 rotates, stretches and sums into y. Saves the small
+per-token state (n, C, rho, z, d) for the backward kernels.
+"""
+import triton
+import triton.language as tl
+
+from .common import (angles, block_masks, expert_of_row, kk_offsets, load_halves,
+                     load_param_chunk, rotate, row_ids, store_rows)
+
+
+@triton.jit
+def relation(gram, valid, K, tau_inv, eps, KP: tl.constexpr, BT: tl.constexpr):
+    """SPEC steps 1-2 from the block-diagonal Gram tile -> (n [R], C [R, R], rho [R, R])."""
+    same, off = block_masks(K, KP, BT, valid)
+    ri = tl.arange(0, BT * KP)
+    diag = ri[:, None] == ri[None, :]
+    dg = tl.where(diag, gram, 0.0)
+    n_row = tl.maximum(tl.sqrt(tl.sum(dg, axis=1)), eps)
+    n_col = tl.maximum(tl.sqrt(tl.sum(dg, axis=0)), eps)
+    C = tl.where(same, gram / (n_row[:, None] * n_col[None, :]), 0.0)
+    logits = tl.where(off, C * tau_inv, -float("inf"))
+    mx = tl.max(logits, axis=1)
+    mx = tl.where(mx == -float("inf"), 0.0, mx)
+    e = tl.where(off, tl.exp(logits - mx[:, None]), 0.0)
+    den = tl.sum(e, axis=1)
+    rho = e / tl.where(den > 0, den, 1.0)[:, None]
+    return n_row, C, rho, same
+
+
+@triton.jit
+def radargate_fwd_kernel(
+    V, G, A, B, BETA, IDS,              # inputs
+    Y, N, CM, RHO, Z, DD,                # outputs: y [T, D]; state n [T,K], C, rho [T,K,K], z, d [T,K,r]
+    T, K, h, r, E,
+    s_vt, s_vk, s_vd, s_gt, s_gk, s_ad, s_ar, s_br, s_bh, s_be, s_bbh, s_it, s_ik, s_yt, s_yd,
+    tau_inv, eps,
+    KP: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BH: tl.constexpr,
+    HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr, V_PREC: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    R: tl.constexpr = BT * KP
+    tok, slot, valid = row_ids(blk, T, K, KP, BT)
+    voff = tok * s_vt + slot.to(tl.int64) * s_vk
+    rr = tl.arange(0, RP)
+
+    # pass 1 over D: Gram matrix and z = V A
+    gram = tl.zeros((R, R), dtype=ACC)
+    z = tl.zeros((R, RP), dtype=ACC)
+    for c0 in range(0, h, BH):
+        cols = c0 + tl.arange(0, BH)
+        cmask = cols < h
+        v1, v2 = load_halves(V, voff, cols, h, s_vd, valid[:, None] & cmask[None, :], ACC)
+        gram += tl.dot(v1, tl.trans(v1), input_precision=V_PREC, out_dtype=ACC)
+        gram += tl.dot(v2, tl.trans(v2), input_precision=V_PREC, out_dtype=ACC)
+        a1 = load_param_chunk(A, cols, rr, h, r, s_ad, s_ar, ACC)
+        a2 = load_param_chunk(A + h * s_ad, cols, rr, h, r, s_ad, s_ar, ACC)
+        z += tl.dot(v1, a1, input_precision=V_PREC, out_dtype=ACC)
+        z += tl.dot(v2, a2, input_precision=V_PREC, out_dtype=ACC)
+
+    # per-token math in registers
+    n, C, rho, same = relation(gram, valid, K, tau_inv, eps, KP, BT)
+    d = tl.dot(rho, z, input_precision="ieee", out_dtype=ACC) - z
+
+    flat = tok * K + slot
+    tl.store(N + flat, n, mask=valid)
+    kk = kk_offsets(tok, slot, K)
+    tl.store(CM + kk, C, mask=same)
+    tl.store(RHO + kk, rho, mask=same)
+    store_rows(Z, z, flat, valid, r, RP)
+    store_rows(DD, d, flat, valid, r, RP)
+
+    # pass 2 over D: rotate, stretch, sum over the K slots of each token
+    g = tl.load(G + tok * s_gt + slot.to(tl.int64) * s_gk, mask=valid, other=0.0).to(ACC)
+    eid = expert_of_row(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
+    tb = blk * BT + tl.arange(0, BT)
+    for c0 in range(0, h, BH):
+        cols = c0 + tl.arange(0, BH)
+        cmask = cols < h
+        v1, v2 = load_halves(V, voff, cols, h, s_vd, valid[:, None] & cmask[None, :], ACC)
+        Bc = load_param_chunk(B, rr, cols, r, h, s_br, s_bh, ACC)
+        alpha = angles(d, Bc, BETA, eid, valid, cols, cmask, s_be, s_bbh, HAS_BETA, ACC)
+        u1, u2 = rotate(v1, v2, tl.cos(alpha), tl.sin(alpha))
+        y1 = tl.sum(tl.reshape(g[:, None] * u1, (BT, KP, BH)), axis=1)
+        y2 = tl.sum(tl.reshape(g[:, None] * u2, (BT, KP, BH)), axis=1)
+        yoff = tb.to(tl.int64)[:, None] * s_yt + cols[None, :].to(tl.int64) * s_yd
+        ym = (tb < T)[:, None] & cmask[None, :]
+        tl.store(Y + yoff, y1.to(Y.dtype.element_ty), mask=ym)
+        tl.store(Y + yoff + h * s_yd, y2.to(Y.dtype.element_ty), mask=ym)

@@ -1,0 +1,183 @@
+"""Host side of the kernels: the one place that picks block sizes, computes strides and launches.
+
+Shapes: V [T, K, D], g [T, K], A [D, r], B [r, h] (h = D/2), beta [E, h] or None,
+ids [T, K] or None. Forward returns y [T, D] and the per-token state
+(n [T, K], C [T, K, K], rho [T, K, K], z [T, K, r], d [T, K, r]) in the compute dtype
+(fp32, fp64 for fp64 inputs); backward returns (dV, dg, dA, dB, dbeta).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .backward import radargate_bwd_params_kernel, radargate_bwd_rows_kernel
+from .forward import radargate_fwd_kernel
+
+# Limits of the fused kernels (see docs/launch_config.md). Beyond them radar_gate(backend="auto")
+# uses the PyTorch reference and backend="triton" raises ValueError.
+MAX_K = 64
+MAX_RANK = 64
+MAX_E = 128
+ROWS_TARGET = 32  # R = BT * KP rows per program: tokens are packed until R reaches this
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    KP: int          # K padded to a power of two
+    BT: int          # tokens per program
+    RP: int          # rank padded (>= 16 for tl.dot)
+    BH: int          # feature pairs per chunk in the row kernels
+    BH_PARAMS: int   # feature pairs per program in the parameter-gradient kernel
+    EP: int          # experts padded (angle_bias gradient tile)
+    num_warps: int
+    num_stages: int
+
+    @property
+    def R(self) -> int:
+        return self.BT * self.KP
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def kernel_limits_ok(K: int, r: int, E: int, has_beta: bool) -> str | None:
+    """None if the fused kernels handle this shape, else the reason they do not."""
+    if K > MAX_K:
+        return f"K = {K} experts per token exceeds the fused kernels' limit of {MAX_K}"
+    if r > MAX_RANK:
+        return f"rank r = {r} exceeds the fused kernels' limit of {MAX_RANK}"
+    if has_beta and E > MAX_E:
+        return f"E = {E} experts in angle_bias exceeds the fused kernels' limit of {MAX_E}"
+    return None
+
+
+def pick_config(K: int, h: int, r: int, E: int, has_beta: bool) -> LaunchConfig:
+    """Block sizes from the shape (rule justified in docs/launch_config.md)."""
+    KP = _pow2(K)
+    BT = max(1, ROWS_TARGET // KP)
+    R = BT * KP
+    R = max(R, 16)
+    BT = R // KP
+    RP = max(16, _pow2(r))
+    BH = 32 if R >= 64 or RP >= 64 else 64
+    BH = min(BH, max(16, _pow2(h)))
+    EP = max(16, _pow2(E)) if has_beta else 16
+    BH_PARAMS = 32 if (EP >= 64 or RP >= 64) else 64
+    BH_PARAMS = min(BH_PARAMS, max(16, _pow2(h)))
+    num_warps = 8 if R >= 64 else 4
+    return LaunchConfig(KP, BT, RP, BH, BH_PARAMS, EP, num_warps, 1)
+
+
+def _acc(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _v_prec(dtype):
+    # fp16/bf16 values are exact in tf32, so the V x V and V x A products are exact on tensor
+    # cores; fp32 needs full-precision ("ieee") products.
+    return "tf32" if dtype in (torch.float16, torch.bfloat16) else "ieee"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _common(V, g, A, B, beta, ids):
+    T, K, D = V.shape
+    h, r = D // 2, A.shape[1]
+    E = beta.shape[0] if beta is not None else K
+    cfg = pick_config(K, h, r, E, beta is not None)
+    dummy = V  # never read when the HAS_* flag is off
+    beta_t = beta if beta is not None else dummy
+    ids_t = ids if ids is not None else dummy
+    s_beta = beta.stride() if beta is not None else (0, 0)
+    s_ids = ids.stride() if ids is not None else (0, 0)
+    strides = (*V.stride(), *g.stride())
+    flags = dict(HAS_BETA=beta is not None, HAS_IDS=ids is not None, ACC=_acc(V.dtype))
+    return T, K, D, h, r, E, cfg, beta_t, ids_t, s_beta, s_ids, strides, flags
+
+
+def forward(V, g, A, B, beta, ids, tau: float, eps: float):
+    """Launch the fused forward. Returns (y, n, C, rho, z, d)."""
+    T, K, D, h, r, E, cfg, beta_t, ids_t, s_beta, s_ids, strides, flags = _common(V, g, A, B, beta, ids)
+    sd = state_dtype(V.dtype)
+    y = torch.empty((T, D), dtype=V.dtype, device=V.device)
+    n = torch.empty((T, K), dtype=sd, device=V.device)
+    C = torch.empty((T, K, K), dtype=sd, device=V.device)
+    rho = torch.empty((T, K, K), dtype=sd, device=V.device)
+    z = torch.empty((T, K, r), dtype=sd, device=V.device)
+    d = torch.empty((T, K, r), dtype=sd, device=V.device)
+    if T == 0:
+        return y, n, C, rho, z, d
+    grid = (triton.cdiv(T, cfg.BT),)
+    radargate_fwd_kernel[grid](
+        V, g, A, B, beta_t, ids_t, y, n, C, rho, z, d,
+        T, K, h, r, E,
+        *strides, *A.stride(), *B.stride(), *s_beta, *s_ids, *y.stride(),
+        1.0 / tau, eps,
+        KP=cfg.KP, BT=cfg.BT, RP=cfg.RP, BH=cfg.BH, V_PREC=_v_prec(V.dtype), **flags,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y, n, C, rho, z, d
+
+
+def param_groups(n_blocks: int, n_chunks: int, device) -> int:
+    """Token groups of the parameter kernel: enough programs to fill the GPU, few partials."""
+    if device.type == "cuda" and not _interpreting():
+        target = 4 * _num_sms(device)
+    else:
+        target = 2  # interpreter: programs run one after another
+    return max(1, min(n_blocks, triton.cdiv(target, n_chunks)))
+
+
+def backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: float):
+    """Launch the fused backward. Returns (dV, dg, dA, dB, dbeta or an empty tensor)."""
+    T, K, D, h, r, E, cfg, beta_t, ids_t, s_beta, s_ids, strides, flags = _common(V, g, A, B, beta, ids)
+    sd = state_dtype(V.dtype)
+    dV = torch.empty((T, K, D), dtype=V.dtype, device=V.device)
+    dg = torch.empty((T, K), dtype=g.dtype, device=V.device)
+    if T == 0:
+        dbeta = torch.zeros_like(beta) if beta is not None else V.new_empty(0)
+        return dV, dg, torch.zeros_like(A), torch.zeros_like(B), dbeta
+    dZ = torch.empty((T, K, r), dtype=sd, device=V.device)
+    n_blocks = triton.cdiv(T, cfg.BT)
+    radargate_bwd_rows_kernel[(n_blocks,)](
+        V, g, A, B, beta_t, ids_t, dy, n, C, rho, z, d, dV, dg, dZ,
+        T, K, h, r, E,
+        *strides, *A.stride(), *B.stride(), *s_beta, *s_ids, *dy.stride(), *dV.stride(),
+        1.0 / tau, eps,
+        KP=cfg.KP, BT=cfg.BT, RP=cfg.RP, BH=cfg.BH, **flags,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    n_chunks = triton.cdiv(h, cfg.BH_PARAMS)
+    NB = param_groups(n_blocks, n_chunks, V.device)
+    pB = torch.empty((NB, r, h), dtype=sd, device=V.device)
+    pbeta = torch.empty((NB, E, h), dtype=sd, device=V.device) if beta is not None else pB
+    pA = torch.empty((NB, D, r), dtype=sd, device=V.device)
+    radargate_bwd_params_kernel[(n_chunks, NB)](
+        V, g, B, beta_t, ids_t, dy, d, dZ, pB, pbeta, pA,
+        T, K, h, r, E, n_blocks,
+        *strides, *B.stride(), *s_beta, *s_ids, *dy.stride(),
+        KP=cfg.KP, BT=cfg.BT, RP=cfg.RP, BH=cfg.BH_PARAMS, EP=cfg.EP, **flags,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    # final deterministic reduction of the per-group partials (fixed order, no atomics)
+    dA = pA.sum(0).to(A.dtype)
+    dB = pB.sum(0).to(B.dtype)
+    dbeta = pbeta.sum(0).to(beta.dtype) if beta is not None else V.new_empty(0)
+    return dV, dg, dA, dB, dbeta

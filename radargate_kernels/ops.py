@@ -1,0 +1,144 @@
+"""The op layer: custom ops around the Triton launchers, the autograd Function, ``radar_gate``.
+
+``radargate::fwd`` and ``radargate::bwd`` are ``torch.library.custom_op``s with fake (meta)
+implementations, so ``torch.compile(fullgraph=True)`` traces through them; ``radargate::fwd``
+also has ``register_autograd`` so it is differentiable on its own (``opcheck`` tests that).
+``RadarGateFunction`` is the ``torch.autograd.Function`` that ``radar_gate`` uses on the Triton
+path; both autograd wirings share ``_save`` and ``_grads``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .reference import radar_gate_reference
+from .validation import check_inputs
+
+_BACKENDS = ("auto", "triton", "torch")
+
+
+def _launch():
+    # imported lazily: importing triton kernels must follow any TRITON_INTERPRET setting
+    from .kernels import launch
+    return launch
+
+
+@torch.library.custom_op("radargate::fwd", mutates_args=())
+def _fwd_op(V: torch.Tensor, g: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+            beta: Optional[torch.Tensor], ids: Optional[torch.Tensor], tau: float,
+            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 torch.Tensor, torch.Tensor]:
+    """Fused forward. V [T,K,D] -> (y [T,D], n [T,K], C [T,K,K], rho [T,K,K], z [T,K,r], d [T,K,r])."""
+    return _launch().forward(V, g, A, B, beta, ids, tau, eps)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(V, g, A, B, beta, ids, tau, eps):
+    T, K, D = V.shape
+    r = A.shape[1]
+    sd = torch.float64 if V.dtype == torch.float64 else torch.float32
+    return (V.new_empty((T, D)), V.new_empty((T, K), dtype=sd), V.new_empty((T, K, K), dtype=sd),
+            V.new_empty((T, K, K), dtype=sd), V.new_empty((T, K, r), dtype=sd),
+            V.new_empty((T, K, r), dtype=sd))
+
+
+@torch.library.custom_op("radargate::bwd", mutates_args=())
+def _bwd_op(dy: torch.Tensor, V: torch.Tensor, g: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+            beta: Optional[torch.Tensor], ids: Optional[torch.Tensor], n: torch.Tensor,
+            C: torch.Tensor, rho: torch.Tensor, z: torch.Tensor, d: torch.Tensor, tau: float,
+            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 torch.Tensor]:
+    """Fused backward -> (dV, dg, dA, dB, dbeta); dbeta is empty when beta is None."""
+    return _launch().backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau, eps)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau, eps):
+    dbeta = torch.empty_like(beta) if beta is not None else V.new_empty(0)
+    return torch.empty_like(V), torch.empty_like(g), torch.empty_like(A), torch.empty_like(B), dbeta
+
+
+def _save(ctx, inputs, outputs):
+    V, g, A, B, beta, ids, tau, eps = inputs
+    _, n, C, rho, z, d = outputs
+    ctx.save_for_backward(V, g, A, B, beta, ids, n, C, rho, z, d)
+    ctx.tau, ctx.eps = tau, eps
+
+
+def _grads(ctx, dy):
+    V, g, A, B, beta, ids, n, C, rho, z, d = ctx.saved_tensors
+    dV, dg, dA, dB, dbeta = torch.ops.radargate.bwd(dy.contiguous(), V, g, A, B, beta, ids,
+                                                    n, C, rho, z, d, ctx.tau, ctx.eps)
+    return dV, dg, dA, dB, (dbeta if beta is not None else None), None, None, None
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    _save(ctx, inputs, output)
+
+
+def _fwd_backward(ctx, dy, *_state_grads):
+    return _grads(ctx, dy)
+
+
+torch.library.register_autograd("radargate::fwd", _fwd_backward, setup_context=_fwd_setup_context)
+
+
+class RadarGateFunction(torch.autograd.Function):
+    """Triton path of RadarGate on flattened inputs.
+
+    apply(V [T,K,D], g [T,K], A [D,r], B [r,D/2], beta [E,D/2] | None, ids [T,K] | None, tau, eps)
+    -> y [T, D]. Saves the inputs and O(T K^2 + T K r) state for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, V, g, A, B, beta, ids, tau, eps):
+        outputs = torch.ops.radargate.fwd(V, g, A, B, beta, ids, tau, eps)
+        _save(ctx, (V, g, A, B, beta, ids, tau, eps), outputs)
+        return outputs[0]
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _grads(ctx, dy)
+
+
+def _resolve_backend(backend: str, V: torch.Tensor, K: int, r: int, E: int, has_beta: bool) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    limit = _launch().kernel_limits_ok(K, r, E, has_beta)
+    if backend == "triton":
+        if limit is not None:
+            raise ValueError(f"backend='triton': {limit}; use backend='auto' or 'torch'")
+        if V.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise ValueError("backend='triton': expected CUDA tensors (or TRITON_INTERPRET=1), "
+                             f"got device {V.device}")
+        return "triton"
+    on_triton = V.device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return "triton" if on_triton and limit is None else "torch"
+
+
+def radar_gate(expert_out, weights, rot_down, rot_up, angle_bias=None, expert_ids=None,
+               tau=1.0, eps=1e-6, backend="auto"):
+    """RadarGate: ``y = sum_i g_i R(alpha_i) v_i`` (SPEC.md).
+
+    expert_out [..., K, D], weights [..., K], rot_down [D, r], rot_up [r, D/2],
+    angle_bias [E, D/2] or None, expert_ids [..., K] (integer) or None -> [..., D] in the dtype
+    of expert_out. backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, the PyTorch
+    reference otherwise), "triton" or "torch".
+    """
+    compiling = torch.compiler.is_compiling()
+    K, D, r, E = check_inputs(expert_out, weights, rot_down, rot_up, angle_bias, expert_ids,
+                              tau, eps, check_id_range=not compiling)
+    which = _resolve_backend(backend, expert_out, K, r, E, angle_bias is not None)
+    if which == "torch":
+        return radar_gate_reference(expert_out, weights, rot_down, rot_up, angle_bias,
+                                    expert_ids, tau, eps)
+    lead = expert_out.shape[:-2]
+    V = expert_out.reshape(-1, K, D)
+    g = weights.reshape(-1, K)
+    ids = expert_ids.reshape(-1, K) if expert_ids is not None else None
+    y = RadarGateFunction.apply(V, g, rot_down, rot_up, angle_bias, ids, float(tau), float(eps))
+    return y.reshape(*lead, D)

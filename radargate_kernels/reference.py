@@ -1,0 +1,79 @@
+"""Pure-PyTorch reference of the RadarGate operator: the one place where the math lives.
+
+A literal transcription of ``SPEC.md`` steps 1-6 (this project's reading of the paper
+"Two Is Better Than One: Rotations Scale LoRAs", arXiv 2505.23184). Differentiable by
+autograd; all arithmetic runs in float32 or wider (float64 stays float64).
+
+Shapes (after flattening leading dims into T):
+    V [T, K, D], g [T, K], A [D, r], B [r, D/2], beta [E, D/2] or None, ids [T, K] or None
+    -> y [T, D] in the dtype of V.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype all internal arithmetic runs in: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def relation_map(V: torch.Tensor, tau: float, eps: float):
+    """SPEC steps 1-2. V [T, K, D] -> (n [T, K], C [T, K, K], rho [T, K, K])."""
+    n = torch.clamp_min(torch.linalg.vector_norm(V, dim=-1), eps)  # n_i = max(|v_i|, eps)
+    v_hat = V / n.unsqueeze(-1)
+    C = v_hat @ v_hat.transpose(-1, -2)  # C_ij = <v^_i, v^_j>
+    K = V.shape[-2]
+    self_mask = torch.eye(K, dtype=torch.bool, device=V.device)
+    # rho_ij = exp(C_ij/tau) / sum_{k != i} exp(C_ik/tau), rho_ii = 0. The row maximum is
+    # subtracted first (same value, no overflow for small tau); K = 1 leaves an empty set: rho = 0.
+    logits = (C / tau).masked_fill(self_mask, float("-inf"))
+    if K == 1:
+        rho = torch.zeros_like(C)
+    else:
+        rho = torch.softmax(logits, dim=-1)
+    return n, C, rho
+
+
+def rotation_angles(V, rho, A, B, beta=None, ids=None):
+    """SPEC steps 3-4. -> alpha [T, K, D/2]."""
+    z = V @ A  # z_j = v_j A            [T, K, r]
+    d = rho @ z - z  # d_i = sum_j rho_ij z_j - z_i
+    alpha = d @ B  # [T, K, D/2]
+    if beta is not None:
+        if ids is None:
+            alpha = alpha + beta.unsqueeze(0)  # K == E, slot k is expert k
+        else:
+            alpha = alpha + beta[ids]
+    return alpha
+
+
+def givens_rotate(V, alpha):
+    """SPEC step 5: rotate pairs (p, p + D/2) of V [..., D] by alpha [..., D/2]."""
+    h = V.shape[-1] // 2
+    v1, v2 = V[..., :h], V[..., h:]
+    c, s = torch.cos(alpha), torch.sin(alpha)
+    return torch.cat((c * v1 - s * v2, s * v1 + c * v2), dim=-1)
+
+
+def radar_gate_reference(expert_out, weights, rot_down, rot_up, angle_bias=None,
+                         expert_ids=None, tau=1.0, eps=1e-6, backend=None):
+    """Reference RadarGate: ``y = sum_i g_i R(alpha_i) v_i``.
+
+    expert_out [..., K, D], weights [..., K], rot_down [D, r], rot_up [r, D/2],
+    angle_bias [E, D/2] or None, expert_ids [..., K] or None -> [..., D] (dtype of expert_out).
+    ``backend`` is accepted (and ignored) so the signature matches ``radar_gate``.
+    """
+    out_dtype = expert_out.dtype
+    ct = compute_dtype(out_dtype)
+    lead = expert_out.shape[:-2]
+    K, D = expert_out.shape[-2:]
+    V = expert_out.reshape(-1, K, D).to(ct)
+    g = weights.reshape(-1, K).to(ct)
+    ids = None if expert_ids is None else expert_ids.reshape(-1, K)
+    beta = None if angle_bias is None else angle_bias.to(ct)
+    _, _, rho = relation_map(V, tau, eps)
+    alpha = rotation_angles(V, rho, rot_down.to(ct), rot_up.to(ct), beta, ids)
+    U = givens_rotate(V, alpha)
+    y = (g.unsqueeze(-1) * U).sum(dim=1)  # SPEC step 6
+    return y.to(out_dtype).reshape(*lead, D)
