@@ -38,7 +38,12 @@ def relation_map(V: torch.Tensor, tau: float, eps: float):
 def rotation_angles(V, rho, A, B, beta=None, ids=None):
     """SPEC steps 3-4. -> alpha [T, K, D/2]."""
     z = V @ A  # z_j = v_j A            [T, K, r]
-    d = rho @ z - z  # d_i = sum_j rho_ij z_j - z_i
+    if V.shape[-2] > 1:
+        d = rho @ z - z  # d_i = sum_j rho_ij z_j - z_i
+    else:
+        # SPEC: "with K = 1, d = 0". The literal formula would give -z (rho = 0); SPEC's K = 1
+        # rule wins, as does the equivalent form sum_j rho_ij (z_j - z_i). rho @ z is 0 here.
+        d = rho @ z
     alpha = d @ B  # [T, K, D/2]
     if beta is not None:
         if ids is None:

@@ -64,6 +64,7 @@ def radargate_bwd_rows_kernel(
     S = dC + tl.trans(dC)
     q = tl.where(n > eps, tl.sum(S * C, axis=1), 0.0)  # <v^_i, dv^_i>; 0 where the eps floor held
     dZ = tl.dot(tl.trans(rho), dd, input_precision="ieee", out_dtype=ACC) - dd
+    dZ = tl.where(K > 1, dZ, 0.0)  # d = 0 when K = 1, so z gets no gradient
     inv_n = 1.0 / n
     tl.store(DG + flat, dg.to(DG.dtype.element_ty), mask=valid)
     store_rows(DZ, dZ, flat, valid, r, RP)

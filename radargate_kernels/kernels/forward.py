@@ -63,6 +63,7 @@ def radargate_fwd_kernel(
     # per-token math in registers
     n, C, rho, same = relation(gram, valid, K, tau_inv, eps, KP, BT)
     d = tl.dot(rho, z, input_precision="ieee", out_dtype=ACC) - z
+    d = tl.where(K > 1, d, 0.0)  # SPEC: with K = 1, d = 0
 
     flat = tok * K + slot
     tl.store(N + flat, n, mask=valid)

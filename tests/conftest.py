@@ -1,0 +1,9 @@
+"""Test setup: the kernel tests run the Triton kernels in the interpreter on CPU.
+
+TRITON_INTERPRET must be set before triton decorates the kernels, so it is set here, before
+any test module imports radargate_kernels. (A GPU run: TRITON_INTERPRET=0 pytest, with CUDA.)
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")

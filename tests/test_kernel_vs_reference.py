@@ -1,0 +1,77 @@
+"""Fused Triton kernels (interpreter) against the PyTorch reference: forward and all gradients.
+
+The grid covers every value of K, D, r and T of issue #2 and each edge: K = 1 (no relation),
+odd K, K = 13 (padded to 16, packs 2 tokens per program), D = 2 (one pair), prime D/2 (D = 6,
+10, 130), r = 1, T = 0 / 1 (single token) / 37 (partial last token block). r, T, angle_bias and
+expert_ids rotate over the 25 (K, D) pairs so that each value meets several K and D.
+To add a shape: append it to EXTRA_CASES as (T, K, D, r, bias, ids).
+"""
+import itertools
+
+import pytest
+import torch
+
+from radargate_kernels import radar_gate, radar_gate_reference
+from tolerances import assert_matches
+from helpers import make_problem, run_with_grads
+
+KS = (1, 2, 3, 8, 13)
+DS = (2, 6, 10, 64, 130)
+RS = (1, 3, 8)
+TS = (0, 1, 5, 37)
+
+
+def _grid():
+    cases = []
+    for i, (K, D) in enumerate(itertools.product(KS, DS)):
+        T = TS[i % 4]
+        r = RS[(i // 4) % 3]
+        bias = bool((i // 2) % 2)
+        ids = bool(i % 3 == 1) or (i % 5 == 0)
+        cases.append((T, K, D, r, bias, ids))
+    return cases
+
+
+EXTRA_CASES = [
+    (37, 8, 64, 8, True, True),     # all features on at a mid size
+    (5, 3, 10, 3, True, False),     # bias without ids (E == K)
+    (3, 1, 6, 3, True, True),       # K = 1: only angle_bias rotates
+    (9, 5, 258, 2, False, True),    # D/2 = 129 > BH: several chunks with a ragged tail
+]
+CASES = _grid() + EXTRA_CASES
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _id(c):
+    T, K, D, r, bias, ids = c
+    return f"T{T}-K{K}-D{D}-r{r}" + ("-bias" if bias else "") + ("-ids" if ids else "")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_forward_and_gradients_match_reference(case, dtype):
+    T, K, D, r, bias, ids = case
+    seed = hash((case, str(dtype))) % (2 ** 31)
+    prob = make_problem(T, K, D, r, dtype=dtype, bias=bias, ids=ids, seed=seed)
+    dy = torch.randn(T, D, generator=torch.Generator().manual_seed(seed + 1),
+                     dtype=torch.float64).to(dtype)
+
+    y_k, g_k = run_with_grads(radar_gate, prob, dy, backend="triton")
+    y_r, g_r = run_with_grads(radar_gate_reference, prob, dy)
+    y_t, g_t = run_with_grads(radar_gate_reference, prob, dy, dtype=torch.float64)
+
+    assert y_k.dtype == dtype and y_k.shape == (T, D)
+    assert_matches("y", y_k, y_r, y_t, dtype)
+    assert set(g_k) == set(g_t)
+    for name in g_t:
+        assert g_k[name].dtype == dtype, name
+        assert_matches(f"d{name}", g_k[name], g_r[name], g_t[name], dtype)
+
+
+@pytest.mark.parametrize("lead", [(2, 3), (1, 1, 4), (0, 5)], ids=str)
+def test_leading_dims_are_flattened_and_restored(lead):
+    prob = make_problem(None, 3, 10, 2, bias=True, ids=True, lead=lead, seed=7)
+    y_k = radar_gate(**prob, backend="triton")
+    y_r = radar_gate_reference(**prob)
+    assert y_k.shape == (*lead, 10)
+    torch.testing.assert_close(y_k, y_r, rtol=1e-5, atol=1e-5)
