@@ -75,3 +75,26 @@ def test_leading_dims_are_flattened_and_restored(lead):
     y_r = radar_gate_reference(**prob)
     assert y_k.shape == (*lead, 10)
     torch.testing.assert_close(y_k, y_r, rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_and_strided_inputs_match_contiguous_copies():
+    gen = torch.Generator().manual_seed(11)
+    T, K, D, r, E = 7, 5, 10, 3, 6
+    V = torch.randn(K, T, D + 4, generator=gen).transpose(0, 1)[..., 2:2 + D]  # permuted + sliced
+    g = torch.randn(1, K, generator=gen).expand(T, K)                          # stride 0 on T
+    A = torch.randn(r, D, generator=gen).t()                                   # transposed storage
+    B = torch.randn(r, D, generator=gen)[:, ::2]                               # column stride 2
+    beta = torch.randn(D // 2, E, generator=gen).t()
+    ids = torch.randint(0, E, (K, T), generator=gen).t()
+    assert not any(x.is_contiguous() for x in (V, g, A, B, beta, ids))
+    dy = torch.randn(T, D, generator=gen)
+    args = dict(expert_out=V, weights=g, rot_down=A, rot_up=B, angle_bias=beta, expert_ids=ids,
+                tau=0.8)
+    contig = {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    y_s, g_s = run_with_grads(radar_gate, args, dy, backend="triton")
+    y_c, g_c = run_with_grads(radar_gate, contig, dy, backend="triton")
+    torch.testing.assert_close(y_s, y_c, rtol=1e-6, atol=1e-6)
+    for name in g_c:
+        torch.testing.assert_close(g_s[name], g_c[name], rtol=1e-6, atol=1e-6)
+    y_r = radar_gate_reference(**contig)
+    torch.testing.assert_close(y_s, y_r, rtol=1e-5, atol=1e-5)
