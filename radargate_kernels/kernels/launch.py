@@ -97,6 +97,17 @@ def _num_sms(device) -> int:
     return 1
 
 
+class Launch:
+    """One kernel launch: ``kernel[grid](*args, **meta)``. Planned separately from running so
+    that compile_report compiles exactly the specialisation a real launch gets."""
+
+    def __init__(self, kernel, grid, args, meta):
+        self.kernel, self.grid, self.args, self.meta = kernel, grid, args, meta
+
+    def run(self):
+        self.kernel[self.grid](*self.args, **self.meta)
+
+
 def _common(V, g, A, B, beta, ids):
     T, K, D = V.shape
     h, r = D // 2, A.shape[1]
@@ -108,13 +119,15 @@ def _common(V, g, A, B, beta, ids):
     s_beta = beta.stride() if beta is not None else (0, 0)
     s_ids = ids.stride() if ids is not None else (0, 0)
     strides = (*V.stride(), *g.stride())
-    flags = dict(HAS_BETA=beta is not None, HAS_IDS=ids is not None, ACC=_acc(V.dtype))
-    return T, K, D, h, r, E, cfg, beta_t, ids_t, s_beta, s_ids, strides, flags
+    meta = dict(KP=cfg.KP, BT=cfg.BT, RP=cfg.RP, HAS_BETA=beta is not None,
+                HAS_IDS=ids is not None, ACC=_acc(V.dtype), num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
+    return T, K, D, h, r, E, cfg, beta_t, ids_t, s_beta, s_ids, strides, meta
 
 
-def forward(V, g, A, B, beta, ids, tau: float, eps: float):
-    """Launch the fused forward. Returns (y, n, C, rho, z, d)."""
-    T, K, D, h, r, E, cfg, beta_t, ids_t, s_beta, s_ids, strides, flags = _common(V, g, A, B, beta, ids)
+def plan_forward(V, g, A, B, beta, ids, tau: float, eps: float):
+    """Allocate the forward outputs and plan its single launch -> ((y, n, C, rho, z, d), [Launch])."""
+    T, K, D, h, r, E, cfg, beta_t, ids_t, s_beta, s_ids, strides, meta = _common(V, g, A, B, beta, ids)
     sd = state_dtype(V.dtype)
     y = torch.empty((T, D), dtype=V.dtype, device=V.device)
     n = torch.empty((T, K), dtype=sd, device=V.device)
@@ -122,18 +135,22 @@ def forward(V, g, A, B, beta, ids, tau: float, eps: float):
     rho = torch.empty((T, K, K), dtype=sd, device=V.device)
     z = torch.empty((T, K, r), dtype=sd, device=V.device)
     d = torch.empty((T, K, r), dtype=sd, device=V.device)
-    if T == 0:
-        return y, n, C, rho, z, d
-    grid = (triton.cdiv(T, cfg.BT),)
-    radargate_fwd_kernel[grid](
-        V, g, A, B, beta_t, ids_t, y, n, C, rho, z, d,
-        T, K, h, r, E,
-        *strides, *A.stride(), *B.stride(), *s_beta, *s_ids, *y.stride(),
-        1.0 / tau, eps,
-        KP=cfg.KP, BT=cfg.BT, RP=cfg.RP, BH=cfg.BH, V_PREC=_v_prec(V.dtype), **flags,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return y, n, C, rho, z, d
+    launches = []
+    if T > 0:
+        launches.append(Launch(radargate_fwd_kernel, (triton.cdiv(T, cfg.BT),), (
+            V, g, A, B, beta_t, ids_t, y, n, C, rho, z, d,
+            T, K, h, r, E,
+            *strides, *A.stride(), *B.stride(), *s_beta, *s_ids, *y.stride(),
+            1.0 / tau, eps), dict(meta, BH=cfg.BH, V_PREC=_v_prec(V.dtype))))
+    return (y, n, C, rho, z, d), launches
+
+
+def forward(V, g, A, B, beta, ids, tau: float, eps: float):
+    """Run the fused forward. Returns (y, n, C, rho, z, d)."""
+    outs, launches = plan_forward(V, g, A, B, beta, ids, tau, eps)
+    for launch in launches:
+        launch.run()
+    return outs
 
 
 def param_groups(n_blocks: int, n_chunks: int, device) -> int:
@@ -145,38 +162,46 @@ def param_groups(n_blocks: int, n_chunks: int, device) -> int:
     return max(1, min(n_blocks, triton.cdiv(target, n_chunks)))
 
 
-def backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: float):
-    """Launch the fused backward. Returns (dV, dg, dA, dB, dbeta or an empty tensor)."""
-    T, K, D, h, r, E, cfg, beta_t, ids_t, s_beta, s_ids, strides, flags = _common(V, g, A, B, beta, ids)
+def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: float):
+    """Allocate dV, dg and the partial buffers and plan the two backward launches.
+
+    -> ((dV, dg, pA, pB, pbeta), [Launch]); pA [NB, D, r], pB [NB, r, h], pbeta [NB, E, h]
+    (or None) are fp32 partials of dA, dB, dbeta, one per token group.
+    """
+    T, K, D, h, r, E, cfg, beta_t, ids_t, s_beta, s_ids, strides, meta = _common(V, g, A, B, beta, ids)
     sd = state_dtype(V.dtype)
     dV = torch.empty((T, K, D), dtype=V.dtype, device=V.device)
     dg = torch.empty((T, K), dtype=g.dtype, device=V.device)
-    if T == 0:
-        dbeta = torch.zeros_like(beta) if beta is not None else V.new_empty(0)
-        return dV, dg, torch.zeros_like(A), torch.zeros_like(B), dbeta
     dZ = torch.empty((T, K, r), dtype=sd, device=V.device)
     n_blocks = triton.cdiv(T, cfg.BT)
-    radargate_bwd_rows_kernel[(n_blocks,)](
-        V, g, A, B, beta_t, ids_t, dy, n, C, rho, z, d, dV, dg, dZ,
-        T, K, h, r, E,
-        *strides, *A.stride(), *B.stride(), *s_beta, *s_ids, *dy.stride(), *dV.stride(),
-        1.0 / tau, eps,
-        KP=cfg.KP, BT=cfg.BT, RP=cfg.RP, BH=cfg.BH, **flags,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
     n_chunks = triton.cdiv(h, cfg.BH_PARAMS)
-    NB = param_groups(n_blocks, n_chunks, V.device)
+    NB = param_groups(n_blocks, n_chunks, V.device) if T > 0 else 0
     pB = torch.empty((NB, r, h), dtype=sd, device=V.device)
-    pbeta = torch.empty((NB, E, h), dtype=sd, device=V.device) if beta is not None else pB
+    pbeta = torch.empty((NB, E, h), dtype=sd, device=V.device) if beta is not None else None
     pA = torch.empty((NB, D, r), dtype=sd, device=V.device)
-    radargate_bwd_params_kernel[(n_chunks, NB)](
-        V, g, B, beta_t, ids_t, dy, d, dZ, pB, pbeta, pA,
-        T, K, h, r, E, n_blocks,
-        *strides, *B.stride(), *s_beta, *s_ids, *dy.stride(),
-        KP=cfg.KP, BT=cfg.BT, RP=cfg.RP, BH=cfg.BH_PARAMS, EP=cfg.EP, **flags,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    # final deterministic reduction of the per-group partials (fixed order, no atomics)
+    launches = []
+    if T > 0:
+        launches.append(Launch(radargate_bwd_rows_kernel, (n_blocks,), (
+            V, g, A, B, beta_t, ids_t, dy, n, C, rho, z, d, dV, dg, dZ,
+            T, K, h, r, E,
+            *strides, *A.stride(), *B.stride(), *s_beta, *s_ids, *dy.stride(), *dV.stride(),
+            1.0 / tau, eps), dict(meta, BH=cfg.BH)))
+        launches.append(Launch(radargate_bwd_params_kernel, (n_chunks, NB), (
+            V, g, B, beta_t, ids_t, dy, d, dZ, pB, pbeta if pbeta is not None else pB, pA,
+            T, K, h, r, E, n_blocks,
+            *strides, *B.stride(), *s_beta, *s_ids, *dy.stride()),
+            dict(meta, BH=cfg.BH_PARAMS, EP=cfg.EP)))
+    return (dV, dg, pA, pB, pbeta), launches
+
+
+def backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: float):
+    """Run the fused backward. Returns (dV, dg, dA, dB, dbeta or an empty tensor)."""
+    (dV, dg, pA, pB, pbeta), launches = plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d,
+                                                      tau, eps)
+    for launch in launches:
+        launch.run()
+    # final deterministic reduction of the per-group partials (fixed order, no atomics); with
+    # T = 0 there are no partials and the sums are zeros
     dA = pA.sum(0).to(A.dtype)
     dB = pB.sum(0).to(B.dtype)
     dbeta = pbeta.sum(0).to(beta.dtype) if beta is not None else V.new_empty(0)
