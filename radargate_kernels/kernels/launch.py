@@ -19,7 +19,7 @@ from .forward import radargate_fwd_kernel
 
 # Limits of the fused kernels (see docs/launch_config.md). Beyond them radar_gate(backend="auto")
 # uses the PyTorch reference and backend="triton" raises ValueError.
-MAX_K = 64
+MAX_K = 32      # K = 33..64 needs R = 64 rows per program, which spills (compile report)
 MAX_RANK = 64
 MAX_E = 128
 ROWS_TARGET = 32  # R = BT * KP rows per program: tokens are packed until R reaches this
@@ -27,14 +27,17 @@ ROWS_TARGET = 32  # R = BT * KP rows per program: tokens are packed until R reac
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    KP: int          # K padded to a power of two
-    BT: int          # tokens per program
-    RP: int          # rank padded (>= 16 for tl.dot)
-    BH: int          # feature pairs per chunk in the row kernels
-    BH_PARAMS: int   # feature pairs per program in the parameter-gradient kernel
-    EP: int          # experts padded (angle_bias gradient tile)
-    num_warps: int
-    num_stages: int
+    KP: int            # K padded to a power of two
+    BT: int            # tokens per program (R = BT * KP rows)
+    RP: int            # rank padded (>= 16 for tl.dot)
+    EP: int            # experts padded (angle_bias gradient tile)
+    BH_FWD: int        # feature pairs per chunk: forward kernel
+    BH_BWD: int        #   backward row kernel
+    BH_PARAMS: int     #   parameter-gradient kernel (pairs per program)
+    WARPS_FWD: int
+    WARPS_BWD: int
+    WARPS_PARAMS: int
+    num_stages: int = 1
 
     @property
     def R(self) -> int:
@@ -57,20 +60,22 @@ def kernel_limits_ok(K: int, r: int, E: int, has_beta: bool) -> str | None:
 
 
 def pick_config(K: int, h: int, r: int, E: int, has_beta: bool) -> LaunchConfig:
-    """Block sizes from the shape (rule justified in docs/launch_config.md)."""
+    """Block sizes and warps from the shape; the rule and its evidence: docs/launch_config.md."""
     KP = _pow2(K)
     BT = max(1, ROWS_TARGET // KP)
-    R = BT * KP
-    R = max(R, 16)
-    BT = R // KP
     RP = max(16, _pow2(r))
-    BH = 32 if R >= 64 or RP >= 64 else 64
-    BH = min(BH, max(16, _pow2(h)))
     EP = max(16, _pow2(E)) if has_beta else 16
-    BH_PARAMS = 32 if (EP >= 64 or RP >= 64) else 64
-    BH_PARAMS = min(BH_PARAMS, max(16, _pow2(h)))
-    num_warps = 8 if R >= 64 else 4
-    return LaunchConfig(KP, BT, RP, BH, BH_PARAMS, EP, num_warps, 1)
+    small_rank = RP <= 16
+    cap = max(16, _pow2(h))  # no chunk wider than the padded row
+    return LaunchConfig(
+        KP=KP, BT=BT, RP=RP, EP=EP,
+        BH_FWD=min(cap, 64 if small_rank else 32),
+        BH_BWD=min(cap, 32 if small_rank else 16),
+        BH_PARAMS=min(cap, 64 if small_rank and EP <= 32 else 32),
+        WARPS_FWD=4 if small_rank else 8,
+        WARPS_BWD=8,
+        WARPS_PARAMS=8 if min(cap, 64) > 16 else 4,
+    )
 
 
 def _acc(dtype):
@@ -120,8 +125,7 @@ def _common(V, g, A, B, beta, ids):
     s_ids = ids.stride() if ids is not None else (0, 0)
     strides = (*V.stride(), *g.stride())
     meta = dict(KP=cfg.KP, BT=cfg.BT, RP=cfg.RP, HAS_BETA=beta is not None,
-                HAS_IDS=ids is not None, ACC=_acc(V.dtype), num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)
+                HAS_IDS=ids is not None, ACC=_acc(V.dtype), num_stages=cfg.num_stages)
     return T, K, D, h, r, E, cfg, beta_t, ids_t, s_beta, s_ids, strides, meta
 
 
@@ -141,7 +145,7 @@ def plan_forward(V, g, A, B, beta, ids, tau: float, eps: float):
             V, g, A, B, beta_t, ids_t, y, n, C, rho, z, d,
             T, K, h, r, E,
             *strides, *A.stride(), *B.stride(), *s_beta, *s_ids, *y.stride(),
-            1.0 / tau, eps), dict(meta, BH=cfg.BH, V_PREC=_v_prec(V.dtype))))
+            1.0 / tau, eps), dict(meta, BH=cfg.BH_FWD, V_PREC=_v_prec(V.dtype), num_warps=cfg.WARPS_FWD)))
     return (y, n, C, rho, z, d), launches
 
 
@@ -185,12 +189,12 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
             V, g, A, B, beta_t, ids_t, dy, n, C, rho, z, d, dV, dg, dZ,
             T, K, h, r, E,
             *strides, *A.stride(), *B.stride(), *s_beta, *s_ids, *dy.stride(), *dV.stride(),
-            1.0 / tau, eps), dict(meta, BH=cfg.BH)))
+            1.0 / tau, eps), dict(meta, BH=cfg.BH_BWD, num_warps=cfg.WARPS_BWD)))
         launches.append(Launch(radargate_bwd_params_kernel, (n_chunks, NB), (
             V, g, B, beta_t, ids_t, dy, d, dZ, pB, pbeta if pbeta is not None else pB, pA,
             T, K, h, r, E, n_blocks,
             *strides, *B.stride(), *s_beta, *s_ids, *dy.stride()),
-            dict(meta, BH=cfg.BH_PARAMS, EP=cfg.EP)))
+            dict(meta, BH=cfg.BH_PARAMS, EP=cfg.EP, num_warps=cfg.WARPS_PARAMS)))
     return (dV, dg, pA, pB, pbeta), launches
 
 

@@ -1,0 +1,219 @@
+"""Ahead-of-time compile report: every kernel at every configuration the launcher can choose.
+
+    python -m radargate_kernels.compile_report [--arch 80 90] [--quick] [--jobs 2]
+
+No GPU needed: a stand-in driver makes ``kernel.warmup`` compile for the requested arch with the
+ptxas shipped in the triton wheel, using the argument list the real launcher builds
+(``launch.plan_forward`` / ``plan_backward``), so the specialisation (integer and pointer
+divisibility, constexprs) is the one a real launch gets. For each (kernel, dtype, config) it prints
+registers, spill bytes (from ``ptxas -v``), shared memory and the shared-memory limit check.
+Exit status 1 if any configuration fails to compile, exceeds the shared-memory limit or spills
+(the launcher has no autotuning: every configuration it can choose is a default pick).
+Must not run with TRITON_INTERPRET=1 (the interpreter replaces the compiler).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+# per-block opt-in shared memory limits (CUDA C programming guide, compute capability table)
+SMEM_LIMIT = {80: 166912, 90: 232448}
+DTYPES = ("float16", "bfloat16", "float32")
+
+# Shape classes the kernels support (K 1..32, D 2..16384, r 1..64), chosen to hit every branch
+# of pick_config; E is the number of experts in angle_bias.
+FULL_K = (1, 2, 3, 4, 8, 13, 16, 32)  # MAX_K = 32 (launch.py)
+FULL_D = (2, 32, 64, 130, 4096, 16384)
+FULL_R = (1, 8, 16, 32, 64)
+FULL_E = (None, 16, 64, 128)   # None: no angle_bias (and no expert_ids)
+QUICK = [  # (K, D, r, E): the benchmark shape and the extremes of the supported range
+    (8, 4096, 8, 8),
+    (1, 2, 1, None),
+    (32, 16384, 64, 128),
+]
+T_REPR = 64  # tokens in the representative launch (T never becomes a constexpr; 1 would)
+
+
+def shape_classes(quick: bool):
+    if quick:
+        return QUICK
+    out = []
+    for K in FULL_K:
+        for D in FULL_D:
+            for r in FULL_R:
+                for E in FULL_E:
+                    out.append((K, D, r, None if E is None else max(E, K)))
+    return out
+
+
+def _config_key(kernel, cfg, has_beta):
+    # the fields each kernel's compilation depends on (others do not reach it)
+    if kernel == "radargate_bwd_params_kernel":
+        return (cfg.KP, cfg.BT, cfg.RP, cfg.BH_PARAMS, cfg.EP if has_beta else 0, cfg.WARPS_PARAMS)
+    if kernel == "radargate_bwd_rows_kernel":
+        return (cfg.KP, cfg.BT, cfg.RP, cfg.BH_BWD, cfg.WARPS_BWD)
+    return (cfg.KP, cfg.BT, cfg.RP, cfg.BH_FWD, cfg.WARPS_FWD)
+
+
+def plan_jobs(quick: bool, archs, dtypes=DTYPES):
+    """Distinct (arch, dtype, kernel, config) jobs, each with its representative shape."""
+    from .kernels.launch import pick_config
+    kernels = ("radargate_fwd_kernel", "radargate_bwd_rows_kernel", "radargate_bwd_params_kernel")
+    jobs, seen = [], set()
+    for arch in archs:
+        for dtype in dtypes:
+            for (K, D, r, E) in shape_classes(quick):
+                has_beta = E is not None
+                cfg = pick_config(K, D // 2, r, E if has_beta else K, has_beta)
+                for kern in kernels:
+                    key = (arch, dtype, kern, has_beta, _config_key(kern, cfg, has_beta))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=K, D=D, r=r, E=E))
+    return jobs
+
+
+class _StandInDriver:
+    """Duck-typed CUDA driver for ahead-of-time compilation (triton 3.9 internal API)."""
+
+    def __init__(self, arch):
+        import torch
+        from triton.backends.compiler import GPUTarget
+        self.target = GPUTarget("cuda", arch, 32)
+        self._torch = torch
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return self._torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+
+def _ptxas_usage(ptx: str, arch: int):
+    from triton.backends.nvidia.compiler import get_ptxas
+    ptxas = get_ptxas(arch).path  # the ptxas triton itself uses for this arch
+    sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([ptxas, f"-arch={sm}", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    log = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill_st = re.search(r"(\d+) bytes spill stores", log)
+    spill_ld = re.search(r"(\d+) bytes spill loads", log)
+    if res.returncode != 0 or regs is None:
+        raise RuntimeError(f"ptxas failed: {log[-500:]}")
+    return int(regs.group(1)), int(spill_st.group(1)) + int(spill_ld.group(1))
+
+
+def compile_job(job):
+    """Compile one job; returns the job dict with regs, spills, shared, seconds, error."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("compile_report must run without TRITON_INTERPRET=1")
+    import torch
+    import triton
+    triton.runtime.driver.set_active(_StandInDriver(job["arch"]))
+    from .kernels import launch as L
+    dt = getattr(torch, job["dtype"])
+    K, D, r, E = job["K"], job["D"], job["r"], job["E"]
+    T = T_REPR
+    V = torch.empty((T, K, D), dtype=dt)
+    g = torch.empty((T, K), dtype=dt)
+    A = torch.empty((D, r), dtype=dt)
+    B = torch.empty((r, D // 2), dtype=dt)
+    beta = torch.empty((E, D // 2), dtype=dt) if E is not None else None
+    ids = torch.zeros((T, K), dtype=torch.int64) if E is not None else None
+    t0 = time.time()
+    out = dict(job)
+    try:
+        if job["kernel"] == "radargate_fwd_kernel":
+            _, launches = L.plan_forward(V, g, A, B, beta, ids, 1.0, 1e-6)
+            launch = launches[0]
+        else:
+            (y, n, C, rho, z, d), _ = L.plan_forward(V, g, A, B, beta, ids, 1.0, 1e-6)
+            _, launches = L.plan_backward(y, V, g, A, B, beta, ids, n, C, rho, z, d, 1.0, 1e-6)
+            launch = launches[0 if job["kernel"] == "radargate_bwd_rows_kernel" else 1]
+        assert launch.kernel.fn.__name__ == job["kernel"]
+        compiled = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.meta)
+        regs, spills = _ptxas_usage(compiled.asm["ptx"], job["arch"])
+        cfg = L.pick_config(K, D // 2, r, E if E is not None else K, E is not None)
+        out.update(regs=regs, spills=spills, shared=int(compiled.metadata.shared),
+                   warps=launch.meta["num_warps"], error=None,
+                   config=f"KP={cfg.KP} BT={cfg.BT} RP={cfg.RP} "
+                          f"BH={launch.meta['BH']}" + (f" EP={cfg.EP}" if "EP" in launch.meta
+                                                       and E is not None else ""))
+    except Exception as exc:  # reported, and makes the exit status non-zero
+        out.update(regs=None, spills=None, shared=None, warps=None, config="?",
+                   error=f"{type(exc).__name__}: {str(exc)[:300]}")
+    out["seconds"] = time.time() - t0
+    return out
+
+
+def check(row):
+    """List of problems with one compiled configuration (empty when it passes)."""
+    problems = []
+    if row["error"]:
+        problems.append("compile failed: " + row["error"])
+    else:
+        if row["shared"] > SMEM_LIMIT[row["arch"]]:
+            problems.append(f"shared memory {row['shared']} > limit {SMEM_LIMIT[row['arch']]}")
+        if row["spills"]:
+            problems.append(f"spills {row['spills']} bytes")
+    return problems
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SMEM_LIMIT))
+    ap.add_argument("--quick", action="store_true", help="benchmark shape and range extremes only")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    jobs = plan_jobs(args.quick, args.arch, args.dtypes)
+    print(f"compiling {len(jobs)} (arch, dtype, kernel, config) combinations with {args.jobs} "
+          f"process(es)", flush=True)
+    hdr = (f"{'arch':>4} {'dtype':8} {'kernel':28} {'config':34} {'warps':>5} {'regs':>4} "
+           f"{'spill':>5} {'smem':>7} {'limit':>7} {'K':>3} {'D':>6} {'r':>3} {'E':>4} status")
+    print(hdr)
+    rows, failed = [], 0
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for row in pool.map(compile_job, jobs):
+            rows.append(row)
+            probs = check(row)
+            failed += bool(probs)
+            status = "ok" if not probs else "FAIL: " + "; ".join(probs)
+            fmt = lambda v: "-" if v is None else str(v)  # noqa: E731
+            print(f"{row['arch']:>4} {row['dtype']:8} {row['kernel']:28} {row['config']:34} "
+                  f"{fmt(row['warps']):>5} {fmt(row['regs']):>4} {fmt(row['spills']):>5} "
+                  f"{fmt(row['shared']):>7} {SMEM_LIMIT[row['arch']]:>7} {row['K']:>3} "
+                  f"{row['D']:>6} {row['r']:>3} {fmt(row['E']):>4} {status}", flush=True)
+    ok = [r for r in rows if not r["error"]]
+    if ok:
+        print(f"summary: {len(rows)} compiled, {failed} failed; max registers "
+              f"{max(r['regs'] for r in ok)}, max spill bytes {max(r['spills'] for r in ok)}, "
+              f"max shared {max(r['shared'] for r in ok)} bytes; "
+              f"{sum(r['seconds'] for r in rows):.0f} s of compile time")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
