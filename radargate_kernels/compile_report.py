@@ -26,16 +26,16 @@ from concurrent.futures import ProcessPoolExecutor
 SMEM_LIMIT = {80: 166912, 90: 232448}
 DTYPES = ("float16", "bfloat16", "float32")
 
-# Shape classes the kernels support (K 1..32, D 2..16384, r 1..64), chosen to hit every branch
+# Shape classes the kernels support (K 1..32, D 2..16384, r 1..32), chosen to hit every branch
 # of pick_config; E is the number of experts in angle_bias.
-FULL_K = (1, 2, 3, 4, 8, 13, 16, 32)  # MAX_K = 32 (launch.py)
-FULL_D = (2, 32, 64, 130, 4096, 16384)
-FULL_R = (1, 8, 16, 32, 64)
-FULL_E = (None, 16, 64, 128)   # None: no angle_bias (and no expert_ids)
+FULL_K = (1, 2, 3, 4, 8, 13, 32)      # MAX_K = 32 (launch.py)
+FULL_D = (2, 64, 130, 4096, 16384)
+FULL_R = (1, 8, 17, 32)               # MAX_RANK = 32
+FULL_E = (None, 16, 128)              # None: no angle_bias (and no expert_ids); MAX_E = 128
 QUICK = [  # (K, D, r, E): the benchmark shape and the extremes of the supported range
     (8, 4096, 8, 8),
     (1, 2, 1, None),
-    (32, 16384, 64, 128),
+    (32, 16384, 32, 128),
 ]
 T_REPR = 64  # tokens in the representative launch (T never becomes a constexpr; 1 would)
 

@@ -20,7 +20,7 @@ from .forward import radargate_fwd_kernel
 # Limits of the fused kernels (see docs/launch_config.md). Beyond them radar_gate(backend="auto")
 # uses the PyTorch reference and backend="triton" raises ValueError.
 MAX_K = 32      # K = 33..64 needs R = 64 rows per program, which spills (compile report)
-MAX_RANK = 64
+MAX_RANK = 32   # r = 33..64 (RP = 64) spills in the backward row kernel (compile report)
 MAX_E = 128
 ROWS_TARGET = 32  # R = BT * KP rows per program: tokens are packed until R reaches this
 
@@ -67,14 +67,14 @@ def pick_config(K: int, h: int, r: int, E: int, has_beta: bool) -> LaunchConfig:
     EP = max(16, _pow2(E)) if has_beta else 16
     small_rank = RP <= 16
     cap = max(16, _pow2(h))  # no chunk wider than the padded row
+    bh_fwd = min(cap, 64 if small_rank else 32)
+    bh_bwd = min(cap, 32 if small_rank else 16)
+    bh_params = min(cap, 64 if small_rank and EP <= 32 else 32)
     return LaunchConfig(
-        KP=KP, BT=BT, RP=RP, EP=EP,
-        BH_FWD=min(cap, 64 if small_rank else 32),
-        BH_BWD=min(cap, 32 if small_rank else 16),
-        BH_PARAMS=min(cap, 64 if small_rank and EP <= 32 else 32),
-        WARPS_FWD=4 if small_rank else 8,
-        WARPS_BWD=8,
-        WARPS_PARAMS=8 if min(cap, 64) > 16 else 4,
+        KP=KP, BT=BT, RP=RP, EP=EP, BH_FWD=bh_fwd, BH_BWD=bh_bwd, BH_PARAMS=bh_params,
+        WARPS_FWD=4 if small_rank and BT < 16 else 8,
+        WARPS_BWD=4 if small_rank and bh_bwd <= 16 else 8,
+        WARPS_PARAMS=8 if bh_params == 64 else 4,
     )
 
 
@@ -125,7 +125,10 @@ def _common(V, g, A, B, beta, ids):
     s_ids = ids.stride() if ids is not None else (0, 0)
     strides = (*V.stride(), *g.stride())
     meta = dict(KP=cfg.KP, BT=cfg.BT, RP=cfg.RP, HAS_BETA=beta is not None,
-                HAS_IDS=ids is not None, ACC=_acc(V.dtype), num_stages=cfg.num_stages)
+                HAS_IDS=ids is not None, ACC=_acc(V.dtype), num_stages=cfg.num_stages,
+                # let ptxas use up to the hardware's 255 registers: without the bound it capped
+                # some 8-warp configs at 128 and spilled (compile report)
+                maxnreg=255)
     return T, K, D, h, r, E, cfg, beta_t, ids_t, s_beta, s_ids, strides, meta
 
 
