@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from .cpu import radar_gate_cpu
 from .reference import radar_gate_reference
 from .validation import check_inputs
 
@@ -126,19 +127,25 @@ def radar_gate(expert_out, weights, rot_down, rot_up, angle_bias=None, expert_id
 
     expert_out [..., K, D], weights [..., K], rot_down [D, r], rot_up [r, D/2],
     angle_bias [E, D/2] or None, expert_ids [..., K] (integer) or None -> [..., D] in the dtype
-    of expert_out. backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, the PyTorch
-    reference otherwise), "triton" or "torch".
+    of expert_out. backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, PyTorch
+    otherwise), "triton" or "torch". The PyTorch path is the cache-blocked CPU implementation
+    (cpu.py) for CPU tensors in eager mode, the reference otherwise.
     """
     compiling = torch.compiler.is_compiling()
     K, D, r, E = check_inputs(expert_out, weights, rot_down, rot_up, angle_bias, expert_ids,
                               tau, eps, check_id_range=not compiling)
     which = _resolve_backend(backend, expert_out, K, r, E, angle_bias is not None)
-    if which == "torch":
-        return radar_gate_reference(expert_out, weights, rot_down, rot_up, angle_bias,
-                                    expert_ids, tau, eps)
     lead = expert_out.shape[:-2]
     V = expert_out.reshape(-1, K, D)
     g = weights.reshape(-1, K)
     ids = expert_ids.reshape(-1, K) if expert_ids is not None else None
-    y = RadarGateFunction.apply(V, g, rot_down, rot_up, angle_bias, ids, float(tau), float(eps))
+    if which == "torch":
+        if compiling or V.device.type != "cpu":
+            # under torch.compile (inductor fuses it) and on devices without Triton kernels
+            y = radar_gate_reference(V, g, rot_down, rot_up, angle_bias, ids, tau, eps)
+        else:
+            y = radar_gate_cpu(V, g, rot_down, rot_up, angle_bias, ids, tau, eps)
+    else:
+        y = RadarGateFunction.apply(V, g, rot_down, rot_up, angle_bias, ids, float(tau),
+                                    float(eps))
     return y.reshape(*lead, D)

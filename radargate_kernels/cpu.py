@@ -1,0 +1,96 @@
+"""Fast CPU path of ``radar_gate`` (CPU tensors, no Triton): the same math as the reference,
+reorganised for a CPU and cache-blocked over tokens.
+
+Differences from the literal reference (same result up to fp32 rounding, tested against it):
+cosines from the Gram matrix ``V V^T`` instead of materialising ``V / n``; the stretch weights
+folded into cos/sin (``[T, K, D/2]``) instead of scaling the rotated ``[T, K, D]``; no ``cat`` of
+rotated halves; tokens processed in chunks of ``CHUNK`` so each chunk's working set stays in cache.
+Backward recomputes each chunk's forward under autograd (checkpointing per chunk), so nothing of
+size T x K x D is saved besides the inputs. Measured figures: BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import torch
+
+from .reference import compute_dtype
+
+CHUNK = 128  # tokens per chunk: best of {16, 32, 64, 128, 256, 512, all} in BENCHMARKS.md
+
+
+def _chunk_forward(V, g, A, B, beta, ids, tau: float, eps: float):
+    """V [t, K, D] (compute dtype) ... -> y [t, D]. Differentiable by autograd."""
+    K, D = V.shape[-2:]
+    h = D // 2
+    G = torch.bmm(V, V.transpose(1, 2))                               # Gram [t, K, K]
+    n = G.diagonal(dim1=1, dim2=2).sqrt().clamp_min(eps)              # max(|v_i|, eps)
+    if K > 1:
+        C = G / (n.unsqueeze(2) * n.unsqueeze(1))
+        eye = torch.eye(K, dtype=torch.bool, device=V.device)
+        rho = torch.softmax((C / tau).masked_fill(eye, float("-inf")), dim=-1)
+        z = V @ A
+        d = torch.baddbmm(z, rho, z, beta=-1)                         # rho z - z
+        alpha = d @ B
+    else:  # K = 1: d = 0, only the angle bias rotates
+        alpha = V.new_zeros(V.shape[0], 1, h)
+    if beta is not None:
+        alpha = alpha + (beta.unsqueeze(0) if ids is None else beta[ids])
+    gw = g.unsqueeze(-1)
+    gc = torch.cos(alpha) * gw
+    gs = torch.sin(alpha) * gw
+    v1, v2 = V[..., :h], V[..., h:]
+    y1 = torch.addcmul(v1 * gc, v2, gs, value=-1).sum(1)
+    y2 = torch.addcmul(v1 * gs, v2, gc).sum(1)
+    return torch.cat((y1, y2), dim=-1)
+
+
+def _chunks(T, chunk):
+    return [(i, min(i + chunk, T)) for i in range(0, T, chunk)]
+
+
+class _ChunkedCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, V, g, A, B, beta, ids, tau, eps, chunk):
+        ct = compute_dtype(V.dtype)
+        T, K, D = V.shape
+        y = V.new_empty((T, D))
+        Ac, Bc = A.to(ct), B.to(ct)
+        bc = beta.to(ct) if beta is not None else None
+        for s, e in _chunks(T, chunk):
+            idc = ids[s:e] if ids is not None else None
+            y[s:e] = _chunk_forward(V[s:e].to(ct), g[s:e].to(ct), Ac, Bc, bc, idc, tau, eps)
+        ctx.save_for_backward(V, g, A, B, beta, ids)
+        ctx.tau, ctx.eps, ctx.chunk = tau, eps, chunk
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        V, g, A, B, beta, ids = ctx.saved_tensors
+        ct = compute_dtype(V.dtype)
+        dV, dg = torch.empty_like(V), torch.empty_like(g)
+        dA = torch.zeros(A.shape, dtype=ct)
+        dB = torch.zeros(B.shape, dtype=ct)
+        dbeta = torch.zeros(beta.shape, dtype=ct) if beta is not None else None
+        with torch.enable_grad():
+            Ac = A.detach().to(ct).requires_grad_(True)
+            Bc = B.detach().to(ct).requires_grad_(True)
+            bc = beta.detach().to(ct).requires_grad_(True) if beta is not None else None
+            for s, e in _chunks(V.shape[0], ctx.chunk):
+                Vc = V[s:e].detach().to(ct).requires_grad_(True)
+                gc = g[s:e].detach().to(ct).requires_grad_(True)
+                idc = ids[s:e] if ids is not None else None
+                y = _chunk_forward(Vc, gc, Ac, Bc, bc, idc, ctx.tau, ctx.eps)
+                leaves = [Vc, gc, Ac, Bc] + ([bc] if bc is not None else [])
+                grads = torch.autograd.grad(y, leaves, dy[s:e].to(ct), materialize_grads=True)
+                dV[s:e], dg[s:e] = grads[0], grads[1]
+                dA += grads[2]
+                dB += grads[3]
+                if bc is not None:
+                    dbeta += grads[4]
+        return (dV, dg, dA.to(A.dtype), dB.to(B.dtype),
+                dbeta.to(beta.dtype) if beta is not None else None, None, None, None, None)
+
+
+def radar_gate_cpu(V, g, A, B, beta, ids, tau: float, eps: float, chunk: int = CHUNK):
+    """Flattened inputs V [T, K, D], g [T, K], ids [T, K] or None -> y [T, D] (dtype of V)."""
+    return _ChunkedCPU.apply(V, g, A, B, beta, ids, float(tau), float(eps), int(chunk))

@@ -1,0 +1,62 @@
+"""The evidence tools: AOT compile check (separate process, no interpreter) and byte counting."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from radargate_kernels import cost_report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_compile_report_quick_compiles_every_kernel_for_sm80_and_sm90_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "radargate_kernels.compile_report", "--quick"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    out = res.stdout
+    assert res.returncode == 0, out[-3000:] + res.stderr[-3000:]
+    rows = [l for l in out.splitlines() if l.strip().startswith(("80 ", "90 "))]
+    kernels = {"radargate_fwd_kernel", "radargate_bwd_rows_kernel", "radargate_bwd_params_kernel"}
+    for arch in ("80", "90"):
+        for dtype in ("float16", "bfloat16", "float32"):
+            seen = {l.split()[2] for l in rows if l.split()[:2] == [arch, dtype]}
+            assert seen == kernels, (arch, dtype, seen)
+    assert all(l.rstrip().endswith("ok") for l in rows), out
+
+
+@pytest.fixture(scope="module")
+def counted():
+    # a small shape with the benchmark's K and r, angle_bias and sparse ids on, bf16
+    return cost_report.measure(T=32, K=8, D=256, r=8, dtype=torch.bfloat16, bias=True, ids=True)
+
+
+def test_fused_forward_reads_expert_out_exactly_twice_and_writes_y_once(counted):
+    V = 32 * 8 * 256 * 2
+    by_arg = counted["fused"]["forward"]["by_arg"]
+    assert by_arg["radargate_fwd_kernel.V"] == [2 * V, 0]
+    assert by_arg["radargate_fwd_kernel.Y"] == [0, 32 * 256 * 2]
+    assert counted["fused"]["forward"]["launches"] == {"radargate_fwd_kernel": 1}
+    assert counted["fused"]["backward"]["launches"] == {"radargate_bwd_rows_kernel": 1,
+                                                        "radargate_bwd_params_kernel": 1}
+
+
+def test_byte_targets_of_issue_3(counted):
+    mn = counted["minimum"]
+    fused, naive = counted["fused"], counted["naive"]
+    # targets on the DRAM model (A, B, angle_bias re-reads are L2 hits; see cost_report)
+    assert fused["forward"]["dram_model_bytes"] <= 2.2 * mn["forward"]
+    assert fused["backward"]["dram_model_bytes"] <= 3.0 * mn["backward"]
+    # and the naive eager path is far above, as measured at the benchmark shape
+    assert naive["forward"]["bytes"] >= 10 * mn["forward"]
+    assert naive["backward"]["bytes"] >= 10 * mn["backward"]
+
+
+def test_saved_for_backward_is_inputs_plus_small_per_token_state(counted):
+    T, K, D, r, E = 32, 8, 256, 8, 16
+    inputs = (T * K * D + T * K + D * r + r * D // 2 + E * D // 2) * 2 + T * K * 8
+    state = (T * K + 2 * T * K * K + 2 * T * K * r) * 4  # n, C, rho, z, d in fp32
+    assert counted["fused"]["saved_bytes"] == inputs + state
+    assert counted["fused"]["saved_bytes"] <= T * K * D * 2 + 16 * T * K * max(K, r) + inputs
+    assert counted["naive"]["saved_bytes"] > 3 * counted["fused"]["saved_bytes"]
