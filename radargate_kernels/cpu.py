@@ -17,8 +17,10 @@ from .reference import compute_dtype
 CHUNK = 128  # tokens per chunk: best of {16, 32, 64, 128, 256, 512, all} in BENCHMARKS.md
 
 
-def _chunk_forward(V, g, A, B, beta, ids, tau: float, eps: float):
-    """V [t, K, D] (compute dtype) ... -> y [t, D]. Differentiable by autograd."""
+def _chunk_forward(V, g, A, B, beta, ids, tau: float, eps: float, out=None):
+    """V [t, K, D] (compute dtype) ... -> y [t, D]. Differentiable by autograd when ``out`` is
+    None; with ``out`` (forward, no autograd) it works in place and writes into ``out``."""
+    inplace = out is not None
     K, D = V.shape[-2:]
     h = D // 2
     G = torch.bmm(V, V.transpose(1, 2))                               # Gram [t, K, K]
@@ -35,9 +37,15 @@ def _chunk_forward(V, g, A, B, beta, ids, tau: float, eps: float):
     if beta is not None:
         alpha = alpha + (beta.unsqueeze(0) if ids is None else beta[ids])
     gw = g.unsqueeze(-1)
+    v1, v2 = V[..., :h], V[..., h:]
+    if inplace:
+        gc = torch.cos(alpha).mul_(gw)
+        gs = torch.sin(alpha).mul_(gw)
+        torch.sum((v1 * gc).addcmul_(v2, gs, value=-1), 1, out=out[:, :h])
+        torch.sum((v1 * gs).addcmul_(v2, gc), 1, out=out[:, h:])
+        return out
     gc = torch.cos(alpha) * gw
     gs = torch.sin(alpha) * gw
-    v1, v2 = V[..., :h], V[..., h:]
     y1 = torch.addcmul(v1 * gc, v2, gs, value=-1).sum(1)
     y2 = torch.addcmul(v1 * gs, v2, gc).sum(1)
     return torch.cat((y1, y2), dim=-1)
@@ -52,12 +60,13 @@ class _ChunkedCPU(torch.autograd.Function):
     def forward(ctx, V, g, A, B, beta, ids, tau, eps, chunk):
         ct = compute_dtype(V.dtype)
         T, K, D = V.shape
-        y = V.new_empty((T, D))
+        y = V.new_empty((T, D), dtype=ct)
         Ac, Bc = A.to(ct), B.to(ct)
         bc = beta.to(ct) if beta is not None else None
         for s, e in _chunks(T, chunk):
             idc = ids[s:e] if ids is not None else None
-            y[s:e] = _chunk_forward(V[s:e].to(ct), g[s:e].to(ct), Ac, Bc, bc, idc, tau, eps)
+            _chunk_forward(V[s:e].to(ct), g[s:e].to(ct), Ac, Bc, bc, idc, tau, eps, out=y[s:e])
+        y = y.to(V.dtype)
         ctx.save_for_backward(V, g, A, B, beta, ids)
         ctx.tau, ctx.eps, ctx.chunk = tau, eps, chunk
         return y
