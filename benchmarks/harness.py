@@ -1,8 +1,10 @@
 """Providers and timing shared by the pytest-benchmark tests and the sweep script.
 
 Providers (all compute the same thing except ``weighted_sum``):
-  radargate     radar_gate on the device present: fused Triton kernels on CUDA, the
-                cache-blocked CPU path on CPU
+  radargate     radar_gate on the device present: fused Triton kernels on CUDA, its CPU path
+                (the inductor-compiled reference) on CPU
+  cpu_eager     (CPU only) the cache-blocked eager CPU path, radar_gate's fallback when
+                compilation is unavailable (RADARGATE_CPU_PATH=eager)
   naive         the PyTorch reference in eager mode (what LoRA-MoE code writes today)
   naive_compile torch.compile of the reference (dynamic shapes, compiled once)
   weighted_sum  plain weighted-sum gating, einsum("tk,tkd->td"): the cost floor, no rotation
@@ -19,6 +21,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from radargate_kernels import radar_gate, radar_gate_reference  # noqa: E402
 
 PROVIDERS = ("radargate", "naive", "naive_compile", "weighted_sum")
+if not torch.cuda.is_available():
+    PROVIDERS = PROVIDERS + ("cpu_eager",)
 MODES = ("forward", "forward_backward")
 _COMPILED = {}
 
@@ -45,6 +49,9 @@ def provider_fn(name):
     if name == "radargate":
         backend = "auto" if device().type == "cuda" else "torch"
         return lambda V, g, A, B, beta: radar_gate(V, g, A, B, beta, tau=0.5, backend=backend)
+    if name == "cpu_eager":
+        from radargate_kernels.cpu import radar_gate_cpu_eager
+        return lambda V, g, A, B, beta: radar_gate_cpu_eager(V, g, A, B, beta, None, 0.5, 1e-6)
     if name == "naive":
         return lambda V, g, A, B, beta: radar_gate_reference(V, g, A, B, beta, tau=0.5)
     if name == "naive_compile":

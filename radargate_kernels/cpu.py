@@ -1,5 +1,12 @@
-"""Fast CPU path of ``radar_gate`` (CPU tensors, no Triton): the same math as the reference,
-reorganised for a CPU and cache-blocked over tokens.
+"""CPU path of ``radar_gate`` (CPU tensors, no Triton).
+
+Chosen by measurement (BENCHMARKS.md): the reference compiled by inductor
+(``torch.compile(radar_gate_reference, dynamic=True)``, compiled once per process on first use)
+was the fastest at every swept shape, forward and forward+backward. Set
+``RADARGATE_CPU_PATH=eager`` to skip compilation (no compiler on the machine, or no wish to pay
+the first-call compile of ~10-30 s); compilation errors also fall back, with one warning, to:
+
+the cache-blocked eager path below: the same math as the reference, reorganised for a CPU.
 
 Differences from the literal reference (same result up to fp32 rounding, tested against it):
 cosines from the Gram matrix ``V V^T`` instead of materialising ``V / n``; the stretch weights
@@ -10,9 +17,12 @@ size T x K x D is saved besides the inputs. Measured figures: BENCHMARKS.md.
 """
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 
-from .reference import compute_dtype
+from .reference import compute_dtype, radar_gate_reference
 
 CHUNK = 128  # tokens per chunk: best of {16, 32, 64, 128, 256, 512, all} in BENCHMARKS.md
 
@@ -100,6 +110,27 @@ class _ChunkedCPU(torch.autograd.Function):
                 dbeta.to(beta.dtype) if beta is not None else None, None, None, None, None)
 
 
-def radar_gate_cpu(V, g, A, B, beta, ids, tau: float, eps: float, chunk: int = CHUNK):
-    """Flattened inputs V [T, K, D], g [T, K], ids [T, K] or None -> y [T, D] (dtype of V)."""
+_COMPILED = {}
+
+
+def _compiled_reference():
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(radar_gate_reference, dynamic=True)
+    return _COMPILED["fn"]
+
+
+def radar_gate_cpu_eager(V, g, A, B, beta, ids, tau: float, eps: float, chunk: int = CHUNK):
+    """Cache-blocked eager path. V [T, K, D], g [T, K], ids [T, K] or None -> y [T, D]."""
     return _ChunkedCPU.apply(V, g, A, B, beta, ids, float(tau), float(eps), int(chunk))
+
+
+def radar_gate_cpu(V, g, A, B, beta, ids, tau: float, eps: float):
+    """CPU path: V [T, K, D], g [T, K], ids [T, K] or None -> y [T, D] (dtype of V)."""
+    if os.environ.get("RADARGATE_CPU_PATH", "compile") == "compile" and not _COMPILED.get("failed"):
+        try:
+            return _compiled_reference()(V, g, A, B, beta, ids, tau, eps)
+        except Exception as exc:  # no C++ compiler, unsupported platform, ...
+            _COMPILED["failed"] = True
+            warnings.warn(f"radargate_kernels: torch.compile of the CPU path failed ({exc!r:.200}); "
+                          "using the eager cache-blocked path from now on", RuntimeWarning)
+    return radar_gate_cpu_eager(V, g, A, B, beta, ids, tau, eps)

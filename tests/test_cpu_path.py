@@ -1,10 +1,11 @@
-"""The cache-blocked CPU path (radargate_kernels/cpu.py) against the reference, same tolerance
-table as the kernels. It is what radar_gate runs for CPU tensors without the interpreter."""
+"""The CPU paths (radargate_kernels/cpu.py) against the reference, same tolerance table as the
+kernels: the cache-blocked eager path over many shapes, the inductor-compiled default on a few."""
 import pytest
 import torch
 
 from radargate_kernels import radar_gate_reference
-from radargate_kernels.cpu import radar_gate_cpu
+from radargate_kernels import radar_gate
+from radargate_kernels.cpu import radar_gate_cpu_eager
 from tolerances import assert_matches
 from helpers import make_problem, run_with_grads
 
@@ -28,7 +29,7 @@ def test_cpu_path_matches_reference(case, dtype):
     dy = torch.randn(T, D, dtype=torch.float64).to(dtype)
 
     def cpu(expert_out, weights, rot_down, rot_up, angle_bias, expert_ids, tau):
-        return radar_gate_cpu(expert_out, weights, rot_down, rot_up, angle_bias, expert_ids,
+        return radar_gate_cpu_eager(expert_out, weights, rot_down, rot_up, angle_bias, expert_ids,
                               tau, 1e-6, chunk=chunk)
 
     y_c, g_c = run_with_grads(cpu, p, dy)
@@ -37,3 +38,18 @@ def test_cpu_path_matches_reference(case, dtype):
     assert_matches("y", y_c, y_r, y_t, dtype)
     for name in g_t:
         assert_matches(f"d{name}", g_c[name], g_r[name], g_t[name], dtype)
+
+
+@pytest.mark.parametrize("case", [(37, 8, 64, 8, True, True), (5, 1, 10, 3, True, False)],
+                         ids=["T37-K8-bias-ids", "T5-K1-bias"])
+def test_compiled_cpu_path_of_radar_gate_matches_reference(case, monkeypatch):
+    monkeypatch.setenv("RADARGATE_CPU_PATH", "compile")
+    T, K, D, r, bias, ids = case
+    p = make_problem(T, K, D, r, bias=bias, ids=ids, seed=5)
+    dy = torch.randn(T, D, dtype=torch.float64).float()
+    y_c, g_c = run_with_grads(radar_gate, p, dy, backend="torch")
+    y_r, g_r = run_with_grads(radar_gate_reference, p, dy)
+    y_t, g_t = run_with_grads(radar_gate_reference, p, dy, dtype=torch.float64)
+    assert_matches("y", y_c, y_r, y_t, torch.float32)
+    for name in g_t:
+        assert_matches(f"d{name}", g_c[name], g_r[name], g_t[name], torch.float32)
