@@ -12,8 +12,9 @@ group; the host sums the partials (deterministic, no atomics).
 import triton
 import triton.language as tl
 
-from .common import (angles, block_masks, expert_of_row, kk_offsets, load_halves,
-                     load_param_chunk, load_rows, load_token_halves, rotate, row_ids, store_rows)
+from .common import (angles, block_dot, block_masks, expert_of_row, kk_offsets, load_halves,
+                     load_param_chunk, load_rows, load_token_halves, pair_offsets, rotate, row_ids,
+                     store_rows)
 
 
 @triton.jit
@@ -60,10 +61,10 @@ def radargate_bwd_rows_kernel(
 
     # K x K chain in registers
     drho = tl.where(off, tl.dot(dd, tl.trans(z), input_precision="ieee", out_dtype=ACC), 0.0)
-    dC = rho * (drho - tl.sum(rho * drho, axis=1)[:, None]) * tau_inv
+    dC = tl.where(same, rho * (drho - tl.sum(rho * drho, axis=1)[:, None]) * tau_inv, 0.0)
     S = dC + tl.trans(dC)
     q = tl.where(n > eps, tl.sum(S * C, axis=1), 0.0)  # <v^_i, dv^_i>; 0 where the eps floor held
-    dZ = tl.dot(tl.trans(rho), dd, input_precision="ieee", out_dtype=ACC) - dd
+    dZ = block_dot(tl.trans(rho), dd, same, ACC) - dd
     dZ = tl.where(K > 1, dZ, 0.0)  # d = 0 when K = 1, so z gets no gradient
     inv_n = 1.0 / n
     tl.store(DG + flat, dg.to(DG.dtype.element_ty), mask=valid)
@@ -82,17 +83,17 @@ def radargate_bwd_rows_kernel(
         dv1, dv2 = rotate(dy1, dy2, tl.cos(alpha), -tl.sin(alpha))  # R(-alpha) dy
         vh1 = v1 * inv_n[:, None]
         vh2 = v2 * inv_n[:, None]
-        dvh1 = tl.dot(S, vh1, input_precision="ieee", out_dtype=ACC)
-        dvh2 = tl.dot(S, vh2, input_precision="ieee", out_dtype=ACC)
+        dvh1 = block_dot(S, vh1, same, ACC)
+        dvh2 = block_dot(S, vh2, same, ACC)
         a1 = load_param_chunk(A, cols, rr, h, r, s_ad, s_ar, ACC)
         a2 = load_param_chunk(A + h * s_ad, cols, rr, h, r, s_ad, s_ar, ACC)
         dv1 = g[:, None] * dv1 + (dvh1 - q[:, None] * vh1) * inv_n[:, None] \
             + tl.dot(dZ, tl.trans(a1), input_precision="ieee", out_dtype=ACC)
         dv2 = g[:, None] * dv2 + (dvh2 - q[:, None] * vh2) * inv_n[:, None] \
             + tl.dot(dZ, tl.trans(a2), input_precision="ieee", out_dtype=ACC)
-        o = dvoff[:, None] + cols[None, :].to(tl.int64) * s_dvd
-        tl.store(DV + o, dv1.to(DV.dtype.element_ty), mask=m)
-        tl.store(DV + o + h * s_dvd, dv2.to(DV.dtype.element_ty), mask=m)
+        o1, o2 = pair_offsets(dvoff, cols, h, s_dvd)
+        tl.store(DV + o1, dv1.to(DV.dtype.element_ty), mask=m)
+        tl.store(DV + o2, dv2.to(DV.dtype.element_ty), mask=m)
 
 
 @triton.jit

@@ -30,11 +30,18 @@ def block_masks(K, KP: tl.constexpr, BT: tl.constexpr, valid):
 
 
 @triton.jit
+def pair_offsets(row_off, cols, h, s_d):
+    """int64 element offsets of columns ``cols`` and ``cols + h`` for rows at ``row_off`` [R]."""
+    c = cols[None, :].to(tl.int64)
+    return row_off[:, None] + c * s_d, row_off[:, None] + (c + h) * s_d
+
+
+@triton.jit
 def load_halves(ptr, row_off, cols, h, s_d, mask, ACC: tl.constexpr):
     """Load columns ``cols`` and ``cols + h`` of rows at ``row_off`` -> two [R, BH] tiles in ACC."""
-    off = row_off[:, None] + cols[None, :].to(tl.int64) * s_d
-    x1 = tl.load(ptr + off, mask=mask, other=0.0).to(ACC)
-    x2 = tl.load(ptr + off + h * s_d, mask=mask, other=0.0).to(ACC)
+    off1, off2 = pair_offsets(row_off, cols, h, s_d)
+    x1 = tl.load(ptr + off1, mask=mask, other=0.0).to(ACC)
+    x2 = tl.load(ptr + off2, mask=mask, other=0.0).to(ACC)
     return x1, x2
 
 
@@ -43,10 +50,10 @@ def load_token_halves(ptr, blk, T, cols, h, s_t, s_d, cmask, KP: tl.constexpr,
                       BT: tl.constexpr, BH: tl.constexpr, ACC: tl.constexpr):
     """Load a per-token [T, D] tensor (``dy``) once per token and broadcast it to the R rows."""
     tb = blk * BT + tl.arange(0, BT)
-    off = tb.to(tl.int64)[:, None] * s_t + cols[None, :].to(tl.int64) * s_d
+    off1, off2 = pair_offsets(tb.to(tl.int64) * s_t, cols, h, s_d)
     m = (tb < T)[:, None] & cmask[None, :]
-    x1 = tl.load(ptr + off, mask=m, other=0.0).to(ACC)
-    x2 = tl.load(ptr + off + h * s_d, mask=m, other=0.0).to(ACC)
+    x1 = tl.load(ptr + off1, mask=m, other=0.0).to(ACC)
+    x2 = tl.load(ptr + off2, mask=m, other=0.0).to(ACC)
     x1 = tl.reshape(tl.broadcast_to(x1[:, None, :], (BT, KP, BH)), (BT * KP, BH))
     x2 = tl.reshape(tl.broadcast_to(x2[:, None, :], (BT, KP, BH)), (BT * KP, BH))
     return x1, x2
@@ -91,6 +98,22 @@ def angles(d, Bc, beta_ptr, eid, valid, cols, cmask, s_be, s_bh, HAS_BETA: tl.co
         off = eid.to(tl.int64)[:, None] * s_be + cols[None, :].to(tl.int64) * s_bh
         alpha += tl.load(beta_ptr + off, mask=m, other=0.0).to(ACC)
     return alpha
+
+
+@triton.jit
+def block_dot(M, X, same, ACC: tl.constexpr):
+    """M [R, R] (zero across tokens) @ X [R, C], as independent per-token products.
+
+    A plain dot would leak a token's NaN/Inf into the other tokens of the tile through
+    0 * nan. Non-finite entries of X are zeroed for the product and put back as NaN exactly where
+    a dense per-token product has them: column c of every row of the token. ``same`` is the
+    same-token mask of block_masks."""
+    bad = (X != X) | (tl.abs(X) == float("inf"))
+    out = tl.dot(M, tl.where(bad, 0.0, X), input_precision="ieee", out_dtype=ACC)
+    if tl.sum(bad.to(tl.int32)) > 0:  # only tiles holding non-finite values pay for this
+        cnt = tl.dot(same.to(ACC), bad.to(ACC), input_precision="ieee", out_dtype=ACC)
+        out = tl.where(cnt > 0, float("nan"), out)
+    return out
 
 
 @triton.jit

@@ -7,8 +7,8 @@ per-token state (n, C, rho, z, d) for the backward kernels.
 import triton
 import triton.language as tl
 
-from .common import (angles, block_masks, expert_of_row, kk_offsets, load_halves,
-                     load_param_chunk, rotate, row_ids, store_rows)
+from .common import (angles, block_dot, block_masks, expert_of_row, kk_offsets, load_halves,
+                     load_param_chunk, pair_offsets, rotate, row_ids, store_rows)
 
 
 @triton.jit
@@ -62,7 +62,7 @@ def radargate_fwd_kernel(
 
     # per-token math in registers
     n, C, rho, same = relation(gram, valid, K, tau_inv, eps, KP, BT)
-    d = tl.dot(rho, z, input_precision="ieee", out_dtype=ACC) - z
+    d = block_dot(rho, z, same, ACC) - z
     d = tl.where(K > 1, d, 0.0)  # SPEC: with K = 1, d = 0
 
     flat = tok * K + slot
@@ -86,7 +86,7 @@ def radargate_fwd_kernel(
         u1, u2 = rotate(v1, v2, tl.cos(alpha), tl.sin(alpha))
         y1 = tl.sum(tl.reshape(g[:, None] * u1, (BT, KP, BH)), axis=1)
         y2 = tl.sum(tl.reshape(g[:, None] * u2, (BT, KP, BH)), axis=1)
-        yoff = tb.to(tl.int64)[:, None] * s_yt + cols[None, :].to(tl.int64) * s_yd
+        y_off1, y_off2 = pair_offsets(tb.to(tl.int64) * s_yt, cols, h, s_yd)
         ym = (tb < T)[:, None] & cmask[None, :]
-        tl.store(Y + yoff, y1.to(Y.dtype.element_ty), mask=ym)
-        tl.store(Y + yoff + h * s_yd, y2.to(Y.dtype.element_ty), mask=ym)
+        tl.store(Y + y_off1, y1.to(Y.dtype.element_ty), mask=ym)
+        tl.store(Y + y_off2, y2.to(Y.dtype.element_ty), mask=ym)

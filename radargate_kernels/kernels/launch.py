@@ -8,6 +8,7 @@ ids [T, K] or None. Forward returns y [T, D] and the per-token state
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ MAX_K = 32      # K = 33..64 needs R = 64 rows per program, which spills (compil
 MAX_RANK = 32   # r = 33..64 (RP = 64) spills in the backward row kernel (compile report)
 MAX_E = 128
 ROWS_TARGET = 32  # R = BT * KP rows per program: tokens are packed until R reaches this
+ROWS_TARGET_WIDE = 16  # ... for rank > 16, where the [R, r] state tiles are wider
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,8 @@ def kernel_limits_ok(K: int, r: int, E: int, has_beta: bool) -> str | None:
 def pick_config(K: int, h: int, r: int, E: int, has_beta: bool) -> LaunchConfig:
     """Block sizes and warps from the shape; the rule and its evidence: docs/launch_config.md."""
     KP = _pow2(K)
-    BT = max(1, ROWS_TARGET // KP)
     RP = max(16, _pow2(r))
+    BT = max(1, (ROWS_TARGET if RP <= 16 else ROWS_TARGET_WIDE) // KP)
     EP = max(16, _pow2(E)) if has_beta else 16
     small_rank = RP <= 16
     cap = max(16, _pow2(h))  # no chunk wider than the padded row
@@ -73,7 +75,7 @@ def pick_config(K: int, h: int, r: int, E: int, has_beta: bool) -> LaunchConfig:
     return LaunchConfig(
         KP=KP, BT=BT, RP=RP, EP=EP, BH_FWD=bh_fwd, BH_BWD=bh_bwd, BH_PARAMS=bh_params,
         WARPS_FWD=4 if small_rank and BT < 16 else 8,
-        WARPS_BWD=4 if small_rank and bh_bwd <= 16 else 8,
+        WARPS_BWD=8,
         WARPS_PARAMS=8 if bh_params == 64 else 4,
     )
 
@@ -110,7 +112,16 @@ class Launch:
         self.kernel, self.grid, self.args, self.meta = kernel, grid, args, meta
 
     def run(self):
-        self.kernel[self.grid](*self.args, **self.meta)
+        if _interpreting():
+            # the Triton interpreter patches triton.language globally while a kernel runs, so
+            # concurrent launches from several threads must take turns (GPU launches need not)
+            with _INTERPRETER_LOCK:
+                self.kernel[self.grid](*self.args, **self.meta)
+        else:
+            self.kernel[self.grid](*self.args, **self.meta)
+
+
+_INTERPRETER_LOCK = threading.Lock()
 
 
 def _common(V, g, A, B, beta, ids):

@@ -1,0 +1,112 @@
+"""Issue #5 hardening: 64-bit offsets, non-finite values, threads, devices."""
+import threading
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from radargate_kernels import radar_gate, radar_gate_reference
+from radargate_kernels.kernels.common import pair_offsets, row_ids
+from helpers import make_problem
+
+
+@triton.jit
+def _offsets_probe(OUT, blk, T, K, h, s_t, s_k, s_d, KP: tl.constexpr, BT: tl.constexpr,
+                   BH: tl.constexpr):
+    # the kernels' own index helpers, evaluated for token block ``blk``
+    tok, slot, valid = row_ids(blk, T, K, KP, BT)
+    cols = tl.arange(0, BH)
+    off1, off2 = pair_offsets(tok * s_t + slot.to(tl.int64) * s_k, cols, h, s_d)
+    R: tl.constexpr = BT * KP
+    idx = tl.arange(0, R)[:, None] * BH + cols[None, :]
+    tl.store(OUT + idx, off1)
+    tl.store(OUT + R * BH + idx, off2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "feature_major"])
+def test_index_arithmetic_is_64_bit_past_2_pow_31(layout):
+    # T * K * D = 2^31 + ... elements: the last token block's offsets exceed int32. Only the
+    # index helpers run (no 8 GiB tensor); int32 arithmetic would wrap in the interpreter.
+    K, D, KP, BT, BH = 8, 4096, 8, 4, 16
+    h = D // 2
+    T = (2 ** 32) // (K * D) + 9
+    if layout == "contiguous":
+        s_t, s_k, s_d = K * D, D, 1
+    else:  # [D, T, K] storage viewed as [T, K, D]: the h * s_d term alone exceeds 2^31
+        s_t, s_k, s_d = K, 1, T * K
+    blk = (T - 1) // BT
+    out = torch.empty(2 * BT * KP * BH, dtype=torch.int64)
+    _offsets_probe[(1,)](out, blk, T, K, h, s_t, s_k, s_d, KP=KP, BT=BT, BH=BH)
+    off1, off2 = out.view(2, BT * KP, BH)
+    for a in range(BT * KP):
+        tok, slot = blk * BT + a // KP, a % KP
+        for c in (0, 5, BH - 1):
+            want = tok * s_t + slot * s_k + c * s_d
+            assert int(off1[a, c]) == want
+            assert int(off2[a, c]) == want + h * s_d
+    assert int(off2.max()) >= 2 ** 31
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["expert_out", "weights"])
+def test_non_finite_values_propagate_like_the_reference(bad, where):
+    p = make_problem(6, 3, 10, 2, bias=True, ids=True, seed=4)
+    p[where] = p[where].clone()
+    p[where][2, 1] = bad  # token 2 only: tokens are independent
+    y_k = radar_gate(**p, backend="triton")
+    y_r = radar_gate_reference(**p)
+    assert torch.equal(torch.isnan(y_k), torch.isnan(y_r))
+    assert torch.equal(torch.isinf(y_k), torch.isinf(y_r))
+    finite = torch.isfinite(y_r)
+    assert not finite[2].all() and finite[[0, 1, 3, 4, 5]].all()
+    torch.testing.assert_close(y_k[finite], y_r[finite], rtol=1e-5, atol=1e-5)
+    # gradients of the other tokens stay finite and correct (no leak through shared tiles)
+    dy = torch.randn_like(y_r)
+    V_k = p["expert_out"].clone().requires_grad_(True)
+    V_r = p["expert_out"].clone().requires_grad_(True)
+    (dv_k,) = torch.autograd.grad(radar_gate(**dict(p, expert_out=V_k), backend="triton"), V_k, dy)
+    (dv_r,) = torch.autograd.grad(radar_gate_reference(**dict(p, expert_out=V_r)), V_r, dy)
+    good = [0, 1, 3, 4, 5]
+    assert torch.isfinite(dv_k[good]).all()
+    torch.testing.assert_close(dv_k[good], dv_r[good], rtol=1e-4, atol=1e-5)
+
+
+def test_non_finite_angle_bias_gives_non_finite_only_where_used():
+    p = make_problem(4, 2, 6, 2, bias=True, ids=True, seed=2)
+    p["angle_bias"] = p["angle_bias"].clone()
+    p["angle_bias"][p["expert_ids"][1, 0]] = float("nan")
+    y_k = radar_gate(**p, backend="triton")
+    y_r = radar_gate_reference(**p)
+    assert torch.equal(torch.isnan(y_k), torch.isnan(y_r))
+    assert torch.isnan(y_k[1]).any()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_concurrent_calls_from_threads_give_correct_results(backend):
+    problems = [make_problem(5, 3, 10, 2, bias=True, ids=True, seed=s) for s in range(6)]
+    expected = [radar_gate_reference(**p) for p in problems]
+    results, errors = [None] * len(problems), []
+
+    def work(i):
+        try:
+            for _ in range(2):
+                results[i] = radar_gate(**problems[i], backend=backend)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(problems))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    for y, e in zip(results, expected):
+        torch.testing.assert_close(y, e, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_devices_are_rejected():
+    p = make_problem(3, 2, 6, 2, seed=0)
+    p["weights"] = p["weights"].to("meta")
+    with pytest.raises(ValueError, match="weights: expected device cpu"):
+        radar_gate(**p)
