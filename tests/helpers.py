@@ -46,3 +46,96 @@ def run_with_grads(fn, problem, dy, dtype=None, **kw):
     grads = torch.autograd.grad(y, [args[n] for n in leaves], dy.to(y.dtype),
                                 materialize_grads=True)
     return y.detach(), dict(zip(leaves, grads))
+
+
+PARAM_GRADS = ("rot_down", "rot_up", "angle_bias")
+
+
+def param_grad_abs_scale(fn, problem, dy):
+    """max over elements of sum_t |d(param) contribution of token t|, float64, per parameter."""
+    T = problem["expert_out"].shape[0]
+    acc = {}
+    for t in range(T):
+        sub = {k: (v[t:t + 1] if k in ("expert_out", "weights", "expert_ids") and v is not None
+                   else v) for k, v in problem.items()}
+        _, grads = run_with_grads(fn, sub, dy[t:t + 1], dtype=torch.float64)
+        for name in PARAM_GRADS:
+            if name in grads:
+                acc[name] = acc.get(name, 0) + grads[name].abs()
+    return {k: float(v.max()) for k, v in acc.items()}
+
+
+def _variant(problem, dy, kind, gen):
+    """An equivalent problem whose float32 evaluation sums in another order, and the map that
+    takes its outputs (y, grads) back to the original layout."""
+    p = dict(problem)
+    V = p["expert_out"]
+    T, K, D = V.shape
+    h = D // 2
+    if kind == "tokens":
+        perm = torch.randperm(T, generator=gen)
+        inv = torch.argsort(perm)
+        for k in ("expert_out", "weights", "expert_ids"):
+            if p[k] is not None:
+                p[k] = p[k][perm]
+        back = {"y": lambda x: x[inv], "expert_out": lambda x: x[inv], "weights": lambda x: x[inv]}
+        return p, dy[perm], back
+    if kind == "slots":
+        perm = torch.randperm(K, generator=gen)
+        inv = torch.argsort(perm)
+        if p["angle_bias"] is not None and p["expert_ids"] is None:
+            p["expert_ids"] = torch.arange(K).expand(T, K)
+        for k in ("expert_out", "weights", "expert_ids"):
+            if p[k] is not None:
+                p[k] = p[k][:, perm]
+        back = {"expert_out": lambda x: x[:, inv], "weights": lambda x: x[:, inv]}
+        return p, dy, back
+    # kind == "pairs": permute the Givens pairs (p, p + h) consistently everywhere
+    perm = torch.randperm(h, generator=gen)
+    full = torch.cat((perm, perm + h))
+    inv, inv_full = torch.argsort(perm), torch.argsort(full)
+    p["expert_out"] = V[..., full]
+    p["rot_down"] = p["rot_down"][full]
+    p["rot_up"] = p["rot_up"][:, perm]
+    if p["angle_bias"] is not None:
+        p["angle_bias"] = p["angle_bias"][:, perm]
+    back = {"y": lambda x: x[..., inv_full], "expert_out": lambda x: x[..., inv_full],
+            "rot_down": lambda x: x[inv_full], "rot_up": lambda x: x[:, inv],
+            "angle_bias": lambda x: x[:, inv]}
+    return p, dy[..., full], back
+
+
+FP32_UNIT_ROUNDOFF = 2.0 ** -24
+
+
+def perturbed(problem, gen, rel=FP32_UNIT_ROUNDOFF):
+    """The problem in float64 with every float input multiplied by (1 + rel * N(0, 1))."""
+    out = {}
+    for k, v in problem.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            v = v.double()
+            v = v * (1 + rel * torch.randn(v.shape, generator=gen, dtype=torch.float64))
+        out[k] = v
+    return out
+
+
+def reference_runs(fn, problem, dy, seed=0):
+    """Equal exact values with independent rounding, whose spread measures the rounding noise of
+    the problem: the reference in the problem's dtype on the original layout and on three
+    reorderings (tokens, slots, Givens pairs), mapped back, plus (for dtypes other than float64)
+    two float64 evaluations on inputs perturbed by one fp32 unit roundoff -- what any backward-
+    stable fp32 algorithm may return. A list of (y, grads)."""
+    gen = torch.Generator().manual_seed(seed)
+    runs = [run_with_grads(fn, problem, dy)]
+    if problem["expert_out"].shape[0] == 0:
+        return runs
+    if problem["expert_out"].dtype != torch.float64:
+        for _ in range(2):
+            runs.append(run_with_grads(fn, perturbed(problem, gen), dy.double()))
+    for kind in ("tokens", "slots", "pairs"):
+        p, d, back = _variant(problem, dy, kind, gen)
+        y, grads = run_with_grads(fn, p, d)
+        ident = lambda x: x  # noqa: E731
+        runs.append((back.get("y", ident)(y),
+                     {k: back.get(k, ident)(v) for k, v in grads.items()}))
+    return runs

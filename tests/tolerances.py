@@ -6,7 +6,17 @@ inputs) and round once, at the end, to the dtype of the result. Against the exac
 therefore differs by
   (a) fp32 rounding noise of the same size as the reference's own -- we allow NOISE_FACTOR = 2
       times the reference's measured error, the rule flash-attention's tests use (neither order
-      of summation is better than the other), plus
+      of summation is better than the other). The reference's error is measured as the largest
+      over four equivalent evaluations (original layout, tokens permuted, expert slots permuted,
+      Givens pairs permuted; helpers.reference_runs): the same exact values summed in other
+      orders, so a case with cancelling sums shows its real noise instead of one lucky sample.
+      The kernels also use algebraically different (SPEC-given) formulas -- cosines from the Gram
+      matrix, <v^_i, dv^_i> = sum_j S_ij C_ij -- so the ensemble also holds two float64
+      evaluations on inputs perturbed by one fp32 unit roundoff: what any backward-stable fp32
+      algorithm may return. That term matters in ill-conditioned cases: hypothesis found two
+      equal experts at |v| ~ 30 in fp32 where dV's error was 2.25x the worst reordering while
+      the kernel in float64 agreed to 5e-15 (the problem amplifies 6e-8 input noise to 2.8e-6);
+      plus
   (b) a floor in ulps of the result dtype at the tensor's largest magnitude (FLOOR_ULPS):
       - float16/bfloat16: one ulp, for the final rounding. The Triton interpreter truncates
         fp32 -> bf16 where the reference rounds to nearest (shared/TRITON_ON_CPU.md section 1),
@@ -27,6 +37,13 @@ therefore differs by
 
 The reference's own error (max|ref_dtype - truth|) is measured per test on the same inputs, so
 the bound follows the conditioning of each case instead of a guessed constant.
+
+Parameter gradients (dA, dB, dangle_bias) are sums over tokens and can cancel: their rounding error
+scales with the summands, not with the sum, and on a tensor of one element (r = 1, D = 2) the
+reference's error is a single sample that can be small by luck (seen: a dB of 296 cancelling terms,
+kernel 24 ulps vs reference 6 ulps of |dB|). For them max|truth| above is replaced by
+max(sum_t |contribution of token t|) (helpers.param_grad_abs_scale), the scale that rounding-error
+analysis of a sum gives.
 """
 import torch
 
@@ -36,19 +53,24 @@ FLOOR_ULPS = {torch.float32: 4.0, torch.float16: 1.0, torch.bfloat16: 1.0}
 FP64_RTOL = 1e-10
 
 
-def assert_matches(name, kernel, ref, truth, dtype):
-    """kernel, ref: results in ``dtype``; truth: float64 reference. Raises with a clear report."""
+def assert_matches(name, kernel, ref, truth, dtype, scale=None):
+    """kernel: result in ``dtype``; ref: the reference's result in ``dtype`` or a list of them
+    (equivalent reorderings); truth: float64 reference. ``scale`` replaces max|truth| in the
+    floor term (sums over tokens). Raises with a clear report."""
+    refs = ref if isinstance(ref, (list, tuple)) else [ref]
+    ref = refs[0]
     assert kernel.shape == truth.shape, f"{name}: shape {tuple(kernel.shape)} != {tuple(truth.shape)}"
     assert kernel.dtype == ref.dtype, f"{name}: dtype {kernel.dtype} != {ref.dtype}"
     if truth.numel() == 0:
         return
-    k, r, t = kernel.double(), ref.double(), truth.double()
-    scale = t.abs().max().item()
+    k, t = kernel.double(), truth.double()
+    ref_err = max((r.double() - t).abs().max().item() for r in refs)
+    scale = t.abs().max().item() if scale is None else max(scale, t.abs().max().item())
     err = (k - t).abs().max().item()
     if dtype == torch.float64:
         bound = FP64_RTOL * scale
     else:
-        bound = NOISE_FACTOR * (r - t).abs().max().item() + FLOOR_ULPS[dtype] * ULP[dtype] * scale
+        bound = NOISE_FACTOR * ref_err + FLOOR_ULPS[dtype] * ULP[dtype] * scale
     assert err <= bound, (f"{name} [{dtype}]: max|kernel - truth| = {err:.3e} > bound {bound:.3e} "
-                          f"(max|ref - truth| = {(r - t).abs().max().item():.3e}, "
+                          f"(max|ref - truth| = {ref_err:.3e} over {len(refs)} orderings, "
                           f"max|truth| = {scale:.3e})")

@@ -74,7 +74,7 @@ def pick_config(K: int, h: int, r: int, E: int, has_beta: bool) -> LaunchConfig:
     bh_params = min(cap, 64 if small_rank and EP <= 32 else 32)
     return LaunchConfig(
         KP=KP, BT=BT, RP=RP, EP=EP, BH_FWD=bh_fwd, BH_BWD=bh_bwd, BH_PARAMS=bh_params,
-        WARPS_FWD=4 if small_rank and BT < 16 else 8,
+        WARPS_FWD=8,
         WARPS_BWD=8,
         WARPS_PARAMS=8 if bh_params == 64 else 4,
     )
