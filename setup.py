@@ -13,6 +13,7 @@ setup(
     # Permissive on purpose: users bring their own (CUDA) torch. Dev/CI pins live in
     # requirements-dev.txt (CPU torch 2.13.0).
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"],
+                    "bench": ["pytest-benchmark", "matplotlib"]},
     license="Apache-2.0",
 )

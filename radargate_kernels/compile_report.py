@@ -70,7 +70,8 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
         for dtype in dtypes:
             for (K, D, r, E) in shape_classes(quick):
                 has_beta = E is not None
-                cfg = pick_config(K, D // 2, r, E if has_beta else K, has_beta)
+                cfg = pick_config(K, D // 2, r, E if has_beta else K, has_beta,
+                                  2 if dtype != "float32" else 4)
                 for kern in kernels:
                     key = (arch, dtype, kern, has_beta, _config_key(kern, cfg, has_beta))
                     if key in seen:
@@ -154,7 +155,8 @@ def compile_job(job):
         assert launch.kernel.fn.__name__ == job["kernel"]
         compiled = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.meta)
         regs, spills = _ptxas_usage(compiled.asm["ptx"], job["arch"])
-        cfg = L.pick_config(K, D // 2, r, E if E is not None else K, E is not None)
+        cfg = L.pick_config(K, D // 2, r, E if E is not None else K, E is not None,
+                            V.element_size())
         out.update(regs=regs, spills=spills, shared=int(compiled.metadata.shared),
                    warps=launch.meta["num_warps"], error=None,
                    config=f"KP={cfg.KP} BT={cfg.BT} RP={cfg.RP} "

@@ -61,15 +61,19 @@ def kernel_limits_ok(K: int, r: int, E: int, has_beta: bool) -> str | None:
     return None
 
 
-def pick_config(K: int, h: int, r: int, E: int, has_beta: bool) -> LaunchConfig:
-    """Block sizes and warps from the shape; the rule and its evidence: docs/launch_config.md."""
+def pick_config(K: int, h: int, r: int, E: int, has_beta: bool,
+                itemsize: int = 2) -> LaunchConfig:
+    """Block sizes and warps from the shape and the element size of expert_out (bytes); the rule
+    and its evidence: docs/launch_config.md."""
     KP = _pow2(K)
     RP = max(16, _pow2(r))
     BT = max(1, (ROWS_TARGET if RP <= 16 else ROWS_TARGET_WIDE) // KP)
     EP = max(16, _pow2(E)) if has_beta else 16
     small_rank = RP <= 16
     cap = max(16, _pow2(h))  # no chunk wider than the padded row
-    bh_fwd = min(cap, 64 if small_rank else 32)
+    # 128-byte row segments per load: 64 pairs of 2-byte, 32 of 4-byte elements (fp32 at 64
+    # spilled in the forward, compile report)
+    bh_fwd = min(cap, 64 if small_rank and itemsize <= 2 else 32)
     bh_bwd = min(cap, 32 if small_rank else 16)
     bh_params = min(cap, 64 if small_rank and EP <= 32 else 32)
     return LaunchConfig(
@@ -128,7 +132,7 @@ def _common(V, g, A, B, beta, ids):
     T, K, D = V.shape
     h, r = D // 2, A.shape[1]
     E = beta.shape[0] if beta is not None else K
-    cfg = pick_config(K, h, r, E, beta is not None)
+    cfg = pick_config(K, h, r, E, beta is not None, V.element_size())
     dummy = V  # never read when the HAS_* flag is off
     beta_t = beta if beta is not None else dummy
     ids_t = ids if ids is not None else dummy

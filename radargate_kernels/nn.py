@@ -1,0 +1,204 @@
+"""nn.Modules on top of ``radar_gate`` for LoRA-MoE code.
+
+- ``RadarGate``: owns the RotationGate parameters; ``forward(expert_out, weights, expert_ids)``.
+- ``RadarGateLoRALinear``: a frozen ``nn.Linear`` plus E LoRA experts, a StretchGate router
+  (softmax with temperature, optional top-k with renormalisation) and a ``RadarGate``.
+- ``inject_radargate``, ``radargate_state_dict``, ``load_radargate_state_dict``.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from .ops import radar_gate
+
+
+class RadarGate(nn.Module):
+    """RadarGate over K expert outputs of width ``dim``.
+
+    Parameters: ``rot_down [dim, rank]``, ``rot_up [rank, dim/2]``, ``angle_bias [E, dim/2]``.
+    Initialised as plain weighted-sum gating: ``rot_up = 0`` and ``angle_bias = 0`` give every
+    angle 0 (the identity rotation), while ``rot_down`` is small and random so ``rot_up`` receives
+    a non-zero gradient from the first step and the rotation is learned.
+
+    forward(expert_out [..., K, dim], weights [..., K], expert_ids [..., K] | None) -> [..., dim].
+    The parameters are cast to the dtype of ``expert_out`` (autocast-friendly); the op itself
+    computes in fp32.
+    """
+
+    def __init__(self, dim: int, num_experts: int, rank: int = 8, tau: float = 1.0,
+                 angle_bias: bool = True, eps: float = 1e-6):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"dim: expected an even feature size, got {dim}")
+        self.dim, self.num_experts, self.rank, self.tau, self.eps = dim, num_experts, rank, tau, eps
+        self.rot_down = nn.Parameter(torch.randn(dim, rank) / math.sqrt(dim))
+        self.rot_up = nn.Parameter(torch.zeros(rank, dim // 2))
+        self.angle_bias = nn.Parameter(torch.zeros(num_experts, dim // 2)) if angle_bias else None
+
+    def forward(self, expert_out, weights, expert_ids=None):
+        dt = expert_out.dtype
+        beta = self.angle_bias.to(dt) if self.angle_bias is not None else None
+        return radar_gate(expert_out, weights.to(dt), self.rot_down.to(dt), self.rot_up.to(dt),
+                          beta, expert_ids, tau=self.tau, eps=self.eps)
+
+    def extra_repr(self):
+        return (f"dim={self.dim}, num_experts={self.num_experts}, rank={self.rank}, "
+                f"tau={self.tau}, angle_bias={self.angle_bias is not None}")
+
+
+class RadarGateLoRALinear(nn.Module):
+    """``base(x) + RadarGate(expert outputs, router weights)`` with E LoRA experts.
+
+    Expert i's output is ``(alpha / rank) * dropout(x) A_i B_i`` (A_i [in, rank] Kaiming-uniform,
+    B_i [rank, out] zero, as in LoRA). The router is a linear map of ``x``: softmax of
+    ``logits / router_temperature``; with ``top_k`` only the k best experts are kept, their
+    weights renormalised, and only their outputs are computed (grouped by expert, one matmul per
+    expert, never a loop over tokens) and handed to the op with ``expert_ids``.
+
+    After each forward: ``aux_loss`` (Switch/Mixtral load-balancing loss, E * sum_e f_e P_e, f_e
+    the fraction of routed slots going to e, P_e the mean router probability) and
+    ``routing_counts`` (slots routed to each expert, summed since ``reset_stats()``).
+    """
+
+    def __init__(self, base: nn.Linear, num_experts: int, rank: int = 8, alpha: float = 16,
+                 dropout: float = 0.0, top_k: Optional[int] = None,
+                 router_temperature: float = 1.0, gate_rank: int = 8, tau: float = 1.0,
+                 freeze_experts: bool = False):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        if top_k is not None and not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k: expected 1 <= top_k <= num_experts = {num_experts}, "
+                             f"got {top_k}")
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        fin, fout = base.in_features, base.out_features
+        self.num_experts, self.rank, self.top_k = num_experts, rank, top_k
+        self.scaling = alpha / rank
+        self.router_temperature = router_temperature
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(num_experts, fin, rank, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, rank, fout, device=dev, dtype=dt))
+        bound = 1 / math.sqrt(fin)
+        nn.init.uniform_(self.lora_A, -bound, bound)
+        self.lora_A.requires_grad_(not freeze_experts)
+        self.lora_B.requires_grad_(not freeze_experts)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.router = nn.Linear(fin, num_experts, bias=False, device=dev, dtype=dt)
+        self.gate = RadarGate(fout, num_experts, rank=gate_rank, tau=tau).to(dev, dt)
+        self.aux_loss = None
+        self.register_buffer("routing_counts", torch.zeros(num_experts, dtype=torch.long),
+                             persistent=False)
+
+    def reset_stats(self):
+        self.routing_counts.zero_()
+
+    def route(self, x2):
+        """x2 [T, in] -> (weights [T, K], expert_ids [T, K] or None, probs [T, E])."""
+        logits = self.router(x2).float() / self.router_temperature
+        probs = torch.softmax(logits, dim=-1)
+        if self.top_k is None:
+            return probs, None, probs
+        w, ids = probs.topk(self.top_k, dim=-1)
+        return w / w.sum(-1, keepdim=True), ids, probs
+
+    def expert_outputs(self, x2, ids):
+        """x2 [T, in] -> expert outputs [T, K, out] (all experts, or the selected ``ids``)."""
+        h = self.dropout(x2)
+        A = self.lora_A.to(h.dtype)
+        B = self.lora_B.to(h.dtype)
+        if ids is None:
+            xa = torch.einsum("ti,eir->ter", h, A)
+            return torch.einsum("ter,ero->teo", xa, B) * self.scaling
+        T, k = ids.shape
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        rows = h.repeat_interleave(k, dim=0)[order]          # one row per (token, slot), by expert
+        out = h.new_empty(T * k, B.shape[-1])
+        start = 0
+        for e, n in enumerate(counts):                       # one matmul per expert
+            if n:
+                out[start:start + n] = (rows[start:start + n] @ A[e]) @ B[e]
+            start += n
+        V = torch.empty_like(out)
+        V[order] = out
+        return V.view(T, k, -1) * self.scaling
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        weights, ids, probs = self.route(x2)
+        V = self.expert_outputs(x2, ids)
+        y = self.gate(V, weights.to(V.dtype), ids)
+        # load balancing (Switch Transformer): E * sum_e (routed fraction) * (mean probability)
+        routed = ids.reshape(-1) if ids is not None else probs.argmax(-1)
+        frac = torch.bincount(routed, minlength=self.num_experts).float() / max(routed.numel(), 1)
+        self.aux_loss = self.num_experts * (frac * probs.mean(0)).sum()
+        with torch.no_grad():
+            self.routing_counts += torch.bincount(routed, minlength=self.num_experts)
+        out = self.base(x)  # under autocast: the autocast dtype
+        return out + y.reshape(*lead, -1).to(out.dtype)
+
+    @property
+    def weight(self):  # code that reads layer.weight (e.g. for its dtype) keeps working
+        return self.base.weight
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    @property
+    def out_features(self):
+        return self.base.out_features
+
+
+def _matches(name: str, targets) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def inject_radargate(model: nn.Module, target_modules: Union[str, Iterable[str]],
+                     **layer_kwargs) -> list:
+    """Replace every ``nn.Linear`` whose qualified name matches ``target_modules`` (a regex
+    matched against the full name, or names / name suffixes) by a ``RadarGateLoRALinear``
+    wrapping it. Returns the replaced names."""
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name and _matches(name, target_modules):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, RadarGateLoRALinear(module, **layer_kwargs))
+            replaced.append(name)
+    return replaced
+
+
+def radargate_state_dict(model: nn.Module) -> dict:
+    """Only the parameters added by injection (experts, routers, gates), not the base weights."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, RadarGateLoRALinear):
+            prefix = f"{name}." if name else ""
+            for k, v in module.state_dict().items():
+                if not k.startswith("base."):
+                    out[prefix + k] = v
+    return out
+
+
+def load_radargate_state_dict(model: nn.Module, state_dict: dict):
+    """Load what ``radargate_state_dict`` saved; every added parameter must be present."""
+    expected = set(radargate_state_dict(model))
+    missing, unexpected = expected - set(state_dict), set(state_dict) - expected
+    if missing or unexpected:
+        raise ValueError(f"state_dict: missing keys {sorted(missing)[:5]}, unexpected keys "
+                         f"{sorted(unexpected)[:5]}")
+    model.load_state_dict(state_dict, strict=False)

@@ -1,0 +1,149 @@
+"""radargate_kernels.nn: modules, injection, state dicts (CPU path and interpreter kernels)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from radargate_kernels import radar_gate_reference
+from radargate_kernels.nn import (RadarGate, RadarGateLoRALinear, inject_radargate,
+                                  load_radargate_state_dict, radargate_state_dict)
+
+
+def test_radar_gate_module_starts_as_weighted_sum_and_learns_rotation():
+    torch.manual_seed(0)
+    gate = RadarGate(10, 3, rank=4)
+    V, g = torch.randn(5, 3, 10), torch.softmax(torch.randn(5, 3), -1)
+    y = gate(V, g)
+    torch.testing.assert_close(y, torch.einsum("tk,tkd->td", g, V), rtol=1e-6, atol=1e-6)
+    y.square().sum().backward()
+    assert gate.rot_up.grad.abs().max() > 0 and gate.angle_bias.grad.abs().max() > 0
+
+
+def _layer(top_k=None, seed=0):
+    torch.manual_seed(seed)
+    layer = RadarGateLoRALinear(nn.Linear(12, 10), num_experts=4, rank=3, alpha=6, top_k=top_k,
+                                gate_rank=2, tau=0.7)
+    with torch.no_grad():  # leave the start state: non-zero experts and rotation
+        layer.lora_B.normal_()
+        layer.gate.rot_up.normal_()
+        layer.gate.angle_bias.normal_()
+    return layer
+
+
+def test_lora_linear_matches_composition_of_reference_parts():
+    layer = _layer()
+    x = torch.randn(2, 3, 12, requires_grad=True)
+    y = layer(x)
+    x2 = x.reshape(-1, 12)
+    probs = torch.softmax(layer.router(x2), -1)
+    V = torch.einsum("ti,eir,ero->teo", x2, layer.lora_A, layer.lora_B) * layer.scaling
+    ref = layer.base(x2) + radar_gate_reference(V, probs, layer.gate.rot_down, layer.gate.rot_up,
+                                                layer.gate.angle_bias, tau=0.7)
+    torch.testing.assert_close(y.reshape(-1, 10), ref, rtol=1e-5, atol=1e-5)
+    g1 = torch.autograd.grad(y.sum(), [x, layer.lora_A, layer.gate.rot_up])
+    g2 = torch.autograd.grad(ref.sum(), [x, layer.lora_A, layer.gate.rot_up])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_top_k_equals_dense_with_unselected_weights_zero_at_identity_rotation():
+    # With the identity rotation (the start state) both are sum_{selected} w_i v_i. With a
+    # learned rotation they differ by design: the relation map runs over the K slots handed to
+    # the op (SPEC), i.e. the selected experts only.
+    torch.manual_seed(1)
+    sparse = RadarGateLoRALinear(nn.Linear(12, 10), num_experts=5, rank=3, top_k=2)
+    with torch.no_grad():
+        sparse.lora_B.normal_()
+    dense = copy.deepcopy(sparse)
+    dense.top_k = None
+    x = torch.randn(7, 12)
+    w, ids, probs = sparse.route(x)
+    full = torch.zeros_like(probs).scatter(1, ids, w)
+    dense.route = lambda x2: (full, None, probs)
+    torch.testing.assert_close(sparse(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+def test_aux_loss_and_routing_counts():
+    layer = _layer(top_k=2)
+    x = torch.randn(16, 12)
+    layer(x)
+    assert layer.routing_counts.sum() == 16 * 2
+    assert layer.aux_loss.ndim == 0 and layer.aux_loss >= 0.99  # >= 1, equality when balanced
+    layer.aux_loss.backward()
+    assert layer.router.weight.grad.abs().max() > 0
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: attention (qkv, out) and an MLP (linear1, linear2)."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.linear1, self.linear2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        B, S, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, S, 3, self.heads, -1).unbind(2)
+        a = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                       v.transpose(1, 2))
+        x = x + self.out(a.transpose(1, 2).reshape(B, S, d))
+        return x + self.linear2(torch.relu(self.linear1(self.norm2(x))))
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = Block()
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.enc(x))
+
+
+def test_inject_train_and_state_dict_round_trip():
+    torch.manual_seed(0)
+    model = TinyNet().requires_grad_(False)  # adapters-only training, as with PEFT
+    head_before = model.head
+    names = inject_radargate(model, ["linear1", "linear2"], num_experts=3, rank=4, top_k=2)
+    assert names == ["enc.linear1", "enc.linear2"]
+    assert model.head is head_before and isinstance(model.enc.linear1, RadarGateLoRALinear)
+    base_w = model.enc.linear1.base.weight.clone()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable, lr=1e-2)
+    x, target = torch.randn(8, 5, 16), torch.randn(8, 5, 4)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = (model(x) - target).square().mean()
+        aux = sum(m.aux_loss for m in model.modules() if isinstance(m, RadarGateLoRALinear))
+        (loss + 1e-3 * aux).backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    assert torch.equal(model.enc.linear1.base.weight, base_w)  # base stays frozen
+    assert model.enc.linear1.gate.rot_up.abs().max() > 0        # the rotation was learned
+    sd = radargate_state_dict(model)
+    assert sd and not any(".base." in k for k in sd)
+    torch.manual_seed(0)
+    fresh = TinyNet()  # same base weights (same seed), fresh experts and gates below
+    torch.manual_seed(123)
+    inject_radargate(fresh, r"enc\.linear[12]", num_experts=3, rank=4, top_k=2)
+    assert not torch.equal(model(x), fresh(x))
+    load_radargate_state_dict(fresh, sd)
+    model.eval(), fresh.eval()
+    assert torch.equal(model(x), fresh(x))
+    with pytest.raises(ValueError, match="missing keys"):
+        load_radargate_state_dict(fresh, {})
+
+
+def test_autocast_bfloat16_runs_with_fp32_math_inside():
+    layer = _layer()
+    x = torch.randn(6, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.gate.rot_up.grad is not None and torch.isfinite(layer.gate.rot_up.grad).all()
