@@ -34,7 +34,9 @@ def _chunk_forward(V, g, A, B, beta, ids, tau: float, eps: float, out=None):
     K, D = V.shape[-2:]
     h = D // 2
     G = torch.bmm(V, V.transpose(1, 2))                               # Gram [t, K, K]
-    n = G.diagonal(dim1=1, dim2=2).sqrt().clamp_min(eps)              # max(|v_i|, eps)
+    # max(|v_i|, eps) as sqrt(max(|v_i|^2, eps^2)): same value, and no 0/0 in sqrt's backward
+    # at an all-zero expert (LoRA experts start at zero)
+    n = G.diagonal(dim1=1, dim2=2).clamp_min(eps * eps).sqrt()
     if K > 1:
         C = G / (n.unsqueeze(2) * n.unsqueeze(1))
         eye = torch.eye(K, dtype=torch.bool, device=V.device)

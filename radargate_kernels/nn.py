@@ -4,10 +4,13 @@
 - ``RadarGateLoRALinear``: a frozen ``nn.Linear`` plus E LoRA experts, a StretchGate router
   (softmax with temperature, optional top-k with renormalisation) and a ``RadarGate``.
 - ``inject_radargate``, ``radargate_state_dict``, ``load_radargate_state_dict``.
+- ``from_peft_adapters``: N trained PEFT LoRA adapters as frozen experts gated by RadarGate.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 from typing import Iterable, Optional, Union
 
@@ -202,3 +205,63 @@ def load_radargate_state_dict(model: nn.Module, state_dict: dict):
         raise ValueError(f"state_dict: missing keys {sorted(missing)[:5]}, unexpected keys "
                          f"{sorted(unexpected)[:5]}")
     model.load_state_dict(state_dict, strict=False)
+
+
+def _read_peft_adapter(adapter_dir):
+    """-> (config dict, {module name: (A [in, r], B [r, out] scaled by alpha / r)})."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError as exc:  # pragma: no cover - safetensors ships with transformers/peft
+        raise ImportError("from_peft_adapters needs the 'safetensors' package") from exc
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"adapter_dirs: {adapter_dir} has no adapter_model.safetensors")
+    sd = load_file(path)
+    r = int(cfg["r"])
+    scale = float(cfg.get("lora_alpha", r)) / r
+    if cfg.get("use_rslora"):
+        scale = float(cfg.get("lora_alpha", r)) / math.sqrt(r)
+    mods = {}
+    for key, A in sd.items():
+        if ".lora_A." not in key:
+            continue
+        name = key.split(".lora_A.")[0]
+        B = sd[key.replace(".lora_A.", ".lora_B.")]
+        for prefix in ("base_model.model.",):
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+        mods[name] = (A.t().contiguous(), (B.t() * scale).contiguous())  # [in, r], [r, out]
+    return cfg, mods
+
+
+def from_peft_adapters(model: nn.Module, adapter_dirs, target_modules=None, **layer_kwargs):
+    """Load N PEFT LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors`` in each
+    of ``adapter_dirs``) into ``model`` as N frozen experts per adapted ``nn.Linear``, gated by a
+    trainable router and RadarGate (the paper's setting: compose pretrained LoRAs, train only the
+    gate). ``target_modules`` defaults to the modules the adapters adapt. Each adapter's
+    ``lora_alpha / r`` is folded into its B; ranks may differ (zero-padded to the largest).
+    Returns the replaced module names."""
+    adapters = [_read_peft_adapter(d) for d in adapter_dirs]
+    if not adapters:
+        raise ValueError("adapter_dirs: expected at least one adapter directory")
+    names = sorted(set().union(*(set(m) for _, m in adapters)))
+    if target_modules is not None:
+        names = [n for n in names if _matches(n, target_modules if isinstance(target_modules, str)
+                                                 else list(target_modules))]
+    rank = max(A.shape[1] for _, m in adapters for A, _ in m.values())
+    layer_kwargs = dict(layer_kwargs, num_experts=len(adapters), rank=rank, alpha=rank,
+                        freeze_experts=True)
+    replaced = inject_radargate(model, [n for n in names], **layer_kwargs)
+    for name in replaced:
+        layer = model.get_submodule(name)
+        with torch.no_grad():
+            layer.lora_A.zero_()
+            layer.lora_B.zero_()
+            for e, (_, mods) in enumerate(adapters):
+                if name in mods:  # an adapter that does not adapt this module adds nothing
+                    A, B = mods[name]
+                    layer.lora_A[e, :, :A.shape[1]] = A.to(layer.lora_A.dtype)
+                    layer.lora_B[e, :B.shape[0], :] = B.to(layer.lora_B.dtype)
+    return replaced

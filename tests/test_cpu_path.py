@@ -58,3 +58,24 @@ def test_compiled_cpu_path_of_radar_gate_matches_reference(case, monkeypatch):
     for name in g_t:
         assert_matches(f"d{name}", g_c[name], [g[name] for _, g in runs], g_t[name],
                        torch.float32, scale=sums.get(name))
+
+
+@pytest.mark.parametrize("path", ["eager", "triton"])
+def test_all_zero_experts_give_zero_output_and_finite_gradients(path):
+    # LoRA experts start with B = 0: every expert output is exactly zero on the first step
+    p = make_problem(6, 3, 10, 2, bias=True, ids=True, seed=3)
+    p["expert_out"] = torch.zeros_like(p["expert_out"])
+    p["expert_out"][0, 1] = torch.randn(10)  # and one token with a single non-zero expert
+    dy = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    if path == "eager":
+        fn = lambda **kw: radar_gate_cpu_eager(*[kw[k] for k in (  # noqa: E731
+            "expert_out", "weights", "rot_down", "rot_up", "angle_bias", "expert_ids")],
+            kw["tau"], 1e-6)
+    else:
+        fn = lambda **kw: radar_gate(**kw, backend="triton")  # noqa: E731
+    y, g = run_with_grads(fn, p, dy)
+    y_r, g_r = run_with_grads(radar_gate_reference, p, dy)
+    torch.testing.assert_close(y, y_r, rtol=1e-5, atol=1e-6)
+    for name in g_r:
+        assert torch.isfinite(g[name]).all(), name
+        torch.testing.assert_close(g[name], g_r[name], rtol=1e-4, atol=1e-4)

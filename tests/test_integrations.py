@@ -1,0 +1,82 @@
+"""Drop-in use with real libraries: a transformers model built from a tiny local config (no
+downloads) and adapters made with the real peft package."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers is a test dependency "
+                                   "(requirements-dev.txt); this file needs it")
+peft = pytest.importorskip("peft", reason="peft is a test dependency (requirements-dev.txt)")
+
+from radargate_kernels.nn import (RadarGateLoRALinear, from_peft_adapters,  # noqa: E402
+                                  inject_radargate, load_radargate_state_dict,
+                                  radargate_state_dict)
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=4, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_transformers_model_injected_trains_and_round_trips():
+    model = tiny_llama().requires_grad_(False)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    names = inject_radargate(model, r".*\.(q_proj|v_proj)", num_experts=3, rank=4, top_k=2)
+    assert names == [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    model.train()
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    # non-target modules untouched, base weights of targets frozen
+    for n, p in model.named_parameters():
+        key = n.replace(".base.", ".")
+        if key in before:
+            assert torch.equal(p, before[key]), n
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    fresh = tiny_llama()
+    torch.manual_seed(99)
+    inject_radargate(fresh, r".*\.(q_proj|v_proj)", num_experts=3, rank=4, top_k=2)
+    load_radargate_state_dict(fresh, radargate_state_dict(model))
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, out)
+
+
+def _make_adapter(tmp_path, seed, name):
+    base = tiny_llama()
+    torch.manual_seed(seed)
+    cfg = peft.LoraConfig(r=2 + seed % 3, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                          init_lora_weights=False)
+    pm = peft.get_peft_model(base, cfg)
+    path = tmp_path / name
+    pm.save_pretrained(str(path))
+    return pm.eval(), str(path)
+
+
+def test_peft_adapters_as_frozen_experts_reproduce_each_adapter(tmp_path):
+    adapters = [_make_adapter(tmp_path, s, f"a{s}") for s in range(3)]
+    model = tiny_llama().requires_grad_(False)
+    names = from_peft_adapters(model, [p for _, p in adapters], tau=0.5)
+    assert len(names) == 4
+    layers = [m for m in model.modules() if isinstance(m, RadarGateLoRALinear)]
+    assert all(not l.lora_A.requires_grad and l.router.weight.requires_grad for l in layers)
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    for e, (pm, _) in enumerate(adapters):
+        for l in layers:  # one-hot stretch gate on adapter e; the rotation starts at zero
+            l.route = (lambda x2, e=e, E=len(adapters):
+                       (torch.nn.functional.one_hot(torch.full((x2.shape[0],), e), E).float(),
+                        None, torch.full((x2.shape[0], E), 1.0 / E)))
+        with torch.no_grad():
+            ours = model(input_ids=ids).logits
+            theirs = pm(input_ids=ids).logits
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
