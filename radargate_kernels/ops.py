@@ -57,8 +57,10 @@ def _bwd_op(dy: torch.Tensor, V: torch.Tensor, g: torch.Tensor, A: torch.Tensor,
 
 @_bwd_op.register_fake
 def _bwd_fake(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau, eps):
-    dbeta = torch.empty_like(beta) if beta is not None else V.new_empty(0)
-    return torch.empty_like(V), torch.empty_like(g), torch.empty_like(A), torch.empty_like(B), dbeta
+    # gradients are always contiguous, whatever the strides of the inputs (as the real op)
+    dbeta = beta.new_empty(beta.shape) if beta is not None else V.new_empty(0)
+    return (V.new_empty(V.shape), g.new_empty(g.shape), A.new_empty(A.shape),
+            B.new_empty(B.shape), dbeta)
 
 
 def _save(ctx, inputs, outputs):

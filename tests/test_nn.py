@@ -147,3 +147,23 @@ def test_autocast_bfloat16_runs_with_fp32_math_inside():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert layer.gate.rot_up.grad is not None and torch.isfinite(layer.gate.rot_up.grad).all()
+
+
+def test_injected_model_trains_under_torch_compile():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyNet().requires_grad_(False)
+    inject_radargate(model, ["linear1", "linear2"], num_experts=3, rank=4)  # dense routing
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model)
+    x, target = torch.randn(4, 5, 16), torch.randn(4, 5, 4)
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss = (compiled(x) - target).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses

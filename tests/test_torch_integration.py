@@ -45,10 +45,16 @@ def test_torch_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bias,ids,dtype", [(True, True, torch.float32), (False, False, torch.float32),
-                                            (True, False, torch.float64)])
-def test_opcheck_forward_and_backward_ops(bias, ids, dtype):
+@pytest.mark.parametrize("bias,ids,dtype,strided", [(True, True, torch.float32, False),
+                                                    (False, False, torch.float32, False),
+                                                    (True, False, torch.float64, False),
+                                                    (True, True, torch.float32, True)])
+def test_opcheck_forward_and_backward_ops(bias, ids, dtype, strided):
     p = make_problem(4, 3, 10, 2, bias=bias, ids=ids, dtype=dtype, seed=3)
+    if strided:  # same values, non-contiguous layouts: fake kernels must match real strides
+        p["expert_out"] = p["expert_out"].transpose(0, 1).contiguous().transpose(0, 1)
+        p["rot_down"] = p["rot_down"].t().contiguous().t()
+        p["rot_up"] = p["rot_up"].t().contiguous().t()
     args = [p["expert_out"], p["weights"], p["rot_down"], p["rot_up"], p["angle_bias"],
             p["expert_ids"], p["tau"], 1e-6]
     for i in range(5):
