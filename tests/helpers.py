@@ -139,3 +139,22 @@ def reference_runs(fn, problem, dy, seed=0):
         runs.append((back.get("y", ident)(y),
                      {k: back.get(k, ident)(v) for k, v in grads.items()}))
     return runs
+
+
+def check_against_reference(fn, problem, dy, seed=0, **kw):
+    """Run ``fn`` (forward + all gradients) and assert it matches the reference under the
+    per-dtype tolerance table (tolerances.py), noise measured by ``reference_runs``."""
+    from radargate_kernels import radar_gate_reference
+    from tolerances import assert_matches
+    dtype = problem["expert_out"].dtype
+    y, grads = run_with_grads(fn, problem, dy, **kw)
+    runs = reference_runs(radar_gate_reference, problem, dy, seed)
+    y_t, g_t = run_with_grads(radar_gate_reference, problem, dy, dtype=torch.float64)
+    assert y.dtype == dtype and y.shape == y_t.shape
+    assert_matches("y", y, [r[0] for r in runs], y_t, dtype)
+    assert set(grads) == set(g_t)
+    sums = param_grad_abs_scale(radar_gate_reference, problem, dy)
+    for name in g_t:
+        assert grads[name].dtype == dtype, name
+        assert_matches(f"d{name}", grads[name], [r[1][name] for r in runs], g_t[name], dtype,
+                       scale=sums.get(name))

@@ -6,8 +6,7 @@ import torch
 from radargate_kernels import radar_gate_reference
 from radargate_kernels import radar_gate
 from radargate_kernels.cpu import radar_gate_cpu_eager
-from tolerances import assert_matches
-from helpers import make_problem, param_grad_abs_scale, reference_runs, run_with_grads
+from helpers import check_against_reference, make_problem, run_with_grads
 
 CASES = [
     # (T, K, D, r, bias, ids, chunk)
@@ -31,16 +30,9 @@ def test_cpu_path_matches_reference(case, dtype):
 
     def cpu(expert_out, weights, rot_down, rot_up, angle_bias, expert_ids, tau):
         return radar_gate_cpu_eager(expert_out, weights, rot_down, rot_up, angle_bias, expert_ids,
-                              tau, 1e-6, chunk=chunk)
+                                    tau, 1e-6, chunk=chunk)
 
-    y_c, g_c = run_with_grads(cpu, p, dy)
-    runs = reference_runs(radar_gate_reference, p, dy, T + D)
-    y_t, g_t = run_with_grads(radar_gate_reference, p, dy, dtype=torch.float64)
-    assert_matches("y", y_c, [y for y, _ in runs], y_t, dtype)
-    sums = param_grad_abs_scale(radar_gate_reference, p, dy)
-    for name in g_t:
-        assert_matches(f"d{name}", g_c[name], [g[name] for _, g in runs], g_t[name], dtype,
-                       scale=sums.get(name))
+    check_against_reference(cpu, p, dy, T + D)
 
 
 @pytest.mark.parametrize("case", [(37, 8, 64, 8, True, True), (5, 1, 10, 3, True, False)],
@@ -50,14 +42,7 @@ def test_compiled_cpu_path_of_radar_gate_matches_reference(case, monkeypatch):
     T, K, D, r, bias, ids = case
     p = make_problem(T, K, D, r, bias=bias, ids=ids, seed=5)
     dy = torch.randn(T, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64).float()
-    y_c, g_c = run_with_grads(radar_gate, p, dy, backend="torch")
-    runs = reference_runs(radar_gate_reference, p, dy, 1)
-    y_t, g_t = run_with_grads(radar_gate_reference, p, dy, dtype=torch.float64)
-    assert_matches("y", y_c, [y for y, _ in runs], y_t, torch.float32)
-    sums = param_grad_abs_scale(radar_gate_reference, p, dy)
-    for name in g_t:
-        assert_matches(f"d{name}", g_c[name], [g[name] for _, g in runs], g_t[name],
-                       torch.float32, scale=sums.get(name))
+    check_against_reference(radar_gate, p, dy, 1, backend="torch")
 
 
 @pytest.mark.parametrize("path", ["eager", "triton"])

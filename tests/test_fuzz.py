@@ -13,9 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from radargate_kernels import radar_gate, radar_gate_reference
-from tolerances import assert_matches
-from helpers import make_problem, param_grad_abs_scale, reference_runs, run_with_grads
+from radargate_kernels import radar_gate
+from helpers import check_against_reference, make_problem
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -47,14 +46,7 @@ def check(T, K, half_d, r, dtype, bias, ids, scale, pattern, seed):
     p = build(T, K, half_d, r, dtype, bias, ids, scale, pattern, seed)
     dy = torch.randn(T, 2 * half_d, generator=torch.Generator().manual_seed(seed),
                      dtype=torch.float64).to(dtype)
-    y_k, g_k = run_with_grads(radar_gate, p, dy, backend="triton")
-    runs = reference_runs(radar_gate_reference, p, dy, seed)
-    y_t, g_t = run_with_grads(radar_gate_reference, p, dy, dtype=torch.float64)
-    assert_matches("y", y_k, [y for y, _ in runs], y_t, dtype)
-    sums = param_grad_abs_scale(radar_gate_reference, p, dy)
-    for name in g_t:
-        assert_matches(f"d{name}", g_k[name], [g[name] for _, g in runs], g_t[name], dtype,
-                       scale=sums.get(name))
+    check_against_reference(radar_gate, p, dy, seed, backend="triton")
 
 
 @given(T=st.integers(0, 6), K=st.integers(1, 9), half_d=st.integers(1, 20),

@@ -1,5 +1,7 @@
 """radargate_kernels.nn: modules, injection, state dicts (CPU path and interpreter kernels)."""
 import copy
+import os
+import sys
 
 import pytest
 import torch
@@ -8,6 +10,9 @@ from torch import nn
 from radargate_kernels import radar_gate_reference
 from radargate_kernels.nn import (RadarGate, RadarGateLoRALinear, inject_radargate,
                                   load_radargate_state_dict, radargate_state_dict)
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+from train_multitask import Block  # noqa: E402  (the example's tiny transformer block)
 
 
 def test_radar_gate_module_starts_as_weighted_sum_and_learns_rotation():
@@ -74,29 +79,10 @@ def test_aux_loss_and_routing_counts():
     assert layer.router.weight.grad.abs().max() > 0
 
 
-class Block(nn.Module):
-    """A pre-norm transformer block: attention (qkv, out) and an MLP (linear1, linear2)."""
-
-    def __init__(self, d=16, heads=2):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.linear1, self.linear2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
-
-    def forward(self, x):
-        B, S, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, S, 3, self.heads, -1).unbind(2)
-        a = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                       v.transpose(1, 2))
-        x = x + self.out(a.transpose(1, 2).reshape(B, S, d))
-        return x + self.linear2(torch.relu(self.linear1(self.norm2(x))))
-
-
 class TinyNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.enc = Block()
+        self.enc = Block(d=16, heads=2)
         self.head = nn.Linear(16, 4)
 
     def forward(self, x):
