@@ -38,6 +38,10 @@ QUICK = [  # (K, D, r, E): the benchmark shape and the extremes of the supported
     (32, 16384, 32, 128),
 ]
 T_REPR = 64  # tokens in the representative launch (T never becomes a constexpr; 1 would)
+# "int64 strides": expert_out laid out so that its strides exceed 2^31 (e.g. a feature-major view
+# of a tensor with T*K*D >= 2^31 elements). Triton then passes those strides as i64: a different
+# specialisation, compiled here for the benchmark shape in every mode (--quick included).
+LARGE_STRIDES = {"s_vt": 2 ** 31 + 16, "s_vk": 2 ** 31 + 32, "s_vd": 2 ** 32 + 16}
 
 
 def shape_classes(quick: bool):
@@ -78,6 +82,9 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
                         continue
                     seen.add(key)
                     jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=K, D=D, r=r, E=E))
+            for kern in kernels:
+                jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=8, D=4096, r=8, E=16,
+                                 large=True))
     return jobs
 
 
@@ -153,7 +160,12 @@ def compile_job(job):
             _, launches = L.plan_backward(y, V, g, A, B, beta, ids, n, C, rho, z, d, 1.0, 1e-6)
             launch = launches[0 if job["kernel"] == "radargate_bwd_rows_kernel" else 1]
         assert launch.kernel.fn.__name__ == job["kernel"]
-        compiled = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.meta)
+        args = list(launch.args)
+        if job.get("large"):
+            names = launch.kernel.arg_names
+            for name, value in LARGE_STRIDES.items():
+                args[names.index(name)] = value
+        compiled = launch.kernel.warmup(*args, grid=launch.grid, **launch.meta)
         regs, spills = _ptxas_usage(compiled.asm["ptx"], job["arch"])
         cfg = L.pick_config(K, D // 2, r, E if E is not None else K, E is not None,
                             V.element_size())
@@ -161,7 +173,8 @@ def compile_job(job):
                    warps=launch.meta["num_warps"], error=None,
                    config=f"KP={cfg.KP} BT={cfg.BT} RP={cfg.RP} "
                           f"BH={launch.meta['BH']}" + (f" EP={cfg.EP}" if "EP" in launch.meta
-                                                       and E is not None else ""))
+                                                       and E is not None else "")
+                          + (" i64-strides" if job.get("large") else ""))
     except Exception as exc:  # reported, and makes the exit status non-zero
         out.update(regs=None, spills=None, shared=None, warps=None, config="?",
                    error=f"{type(exc).__name__}: {str(exc)[:300]}")
