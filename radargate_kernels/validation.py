@@ -72,12 +72,22 @@ def check_inputs(expert_out, weights, rot_down, rot_up, angle_bias, expert_ids, 
             raise ValueError(f"angle_bias: has E = {E} experts but expert_out has K = {K} "
                              f"slots; pass expert_ids when E != K")
         if expert_ids is not None and check_id_range and expert_ids.numel():
-            lo, hi = int(expert_ids.min()), int(expert_ids.max())
+            if expert_ids.device.type == "cuda":
+                # no host sync on the GPU path: the check runs on the device and fails the
+                # stream with this message (checked on the host for CPU tensors)
+                torch._assert_async(((expert_ids >= 0) & (expert_ids < E)).all(),
+                                    f"expert_ids: expected values in [0, {E}) "
+                                    f"(E = angle_bias.shape[0])")
+                lo, hi = 0, 0
+            else:
+                lo, hi = int(expert_ids.min()), int(expert_ids.max())
             if lo < 0 or hi >= E:
                 raise ValueError(f"expert_ids: expected values in [0, {E}) (E = angle_bias.shape[0]),"
                                  f" got range [{lo}, {hi}]")
     elif expert_ids is not None and check_id_range and expert_ids.numel():
-        if int(expert_ids.min()) < 0:
+        if expert_ids.device.type == "cuda":
+            torch._assert_async((expert_ids >= 0).all(), "expert_ids: expected non-negative values")
+        elif int(expert_ids.min()) < 0:
             raise ValueError(f"expert_ids: expected non-negative values, got min "
                              f"{int(expert_ids.min())}")
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) \
