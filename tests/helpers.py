@@ -122,16 +122,18 @@ def perturbed(problem, gen, rel=FP32_UNIT_ROUNDOFF):
 def reference_runs(fn, problem, dy, seed=0):
     """Equal exact values with independent rounding, whose spread measures the rounding noise of
     the problem: the reference in the problem's dtype on the original layout and on three
-    reorderings (tokens, slots, Givens pairs), mapped back, plus (for dtypes other than float64)
-    four float64 evaluations on inputs perturbed by one fp32 unit roundoff -- what any backward-
-    stable fp32 algorithm may return. A list of (y, grads)."""
+    reorderings (tokens, slots, Givens pairs), mapped back, plus four float64 evaluations on
+    inputs perturbed by one unit roundoff of the compute precision (fp32; fp64 for fp64 inputs)
+    -- what any backward-stable algorithm may return. A list of (y, grads)."""
     gen = torch.Generator().manual_seed(seed)
     runs = [run_with_grads(fn, problem, dy)]
     if problem["expert_out"].shape[0] == 0:
         return runs
-    if problem["expert_out"].dtype != torch.float64:
-        for _ in range(4):
-            runs.append(run_with_grads(fn, perturbed(problem, gen), dy.double()))
+    # backward-stability samples at the compute precision: fp32 for fp16/bf16/fp32 inputs, fp64
+    # for fp64 (there they matter only where the exact result is 0 by cancellation)
+    rel = 2.0 ** -53 if problem["expert_out"].dtype == torch.float64 else FP32_UNIT_ROUNDOFF
+    for _ in range(4):
+        runs.append(run_with_grads(fn, perturbed(problem, gen, rel), dy.double()))
     for kind in ("tokens", "slots", "pairs"):
         p, d, back = _variant(problem, dy, kind, gen)
         y, grads = run_with_grads(fn, p, d)

@@ -34,10 +34,14 @@ therefore differs by
 
 | dtype    | allowed max |kernel - truth|                                  |
 |----------|------------------------------------------------------------------|
-| float64  | 1e-10 * max|truth|   (relative error bound asked for by issue #2) |
+| float64  | 1e-10 * max|truth| + 3 * ensemble noise (fp64 perturbations) ²     |
 | float32  | 3 * max|ref32 - truth| + 4 * 2**-23 * max|truth|                 |
 | float16  | 3 * max|ref16 - truth| + 2**-10 * max|truth|                     |
 | bfloat16 | 3 * max|refbf16 - truth| + 2**-7 * max|truth|                   |
+
+² The relative bound of issue #2; the noise term only matters where the exact value is 0 by
+cancellation (hypothesis: two equal experts make dA exactly 0 in exact arithmetic, the fp64
+reference returned 1e-32 noise, the kernel 0 -- "relative error" is undefined there).
 
 The reference's own error (max|ref_dtype - truth|) is measured per test on the same inputs, so
 the bound follows the conditioning of each case instead of a guessed constant.
@@ -72,7 +76,7 @@ def assert_matches(name, kernel, ref, truth, dtype, scale=None):
     scale = t.abs().max().item() if scale is None else max(scale, t.abs().max().item())
     err = (k - t).abs().max().item()
     if dtype == torch.float64:
-        bound = FP64_RTOL * scale
+        bound = FP64_RTOL * scale + NOISE_FACTOR * ref_err
     else:
         bound = NOISE_FACTOR * ref_err + FLOOR_ULPS[dtype] * ULP[dtype] * scale
     assert err <= bound, (f"{name} [{dtype}]: max|kernel - truth| = {err:.3e} > bound {bound:.3e} "
