@@ -105,8 +105,10 @@ def test_concurrent_calls_from_threads_give_correct_results(backend):
         torch.testing.assert_close(y, e, rtol=1e-5, atol=1e-5)
 
 
-def test_mixed_devices_are_rejected():
+@pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
+@pytest.mark.parametrize("arg", ["weights", "rot_down", "rot_up"])
+def test_mixed_devices_are_rejected(arg, backend):
     p = make_problem(3, 2, 6, 2, seed=0)
-    p["weights"] = p["weights"].to("meta")
-    with pytest.raises(ValueError, match="weights: expected device cpu"):
-        radar_gate(**p)
+    p[arg] = p[arg].to("meta")
+    with pytest.raises(ValueError, match=f"{arg}: expected device cpu"):
+        radar_gate(**p, backend=backend)
