@@ -1,6 +1,6 @@
 """Device-independent cost counting: bytes moved, launches, bytes saved for backward.
 
-    python -m radargate_kernels.cost_report [--T 2048 --K 8 --D 4096 --r 8 --dtype bfloat16]
+    python -m radargate_kernels.cost_report [--T 256 --K 8 --D 4096 --r 8 --dtype bfloat16]
                                             [--no-bias] [--no-ids] [--E 16] [--json out.json]
 
 Fused path: every ``tl.load``/``tl.store`` of the Triton kernels is counted by instrumenting the
@@ -290,7 +290,8 @@ def report(res):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="count bytes, launches and saved tensors")
-    ap.add_argument("--T", type=int, default=2048)
+    ap.add_argument("--T", type=int, default=256,
+                    help="tokens (the interpreter counts every lane: T=256 takes ~4 min)")
     ap.add_argument("--K", type=int, default=8)
     ap.add_argument("--D", type=int, default=4096)
     ap.add_argument("--r", type=int, default=8)
