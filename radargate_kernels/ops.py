@@ -8,13 +8,12 @@ path; both autograd wirings share ``_save`` and ``_grads``.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from .cpu import radar_gate_cpu
-from .reference import radar_gate_reference
+from .reference import compute_dtype, radar_gate_reference
 from .validation import check_inputs
 
 _BACKENDS = ("auto", "triton", "torch")
@@ -39,7 +38,7 @@ def _fwd_op(V: torch.Tensor, g: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
 def _fwd_fake(V, g, A, B, beta, ids, tau, eps):
     T, K, D = V.shape
     r = A.shape[1]
-    sd = torch.float64 if V.dtype == torch.float64 else torch.float32
+    sd = compute_dtype(V.dtype)
     return (V.new_empty((T, D)), V.new_empty((T, K), dtype=sd), V.new_empty((T, K, K), dtype=sd),
             V.new_empty((T, K, K), dtype=sd), V.new_empty((T, K, r), dtype=sd),
             V.new_empty((T, K, r), dtype=sd))
@@ -115,11 +114,11 @@ def _resolve_backend(backend: str, V: torch.Tensor, K: int, r: int, E: int, has_
     if backend == "triton":
         if limit is not None:
             raise ValueError(f"backend='triton': {limit}; use backend='auto' or 'torch'")
-        if V.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if V.device.type != "cuda" and not _launch().interpreting():
             raise ValueError("backend='triton': expected CUDA tensors (or TRITON_INTERPRET=1), "
                              f"got device {V.device}")
         return "triton"
-    on_triton = V.device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    on_triton = V.device.type == "cuda" or _launch().interpreting()
     return "triton" if on_triton and limit is None else "torch"
 
 

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .backward import radargate_bwd_params_kernel, radargate_bwd_rows_kernel
+from ..reference import compute_dtype
 from .forward import radargate_fwd_kernel
 
 # Limits of the fused kernels (see docs/launch_config.md). Beyond them radar_gate(backend="auto")
@@ -88,9 +89,6 @@ def _acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _v_prec(dtype):
     # fp16/bf16 values are exact in tf32, so the V x V and V x A products are exact on tensor
@@ -98,7 +96,8 @@ def _v_prec(dtype):
     return "tf32" if dtype in (torch.float16, torch.bfloat16) else "ieee"
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """True when the Triton interpreter runs the kernels (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -116,7 +115,7 @@ class Launch:
         self.kernel, self.grid, self.args, self.meta = kernel, grid, args, meta
 
     def run(self):
-        if _interpreting():
+        if interpreting():
             # the Triton interpreter patches triton.language globally while a kernel runs, so
             # concurrent launches from several threads must take turns (GPU launches need not)
             with _INTERPRETER_LOCK:
@@ -150,7 +149,7 @@ def _common(V, g, A, B, beta, ids):
 def plan_forward(V, g, A, B, beta, ids, tau: float, eps: float):
     """Allocate the forward outputs and plan its single launch -> ((y, n, C, rho, z, d), [Launch])."""
     T, K, D, h, r, E, cfg, beta_t, ids_t, s_beta, s_ids, strides, meta = _common(V, g, A, B, beta, ids)
-    sd = state_dtype(V.dtype)
+    sd = compute_dtype(V.dtype)
     y = torch.empty((T, D), dtype=V.dtype, device=V.device)
     n = torch.empty((T, K), dtype=sd, device=V.device)
     C = torch.empty((T, K, K), dtype=sd, device=V.device)
@@ -177,7 +176,7 @@ def forward(V, g, A, B, beta, ids, tau: float, eps: float):
 
 def param_groups(n_blocks: int, n_chunks: int, device) -> int:
     """Token groups of the parameter kernel: enough programs to fill the GPU, few partials."""
-    if device.type == "cuda" and not _interpreting():
+    if device.type == "cuda" and not interpreting():
         target = 4 * _num_sms(device)
     else:
         target = 2  # interpreter: programs run one after another
@@ -191,7 +190,7 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
     (or None) are fp32 partials of dA, dB, dbeta, one per token group.
     """
     T, K, D, h, r, E, cfg, beta_t, ids_t, s_beta, s_ids, strides, meta = _common(V, g, A, B, beta, ids)
-    sd = state_dtype(V.dtype)
+    sd = compute_dtype(V.dtype)
     dV = torch.empty((T, K, D), dtype=V.dtype, device=V.device)
     dg = torch.empty((T, K), dtype=g.dtype, device=V.device)
     dZ = torch.empty((T, K, r), dtype=sd, device=V.device)
