@@ -66,12 +66,17 @@ class RadarGateLoRALinear(nn.Module):
     After each forward: ``aux_loss`` (Switch/Mixtral load-balancing loss, E * sum_e f_e P_e, f_e
     the fraction of routed slots going to e, P_e the mean router probability) and
     ``routing_counts`` (slots routed to each expert, summed since ``reset_stats()``).
+
+    Ablation switches (the paper's ablation, and the baselines RadarGate is compared with):
+    ``rotation=False`` drops the RotationGate (no ``gate`` parameters): plain softmax / top-k
+    weighted-sum gating, ``sum_i g_i v_i``; ``stretch=False`` replaces the router's weights by
+    uniform ones, ``1/K`` over the (selected) experts (top-k selection still uses the router).
     """
 
     def __init__(self, base: nn.Linear, num_experts: int, rank: int = 8, alpha: float = 16,
                  dropout: float = 0.0, top_k: Optional[int] = None,
                  router_temperature: float = 1.0, gate_rank: int = 8, tau: float = 1.0,
-                 freeze_experts: bool = False):
+                 freeze_experts: bool = False, rotation: bool = True, stretch: bool = True):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
@@ -85,6 +90,7 @@ class RadarGateLoRALinear(nn.Module):
         self.num_experts, self.rank, self.top_k = num_experts, rank, top_k
         self.scaling = alpha / rank
         self.router_temperature = router_temperature
+        self.rotation, self.stretch = rotation, stretch
         dev, dt = base.weight.device, base.weight.dtype
         self.lora_A = nn.Parameter(torch.empty(num_experts, fin, rank, device=dev, dtype=dt))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, rank, fout, device=dev, dtype=dt))
@@ -94,7 +100,8 @@ class RadarGateLoRALinear(nn.Module):
         self.lora_B.requires_grad_(not freeze_experts)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.router = nn.Linear(fin, num_experts, bias=False, device=dev, dtype=dt)
-        self.gate = RadarGate(fout, num_experts, rank=gate_rank, tau=tau).to(dev, dt)
+        self.gate = (RadarGate(fout, num_experts, rank=gate_rank, tau=tau).to(dev, dt)
+                     if rotation else None)
         self.aux_loss = None
         self.register_buffer("routing_counts", torch.zeros(num_experts, dtype=torch.long),
                              persistent=False)
@@ -107,9 +114,17 @@ class RadarGateLoRALinear(nn.Module):
         logits = self.router(x2).float() / self.router_temperature
         probs = torch.softmax(logits, dim=-1)
         if self.top_k is None:
-            return probs, None, probs
-        w, ids = probs.topk(self.top_k, dim=-1)
-        return w / w.sum(-1, keepdim=True), ids, probs
+            w, ids = probs, None
+        else:
+            w, ids = probs.topk(self.top_k, dim=-1)
+            w = w / w.sum(-1, keepdim=True)
+        if not self.stretch:
+            w = torch.full_like(w, 1.0 / w.shape[-1])
+        return w, ids, probs
+
+    def extra_repr(self):
+        return (f"num_experts={self.num_experts}, rank={self.rank}, top_k={self.top_k}, "
+                f"rotation={self.rotation}, stretch={self.stretch}")
 
     def expert_outputs(self, x2, ids):
         """x2 [T, in] -> expert outputs [T, K, out] (all experts, or the selected ``ids``)."""
@@ -139,7 +154,10 @@ class RadarGateLoRALinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         weights, ids, probs = self.route(x2)
         V = self.expert_outputs(x2, ids)
-        y = self.gate(V, weights.to(V.dtype), ids)
+        if self.gate is not None:
+            y = self.gate(V, weights.to(V.dtype), ids)
+        else:  # weighted-sum gating: what the op gives at zero angles (SPEC), without the op
+            y = torch.einsum("...k,...kd->...d", weights.to(V.dtype), V)
         # load balancing (Switch Transformer): E * sum_e (routed fraction) * (mean probability)
         routed = ids.reshape(-1) if ids is not None else probs.argmax(-1)
         frac = torch.bincount(routed, minlength=self.num_experts).float() / max(routed.numel(), 1)

@@ -69,6 +69,40 @@ def test_top_k_equals_dense_with_unselected_weights_zero_at_identity_rotation():
     torch.testing.assert_close(sparse(x), dense(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_rotation_off_is_weighted_sum_gating(top_k):
+    # rotation=False: no RotationGate parameters, y = base(x) + sum_i g_i v_i over the routed
+    # experts; equal to a RadarGate layer whose rotation is the identity (its start state).
+    with_rot = _layer(top_k=top_k)
+    no_rot = RadarGateLoRALinear(nn.Linear(12, 10), num_experts=4, rank=3, alpha=6, top_k=top_k,
+                                 rotation=False)
+    state = {k: v for k, v in with_rot.state_dict().items() if not k.startswith("gate.")}
+    no_rot.load_state_dict(state)
+    assert no_rot.gate is None and not any(n.startswith("gate.") for n in no_rot.state_dict())
+    x = torch.randn(9, 12)
+    assert (with_rot(x) - no_rot(x)).abs().max() > 1e-3  # the learned-looking rotation matters
+    with torch.no_grad():
+        with_rot.gate.rot_up.zero_()
+        with_rot.gate.angle_bias.zero_()
+    torch.testing.assert_close(no_rot(x), with_rot(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_stretch_off_uses_uniform_weights(top_k):
+    layer = _layer(top_k=top_k)
+    layer.stretch = False
+    x = torch.randn(6, 12)
+    w, ids, probs = layer.route(x)
+    k = top_k or 4
+    torch.testing.assert_close(w, torch.full((6, k), 1.0 / k))
+    if top_k:  # selection still follows the router
+        assert torch.equal(ids, probs.topk(top_k, -1).indices)
+    V = layer.expert_outputs(x, ids)
+    ref = layer.base(x) + radar_gate_reference(V, w, layer.gate.rot_down, layer.gate.rot_up,
+                                               layer.gate.angle_bias, ids, tau=0.7)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_aux_loss_and_routing_counts():
     layer = _layer(top_k=2)
     x = torch.randn(16, 12)
