@@ -6,7 +6,8 @@ on a small multi-task problem; print both losses. CPU, about a minute.
 Task: sequences of random vectors; a task id (one of 4) is written into the first feature of every
 position; the target is a task-specific random rotation-and-scale of the input. A frozen random
 transformer block is adapted with 4 LoRA experts per MLP linear; the only difference between the
-two runs is the gate: RadarGate (rotation + stretch) vs plain weighted sum (rotation frozen at 0).
+two runs is the gate: RadarGate (rotation + stretch) vs plain weighted sum (``rotation=False``).
+The experiment suite (``python -m experiments.run``) tests the paper's claims properly.
 """
 import argparse
 import os
@@ -17,26 +18,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from radargate_kernels.nn import RadarGateLoRALinear, inject_radargate  # noqa: E402
+from experiments.models import TinyBlock as Block  # noqa: E402  (also imported by the tests)
+from radargate_kernels.nn import inject_radargate  # noqa: E402
 
 D, TASKS, SEQ = 32, 4, 8
-
-
-class Block(nn.Module):
-    def __init__(self, d=D, heads=4):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.linear1, self.linear2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
-
-    def forward(self, x):
-        B, S, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, S, 3, self.heads, -1).unbind(2)
-        a = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                       v.transpose(1, 2))
-        x = x + self.out(a.transpose(1, 2).reshape(B, S, d))
-        return x + self.linear2(torch.relu(self.linear1(self.norm2(x))))
 
 
 def make_data(n, gen):
@@ -51,12 +36,9 @@ def make_data(n, gen):
 def build(rotation: bool):
     torch.manual_seed(0)
     model = Block().requires_grad_(False)
-    inject_radargate(model, ["linear1", "linear2"], num_experts=TASKS, rank=4, gate_rank=4)
-    if not rotation:  # plain softmax weighted-sum gating: angles fixed at 0
-        for m in model.modules():
-            if isinstance(m, RadarGateLoRALinear):
-                m.gate.rot_up.requires_grad_(False)
-                m.gate.angle_bias.requires_grad_(False)
+    # rotation=False: plain softmax weighted-sum gating (no RotationGate)
+    inject_radargate(model, ["linear1", "linear2"], num_experts=TASKS, rank=4, gate_rank=4,
+                     rotation=rotation)
     return model
 
 

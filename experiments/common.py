@@ -1,0 +1,74 @@
+"""Shared pieces: run settings, seeding, the training loop, the metric, plotting setup."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+# The PyTorch path without inductor: every model shape here would otherwise pay a ~30 s compile
+# (measured), more than most runs take. Same math (tests/test_cpu_path.py). Read at call time.
+os.environ.setdefault("RADARGATE_CPU_PATH", "eager")
+
+import torch  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One budget for every gate in an experiment (steps, batch, learning rate, seeds)."""
+    quick: bool
+    seeds: tuple
+    cone_steps: int
+    cone_strengths: tuple
+    scaling_steps: int
+    scaling_experts: tuple
+    ablation_experts: int
+    contrastive_controls: int
+
+
+FULL = Settings(quick=False, seeds=(0, 1, 2), cone_steps=400, cone_strengths=(0.0, 0.25, 0.5, 1.0),
+                scaling_steps=400, scaling_experts=(5, 10, 20, 40), ablation_experts=10,
+                contrastive_controls=200)
+QUICK = Settings(quick=True, seeds=(0,), cone_steps=60, cone_strengths=(0.0, 1.0),
+                 scaling_steps=40, scaling_experts=(5, 40), ablation_experts=5,
+                 contrastive_controls=50)
+
+
+def relative_mse(pred: torch.Tensor, target: torch.Tensor, baseline=None) -> torch.Tensor:
+    """mean |pred - target|^2 / mean |target - baseline|^2 (baseline 0 if None): 1 = no better
+    than predicting the baseline, 0 = exact."""
+    ref = target if baseline is None else target - baseline
+    return (pred - target).square().mean() / ref.square().mean()
+
+
+def train(params, loss_at_step, steps: int, lr: float, label: str = "") -> list:
+    """Adam on ``params``; ``loss_at_step(step)`` returns the loss of that step's batch.
+    Returns the per-step losses. Prints a one-line progress bar to stderr."""
+    opt = torch.optim.Adam(list(params), lr=lr)
+    losses, t0 = [], time.time()
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_at_step(step)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if label and (step % 10 == 9 or step == steps - 1):
+            done = int(20 * (step + 1) / steps)
+            sys.stderr.write(f"\r  {label:44s} [{'#' * done}{'.' * (20 - done)}] "
+                             f"{step + 1}/{steps} loss {losses[-1]:.4f} {time.time() - t0:5.1f} s")
+            sys.stderr.flush()
+    if label:
+        sys.stderr.write("\n")
+    return losses
+
+
+def count_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def pyplot():
+    """matplotlib with a file-only backend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt

@@ -1,0 +1,56 @@
+"""Run the whole experiment suite and write RESULTS.md, runs.csv and PNG plots.
+
+    python -m experiments.run            # full: 3 seeds, about 12 minutes on 2 CPU cores
+    python -m experiments.run --quick    # smoke test: 1 seed, a few dozen steps, under a minute
+    python -m experiments.run --out DIR  # where to write (default: experiments/results, or
+                                         # results/experiments-quick with --quick)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from . import ablation, cone, contrastive, report, scaling
+from .common import FULL, QUICK
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke test (not evidence)")
+    ap.add_argument("--out", default=None, help="output directory")
+    args = ap.parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    out = args.out or (os.path.join(HERE, "..", "results", "experiments-quick") if args.quick
+                       else os.path.join(HERE, "results"))
+    torch.use_deterministic_algorithms(True)
+    timings, rows, t_all = {}, [], time.time()
+
+    def timed(name, fn, *a):
+        t0 = time.time()
+        print(f"[{name}]", file=sys.stderr)
+        result = fn(*a)
+        timings[name] = time.time() - t0
+        return result
+
+    cone_rows = timed("a_cone", cone.run, settings)
+    scaling_rows, models, problems = timed("b_scaling", scaling.run, settings)
+    ablation_rows = timed("c_ablation", ablation.run, settings, scaling_rows, cone_rows, problems)
+    contrastive_rows = timed("d_contrastive", contrastive.run, settings, models, problems)
+    rows = cone_rows + scaling_rows + ablation_rows + contrastive_rows
+    timings["total"] = time.time() - t_all
+    command = "python -m experiments.run" + (" --quick" if args.quick else "")
+    found = report.write_all(rows, settings, timings, out, command)
+    print(f"wrote {os.path.relpath(os.path.join(out, 'RESULTS.md'))} ({timings['total']:.0f} s)")
+    for claim, (verdict, _) in found.items():
+        print(f"  {claim:12s} {verdict}" + ("  (quick run: not evidence)" if args.quick else ""))
+    return found
+
+
+if __name__ == "__main__":
+    main()
