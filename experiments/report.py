@@ -132,6 +132,56 @@ def plot_contrastive(rows, path, show_experts):
     plt.close(fig)
 
 
+def observations(rows):
+    """Descriptive facts next to the verdicts (not part of the rules, which stay as fixed)."""
+    out = []
+    cr = [r for r in rows if r["experiment"] == "cone" and r["gate"] == "radargate"
+          and r["strength"] > 0]
+    below = [r for r in cr if r["final_loss"] < r["span_bound"]]
+    zero = {g: [r["final_loss"] for r in rows if r["experiment"] == "cone" and r["gate"] == g
+                and r["strength"] == 0] for g in cone.GATES}
+    out.append(f"(a) RadarGate's loss is below the span bound (which no linear combination of the "
+               f"experts, with any weights, can beat) in {len(below)} of {len(cr)} runs with "
+               "s > 0" + (": its outputs leave the span, not only the cone" if below else "") + "."
+               + (" At s = 0 (target inside the cone): " + ", ".join(
+                   f"{g} {mean(v):.2g}" for g, v in zero.items()) + "." if zero["radargate"] else ""))
+    sc = {(r["gate"], r["experts"], r["seed"]): r["heldout_error"] for r in rows
+          if r["experiment"] == "scaling"}
+    keys = sorted({(E, k) for g, E, k in sc if g == "radargate"})
+    wins = [(E, k) for E, k in keys if sc[("radargate", E, k)] < sc[("softmax", E, k)]]
+    out.append(f"(b) RadarGate's held-out error is below dense softmax gating in {len(wins)} of "
+               f"{len(keys)} (E, seed) runs: " + ", ".join(
+                   f"E={E}: {sum(1 for e, _ in wins if e == E)}/{sum(1 for e, _ in keys if e == E)}"
+                   for E in sorted({E for E, _ in keys})) +
+               ".")
+    held, trained = verdicts.scaling_means(rows), verdicts.scaling_means(rows, "train_error")
+    for g in held:
+        Es = sorted(held[g])
+        out.append(f"(b) {g}: E = {Es[0]} -> {Es[-1]}: held-out error {held[g][Es[0]]:.4f} -> "
+                   f"{held[g][Es[-1]]:.4f}, training error {trained[g][Es[0]]:.4f} -> "
+                   f"{trained[g][Es[-1]]:.4f}.")
+    for exp in ("ablation_multitask", "ablation_cone"):
+        ab = [r for r in rows if r["experiment"] == exp]
+        m = {v: mean(verdicts._error(r) for r in ab if r["variant"] == v) for v in ablation.VARIANTS}
+        single = min(m["stretch_only"], m["rotation_only"])
+        out.append(f"(c) {exp.replace('ablation_', '')}: 'both' is {1 - m['both'] / single:.1%} "
+                   f"below the better single component and {1 - m['both'] / m['neither']:.1%} "
+                   "below the uniform average.")
+    ct = [r for r in rows if r["experiment"] == "contrastive"]
+    for layer in sorted({r["layer"] for r in ct}):
+        lr = [r for r in ct if r["layer"] == layer]
+        lower = [r for r in lr if r["p_value"] < 0.05]
+        neg = [r for r in lr if r["pearson"] < 0]
+        out.append(f"(d) {layer}: learned correlation below the control at p < 0.05 in "
+                   f"{len(lower)} of {len(lr)} settings, negative in {len(neg)} of {len(lr)}; "
+                   f"mean r {mean(r['pearson'] for r in lr):+.3f} vs control mean "
+                   f"{mean(r['control_mean'] for r in lr):+.3f}.")
+    if ct:
+        out.append("(d) A positive correlation under the control is expected from geometry alone: "
+                   "a pair that is already close can only be turned apart.")
+    return out
+
+
 def _table(header, lines):
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
@@ -178,6 +228,8 @@ def write_markdown(rows, settings, timings, path, command):
     L.append("## Verdicts\n")
     L.append(_table(["claim", "verdict", "measured"],
                     [[CLAIMS[k], f"**{v}**", "; ".join(reasons)] for k, (v, reasons) in found.items()]))
+    L.append("\nObservations (descriptive; not part of the verdict rules):\n")
+    L += [f"- {o}" for o in observations(rows)]
     L.append("")
 
     # (a)
@@ -195,9 +247,9 @@ def write_markdown(rows, settings, timings, path, command):
              for g in cone.GATES}
         b = mean(r["span_bound"] for r in rs if r["strength"] == s and r["gate"] == "radargate")
         m = {g: mean(v) for g, v in f.items()}
-        lines.append([s] + [f"{m[g]:.4f} ({', '.join(f'{x:.4f}' for x in f[g])})" for g in cone.GATES]
-                     + [f"{b:.4f}", f"{m['weighted_sum'] / m['radargate']:.2f}",
-                        f"{m['mlp_gate'] / m['radargate']:.2f}"])
+        lines.append([s] + [f"{m[g]:.4g} ({', '.join(f'{x:.4g}' for x in f[g])})" for g in cone.GATES]
+                     + [f"{b:.4f}"] + ([f"{m[g] / m['radargate']:.2f}" for g in cone.GATES[:2]]
+                                       if s > 0 else ["- (in-cone control)"] * 2))
     L.append(_table(["s", "weighted_sum (per seed)", "mlp_gate (per seed)", "radargate (per seed)",
                      "span bound", "weighted_sum / radargate", "mlp_gate / radargate"], lines))
     L.append("\n![cone](cone.png)\n")
