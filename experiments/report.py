@@ -291,6 +291,23 @@ def write_markdown(rows, settings, timings, path, command):
                       f"{r['mean_abs_change']:.4f}"] for r in cr]))
     L.append("\n![contrastive](contrastive.png)\n")
 
+    L.append("## Limits of these experiments\n")
+    L += [
+        "- One budget per experiment (steps, batch, learning rate), chosen before the first full "
+        "run and shared by every gate, not tuned per gate. Models in (b) are not trained to "
+        "convergence (training errors still fall); a longer or tuned budget could move the small "
+        "gaps (dense RadarGate vs softmax in (b), 'both' vs 'stretch only' on the multi-task "
+        "problem in (c)).",
+        "- Three seeds: per-seed numbers are in the tables; no confidence intervals are claimed.",
+        "- The operator is this project's reading of the paper (SPEC.md); the paper's own formulas "
+        "(code unreleased) may behave differently. The problems are synthetic and tiny; the "
+        "paper's claims are about LLM fine-tuning benchmarks, which this suite does not run.",
+        "- (d) measures similarity by the mean cosine of expert outputs on held-out tokens (what "
+        "the relation map sees); other notions (e.g. of the LoRA weights) were not tested.",
+        "- (a) reports the loss on fresh samples from the training distribution after training; "
+        "the mean training loss of the last 20 steps is in runs.csv (train_loss_last20).",
+        "",
+    ]
     L.append("## Verdict rules (fixed in advance)\n")
     for k, rule in verdicts.RULES.items():
         L.append(f"- **{k}**: {rule}")
