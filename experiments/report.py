@@ -299,6 +299,8 @@ def write_markdown(rows, settings, timings, path, command):
         "gaps (dense RadarGate vs softmax in (b), 'both' vs 'stretch only' on the multi-task "
         "problem in (c)).",
         "- Three seeds: per-seed numbers are in the tables; no confidence intervals are claimed.",
+        "- A post-hoc check of (b) with twice the steps (exploratory, not part of the verdicts): "
+        "`python -m experiments.sensitivity`, which writes SENSITIVITY.md next to this file.",
         "- The operator is this project's reading of the paper (SPEC.md); the paper's own formulas "
         "(code unreleased) may behave differently. The problems are synthetic and tiny; the "
         "paper's claims are about LLM fine-tuning benchmarks, which this suite does not run.",

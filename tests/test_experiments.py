@@ -138,3 +138,17 @@ def test_quick_run_writes_results_plots_and_verdicts(tmp_path):
     csv = (tmp_path / "runs.csv").read_text().splitlines()
     kinds = {line.split(",")[0] for line in csv[1:]}
     assert kinds == {"cone", "scaling", "ablation_multitask", "ablation_cone", "contrastive"}
+
+
+def test_sensitivity_check_runs_and_counts_wins(tmp_path):
+    from experiments import sensitivity
+    rows = sensitivity.run(seeds=(0,), steps=2)
+    assert {(r["experts"], r["gate"]) for r in rows} == {
+        (E, g) for E in sensitivity.EXPERTS for g in sensitivity.GATES}
+    path = tmp_path / "SENSITIVITY.md"
+    sensitivity.write(rows, path, 0.0)
+    text = path.read_text()
+    for E in sensitivity.EXPERTS:
+        by = {r["gate"]: r["heldout_error"] for r in rows if r["experts"] == E}
+        wins = int(by["radargate"] < by["softmax"])
+        assert f"- E = {E}: RadarGate below softmax on {wins} of 1 seeds." in text
