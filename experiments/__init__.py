@@ -6,5 +6,7 @@
 (b) scaling.py: held-out quality against the number of experts E;
 (c) ablation.py: stretch only / rotation only / both;
 (d) contrastive.py: expert-pair similarity against the change in angular separation;
-report.py turns the measured numbers into RESULTS.md, with verdict rules fixed in advance.
+verdicts.py holds the verdict rules (fixed in advance); report.py writes RESULTS.md, runs.csv and
+the plots; sensitivity.py is a post-hoc, exploratory budget check of (b)
+(``python -m experiments.sensitivity``).
 """

@@ -43,18 +43,20 @@ def relative_mse(pred: torch.Tensor, target: torch.Tensor, baseline=None) -> tor
 
 def train(params, loss_at_step, steps: int, lr: float, label: str = "") -> list:
     """Adam on ``params``; ``loss_at_step(step)`` returns the loss of that step's batch.
-    Returns the per-step losses. Prints a one-line progress bar to stderr."""
+    Returns the per-step losses. Prints a one-line progress bar to stderr (a terminal), or one
+    line per run (a file)."""
     opt = torch.optim.Adam(list(params), lr=lr)
     losses, t0 = [], time.time()
+    live = sys.stderr.isatty()  # redirected to a file: one line per run, no progress bar
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
         loss = loss_at_step(step)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-        if label and (step % 10 == 9 or step == steps - 1):
+        if label and ((live and step % 10 == 9) or step == steps - 1):
             done = int(20 * (step + 1) / steps)
-            sys.stderr.write(f"\r  {label:44s} [{'#' * done}{'.' * (20 - done)}] "
+            sys.stderr.write(("\r" if live else "") + f"  {label:44s} [{'#' * done}{'.' * (20 - done)}] "
                              f"{step + 1}/{steps} loss {losses[-1]:.4f} {time.time() - t0:5.1f} s")
             sys.stderr.flush()
     if label:
