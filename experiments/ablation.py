@@ -37,8 +37,8 @@ def run(settings, scaling_rows, cone_rows, problems):
     same = {"both": "radargate", "stretch_only": "weighted_sum"}
     for seed in settings.seeds:
         for variant, gate in same.items():
-            src = next(r for r in cone_rows
-                       if r["gate"] == gate and r["strength"] == CONE_STRENGTH and r["seed"] == seed)
+            src = next(r for r in cone_rows if r["gate"] == gate
+                       and r["strength"] == CONE_STRENGTH and r["seed"] == seed)
             rows.append(dict(src, experiment="ablation_cone", variant=variant))
         row = cone.fit("rotation_only", CONE_STRENGTH, seed, settings.cone_steps)
         rows.append(dict(row, experiment="ablation_cone", variant="rotation_only"))

@@ -10,6 +10,12 @@ from dataclasses import dataclass
 # (measured), more than most runs take. Same math (tests/test_cpu_path.py). Read at call time.
 os.environ.setdefault("RADARGATE_CPU_PATH", "eager")
 
+
+def cpu_pytorch_path():
+    """Entry points call this: every model here is on the CPU, and TRITON_INTERPRET=1 (set for
+    kernel tests) would route the op through the Triton interpreter, ~100x slower."""
+    os.environ.pop("TRITON_INTERPRET", None)
+
 import torch  # noqa: E402
 
 
@@ -56,8 +62,9 @@ def train(params, loss_at_step, steps: int, lr: float, label: str = "") -> list:
         losses.append(float(loss.detach()))
         if label and ((live and step % 10 == 9) or step == steps - 1):
             done = int(20 * (step + 1) / steps)
-            sys.stderr.write(("\r" if live else "") + f"  {label:44s} [{'#' * done}{'.' * (20 - done)}] "
-                             f"{step + 1}/{steps} loss {losses[-1]:.4f} {time.time() - t0:5.1f} s")
+            bar = "#" * done + "." * (20 - done)
+            sys.stderr.write(("\r" if live else "") + f"  {label:44s} [{bar}] {step + 1}/{steps} "
+                             f"loss {losses[-1]:.4f} {time.time() - t0:5.1f} s")
             sys.stderr.flush()
     if label:
         sys.stderr.write("\n")

@@ -135,7 +135,8 @@ def fit(name, strength, seed, steps):
         x, V, y = prob.sample(BATCH, data_gen)
         return relative_mse(gate(x, V), y)
 
-    losses = train(gate.parameters(), loss_at, steps, LR, label=f"(a) s={strength} {name} seed {seed}")
+    losses = train(gate.parameters(), loss_at, steps, LR,
+                   label=f"(a) s={strength} {name} seed {seed}")
     with torch.no_grad():
         final = float(relative_mse(gate(x_ev, V_ev), y_ev))
     return dict(experiment="cone", gate=name, strength=strength, seed=seed, steps=steps,

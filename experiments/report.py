@@ -65,12 +65,14 @@ def plot_scaling(rows, path):
     plt = pyplot()
     rs = [r for r in rows if r["experiment"] == "scaling"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((axes[0], "heldout_error", "held-out"), (axes[1], "train_error", "training set")):
+    for ax, key, title in ((axes[0], "heldout_error", "held-out"),
+                           (axes[1], "train_error", "training set")):
         for gate in scaling.GATES:
             Es = sorted({r["experts"] for r in rs if r["gate"] == gate})
             if not Es:
                 continue
-            m = [_spread([r[key] for r in rs if r["gate"] == gate and r["experts"] == E]) for E in Es]
+            m = [_spread([r[key] for r in rs if r["gate"] == gate and r["experts"] == E])
+                 for E in Es]
             ax.errorbar(Es, [a for a, _, _ in m], yerr=[[a - lo for a, lo, _ in m],
                         [hi - a for a, _, hi in m]], marker="o", capsize=3, label=gate,
                         linestyle="--" if gate == "radargate_top2" else "-")
@@ -144,7 +146,8 @@ def observations(rows):
                f"experts, with any weights, can beat) in {len(below)} of {len(cr)} runs with "
                "s > 0" + (": its outputs leave the span, not only the cone" if below else "") + "."
                + (" At s = 0 (target inside the cone): " + ", ".join(
-                   f"{g} {mean(v):.2g}" for g, v in zero.items()) + "." if zero["radargate"] else ""))
+                   f"{g} {mean(v):.2g}" for g, v in zero.items()) + "."
+                  if zero["radargate"] else ""))
     sc = {(r["gate"], r["experts"], r["seed"]): r["heldout_error"] for r in rows
           if r["experiment"] == "scaling"}
     keys = sorted({(E, k) for g, E, k in sc if g == "radargate"})
@@ -162,7 +165,8 @@ def observations(rows):
                    f"{trained[g][Es[-1]]:.4f}.")
     for exp in ("ablation_multitask", "ablation_cone"):
         ab = [r for r in rows if r["experiment"] == exp]
-        m = {v: mean(verdicts._error(r) for r in ab if r["variant"] == v) for v in ablation.VARIANTS}
+        m = {v: mean(verdicts._error(r) for r in ab if r["variant"] == v)
+             for v in ablation.VARIANTS}
         single = min(m["stretch_only"], m["rotation_only"])
         out.append(f"(c) {exp.replace('ablation_', '')}: 'both' is {1 - m['both'] / single:.1%} "
                    f"below the better single component and {1 - m['both'] / m['neither']:.1%} "
@@ -227,7 +231,8 @@ def write_markdown(rows, settings, timings, path, command):
              "changed after seeing results.\n")
     L.append("## Verdicts\n")
     L.append(_table(["claim", "verdict", "measured"],
-                    [[CLAIMS[k], f"**{v}**", "; ".join(reasons)] for k, (v, reasons) in found.items()]))
+                    [[CLAIMS[k], f"**{v}**", "; ".join(reasons)]
+                     for k, (v, reasons) in found.items()]))
     L.append("\nObservations (descriptive; not part of the verdict rules):\n")
     L += [f"- {o}" for o in observations(rows)]
     L.append("")
@@ -239,15 +244,16 @@ def write_markdown(rows, settings, timings, path, command):
     params = {g: next(r["params"] for r in rs if r["gate"] == g) for g in cone.GATES}
     L.append("Trainable parameters: " + ", ".join(f"{g} {p}" for g, p in params.items()) +
              f" (the weighted-sum gate has only its router; the MLP gate is sized to RadarGate). "
-             f"Adam lr {cone.LR}, {rs[0]['steps']} steps of {cone.BATCH} fresh samples; final loss = "
-             f"relative MSE on {cone.EVAL_TOKENS} fresh samples.\n")
+             f"Adam lr {cone.LR}, {rs[0]['steps']} steps of {cone.BATCH} fresh samples; "
+             f"final loss = relative MSE on {cone.EVAL_TOKENS} fresh samples.\n")
     lines = []
     for s in sorted({r["strength"] for r in rs}):
         f = {g: [r["final_loss"] for r in rs if r["gate"] == g and r["strength"] == s]
              for g in cone.GATES}
         b = mean(r["span_bound"] for r in rs if r["strength"] == s and r["gate"] == "radargate")
         m = {g: mean(v) for g, v in f.items()}
-        lines.append([s] + [f"{m[g]:.4g} ({', '.join(f'{x:.4g}' for x in f[g])})" for g in cone.GATES]
+        per_seed = {g: ", ".join(f"{x:.4g}" for x in f[g]) for g in cone.GATES}
+        lines.append([s] + [f"{m[g]:.4g} ({per_seed[g]})" for g in cone.GATES]
                      + [f"{b:.4f}"] + ([f"{m[g] / m['radargate']:.2f}" for g in cone.GATES[:2]]
                                        if s > 0 else ["- (in-cone control)"] * 2))
     L.append(_table(["s", "weighted_sum (per seed)", "mlp_gate (per seed)", "radargate (per seed)",
@@ -262,7 +268,8 @@ def write_markdown(rows, settings, timings, path, command):
     held, train_ = verdicts.scaling_means(rows), verdicts.scaling_means(rows, "train_error")
     Es = sorted(held["radargate"])
     lines = [[g] + [f"{held[g][E]:.4f} / {train_[g][E]:.4f}" for E in Es] for g in held]
-    L.append(_table(["gate (held-out / train error, mean over seeds)"] + [f"E = {E}" for E in Es], lines))
+    L.append(_table(["gate (held-out / train error, mean over seeds)"]
+                    + [f"E = {E}" for E in Es], lines))
     L.append("\n![scaling](scaling.png)\n")
 
     # (c)
@@ -282,11 +289,13 @@ def write_markdown(rows, settings, timings, path, command):
     L.append("## (d) Contrastive analysis\n")
     L.append(_doc(contrastive) + "\n")
     cr = [r for r in rows if r["experiment"] == "contrastive"]
-    L.append(_table(["E", "seed", "layer", "pairs", "Pearson r", "Spearman", "control mean [5%, 95%]",
+    L.append(_table(["E", "seed", "layer", "pairs", "Pearson r", "Spearman",
+                     "control mean [5%, 95%]",
                      "p", "mean abs angle (rad)", "mean abs change (rad)"],
                     [[r["experts"], r["seed"], r["layer"], r["pairs"], f"{r['pearson']:+.3f}",
                       f"{r['spearman']:+.3f}",
-                      f"{r['control_mean']:+.3f} [{r['control_p05']:+.3f}, {r['control_p95']:+.3f}]",
+                      f"{r['control_mean']:+.3f} "
+                      f"[{r['control_p05']:+.3f}, {r['control_p95']:+.3f}]",
                       f"{r['p_value']:.3f}", f"{r['mean_abs_angle']:.3f}",
                       f"{r['mean_abs_change']:.4f}"] for r in cr]))
     L.append("\n![contrastive](contrastive.png)\n")

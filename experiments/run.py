@@ -15,7 +15,7 @@ import time
 import torch
 
 from . import ablation, cone, contrastive, report, scaling
-from .common import FULL, QUICK
+from .common import FULL, QUICK, cpu_pytorch_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -25,6 +25,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="smoke test (not evidence)")
     ap.add_argument("--out", default=None, help="output directory")
     args = ap.parse_args(argv)
+    cpu_pytorch_path()
     settings = QUICK if args.quick else FULL
     out = args.out or (os.path.join(HERE, "..", "results", "experiments-quick") if args.quick
                        else os.path.join(HERE, "results"))

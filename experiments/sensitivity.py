@@ -15,7 +15,7 @@ import time
 from statistics import mean
 
 from . import scaling
-from .common import FULL
+from .common import FULL, cpu_pytorch_path
 from .run import HERE
 
 EXPERTS, GATES, FACTOR = (10, 40), ("radargate", "softmax"), 2
@@ -62,6 +62,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
+    cpu_pytorch_path()
     t0 = time.time()
     rows = run()
     os.makedirs(args.out, exist_ok=True)

@@ -8,16 +8,17 @@ from statistics import mean
 SUPPORTED, PARTLY, NOT = "supported", "partly supported", "not supported"
 
 RULES = {
-    "cone": "For every rotation strength s > 0 and every seed, RadarGate's final loss is below both "
-            "the weighted-sum gate's and the equal-size MLP gate's, and at the largest s the mean "
-            "ratio (better baseline / RadarGate) is at least 1.5: supported. RadarGate below the "
-            "better baseline on the mean at the largest s, but not everywhere or by less: partly. "
-            "Otherwise: not supported.",
-    "scaling": "Three conditions on the mean held-out error over seeds: (1) RadarGate's error falls "
-               "at every step of E; (2) RadarGate has the lowest error of radargate/softmax/top2 at "
-               "the largest E; (3) RadarGate's relative reduction from the smallest to the largest "
-               "E, 1 - err(E_max)/err(E_min), exceeds that of softmax and of top2. All three: "
-               "supported; two: partly; one or none: not supported.",
+    "cone": "For every rotation strength s > 0 and every seed, RadarGate's final loss is below "
+            "both the weighted-sum gate's and the equal-size MLP gate's, and at the largest s "
+            "the mean ratio (better baseline / RadarGate) is at least 1.5: supported. RadarGate "
+            "below the better baseline on the mean at the largest s, but not everywhere or by "
+            "less: partly. Otherwise: not supported.",
+    "scaling": "Three conditions on the mean held-out error over seeds: (1) RadarGate's error "
+               "falls at every step of E; (2) RadarGate has the lowest error of "
+               "radargate/softmax/top2 at the largest E; (3) RadarGate's relative reduction from "
+               "the smallest to the largest E, 1 - err(E_max)/err(E_min), exceeds that of "
+               "softmax and of top2. All three: supported; two: partly; one or none: not "
+               "supported.",
     "ablation": "On a problem, a component 'matters' if 'both' has a lower error than 'stretch "
                 "only' and lower than 'rotation only' on every seed. Both problems: supported; one "
                 "problem, or both problems on the seed means only: partly; otherwise not "
@@ -40,11 +41,13 @@ def cone(rows):
     seeds = sorted({seed for _, _, seed in by})
     if not strengths:
         return NOT, ["no strength > 0 was run"]
-    everywhere = all(by[("radargate", s, k)] < min(by[("weighted_sum", s, k)], by[("mlp_gate", s, k)])
+    def better_baseline(s, k):
+        return min(by[("weighted_sum", s, k)], by[("mlp_gate", s, k)])
+
+    everywhere = all(by[("radargate", s, k)] < better_baseline(s, k)
                      for s in strengths for k in seeds)
     top = strengths[-1]
-    ratios = [_rel(min(by[("weighted_sum", top, k)], by[("mlp_gate", top, k)]), by[("radargate", top, k)])
-              for k in seeds]
+    ratios = [_rel(better_baseline(top, k), by[("radargate", top, k)]) for k in seeds]
     mean_ratio = mean(ratios)
     reasons = [f"RadarGate below both cone-bound gates at every s > 0 and seed: {everywhere}",
                f"at s = {top}: better baseline / RadarGate = {mean_ratio:.2f} (mean over seeds "
