@@ -1,7 +1,9 @@
-"""(c) Ablation: stretch only (rotation disabled), rotation only (uniform weights 1/K), both, and
+"""(c) Ablation: which of the two gates matters.
+
+Variants: stretch only (rotation disabled), rotation only (uniform weights 1/K), both, and
 neither (uniform average, a floor), on both problems:
 
-- the multi-task problem of (b) at E = ``settings.ablation_experts``: "both" and "stretch only"
+- the multi-task problem of (b) at E = 10 (5 with --quick): "both" and "stretch only"
   are the ``radargate`` and ``softmax`` runs of the scaling sweep (same seeds, same runs);
   "rotation only" (``stretch=False``) and "neither" (``stretch=False, rotation=False``) are new;
 - the cone problem of (a) at rotation strength 1: "both" = ``radargate``, "stretch only" =

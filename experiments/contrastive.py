@@ -1,7 +1,7 @@
 """(d) Contrastive analysis of the learned rotations.
 
 For every trained dense ``radargate`` model of the scaling sweep and each of its LoRA-MoE layers,
-on held-out tokens (the first ``TOKENS`` of the test split):
+on held-out tokens (the first 1024 tokens of the test split):
 - similarity of experts i and j: the mean over tokens of cos(v_i, v_j) (the relation map's C_ij);
 - change in angular separation: the mean over tokens of angle(u_i, u_j) - angle(v_i, v_j), where
   u = R(alpha) v are the rotated outputs (negative: the rotation turned the pair closer);
@@ -9,7 +9,7 @@ on held-out tokens (the first ``TOKENS`` of the test split):
 The claim ("similar experts are turned closer, dissimilar ones apart") predicts a negative
 correlation. Control: the same angles handed to the wrong experts (one random permutation of the
 experts' angle vectors per draw, the same for all tokens): rotations of the same sizes that were
-not learned for these pairs. p = the fraction of control draws whose correlation is at most the
+not learned for these pairs (200 draws; 50 with --quick). p = the fraction of control draws whose correlation is at most the
 learned one (one-sided).
 """
 from __future__ import annotations
