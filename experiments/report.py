@@ -38,16 +38,28 @@ def _spread(values):
     return mean(values), min(values), max(values)
 
 
+def _mean_range(ax, xs, samples, **style):
+    """One line of means over seeds at ``xs`` with min-max error bars; samples[i] = values at
+    xs[i]."""
+    m = [_spread(v) for v in samples]
+    ax.errorbar(xs, [a for a, _, _ in m], yerr=[[a - lo for a, lo, _ in m],
+                [hi - a for a, _, hi in m]], marker="o", capsize=3, **style)
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
 def plot_cone(rows, path):
     plt = pyplot()
     rs = [r for r in rows if r["experiment"] == "cone"]
     fig, ax = plt.subplots(figsize=(6, 4))
     strengths = sorted({r["strength"] for r in rs})
     for gate in cone.GATES:
-        m = [_spread([r["final_loss"] for r in rs if r["gate"] == gate and r["strength"] == s])
-             for s in strengths]
-        ax.errorbar(strengths, [a for a, _, _ in m], yerr=[[a - lo for a, lo, _ in m],
-                    [hi - a for a, _, hi in m]], marker="o", capsize=3, label=gate)
+        _mean_range(ax, strengths, [[r["final_loss"] for r in rs if r["gate"] == gate
+                                     and r["strength"] == s] for s in strengths], label=gate)
     bound = [mean(r["span_bound"] for r in rs if r["strength"] == s and r["gate"] == "radargate")
              for s in strengths]
     ax.plot(strengths, bound, "k--", label="span bound (best signed combination)")
@@ -56,9 +68,7 @@ def plot_cone(rows, path):
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.set_title("(a) fitting beyond the cone (mean, min-max over seeds)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_scaling(rows, path):
@@ -71,10 +81,8 @@ def plot_scaling(rows, path):
             Es = sorted({r["experts"] for r in rs if r["gate"] == gate})
             if not Es:
                 continue
-            m = [_spread([r[key] for r in rs if r["gate"] == gate and r["experts"] == E])
-                 for E in Es]
-            ax.errorbar(Es, [a for a, _, _ in m], yerr=[[a - lo for a, lo, _ in m],
-                        [hi - a for a, _, hi in m]], marker="o", capsize=3, label=gate,
+            _mean_range(ax, Es, [[r[key] for r in rs if r["gate"] == gate and r["experts"] == E]
+                                 for E in Es], label=gate,
                         linestyle="--" if gate == "radargate_top2" else "-")
         ax.set_xscale("log", base=2)
         ax.set_xticks(Es, [str(E) for E in Es])
@@ -82,9 +90,7 @@ def plot_scaling(rows, path):
         ax.set_ylabel(f"{title} relative error")
         ax.set_title(f"(b) {title} error vs E (mean, min-max over seeds)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_ablation(rows, path):
@@ -100,9 +106,7 @@ def plot_ablation(rows, path):
         ax.set_ylabel("held-out relative error" if exp.endswith("multitask") else
                       "final relative MSE")
         ax.set_title(f"(c) {exp.replace('ablation_', '')} problem (bars: mean, dots: seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_contrastive(rows, path, show_experts):
@@ -129,9 +133,7 @@ def plot_contrastive(rows, path, show_experts):
     axes[1].set_ylabel("Pearson r (similarity, change)")
     axes[1].set_title("(d) per setting (E, seed, layer 1/2)")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def observations(rows):
