@@ -82,3 +82,50 @@ def radar_gate_reference(expert_out, weights, rot_down, rot_up, angle_bias=None,
     U = givens_rotate(V, alpha)
     y = (g.unsqueeze(-1) * U).sum(dim=1)  # SPEC step 6
     return y.to(out_dtype).reshape(*lead, D)
+
+
+def lora_down(x, lora_A, expert_ids=None, scaling=1.0):
+    """Low-rank activations of the LoRA experts in the compute dtype.
+
+    x [T, in], lora_A [E, in, r], expert_ids [T, K] or None -> s [T, K, r] (K = E without ids),
+    ``s[t, k] = scaling * x[t] A_{ids[t, k]}``: expert k's output is then ``v = s B_{ids[t, k]}``.
+    """
+    ct = compute_dtype(x.dtype)
+    s = torch.einsum("ti,eir->ter", x.to(ct), lora_A.to(ct))
+    if expert_ids is not None:
+        s = torch.gather(s, 1, expert_ids.long().unsqueeze(-1).expand(-1, -1, s.shape[-1]))
+    return s * scaling
+
+
+def lora_up(s, lora_B, expert_ids=None):
+    """Expert outputs from low-rank activations: s [T, K, r], lora_B [E, r, out] -> V [T, K, out]."""
+    B = lora_B.to(s.dtype)
+    if expert_ids is None:
+        return torch.einsum("tkr,kro->tko", s, B)
+    return torch.einsum("tkr,tkro->tko", s, B[expert_ids.long()])
+
+
+def radar_gate_lora_reference(x, lora_A, lora_B, weights, rot_down=None, rot_up=None,
+                              angle_bias=None, expert_ids=None, scaling=1.0, tau=1.0, eps=1e-6):
+    """The fused RadarGate-LoRA layer's contract: LoRA expert outputs, then ``radar_gate_reference``.
+
+    x [..., in], lora_A [E, in, r], lora_B [E, r, out], weights [..., K],
+    rot_down [out, rg] / rot_up [rg, out/2] (both None: plain weighted sum ``sum_k g_k v_k``),
+    angle_bias [E, out/2] or None, expert_ids [..., K] or None -> [..., out] in the dtype of x.
+    Expert k of token t outputs ``v = scaling * x A_e B_e`` (e = ids[t, k], or k), computed in
+    the compute dtype (no rounding of v to the input dtype). Dropout, if any, is applied to x
+    before this function.
+    """
+    lead = x.shape[:-1]
+    K = weights.shape[-1]
+    ct = compute_dtype(x.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    ids = None if expert_ids is None else expert_ids.reshape(-1, K)
+    g = weights.reshape(-1, K).to(ct)
+    V = lora_up(lora_down(x2, lora_A, ids, scaling), lora_B, ids)
+    if rot_down is None:
+        y = (g.unsqueeze(-1) * V).sum(1)
+    else:
+        beta = None if angle_bias is None else angle_bias.to(ct)
+        y = radar_gate_reference(V, g, rot_down.to(ct), rot_up.to(ct), beta, ids, tau, eps)
+    return y.to(x.dtype).reshape(*lead, -1)

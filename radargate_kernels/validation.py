@@ -90,15 +90,117 @@ def check_inputs(expert_out, weights, rot_down, rot_up, angle_bias, expert_ids, 
         elif int(expert_ids.min()) < 0:
             raise ValueError(f"expert_ids: expected non-negative values, got min "
                              f"{int(expert_ids.min())}")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) \
-            or tau <= 0:
-        raise ValueError(f"tau: expected a finite float > 0, got {tau!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) \
-            or eps <= 0:
-        raise ValueError(f"eps: expected a finite float > 0, got {eps!r}")
+    check_positive("tau", tau)
+    check_positive("eps", eps)
     device = expert_out.device
     for name, t in named.items():
         if t.device != device:
             raise ValueError(f"{name}: expected device {device} (the device of expert_out), "
                              f"got {t.device}")
     return K, D, r, E
+
+
+def check_positive(name, value):
+    """A finite Python number > 0 (tau, eps, scaling)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value <= 0:
+        raise ValueError(f"{name}: expected a finite float > 0, got {value!r}")
+
+
+def _check_id_range(expert_ids, E, what):
+    """Values of expert_ids in [0, E): on the device for CUDA tensors (no host sync)."""
+    if not expert_ids.numel():
+        return
+    msg = f"expert_ids: expected values in [0, {E}) ({what})"
+    if expert_ids.device.type == "cuda":
+        torch._assert_async(((expert_ids >= 0) & (expert_ids < E)).all(), msg)
+        return
+    lo, hi = int(expert_ids.min()), int(expert_ids.max())
+    if lo < 0 or hi >= E:
+        raise ValueError(f"{msg}, got range [{lo}, {hi}]")
+
+
+MAX_LORA_RANK = 64   # r of the LoRA experts and rank of the RotationGate on the fused layer
+
+
+def check_lora_inputs(x, lora_A, lora_B, weights, rot_down, rot_up, angle_bias, expert_ids,
+                      scaling, tau, eps, check_id_range=True):
+    """Validate the arguments of ``radar_gate_lora``; returns (E, fin, r, fout, K, rg)."""
+    named = {"x": x, "lora_A": lora_A, "lora_B": lora_B, "weights": weights}
+    for name, t in (("rot_down", rot_down), ("rot_up", rot_up), ("angle_bias", angle_bias),
+                    ("expert_ids", expert_ids)):
+        if t is not None:
+            named[name] = t
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x: expected dtype float16, bfloat16, float32 or float64, got {x.dtype}")
+    for name in ("lora_A", "lora_B", "weights", "rot_down", "rot_up", "angle_bias"):
+        if name in named and named[name].dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x; mixed floating "
+                            f"dtypes are not promoted), got {named[name].dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"x: expected shape [..., in], got {_shape(x)}")
+    if lora_A.dim() != 3 or min(lora_A.shape) < 1:
+        raise ValueError(f"lora_A: expected shape [E, in, r] with E, r >= 1, got {_shape(lora_A)}")
+    E, fin, r = lora_A.shape
+    if fin != x.shape[-1]:
+        raise ValueError(f"lora_A: expected in = {x.shape[-1]} (x's last dim) in shape "
+                         f"[E, in, r], got {_shape(lora_A)}")
+    if r > MAX_LORA_RANK:
+        raise ValueError(f"lora_A: rank r = {r} exceeds the fused layer's limit of "
+                         f"{MAX_LORA_RANK}")
+    if lora_B.dim() != 3 or lora_B.shape[:2] != (E, r) or lora_B.shape[2] < 1:
+        raise ValueError(f"lora_B: expected shape [E, r, out] = [{E}, {r}, out] (E, r from "
+                         f"lora_A), got {_shape(lora_B)}")
+    fout = lora_B.shape[2]
+    if weights.dim() < 1 or _shape(weights)[:-1] != _shape(x)[:-1]:
+        raise ValueError(f"weights: expected shape [..., K] with x's leading dims "
+                         f"{_shape(x)[:-1]}, got {_shape(weights)}")
+    K = weights.shape[-1]
+    if K < 1:
+        raise ValueError(f"weights: expected K >= 1 slots, got shape {_shape(weights)}")
+    if expert_ids is None:
+        if K != E:
+            raise ValueError(f"weights: has K = {K} slots but lora_A has E = {E} experts; "
+                             f"pass expert_ids when K != E")
+    else:
+        if expert_ids.dtype not in INT_DTYPES:
+            raise TypeError(f"expert_ids: expected an integer dtype, got {expert_ids.dtype}")
+        if _shape(expert_ids) != _shape(weights):
+            raise ValueError(f"expert_ids: expected shape {_shape(weights)} (same as weights), "
+                             f"got {_shape(expert_ids)}")
+    rg = 0
+    if (rot_down is None) != (rot_up is None):
+        raise ValueError("rot_down, rot_up: expected both (RadarGate) or neither (weighted sum)")
+    if rot_down is not None:
+        if fout % 2:
+            raise ValueError(f"lora_B: expected an even output size for the rotation, got "
+                             f"out = {fout}")
+        if rot_down.dim() != 2 or rot_down.shape[0] != fout or not 1 <= rot_down.shape[1] \
+                <= MAX_LORA_RANK:
+            raise ValueError(f"rot_down: expected shape [out, rg] = [{fout}, rg] with "
+                             f"1 <= rg <= {MAX_LORA_RANK}, got {_shape(rot_down)}")
+        rg = rot_down.shape[1]
+        if _shape(rot_up) != (rg, fout // 2):
+            raise ValueError(f"rot_up: expected shape [rg, out/2] = [{rg}, {fout // 2}], "
+                             f"got {_shape(rot_up)}")
+    if angle_bias is not None:
+        if rot_down is None:
+            raise ValueError("angle_bias: given without rot_down/rot_up (no rotation)")
+        if _shape(angle_bias) != (E, fout // 2):
+            raise ValueError(f"angle_bias: expected shape [E, out/2] = [{E}, {fout // 2}], "
+                             f"got {_shape(angle_bias)}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) \
+            or not math.isfinite(scaling):
+        raise ValueError(f"scaling: expected a finite float, got {scaling!r}")
+    check_positive("tau", tau)
+    check_positive("eps", eps)
+    for name, t in named.items():
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (the device of x), "
+                             f"got {t.device}")
+    if expert_ids is not None and check_id_range:
+        _check_id_range(expert_ids, E, "E = lora_A.shape[0]")
+    return E, fin, r, fout, K, rg

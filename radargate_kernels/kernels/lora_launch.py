@@ -1,0 +1,112 @@
+"""Host side of the fused-layer kernels (lora_stream.py): block sizes, strides, launches.
+
+Shapes: s [T, K, r] and d [T, K, rg] (compute dtype, contiguous), g [T, K], ids [T, K] or None,
+lora_B [E, r, out], rot_up [rg, h] (h = out/2), angle_bias [E, h] or None.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .launch import Launch, _acc, _pow2
+from .lora_stream import lora_bwd_params_kernel, lora_bwd_rows_kernel, lora_fwd_kernel
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    BT: int    # tokens per program (forward, backward rows)
+    BH: int    # feature pairs per chunk
+    BR: int    # expert-sorted rows per step (parameter kernel)
+    RP: int    # LoRA rank padded (>= 16 for tl.dot)
+    RGP: int   # RotationGate rank padded
+    WARPS: int = 4
+
+
+def pick_lora_config(r: int, rg: int, h: int) -> LoraConfig:
+    """Block sizes: K and E are loops / grid axes, so only r, rg and h shape the tiles."""
+    return LoraConfig(BT=16, BH=min(64, max(16, _pow2(h))), BR=32, RP=max(16, _pow2(r)),
+                      RGP=max(16, _pow2(rg)))
+
+
+def _prep(s, ids, lora_B, rot_up, angle_bias):
+    T, K, r = s.shape
+    E, _, out = lora_B.shape
+    h, rg = out // 2, rot_up.shape[0]
+    cfg = pick_lora_config(r, rg, h)
+    ids_t = ids if ids is not None else s
+    beta_t = angle_bias if angle_bias is not None else s
+    s_ids = ids.stride() if ids is not None else (0, 0)
+    s_beta = angle_bias.stride() if angle_bias is not None else (0, 0)
+    meta = dict(HAS_BETA=angle_bias is not None, ACC=_acc(s.dtype), num_warps=cfg.WARPS,
+                RGP=cfg.RGP, BH=cfg.BH)
+    return T, K, r, E, out, h, rg, cfg, ids_t, beta_t, s_ids, s_beta, meta
+
+
+def plan_stream_forward(s, g, d, ids, lora_B, rot_up, angle_bias, out_dtype):
+    """-> (y [T, out] in out_dtype, [Launch])."""
+    T, K, r, E, out, h, rg, cfg, ids_t, beta_t, s_ids, s_beta, meta = _prep(
+        s, ids, lora_B, rot_up, angle_bias)
+    y = torch.empty((T, out), dtype=out_dtype, device=s.device)
+    launches = []
+    if T > 0:
+        launches.append(Launch(lora_fwd_kernel, (triton.cdiv(h, cfg.BH), triton.cdiv(T, cfg.BT)), (
+            s, g, d, ids_t, lora_B, rot_up, beta_t, y, T, K, h, r, rg, E,
+            *g.stride(), *s_ids, *lora_B.stride(), *rot_up.stride(), *s_beta, *y.stride()),
+            dict(meta, BT=cfg.BT, HAS_IDS=ids is not None)))
+    return y, launches
+
+
+def expert_order(ids, T, K, E, device):
+    """(token, slot) rows sorted by expert (stable, on the device: no host sync) and the offsets
+    of each expert's segment [E + 1]. Out-of-range ids are sorted past the last expert."""
+    flat = (ids.reshape(-1).long() if ids is not None
+            else torch.arange(K, device=device).repeat(T))
+    key = torch.where((flat >= 0) & (flat < E), flat, E)
+    order = torch.argsort(key, stable=True)
+    offs = torch.zeros(E + 1, dtype=torch.int64, device=device)
+    offs[1:] = torch.cumsum(torch.bincount(key, minlength=E + 1)[:E], 0)
+    return order, offs
+
+
+def plan_stream_backward(dy, s, g, d, ids, lora_B, rot_up, angle_bias):
+    """-> ((ds, dg, dd, dB, pU, dbeta), [Launch]); pU [E, rg, h] are partials of drot_up."""
+    T, K, r, E, out, h, rg, cfg, ids_t, beta_t, s_ids, s_beta, meta = _prep(
+        s, ids, lora_B, rot_up, angle_bias)
+    ct = s.dtype
+    ds = torch.empty((T, K, r), dtype=ct, device=s.device)
+    dg = torch.empty((T, K), dtype=ct, device=s.device)
+    dd = torch.empty((T, K, rg), dtype=ct, device=s.device)
+    dB = torch.zeros((E, r, out), dtype=ct, device=s.device)
+    pU = torch.zeros((E, rg, h), dtype=ct, device=s.device)
+    dbeta = torch.zeros((E, h), dtype=ct, device=s.device) if angle_bias is not None else None
+    launches = []
+    if T > 0:
+        launches.append(Launch(lora_bwd_rows_kernel, (triton.cdiv(T, cfg.BT),), (
+            s, g, d, ids_t, lora_B, rot_up, beta_t, dy, ds, dg, dd, T, K, h, r, rg, E,
+            *g.stride(), *s_ids, *lora_B.stride(), *rot_up.stride(), *s_beta, *dy.stride()),
+            dict(meta, BT=cfg.BT, RP=cfg.RP, HAS_IDS=ids is not None)))
+        order, offs = expert_order(ids, T, K, E, s.device)
+        launches.append(Launch(lora_bwd_params_kernel, (triton.cdiv(h, cfg.BH), E), (
+            s, g, d, order, offs, lora_B, rot_up, beta_t, dy, dB,
+            dbeta if dbeta is not None else dB, pU, K, h, r, rg,
+            *g.stride(), *lora_B.stride(), *rot_up.stride(), *s_beta, *dy.stride()),
+            dict(meta, BR=cfg.BR, RP=cfg.RP)))
+    return (ds, dg, dd, dB, pU, dbeta), launches
+
+
+def stream_forward(s, g, d, ids, lora_B, rot_up, angle_bias, out_dtype):
+    y, launches = plan_stream_forward(s, g, d, ids, lora_B, rot_up, angle_bias, out_dtype)
+    for launch in launches:
+        launch.run()
+    return y
+
+
+def stream_backward(dy, s, g, d, ids, lora_B, rot_up, angle_bias):
+    """-> (ds, dg, dd, dB, drot_up, dbeta or None), all in the compute dtype of s."""
+    (ds, dg, dd, dB, pU, dbeta), launches = plan_stream_backward(dy, s, g, d, ids, lora_B,
+                                                                 rot_up, angle_bias)
+    for launch in launches:
+        launch.run()
+    return ds, dg, dd, dB, pU.sum(0), dbeta

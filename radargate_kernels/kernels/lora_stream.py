@@ -1,0 +1,204 @@
+"""Triton kernels of the fused RadarGate-LoRA layer: the streaming part over the output features.
+
+Expert k of token t outputs ``v = s[t, k] B_e`` (e = ids[t, k], or k without ids), with
+``s [T, K, r]`` the scaled low-rank activations and ``lora_B [E, r, out]``; ``v`` is recomputed
+chunk by chunk from s and B and never stored. The angles come from ``d [T, K, rg]`` (the relation
+part, computed from s alone) as ``alpha = d U + beta[e]`` with ``U = rot_up [rg, out/2]``.
+
+- ``lora_fwd_kernel`` (grid: col chunks x token blocks): ``y = sum_k g_k R(alpha_k) v_k``.
+- ``lora_bwd_rows_kernel`` (grid: token blocks): per (token, slot) row, one pass over all
+  columns: ``dg = <dy, u>``, ``dd = dalpha U^T``, ``ds = dv B_e^T`` with ``dv = g R(-alpha) dy``.
+- ``lora_bwd_params_kernel`` (grid: col chunks x experts): rows sorted by expert on the host,
+  so each program owns ``dB[e, :, chunk]`` and ``dbeta[e, chunk]`` (tensor-core dots, no
+  atomics) and writes one partial of ``drot_up`` per expert, summed on the host in fixed order.
+"""
+import triton
+import triton.language as tl
+
+from .common import load_param_chunk, pair_offsets, rotate
+
+
+@triton.jit
+def slot_rows(tok, k, K, T, IDS, s_it, s_ik, E, HAS_IDS: tl.constexpr):
+    """Flat row index tok*K + k (int64), expert of each row (-1 if none) and row validity."""
+    tmask = tok < T
+    if HAS_IDS:
+        e = tl.load(IDS + tok * s_it + k * s_ik, mask=tmask, other=-1).to(tl.int32)
+    else:
+        e = tl.zeros_like(tok).to(tl.int32) + k
+    valid = tmask & (e >= 0) & (e < E)  # an out-of-range id (unchecked under compile) adds nothing
+    return tok * K + k, tl.where(valid, e, 0), valid
+
+
+@triton.jit
+def chunk_angles(D, row, valid, Uc, BETA, eid, cols, cmask, rg, s_be, s_bh,
+                 RGP: tl.constexpr, HAS_BETA: tl.constexpr, ACC: tl.constexpr):
+    """alpha [BT, BH] = d[row] U[:, cols] (+ beta[e, cols]) and its cos, sin."""
+    gg = tl.arange(0, RGP)
+    d = tl.load(D + row[:, None] * rg + gg[None, :], mask=valid[:, None] & (gg[None, :] < rg),
+                other=0.0).to(ACC)
+    alpha = tl.dot(d, Uc, input_precision="ieee", out_dtype=ACC)
+    if HAS_BETA:
+        m = valid[:, None] & cmask[None, :]
+        off = eid.to(tl.int64)[:, None] * s_be + cols[None, :].to(tl.int64) * s_bh
+        alpha += tl.load(BETA + off, mask=m, other=0.0).to(ACC)
+    return d, tl.cos(alpha), tl.sin(alpha)
+
+
+@triton.jit
+def b_rows(LB, eid, a, cols, h, s_le, s_lr, s_lo, m, ACC: tl.constexpr):
+    """Row a of B_e at columns cols and cols + h, gathered per row's expert -> 2 x [BT, BH]."""
+    o1, o2 = pair_offsets(eid.to(tl.int64) * s_le + a * s_lr, cols, h, s_lo)
+    b1 = tl.load(LB + o1, mask=m, other=0.0).to(ACC)
+    b2 = tl.load(LB + o2, mask=m, other=0.0).to(ACC)
+    return b1, b2
+
+
+@triton.jit
+def lora_fwd_kernel(
+    S, G, D, IDS, LB, U, BETA, Y,
+    T, K, h, r, rg, E,
+    s_gt, s_gk, s_it, s_ik, s_le, s_lr, s_lo, s_ug, s_uh, s_be, s_bh, s_yt, s_yd,
+    BT: tl.constexpr, BH: tl.constexpr, RGP: tl.constexpr,
+    HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr,
+):
+    cols = tl.program_id(0) * BH + tl.arange(0, BH)
+    tok = (tl.program_id(1) * BT + tl.arange(0, BT)).to(tl.int64)
+    cmask = cols < h
+    Uc = load_param_chunk(U, tl.arange(0, RGP), cols, rg, h, s_ug, s_uh, ACC)
+    y1 = tl.zeros((BT, BH), dtype=ACC)
+    y2 = tl.zeros((BT, BH), dtype=ACC)
+    for k in range(0, K):
+        row, eid, valid = slot_rows(tok, k, K, T, IDS, s_it, s_ik, E, HAS_IDS)
+        m = valid[:, None] & cmask[None, :]
+        v1 = tl.zeros((BT, BH), dtype=ACC)
+        v2 = tl.zeros((BT, BH), dtype=ACC)
+        for a in range(0, r):  # v = s[row] B_e, one rank at a time (B_e differs per row)
+            sa = tl.load(S + row * r + a, mask=valid, other=0.0).to(ACC)
+            b1, b2 = b_rows(LB, eid, a, cols, h, s_le, s_lr, s_lo, m, ACC)
+            v1 += sa[:, None] * b1
+            v2 += sa[:, None] * b2
+        _, c, sn = chunk_angles(D, row, valid, Uc, BETA, eid, cols, cmask, rg, s_be, s_bh,
+                                RGP, HAS_BETA, ACC)
+        u1, u2 = rotate(v1, v2, c, sn)
+        g = tl.load(G + tok * s_gt + k * s_gk, mask=valid, other=0.0).to(ACC)
+        y1 += g[:, None] * u1
+        y2 += g[:, None] * u2
+    o1, o2 = pair_offsets(tok * s_yt, cols, h, s_yd)
+    ym = (tok < T)[:, None] & cmask[None, :]
+    tl.store(Y + o1, y1.to(Y.dtype.element_ty), mask=ym)
+    tl.store(Y + o2, y2.to(Y.dtype.element_ty), mask=ym)
+
+
+@triton.jit
+def lora_bwd_rows_kernel(
+    S, G, D, IDS, LB, U, BETA, DY,
+    DS, DG, DDD,                           # outputs: ds [T,K,r], dg [T,K], dd [T,K,rg] (fp32/64)
+    T, K, h, r, rg, E,
+    s_gt, s_gk, s_it, s_ik, s_le, s_lr, s_lo, s_ug, s_uh, s_be, s_bh, s_dyt, s_dyd,
+    BT: tl.constexpr, BH: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr,
+    HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr,
+):
+    tok = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
+    rr = tl.arange(0, RP)
+    gg = tl.arange(0, RGP)
+    for k in range(0, K):
+        row, eid, valid = slot_rows(tok, k, K, T, IDS, s_it, s_ik, E, HAS_IDS)
+        g = tl.load(G + tok * s_gt + k * s_gk, mask=valid, other=0.0).to(ACC)
+        dg = tl.zeros((BT,), dtype=ACC)
+        dd = tl.zeros((BT, RGP), dtype=ACC)
+        ds = tl.zeros((BT, RP), dtype=ACC)
+        for c0 in range(0, h, BH):
+            cols = c0 + tl.arange(0, BH)
+            cmask = cols < h
+            m = valid[:, None] & cmask[None, :]
+            Uc = load_param_chunk(U, gg, cols, rg, h, s_ug, s_uh, ACC)
+            _, c, sn = chunk_angles(D, row, valid, Uc, BETA, eid, cols, cmask, rg, s_be, s_bh,
+                                    RGP, HAS_BETA, ACC)
+            o1, o2 = pair_offsets(tok * s_dyt, cols, h, s_dyd)
+            dy1 = tl.load(DY + o1, mask=m, other=0.0).to(ACC)
+            dy2 = tl.load(DY + o2, mask=m, other=0.0).to(ACC)
+            dv1, dv2 = rotate(dy1, dy2, c, -sn)  # R(-alpha) dy; times g below
+            dv1 = g[:, None] * dv1
+            dv2 = g[:, None] * dv2
+            v1 = tl.zeros((BT, BH), dtype=ACC)
+            v2 = tl.zeros((BT, BH), dtype=ACC)
+            for a in range(0, r):  # one gather of B_e's row a serves v and ds
+                sa = tl.load(S + row * r + a, mask=valid, other=0.0).to(ACC)
+                b1, b2 = b_rows(LB, eid, a, cols, h, s_le, s_lr, s_lo, m, ACC)
+                v1 += sa[:, None] * b1
+                v2 += sa[:, None] * b2
+                dsa = tl.sum(dv1 * b1 + dv2 * b2, axis=1)
+                ds += tl.where(rr[None, :] == a, dsa[:, None], 0.0)
+            u1, u2 = rotate(v1, v2, c, sn)
+            dg += tl.sum(dy1 * u1 + dy2 * u2, axis=1)
+            dalpha = g[:, None] * (dy2 * u1 - dy1 * u2)
+            dd += tl.dot(dalpha, tl.trans(Uc), input_precision="ieee", out_dtype=ACC)
+        tl.store(DG + row, dg, mask=valid)
+        tl.store(DS + row[:, None] * r + rr[None, :], ds, mask=valid[:, None] & (rr[None, :] < r))
+        tl.store(DDD + row[:, None] * rg + gg[None, :], dd,
+                 mask=valid[:, None] & (gg[None, :] < rg))
+
+
+@triton.jit
+def lora_bwd_params_kernel(
+    S, G, D, ORDER, OFFS, LB, U, BETA, DY,
+    DB, DBETA, PU,                        # outputs: dB [E,r,out], dbeta [E,h], partials [E,rg,h]
+    K, h, r, rg,
+    s_gt, s_gk, s_le, s_lr, s_lo, s_ug, s_uh, s_be, s_bh, s_dyt, s_dyd,
+    BR: tl.constexpr, BH: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr,
+    HAS_BETA: tl.constexpr, ACC: tl.constexpr,
+):
+    cols = tl.program_id(0) * BH + tl.arange(0, BH)
+    e = tl.program_id(1)
+    cmask = cols < h
+    rr = tl.arange(0, RP)
+    gg = tl.arange(0, RGP)
+    e64 = e.to(tl.int64)
+    Uc = load_param_chunk(U, gg, cols, rg, h, s_ug, s_uh, ACC)
+    Be1 = load_param_chunk(LB + e64 * s_le, rr, cols, r, h, s_lr, s_lo, ACC)
+    Be2 = load_param_chunk(LB + e64 * s_le + h * s_lo, rr, cols, r, h, s_lr, s_lo, ACC)
+    beta = tl.zeros((BH,), dtype=ACC)
+    if HAS_BETA:
+        beta = tl.load(BETA + e64 * s_be + cols.to(tl.int64) * s_bh, mask=cmask, other=0.0).to(ACC)
+    acc1 = tl.zeros((RP, BH), dtype=ACC)
+    acc2 = tl.zeros((RP, BH), dtype=ACC)
+    acc_u = tl.zeros((RGP, BH), dtype=ACC)
+    acc_beta = tl.zeros((BH,), dtype=ACC)
+    start = tl.load(OFFS + e)
+    end = tl.load(OFFS + e + 1)
+    for i0 in range(start, end, BR):
+        i = i0 + tl.arange(0, BR)
+        valid = i < end
+        row = tl.load(ORDER + i, mask=valid, other=0)  # flat (token, slot) rows of expert e
+        tok = row // K
+        k = row - tok * K
+        m = valid[:, None] & cmask[None, :]
+        s = tl.load(S + row[:, None] * r + rr[None, :], mask=valid[:, None] & (rr[None, :] < r),
+                    other=0.0).to(ACC)
+        d = tl.load(D + row[:, None] * rg + gg[None, :],
+                    mask=valid[:, None] & (gg[None, :] < rg), other=0.0).to(ACC)
+        g = tl.load(G + tok * s_gt + k * s_gk, mask=valid, other=0.0).to(ACC)
+        alpha = tl.dot(d, Uc, input_precision="ieee", out_dtype=ACC) + beta[None, :]
+        c = tl.cos(alpha)
+        sn = tl.sin(alpha)
+        v1 = tl.dot(s, Be1, input_precision="ieee", out_dtype=ACC)
+        v2 = tl.dot(s, Be2, input_precision="ieee", out_dtype=ACC)
+        u1, u2 = rotate(v1, v2, c, sn)
+        o1, o2 = pair_offsets(tok * s_dyt, cols, h, s_dyd)
+        dy1 = tl.load(DY + o1, mask=m, other=0.0).to(ACC)
+        dy2 = tl.load(DY + o2, mask=m, other=0.0).to(ACC)
+        dalpha = g[:, None] * (dy2 * u1 - dy1 * u2)
+        dv1, dv2 = rotate(dy1, dy2, c, -sn)
+        acc1 += tl.dot(tl.trans(s), g[:, None] * dv1, input_precision="ieee", out_dtype=ACC)
+        acc2 += tl.dot(tl.trans(s), g[:, None] * dv2, input_precision="ieee", out_dtype=ACC)
+        acc_u += tl.dot(tl.trans(d), dalpha, input_precision="ieee", out_dtype=ACC)
+        acc_beta += tl.sum(dalpha, axis=0)
+    mb = (rr[:, None] < r) & cmask[None, :]
+    ob1, ob2 = pair_offsets(e64 * r * 2 * h + rr.to(tl.int64) * 2 * h, cols, h, 1)
+    tl.store(DB + ob1, acc1, mask=mb)
+    tl.store(DB + ob2, acc2, mask=mb)
+    if HAS_BETA:
+        tl.store(DBETA + e64 * h + cols, acc_beta, mask=cmask)
+    tl.store(PU + e64 * rg * h + gg[:, None] * h + cols[None, :], acc_u,
+             mask=(gg[:, None] < rg) & cmask[None, :])

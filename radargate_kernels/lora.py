@@ -1,0 +1,324 @@
+"""The fused RadarGate-LoRA layer as one op: ``radar_gate_lora``. Expert outputs never exist.
+
+With LoRA experts, expert k of token t outputs ``v = s B_e`` where ``s = scaling * x A_e`` has
+rank r (e = ids[t, k], or k). Everything RadarGate needs before the rotation is low rank:
+``<v_i, v_j> = s_i (B_ei B_ej^T) s_j^T`` and ``z_i = v_i A_rot = s_i (B_ei A_rot)``, so the
+relation map and the context ``d`` come from ``s [T, K, r]`` and two small per-expert products
+(``P = B B^T`` [E, r, E, r], ``Q = B A_rot`` [E, r, rg]) without touching the output features.
+One streaming pass over the output features then recomputes ``v`` chunk by chunk from ``s`` and
+``B``, rotates, stretches and sums into ``y``.
+
+Saved for backward: x, weights, ids and the parameters -- nothing per (token, slot) of size
+``out``, and not even ``s`` (recomputed by one GEMM in backward). Backends:
+- ``triton`` (CUDA, or TRITON_INTERPRET=1): relation part in PyTorch from s (chunked over tokens),
+  streaming part in the kernels of ``kernels/lora_stream.py``;
+- ``torch`` (any device, the CPU path): chunks of tokens; each chunk's expert outputs exist only
+  while that chunk is computed, and backward recomputes them chunk by chunk.
+Without ``rot_down``/``rot_up`` the op is plain weighted-sum LoRA-MoE gating, ``sum_k g_k v_k``,
+computed as one GEMM ``(g s) B`` with no expert output at all (the fair baseline).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .cpu import _chunk_forward
+from .reference import compute_dtype, lora_down, lora_up
+from .validation import check_lora_inputs
+
+CHUNK_ELEMS = 1 << 21  # largest per-chunk intermediate (elements) of the PyTorch parts
+_BACKENDS = ("auto", "triton", "torch")
+
+
+def _launch():
+    from .kernels import lora_launch  # lazily: must follow any TRITON_INTERPRET setting
+    return lora_launch
+
+
+def _interpreting():
+    from .kernels.launch import interpreting
+    return interpreting()
+
+
+# ---- the low-rank pieces (PyTorch, differentiable) -------------------------------------------
+
+def lowrank_factors(lora_B, rot_down, ct):
+    """P [E, r, E, r] = B_e B_f^T and Q [E, r, rg] = B_e rot_down, in the compute dtype."""
+    B = lora_B.to(ct)
+    return torch.einsum("eao,fbo->eafb", B, B), torch.einsum("eao,og->eag", B, rot_down.to(ct))
+
+
+def relation_lowrank(s, ids, P, Q, tau: float, eps: float):
+    """SPEC steps 1-3 from low-rank activations: s [t, K, r] -> d [t, K, rg].
+
+    Gram ``G_ij = s_i P[e_i, :, e_j, :] s_j^T`` (= <v_i, v_j>), ``n = max(|v|, eps)``, cosines,
+    reference weights rho, ``z_i = s_i Q[e_i]``, ``d = rho z - z`` (d = 0 when K = 1)."""
+    K = s.shape[1]
+    if ids is None:
+        G = torch.einsum("tia,iajb,tjb->tij", s, P, s)
+        z = torch.einsum("tia,iag->tig", s, Q)
+    else:
+        e = ids.long()
+        G = torch.einsum("tia,tijab,tjb->tij", s, P[e[:, :, None], :, e[:, None, :], :], s)
+        z = torch.einsum("tia,tiag->tig", s, Q[e])
+    if K == 1:
+        return torch.zeros_like(z)
+    # n = max(|v|, eps) as sqrt(max(G_ii, eps^2)): no 0/0 in sqrt's backward at a zero expert
+    n = G.diagonal(dim1=1, dim2=2).clamp_min(eps * eps).sqrt()
+    C = G / (n.unsqueeze(2) * n.unsqueeze(1))
+    eye = torch.eye(K, dtype=torch.bool, device=s.device)
+    rho = torch.softmax((C / tau).masked_fill(eye, float("-inf")), dim=-1)
+    return torch.baddbmm(z, rho, z, beta=-1)
+
+
+def weighted_sum_lowrank(s, g, ids, lora_B):
+    """``sum_k g_k s_k B_e`` as one GEMM over the E r low-rank columns: s [t, K, r] -> [t, out]."""
+    E, r, out = lora_B.shape
+    gs = g.unsqueeze(-1) * s
+    if ids is not None:  # slots to experts; one-hot keeps repeated ids exact and deterministic
+        gs = torch.einsum("tke,tkr->ter", F.one_hot(ids.long(), E).to(s.dtype), gs)
+    return gs.reshape(-1, E * r) @ lora_B.to(s.dtype).reshape(E * r, out)
+
+
+def _torch_chunk(s, g, ids, lora_B, rot_down, rot_up, beta, tau, eps):
+    """The PyTorch path on a chunk of tokens: s [t, K, r] -> y [t, out] (compute dtype)."""
+    if rot_down is None:
+        return weighted_sum_lowrank(s, g, ids, lora_B)
+    V = lora_up(s, lora_B, ids)  # [t, K, out]: this chunk only
+    return _chunk_forward(V, g, rot_down, rot_up, beta, ids, tau, eps)
+
+
+# ---- chunked evaluation with recompute ---------------------------------------------------------
+
+def _chunks(T, per_token):
+    step = max(1, CHUNK_ELEMS // max(1, per_token))
+    return [(i, min(i + step, T)) for i in range(0, T, step)]
+
+
+def _per_token_elems(K, r, out, E, rg, ids, rotation):
+    """Largest intermediate per token of the PyTorch parts (elements), to size the chunks."""
+    if not rotation:
+        return K * (E if ids is not None else 1) * r
+    v = K * out * (1 + (r if ids is not None else 0))  # V (and the gathered B rows)
+    rel = K * K * r * (r if ids is not None else 1) + K * K * 4 + K * rg
+    return max(v, rel)
+
+
+def _chunked_eval(fn, chunks, tok_args, params, out):
+    """out[a:b] = fn(*(t[a:b] for t in tok_args), *params) for each chunk, without autograd."""
+    with torch.no_grad():
+        for a, b in chunks:
+            out[a:b] = fn(*(t[a:b] if t is not None else None for t in tok_args), *params)
+    return out
+
+
+@contextlib.contextmanager
+def _autograd_on():
+    """Autograd inside a custom op's implementation (which runs below the autograd dispatch
+    keys): the backward op recomputes chunks and differentiates them locally, as activation
+    checkpointing does. Uses torch._C's dispatch-key TLS (private API, checked on torch 2.13)."""
+    with torch._C._PreserveDispatchKeyGuard():
+        for key in (torch._C.DispatchKey.AutogradFunctionality,
+                    torch._C.DispatchKey.ADInplaceOrView):
+            torch._C._dispatch_tls_set_dispatch_key_excluded(key, False)
+        with torch.enable_grad():
+            yield
+
+
+def _chunked_grads(fn, chunks, tok_args, n_diff_tok, params, dy):
+    """Backward of ``fn`` evaluated chunk by chunk, recomputing each chunk's forward.
+
+    The first ``n_diff_tok`` of ``tok_args`` get gradients ([T, ...], one chunk at a time);
+    ``params`` (None allowed) get gradients summed over chunks in a fixed order."""
+    tok_grads = [torch.empty_like(t) for t in tok_args[:n_diff_tok]]
+    leaves = [p.detach().requires_grad_(True) if p is not None else None for p in params]
+    acc = [torch.zeros_like(p) if p is not None else None for p in leaves]
+    live = [p for p in leaves if p is not None]
+    with _autograd_on():
+        for a, b in chunks:
+            toks = [t[a:b].detach().requires_grad_(True) if i < n_diff_tok
+                    else (t[a:b] if t is not None else None) for i, t in enumerate(tok_args)]
+            y = fn(*toks, *leaves)
+            grads = torch.autograd.grad(y, toks[:n_diff_tok] + live, dy[a:b],
+                                        materialize_grads=True)
+            for tg, gr in zip(tok_grads, grads[:n_diff_tok]):
+                tg[a:b] = gr
+            it = iter(grads[n_diff_tok:])
+            for i, p in enumerate(leaves):
+                if p is not None:
+                    acc[i] += next(it)
+    return tok_grads, acc
+
+
+# ---- the two backends ----------------------------------------------------------------------------
+
+def _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA):
+    """Gradients of s = scaling * gather(x A): ds [T, K, r] -> (dx [T, in], dA [E, in, r])."""
+    E, fin, r = lora_A.shape
+    ct = ds.dtype
+    dS = ds * scaling
+    if ids is not None:
+        dS = torch.einsum("tke,tkr->ter", F.one_hot(ids.long(), E).to(ct), dS)
+    dS = dS.reshape(-1, E * r)
+    A_cat = lora_A.to(ct).permute(1, 0, 2).reshape(fin, E * r)
+    dx = (dS @ A_cat.t()).to(x.dtype) if need_dx else None
+    dA = (x.to(ct).t() @ dS).reshape(fin, E, r).permute(1, 0, 2).to(lora_A.dtype) \
+        if need_dA else None
+    return dx, dA
+
+
+def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend):
+    ct = compute_dtype(x.dtype)
+    s = lora_down(x, lora_A, ids, scaling).contiguous()
+    T, K, r = s.shape
+    E, _, out = lora_B.shape
+    rg = rot_down.shape[1] if rot_down is not None else 0
+    chunks = _chunks(T, _per_token_elems(K, r, out, E, rg, ids, rot_down is not None))
+    if backend == "triton" and rot_down is not None:
+        P, Q = lowrank_factors(lora_B, rot_down, ct)
+        d = _chunked_eval(lambda s_, i_: relation_lowrank(s_, i_, P, Q, tau, eps), chunks,
+                          (s, ids), (), s.new_empty((T, K, rg)))
+        return _launch().stream_forward(s, g, d, ids, lora_B, rot_up, beta, x.dtype)
+    params = tuple(p.to(ct) if p is not None else None for p in (lora_B, rot_down, rot_up, beta))
+    fn = lambda s_, g_, i_, *p: _torch_chunk(s_, g_, i_, *p, tau, eps)  # noqa: E731
+    y = _chunked_eval(fn, chunks, (s, g.to(ct), ids), params, s.new_empty((T, out)))
+    return y.to(x.dtype)
+
+
+def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend,
+              need_dx, need_dA):
+    ct = compute_dtype(x.dtype)
+    s = lora_down(x, lora_A, ids, scaling).contiguous()
+    T, K, r = s.shape
+    E, _, out = lora_B.shape
+    rg = rot_down.shape[1] if rot_down is not None else 0
+    chunks = _chunks(T, _per_token_elems(K, r, out, E, rg, ids, rot_down is not None))
+    dyc = dy.to(ct)
+    if backend == "triton" and rot_down is not None:
+        B_l = lora_B.detach().to(ct).requires_grad_(True)
+        A_l = rot_down.detach().to(ct).requires_grad_(True)
+        with _autograd_on():
+            P, Q = lowrank_factors(B_l, A_l, ct)
+        rel = lambda s_, i_, P_, Q_: relation_lowrank(s_, i_, P_, Q_, tau, eps)  # noqa: E731
+        d = _chunked_eval(rel, chunks, (s, ids), (P.detach(), Q.detach()), s.new_empty((T, K, rg)))
+        ds, dg, dd, dB, dU, dbeta = _launch().stream_backward(dy.contiguous(), s, g, d, ids,
+                                                              lora_B, rot_up, beta)
+        (ds2,), (dP, dQ) = _chunked_grads(rel, chunks, (s, ids), 1, (P, Q), dd)
+        with _autograd_on():
+            dB2, dA_rot = torch.autograd.grad((P, Q), (B_l, A_l), (dP, dQ))
+        ds += ds2
+        dB += dB2
+    else:
+        params = tuple(p.to(ct) if p is not None else None
+                       for p in (lora_B, rot_down, rot_up, beta))
+        fn = lambda s_, g_, i_, *p: _torch_chunk(s_, g_, i_, *p, tau, eps)  # noqa: E731
+        (ds, dg), (dB, dA_rot, dU, dbeta) = _chunked_grads(fn, chunks, (s, g.to(ct), ids), 2,
+                                                            params, dyc)
+    dx, dA = _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA)
+
+    def cast(t, like):
+        return t.to(like.dtype) if t is not None else x.new_empty(0)
+    return (dx if dx is not None else x.new_empty(0), dA if dA is not None else x.new_empty(0),
+            cast(dB, lora_B), cast(dg, g), cast(dA_rot, rot_down if rot_down is not None else x),
+            cast(dU, rot_up if rot_up is not None else x), cast(dbeta, beta if beta is not None else x))
+
+
+# ---- custom ops (torch.compile) and autograd -------------------------------------------------------
+
+@torch.library.custom_op("radargate::lora_fwd", mutates_args=())
+def _lora_fwd_op(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, g: torch.Tensor,
+                 rot_down: Optional[torch.Tensor], rot_up: Optional[torch.Tensor],
+                 beta: Optional[torch.Tensor], ids: Optional[torch.Tensor], scaling: float,
+                 tau: float, eps: float, backend: str) -> torch.Tensor:
+    """x [T, in] ... -> y [T, out] (dtype of x)."""
+    return _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend)
+
+
+@_lora_fwd_op.register_fake
+def _lora_fwd_fake(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend):
+    return x.new_empty((x.shape[0], lora_B.shape[2]))
+
+
+@torch.library.custom_op("radargate::lora_bwd", mutates_args=())
+def _lora_bwd_op(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                 g: torch.Tensor, rot_down: Optional[torch.Tensor],
+                 rot_up: Optional[torch.Tensor], beta: Optional[torch.Tensor],
+                 ids: Optional[torch.Tensor], scaling: float, tau: float, eps: float,
+                 backend: str, need_dx: bool, need_dA: bool) -> tuple[
+                     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                     torch.Tensor, torch.Tensor]:
+    """-> (dx, dlora_A, dlora_B, dg, drot_down, drot_up, dbeta); empty where not computed."""
+    return _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps,
+                     backend, need_dx, need_dA)
+
+
+@_lora_bwd_op.register_fake
+def _lora_bwd_fake(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps,
+                   backend, need_dx, need_dA):
+    def like(t, on=True):
+        return t.new_empty(t.shape) if t is not None and on else x.new_empty(0)
+    return (like(x, need_dx), like(lora_A, need_dA), like(lora_B), like(g), like(rot_down),
+            like(rot_up), like(beta))
+
+
+def _setup_context(ctx, inputs, output):
+    x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend = inputs
+    ctx.save_for_backward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids)
+    ctx.args = (scaling, tau, eps, backend)
+
+
+def _backward_fn(ctx, dy):
+    x, lora_A, lora_B, g, rot_down, rot_up, beta, ids = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = torch.ops.radargate.lora_bwd(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids,
+                                         *ctx.args, need[0], need[1])
+    present = (True, True, True, True, rot_down is not None, rot_up is not None, beta is not None)
+    out = [gr if (p and n) else None for gr, p, n in zip(grads, present, need[:7])]
+    return (*out, None, None, None, None, None)
+
+
+torch.library.register_autograd("radargate::lora_fwd", _backward_fn, setup_context=_setup_context)
+
+
+def _resolve_backend(backend, x, rotation):
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    on_triton = x.device.type == "cuda" or _interpreting()
+    if backend == "triton" and not on_triton:
+        raise ValueError(f"backend='triton': expected CUDA tensors (or TRITON_INTERPRET=1), got "
+                         f"device {x.device}")
+    if backend == "auto":
+        backend = "triton" if on_triton and rotation else "torch"
+    return backend
+
+
+def radar_gate_lora(x, lora_A, lora_B, weights, rot_down=None, rot_up=None, angle_bias=None,
+                    expert_ids=None, scaling=1.0, dropout_p=0.0, training=True, tau=1.0,
+                    eps=1e-6, backend="auto"):
+    """RadarGate over K LoRA experts, fused: ``y = sum_k g_k R(alpha_k) (scaling x' A_e B_e)``.
+
+    x [..., in], lora_A [E, in, r], lora_B [E, r, out], weights [..., K],
+    rot_down [out, rg] and rot_up [rg, out/2] (both None: weighted sum ``sum_k g_k v_k``),
+    angle_bias [E, out/2] or None, expert_ids [..., K] integer in [0, E) or None (then K = E)
+    -> [..., out] in the dtype of x. ``x' = dropout(x, dropout_p, training)``. Same result as
+    ``radar_gate_lora_reference`` (LoRA outputs, then radar_gate) without ever forming the
+    [..., K, out] expert outputs, in forward or backward. r, rg <= 64; K and E unbounded.
+    backend: "auto" (Triton kernels on CUDA or under TRITON_INTERPRET=1, else the chunked
+    PyTorch path), "triton" or "torch".
+    """
+    compiling = torch.compiler.is_compiling()
+    check_lora_inputs(x, lora_A, lora_B, weights, rot_down, rot_up, angle_bias, expert_ids,
+                      scaling, tau, eps, check_id_range=not compiling)
+    which = _resolve_backend(backend, x, rot_down is not None)
+    lead, K = x.shape[:-1], weights.shape[-1]
+    if dropout_p:
+        x = F.dropout(x, dropout_p, training)
+    x2 = x.reshape(-1, x.shape[-1])
+    ids = expert_ids.reshape(-1, K) if expert_ids is not None else None
+    y = torch.ops.radargate.lora_fwd(x2, lora_A, lora_B, weights.reshape(-1, K), rot_down,
+                                     rot_up, angle_bias, ids, float(scaling), float(tau),
+                                     float(eps), which)
+    return y.reshape(*lead, lora_B.shape[2])
