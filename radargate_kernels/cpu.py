@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from .reference import compute_dtype, radar_gate_reference
+from .reference import compute_dtype, radar_gate_reference, select_experts
 
 CHUNK = 128  # tokens per chunk: best of {16, 32, 64, 128, 256, 512, all} in BENCHMARKS.md
 
@@ -47,7 +47,7 @@ def _chunk_forward(V, g, A, B, beta, ids, tau: float, eps: float, out=None):
     else:  # K = 1: d = 0, only the angle bias rotates
         alpha = V.new_zeros(V.shape[0], 1, h)
     if beta is not None:
-        alpha = alpha + (beta.unsqueeze(0) if ids is None else beta[ids])
+        alpha = alpha + (beta.unsqueeze(0) if ids is None else select_experts(beta, ids))
     gw = g.unsqueeze(-1)
     v1, v2 = V[..., :h], V[..., h:]
     if inplace:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .cpu import _chunk_forward
-from .reference import compute_dtype, lora_down, lora_up
+from .reference import compute_dtype, lora_down, lora_up, select_experts
 from .validation import check_lora_inputs
 
 CHUNK_ELEMS = 1 << 21  # largest per-chunk intermediate (elements) of the PyTorch parts
@@ -60,12 +60,15 @@ def relation_lowrank(s, ids, P, Q, tau: float, eps: float):
     if ids is None:
         G = torch.einsum("tia,iajb,tjb->tij", s, P, s)
         z = torch.einsum("tia,iag->tig", s, Q)
-    else:
-        e = ids.long()
-        G = torch.einsum("tia,tijab,tjb->tij", s, P[e[:, :, None], :, e[:, None, :], :], s)
-        z = torch.einsum("tia,tiag->tig", s, Q[e])
+    else:  # gathers by index_select and one-hot products: bitwise repeatable gradients
+        E, r = P.shape[:2]
+        t = s.shape[0]
+        sP = torch.einsum("tia,tiafb->tifb", s, select_experts(P, ids))      # s_i P[e_i]
+        sE = F.one_hot(ids.long(), E).to(s.dtype).unsqueeze(-1) * s.unsqueeze(2)  # [t,K,E,r]
+        G = torch.bmm(sP.reshape(t, K, E * r), sE.reshape(t, K, E * r).transpose(1, 2))
+        z = torch.einsum("tia,tiag->tig", s, select_experts(Q, ids))
     if K == 1:
-        return torch.zeros_like(z)
+        return z * 0  # d = 0, as a function of s (zero gradients, and NaN stays NaN as in SPEC)
     # n = max(|v|, eps) as sqrt(max(G_ii, eps^2)): no 0/0 in sqrt's backward at a zero expert
     n = G.diagonal(dim1=1, dim2=2).clamp_min(eps * eps).sqrt()
     C = G / (n.unsqueeze(2) * n.unsqueeze(1))
@@ -103,7 +106,7 @@ def _per_token_elems(K, r, out, E, rg, ids, rotation):
     if not rotation:
         return K * (E if ids is not None else 1) * r
     v = K * out * (1 + (r if ids is not None else 0))  # V (and the gathered B rows)
-    rel = K * K * r * (r if ids is not None else 1) + K * K * 4 + K * rg
+    rel = K * K * r + K * E * r * 3 + K * rg if ids is not None else K * K * r + K * rg
     return max(v, rel)
 
 
@@ -165,7 +168,7 @@ def _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA):
     dS = dS.reshape(-1, E * r)
     A_cat = lora_A.to(ct).permute(1, 0, 2).reshape(fin, E * r)
     dx = (dS @ A_cat.t()).to(x.dtype) if need_dx else None
-    dA = (x.to(ct).t() @ dS).reshape(fin, E, r).permute(1, 0, 2).to(lora_A.dtype) \
+    dA = (x.to(ct).t() @ dS).reshape(fin, E, r).permute(1, 0, 2).to(lora_A.dtype).contiguous() \
         if need_dA else None
     return dx, dA
 
@@ -219,8 +222,8 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
                                                             params, dyc)
     dx, dA = _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA)
 
-    def cast(t, like):
-        return t.to(like.dtype) if t is not None else x.new_empty(0)
+    def cast(t, like):  # contiguous, as the fake implementation promises
+        return t.to(like.dtype).contiguous() if t is not None else x.new_empty(0)
     return (dx if dx is not None else x.new_empty(0), dA if dA is not None else x.new_empty(0),
             cast(dB, lora_B), cast(dg, g), cast(dA_rot, rot_down if rot_down is not None else x),
             cast(dU, rot_up if rot_up is not None else x), cast(dbeta, beta if beta is not None else x))

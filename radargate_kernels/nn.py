@@ -17,6 +17,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
+from .lora import radar_gate_lora
 from .ops import radar_gate
 
 
@@ -71,12 +72,18 @@ class RadarGateLoRALinear(nn.Module):
     ``rotation=False`` drops the RotationGate (no ``gate`` parameters): plain softmax / top-k
     weighted-sum gating, ``sum_i g_i v_i``; ``stretch=False`` replaces the router's weights by
     uniform ones, ``1/K`` over the (selected) experts (top-k selection still uses the router).
+
+    ``fused=True`` (default): the layer calls ``radar_gate_lora``, which never forms the expert
+    outputs ``[T, K, out]`` (forward or backward) and saves only x, the router weights and ids
+    for backward: about the memory of one LoRA, for any number of experts. ``fused=False`` keeps
+    the materialized path (expert outputs, then ``radar_gate``); both give the same result.
     """
 
     def __init__(self, base: nn.Linear, num_experts: int, rank: int = 8, alpha: float = 16,
                  dropout: float = 0.0, top_k: Optional[int] = None,
                  router_temperature: float = 1.0, gate_rank: int = 8, tau: float = 1.0,
-                 freeze_experts: bool = False, rotation: bool = True, stretch: bool = True):
+                 freeze_experts: bool = False, rotation: bool = True, stretch: bool = True,
+                 fused: bool = True):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
@@ -90,7 +97,7 @@ class RadarGateLoRALinear(nn.Module):
         self.num_experts, self.rank, self.top_k = num_experts, rank, top_k
         self.scaling = alpha / rank
         self.router_temperature = router_temperature
-        self.rotation, self.stretch = rotation, stretch
+        self.rotation, self.stretch, self.fused = rotation, stretch, fused
         dev, dt = base.weight.device, base.weight.dtype
         self.lora_A = nn.Parameter(torch.empty(num_experts, fin, rank, device=dev, dtype=dt))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, rank, fout, device=dev, dtype=dt))
@@ -124,7 +131,7 @@ class RadarGateLoRALinear(nn.Module):
 
     def extra_repr(self):
         return (f"num_experts={self.num_experts}, rank={self.rank}, top_k={self.top_k}, "
-                f"rotation={self.rotation}, stretch={self.stretch}")
+                f"rotation={self.rotation}, stretch={self.stretch}, fused={self.fused}")
 
     def expert_outputs(self, x2, ids):
         """x2 [T, in] -> expert outputs [T, K, out] (all experts, or the selected ``ids``)."""
@@ -153,11 +160,10 @@ class RadarGateLoRALinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         weights, ids, probs = self.route(x2)
-        V = self.expert_outputs(x2, ids)
-        if self.gate is not None:
-            y = self.gate(V, weights.to(V.dtype), ids)
-        else:  # weighted-sum gating: what the op gives at zero angles (SPEC), without the op
-            y = torch.einsum("...k,...kd->...d", weights.to(V.dtype), V)
+        if self.fused:
+            y = self._fused(x2, weights, ids)
+        else:
+            y = self._materialized(x2, weights, ids)
         # load balancing (Switch Transformer): E * sum_e (routed fraction) * (mean probability)
         routed = ids.reshape(-1) if ids is not None else probs.argmax(-1)
         frac = torch.bincount(routed, minlength=self.num_experts).float() / max(routed.numel(), 1)
@@ -166,6 +172,28 @@ class RadarGateLoRALinear(nn.Module):
             self.routing_counts += torch.bincount(routed, minlength=self.num_experts)
         out = self.base(x)  # under autocast: the autocast dtype
         return out + y.reshape(*lead, -1).to(out.dtype)
+
+    def _fused(self, x2, weights, ids):
+        """radar_gate_lora: no [T, K, out] tensor in forward or backward."""
+        dt = x2.dtype
+        gate = self.gate
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        rot = (gate.rot_down.to(dt), gate.rot_up.to(dt),
+               gate.angle_bias.to(dt) if gate.angle_bias is not None else None) \
+            if gate is not None else (None, None, None)
+        kw = dict(tau=gate.tau, eps=gate.eps) if gate is not None else {}
+        return radar_gate_lora(x2, self.lora_A.to(dt), self.lora_B.to(dt), weights.to(dt), *rot,
+                               expert_ids=ids, scaling=self.scaling, dropout_p=p,
+                               training=self.training, **kw)
+
+    def _materialized(self, x2, weights, ids):
+        """Expert outputs [T, K, out], then radar_gate (or the weighted sum)."""
+        V = self.expert_outputs(x2, ids)
+        if self.gate is not None:
+            y = self.gate(V, weights.to(V.dtype), ids)
+        else:  # weighted-sum gating: what the op gives at zero angles (SPEC), without the op
+            y = torch.einsum("...k,...kd->...d", weights.to(V.dtype), V)
+        return y
 
     @property
     def weight(self):  # code that reads layer.weight (e.g. for its dtype) keeps working

@@ -97,12 +97,19 @@ def lora_down(x, lora_A, expert_ids=None, scaling=1.0):
     return s * scaling
 
 
+def select_experts(W, expert_ids):
+    """W [E, ...] -> W[ids] [T, K, ...]. index_select, whose backward (index_add) was bitwise
+    repeatable on CPU where ``W[ids]``'s (index_put with accumulate) was not."""
+    rows = torch.index_select(W.reshape(W.shape[0], -1), 0, expert_ids.reshape(-1).long())
+    return rows.view(*expert_ids.shape, *W.shape[1:])
+
+
 def lora_up(s, lora_B, expert_ids=None):
     """Expert outputs from low-rank activations: s [T, K, r], lora_B [E, r, out] -> V [T, K, out]."""
     B = lora_B.to(s.dtype)
     if expert_ids is None:
         return torch.einsum("tkr,kro->tko", s, B)
-    return torch.einsum("tkr,tkro->tko", s, B[expert_ids.long()])
+    return torch.einsum("tkr,tkro->tko", s, select_experts(B, expert_ids))
 
 
 def radar_gate_lora_reference(x, lora_A, lora_B, weights, rot_down=None, rot_up=None,
@@ -128,4 +135,4 @@ def radar_gate_lora_reference(x, lora_A, lora_B, weights, rot_down=None, rot_up=
     else:
         beta = None if angle_bias is None else angle_bias.to(ct)
         y = radar_gate_reference(V, g, rot_down.to(ct), rot_up.to(ct), beta, ids, tau, eps)
-    return y.to(x.dtype).reshape(*lead, -1)
+    return y.to(x.dtype).reshape(*lead, lora_B.shape[2])

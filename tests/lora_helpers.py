@@ -1,0 +1,71 @@
+"""Random problems for the fused RadarGate-LoRA op and its checks against the reference."""
+import torch
+
+from radargate_kernels.reference import radar_gate_lora_reference
+
+LORA_DIFF = ("x", "lora_A", "lora_B", "weights", "rot_down", "rot_up", "angle_bias")
+LORA_PARAMS = ("lora_A", "lora_B", "rot_down", "rot_up", "angle_bias")
+
+
+def make_lora_problem(T, K, fin, out, r, rg, dtype=torch.float32, ids=False, bias=False,
+                      rotation=True, E_extra=2, seed=0):
+    """Fresh random inputs of ``radar_gate_lora`` (keyword dict). Scales keep |v| and the angles
+    O(1), so every term of the op matters."""
+    gen = torch.Generator().manual_seed(seed)
+    E = K + E_extra if ids else K
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    return dict(
+        x=rnd(T, fin), lora_A=rnd(E, fin, r, scale=fin ** -0.5), lora_B=rnd(E, r, out),
+        weights=rnd(T, K),
+        rot_down=rnd(out, rg, scale=out ** -0.5) if rotation else None,
+        rot_up=rnd(rg, out // 2, scale=rg ** -0.5) if rotation else None,
+        angle_bias=rnd(E, out // 2) if (bias and rotation) else None,
+        expert_ids=torch.randint(0, E, (T, K), generator=gen) if ids else None,
+        scaling=0.5 + float(torch.rand((), generator=gen)),
+        tau=float(0.3 + 1.7 * torch.rand((), generator=gen, dtype=torch.float64)),
+    )
+
+
+def lora_run(fn, prob, dy, dtype=None, **kw):
+    """fn on copies of the problem (cast to dtype if given) -> (y, {name: gradient})."""
+    args = {}
+    for k, v in prob.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            v = v.detach().clone().to(dtype or v.dtype).requires_grad_(True)
+        args[k] = v
+    y = fn(**args, **kw)
+    names = [n for n in LORA_DIFF if args.get(n) is not None]
+    grads = torch.autograd.grad(y, [args[n] for n in names], dy.to(y.dtype),
+                                materialize_grads=True)
+    return y.detach(), dict(zip(names, grads))
+
+
+def check_lora_against_reference(prob, dy, **kw):
+    """radar_gate_lora (forward and every gradient) vs the reference composition, with the
+    per-dtype tolerance table (tolerances.py): the reference in the input dtype measures the
+    rounding noise, the reference in float64 is the truth; parameter gradients are compared at
+    the scale of their per-token summands (sums over tokens)."""
+    from radargate_kernels import radar_gate_lora
+    from tolerances import assert_matches
+    dtype = prob["x"].dtype
+    y, grads = lora_run(radar_gate_lora, prob, dy, **kw)
+    y_r, g_r = lora_run(radar_gate_lora_reference, prob, dy)
+    y_t, g_t = lora_run(radar_gate_lora_reference, prob, dy, dtype=torch.float64)
+    assert y.dtype == dtype and y.shape == y_t.shape
+    assert_matches("y", y, y_r, y_t, dtype)
+    assert set(grads) == set(g_t)
+    scales = {}
+    for t in range(prob["x"].shape[0]):  # sum over tokens of |per-token contribution|
+        sub = {k: (v[t:t + 1] if k in ("x", "weights", "expert_ids") and v is not None else v)
+               for k, v in prob.items()}
+        _, g1 = lora_run(radar_gate_lora_reference, sub, dy[t:t + 1], dtype=torch.float64)
+        for n in LORA_PARAMS:
+            if n in g1:
+                scales[n] = scales.get(n, 0) + g1[n].abs()
+    for name in g_t:
+        assert grads[name].dtype == dtype, name
+        sc = float(scales[name].max()) if name in scales else None
+        assert_matches(f"d{name}", grads[name], g_r[name], g_t[name], dtype, scale=sc)

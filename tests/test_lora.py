@@ -1,0 +1,190 @@
+"""The fused RadarGate-LoRA op (``radar_gate_lora``) against the reference composition
+``LoRA expert outputs -> radar_gate_reference``: forward and every gradient, both backends.
+
+Edges: K = 1, odd K, prime out/2, out = 2, T = 0 / 1, r = 1, sparse ids with repeats, angle bias,
+rotation off (weighted sum), K = 64 / E = 128 / r = rg = 64 on the Triton path. To add a shape:
+append (T, K, in, out, r, rg, ids, bias, rotation) to CASES.
+"""
+import zlib
+
+import pytest
+import torch
+
+from radargate_kernels import radar_gate_lora
+from radargate_kernels.reference import radar_gate_lora_reference
+from lora_helpers import check_lora_against_reference, lora_run, make_lora_problem
+
+CASES = [
+    # T, K, in, out, r, rg, ids, bias, rotation
+    (5, 3, 12, 10, 4, 3, False, True, True),     # odd K, prime out/2 = 5
+    (1, 1, 7, 6, 2, 2, False, True, True),       # K = 1 (only the bias rotates), one token
+    (0, 4, 8, 8, 3, 2, True, True, True),        # T = 0
+    (9, 2, 6, 2, 1, 1, True, False, True),       # out = 2 (one pair), r = 1, top-2 style ids
+    (37, 8, 16, 34, 8, 8, True, True, True),     # partial token block, prime out/2 = 17
+    (17, 5, 10, 70, 3, 5, False, False, True),   # out/2 = 35 > one chunk? (BH = 64: one)
+    (6, 4, 9, 12, 5, 3, True, False, False),     # rotation off: weighted sum, sparse
+    (7, 3, 9, 11, 2, 0, False, False, False),    # rotation off, odd out
+    (5, 2, 8, 260, 4, 4, True, True, True),      # out/2 = 130: several chunks, ragged tail
+]
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _id(c):
+    T, K, fin, out, r, rg, ids, bias, rot = c
+    return (f"T{T}-K{K}-in{fin}-out{out}-r{r}-rg{rg}" + ("-ids" if ids else "")
+            + ("-bias" if bias else "") + ("" if rot else "-norot"))
+
+
+def _problem(case, dtype, seed_extra=""):
+    T, K, fin, out, r, rg, ids, bias, rot = case
+    seed = zlib.crc32(repr((case, str(dtype), seed_extra)).encode())
+    prob = make_lora_problem(T, K, fin, out, r, rg, dtype=dtype, ids=ids, bias=bias,
+                             rotation=rot, seed=seed)
+    dy = torch.randn(T, out, generator=torch.Generator().manual_seed(seed + 1),
+                     dtype=torch.float64).to(dtype)
+    return prob, dy
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_forward_and_gradients_match_reference_composition(case, dtype, backend):
+    prob, dy = _problem(case, dtype)
+    check_lora_against_reference(prob, dy, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("ids", [False, True])
+def test_gradcheck_float64(backend, ids):
+    prob = make_lora_problem(3, 3, 4, 6, 2, 2, dtype=torch.float64, ids=ids, bias=True, seed=5)
+    names = [n for n in ("x", "lora_A", "lora_B", "weights", "rot_down", "rot_up", "angle_bias")]
+    leaves = [prob[n].clone().requires_grad_(True) for n in names]
+    rest = {k: v for k, v in prob.items() if k not in names}
+
+    def f(*xs):
+        return radar_gate_lora(**dict(zip(names, xs)), **rest, backend=backend)
+
+    assert torch.autograd.gradcheck(f, leaves, fast_mode=False)
+
+
+@pytest.mark.parametrize("ids", [False, True], ids=["dense", "topk"])
+def test_large_k_e_and_ranks_on_the_triton_path(ids):
+    # K = 64 slots (dense: E = 64; top-k: 64 of E = 128 experts), r = rg = 64
+    K = 64
+    prob = make_lora_problem(2, K, 5, 4, 64, 64, ids=ids, bias=True, E_extra=64, seed=3)
+    if not ids:
+        assert prob["lora_A"].shape[0] == 64
+    else:
+        assert prob["lora_A"].shape[0] == 128
+    dy = torch.randn(2, 4, generator=torch.Generator().manual_seed(4))
+    check_lora_against_reference(prob, dy, backend="triton")
+
+
+def test_repeated_ids_within_a_token_are_separate_slots():
+    prob = make_lora_problem(4, 3, 6, 8, 2, 2, ids=True, bias=True, seed=9)
+    prob["expert_ids"] = torch.tensor([[1, 1, 1], [0, 2, 0], [4, 4, 3], [2, 2, 2]])
+    dy = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    for backend in ("triton", "torch"):
+        check_lora_against_reference(prob, dy, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_non_contiguous_inputs_and_leading_dims(backend):
+    gen = torch.Generator().manual_seed(2)
+    E, fin, r, out, rg = 3, 6, 2, 8, 3
+    x = torch.randn(2, fin + 3, 4, generator=gen).transpose(1, 2)[..., 1:1 + fin]  # [2, 4, fin]
+    A = torch.randn(fin, E, r, generator=gen).permute(1, 0, 2)
+    B = torch.randn(E, out, r, generator=gen).transpose(1, 2)
+    g = torch.randn(1, 1, E, generator=gen).expand(2, 4, E)
+    Ad = torch.randn(rg, out, generator=gen).t() * 0.3
+    U = torch.randn(rg, out, generator=gen)[:, ::2]
+    beta = torch.randn(out // 2, E, generator=gen).t()
+    args = dict(x=x, lora_A=A, lora_B=B, weights=g, rot_down=Ad, rot_up=U, angle_bias=beta,
+                tau=0.7, scaling=0.5)
+    assert not any(v.is_contiguous() for v in args.values() if isinstance(v, torch.Tensor))
+    contig = {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    dy = torch.randn(2, 4, out, generator=gen)
+    y_s, g_s = lora_run(radar_gate_lora, args, dy, backend=backend)
+    y_r, g_r = lora_run(radar_gate_lora_reference, contig, dy)
+    assert y_s.shape == (2, 4, out)
+    torch.testing.assert_close(y_s, y_r, rtol=1e-5, atol=1e-5)
+    for n in g_r:
+        torch.testing.assert_close(g_s[n], g_r[n], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gradients_are_bitwise_deterministic_and_inputs_unchanged(backend):
+    prob, dy = _problem(CASES[4], torch.float32, "det")
+    before = {k: v.clone() for k, v in prob.items() if isinstance(v, torch.Tensor)}
+    y1, g1 = lora_run(radar_gate_lora, prob, dy, backend=backend)
+    y2, g2 = lora_run(radar_gate_lora, prob, dy, backend=backend)
+    assert torch.equal(y1, y2)
+    for n in g1:
+        assert torch.equal(g1[n], g2[n]), n
+    for k, v in before.items():
+        assert torch.equal(prob[k], v), f"{k} was modified"
+
+
+def test_dropout_is_applied_to_x_before_the_experts():
+    prob = make_lora_problem(6, 3, 8, 8, 2, 2, seed=4)
+    torch.manual_seed(0)
+    y = radar_gate_lora(**prob, dropout_p=0.5, training=True, backend="torch")
+    torch.manual_seed(0)
+    x_drop = torch.nn.functional.dropout(prob["x"], 0.5, True)
+    y_r = radar_gate_lora_reference(**dict(prob, x=x_drop))
+    torch.testing.assert_close(y, y_r, rtol=1e-5, atol=1e-5)
+    y_eval = radar_gate_lora(**prob, dropout_p=0.5, training=False, backend="torch")
+    torch.testing.assert_close(y_eval, radar_gate_lora_reference(**prob), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_torch_compile_fullgraph_and_opcheck(backend):
+    prob = make_lora_problem(5, 3, 6, 8, 2, 2, ids=True, bias=True, seed=8)
+    dy = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    f = torch.compile(radar_gate_lora, fullgraph=True, backend="aot_eager")
+    y_c, g_c = lora_run(f, prob, dy, backend=backend)
+    y_e, g_e = lora_run(radar_gate_lora, prob, dy, backend=backend)
+    torch.testing.assert_close(y_c, y_e)
+    for n in g_e:
+        torch.testing.assert_close(g_c[n], g_e[n])
+    p = {k: (v.requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point()
+             else v) for k, v in prob.items()}
+    torch.library.opcheck(torch.ops.radargate.lora_fwd, (
+        p["x"], p["lora_A"], p["lora_B"], p["weights"], p["rot_down"], p["rot_up"],
+        p["angle_bias"], p["expert_ids"], p["scaling"], p["tau"], 1e-6, backend))
+
+
+@pytest.mark.parametrize("over, exc, words", [
+    (dict(lora_A=torch.zeros(3, 5, 2)), ValueError, ["lora_A", "in = 6"]),
+    (dict(lora_B=torch.zeros(3, 3, 8)), ValueError, ["lora_B", "[3, 2, out]"]),
+    (dict(weights=torch.zeros(4, 3)), ValueError, ["weights", "leading"]),
+    (dict(weights=torch.zeros(5, 2)), ValueError, ["weights", "K = 2", "E = 3"]),
+    (dict(expert_ids=torch.zeros(5, 2, dtype=torch.long)), ValueError, ["expert_ids", "shape"]),
+    (dict(expert_ids=torch.full((5, 3), 3)), ValueError, ["expert_ids", "[0, 3)"]),
+    (dict(expert_ids=torch.zeros(5, 3)), TypeError, ["expert_ids", "integer"]),
+    (dict(lora_A=torch.zeros(3, 6, 65), lora_B=torch.zeros(3, 65, 8)), ValueError,
+     ["lora_A", "64"]),
+    (dict(rot_down=torch.zeros(8, 65), rot_up=torch.zeros(65, 4)), ValueError, ["rot_down", "64"]),
+    (dict(rot_up=None), ValueError, ["rot_down, rot_up"]),
+    (dict(rot_up=torch.zeros(2, 3)), ValueError, ["rot_up", "[2, 4]"]),
+    (dict(angle_bias=torch.zeros(2, 4)), ValueError, ["angle_bias", "[3, 4]"]),
+    (dict(lora_B=torch.zeros(3, 2, 8, dtype=torch.float64)), TypeError, ["lora_B", "float32"]),
+    (dict(x=torch.zeros(5, 6, dtype=torch.int32)), TypeError, ["x", "dtype"]),
+    (dict(tau=0.0), ValueError, ["tau"]),
+    (dict(scaling=float("nan")), ValueError, ["scaling"]),
+    (dict(backend="cuda"), ValueError, ["backend"]),
+])
+def test_bad_input_raises_clear_error(over, exc, words):
+    prob = make_lora_problem(5, 3, 6, 8, 2, 2, bias=True, seed=1)
+    prob.update(over)
+    with pytest.raises(exc) as info:
+        radar_gate_lora(**prob)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_odd_out_with_rotation_is_rejected():
+    prob = make_lora_problem(2, 2, 4, 7, 2, 2, rotation=False, seed=1)
+    prob.update(rot_down=torch.zeros(7, 2), rot_up=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="lora_B: expected an even output size"):
+        radar_gate_lora(**prob)
