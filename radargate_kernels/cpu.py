@@ -30,7 +30,6 @@ CHUNK = 128  # tokens per chunk: best of {16, 32, 64, 128, 256, 512, all} in BEN
 def _chunk_forward(V, g, A, B, beta, ids, tau: float, eps: float, out=None):
     """V [t, K, D] (compute dtype) ... -> y [t, D]. Differentiable by autograd when ``out`` is
     None; with ``out`` (forward, no autograd) it works in place and writes into ``out``."""
-    inplace = out is not None
     K, D = V.shape[-2:]
     h = D // 2
     G = torch.bmm(V, V.transpose(1, 2))                               # Gram [t, K, K]
@@ -48,9 +47,17 @@ def _chunk_forward(V, g, A, B, beta, ids, tau: float, eps: float, out=None):
         alpha = V.new_zeros(V.shape[0], 1, h)
     if beta is not None:
         alpha = alpha + (beta.unsqueeze(0) if ids is None else select_experts(beta, ids))
+    return rotate_stretch_sum(V, alpha, g, out)
+
+
+def rotate_stretch_sum(V, alpha, g, out=None):
+    """SPEC steps 5-6: V [t, K, D], alpha [t, K, D/2], g [t, K] -> y [t, D]; the stretch weights
+    are folded into cos/sin ([t, K, D/2]) and no rotated [t, K, D] tensor is formed. With ``out``
+    (no autograd) it works in place and writes into ``out``."""
+    h = V.shape[-1] // 2
     gw = g.unsqueeze(-1)
     v1, v2 = V[..., :h], V[..., h:]
-    if inplace:
+    if out is not None:
         gc = torch.cos(alpha).mul_(gw)
         gs = torch.sin(alpha).mul_(gw)
         torch.sum((v1 * gc).addcmul_(v2, gs, value=-1), 1, out=out[:, :h])

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .cpu import _chunk_forward
+from .cpu import rotate_stretch_sum
 from .reference import compute_dtype, lora_down, lora_up, select_experts
 from .validation import check_lora_inputs
 
@@ -86,12 +86,14 @@ def weighted_sum_lowrank(s, g, ids, lora_B):
     return gs.reshape(-1, E * r) @ lora_B.to(s.dtype).reshape(E * r, out)
 
 
-def _torch_chunk(s, g, ids, lora_B, rot_down, rot_up, beta, tau, eps):
-    """The PyTorch path on a chunk of tokens: s [t, K, r] -> y [t, out] (compute dtype)."""
-    if rot_down is None:
-        return weighted_sum_lowrank(s, g, ids, lora_B)
-    V = lora_up(s, lora_B, ids)  # [t, K, out]: this chunk only
-    return _chunk_forward(V, g, rot_down, rot_up, beta, ids, tau, eps)
+def stream_torch(s, g, d, ids, lora_B, rot_up, beta):
+    """The streaming part in PyTorch, on a chunk of tokens: ``y = sum_k g_k R(d_k U + beta) v_k``
+    with ``v = s B_e`` formed for this chunk only. s [t, K, r], d [t, K, rg] -> y [t, out]."""
+    V = lora_up(s, lora_B, ids)
+    alpha = d @ rot_up
+    if beta is not None:
+        alpha = alpha + (beta.unsqueeze(0) if ids is None else select_experts(beta, ids))
+    return rotate_stretch_sum(V, alpha, g)
 
 
 # ---- chunked evaluation with recompute ---------------------------------------------------------
@@ -180,14 +182,17 @@ def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, ep
     E, _, out = lora_B.shape
     rg = rot_down.shape[1] if rot_down is not None else 0
     chunks = _chunks(T, _per_token_elems(K, r, out, E, rg, ids, rot_down is not None))
-    if backend == "triton" and rot_down is not None:
-        P, Q = lowrank_factors(lora_B, rot_down, ct)
-        d = _chunked_eval(lambda s_, i_: relation_lowrank(s_, i_, P, Q, tau, eps), chunks,
-                          (s, ids), (), s.new_empty((T, K, rg)))
+    Bc = lora_B.to(ct)
+    if rot_down is None:
+        return _chunked_eval(weighted_sum_lowrank, chunks, (s, g.to(ct), ids), (Bc,),
+                             s.new_empty((T, out))).to(x.dtype)
+    P, Q = lowrank_factors(lora_B, rot_down, ct)
+    d = _chunked_eval(lambda s_, i_: relation_lowrank(s_, i_, P, Q, tau, eps), chunks, (s, ids),
+                      (), s.new_empty((T, K, rg)))
+    if backend == "triton":
         return _launch().stream_forward(s, g, d, ids, lora_B, rot_up, beta, x.dtype)
-    params = tuple(p.to(ct) if p is not None else None for p in (lora_B, rot_down, rot_up, beta))
-    fn = lambda s_, g_, i_, *p: _torch_chunk(s_, g_, i_, *p, tau, eps)  # noqa: E731
-    y = _chunked_eval(fn, chunks, (s, g.to(ct), ids), params, s.new_empty((T, out)))
+    params = (Bc, rot_up.to(ct), beta.to(ct) if beta is not None else None)
+    y = _chunked_eval(stream_torch, chunks, (s, g.to(ct), d, ids), params, s.new_empty((T, out)))
     return y.to(x.dtype)
 
 
@@ -200,26 +205,29 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
     rg = rot_down.shape[1] if rot_down is not None else 0
     chunks = _chunks(T, _per_token_elems(K, r, out, E, rg, ids, rot_down is not None))
     dyc = dy.to(ct)
-    if backend == "triton" and rot_down is not None:
+    dA_rot = dU = dbeta = None
+    if rot_down is None:
+        (ds, dg), (dB,) = _chunked_grads(weighted_sum_lowrank, chunks, (s, g.to(ct), ids), 2,
+                                         (lora_B.to(ct),), dyc)
+    else:
         B_l = lora_B.detach().to(ct).requires_grad_(True)
         A_l = rot_down.detach().to(ct).requires_grad_(True)
         with _autograd_on():
             P, Q = lowrank_factors(B_l, A_l, ct)
         rel = lambda s_, i_, P_, Q_: relation_lowrank(s_, i_, P_, Q_, tau, eps)  # noqa: E731
         d = _chunked_eval(rel, chunks, (s, ids), (P.detach(), Q.detach()), s.new_empty((T, K, rg)))
-        ds, dg, dd, dB, dU, dbeta = _launch().stream_backward(dy.contiguous(), s, g, d, ids,
-                                                              lora_B, rot_up, beta)
+        if backend == "triton":
+            ds, dg, dd, dB, dU, dbeta = _launch().stream_backward(dy.contiguous(), s, g, d, ids,
+                                                                  lora_B, rot_up, beta)
+        else:
+            params = (lora_B.to(ct), rot_up.to(ct), beta.to(ct) if beta is not None else None)
+            (ds, dg, dd), (dB, dU, dbeta) = _chunked_grads(stream_torch, chunks,
+                                                           (s, g.to(ct), d, ids), 3, params, dyc)
         (ds2,), (dP, dQ) = _chunked_grads(rel, chunks, (s, ids), 1, (P, Q), dd)
         with _autograd_on():
             dB2, dA_rot = torch.autograd.grad((P, Q), (B_l, A_l), (dP, dQ))
         ds += ds2
         dB += dB2
-    else:
-        params = tuple(p.to(ct) if p is not None else None
-                       for p in (lora_B, rot_down, rot_up, beta))
-        fn = lambda s_, g_, i_, *p: _torch_chunk(s_, g_, i_, *p, tau, eps)  # noqa: E731
-        (ds, dg), (dB, dA_rot, dU, dbeta) = _chunked_grads(fn, chunks, (s, g.to(ct), ids), 2,
-                                                            params, dyc)
     dx, dA = _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA)
 
     def cast(t, like):  # contiguous, as the fake implementation promises

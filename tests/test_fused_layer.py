@@ -1,0 +1,90 @@
+"""RadarGateLoRALinear's fused path (radar_gate_lora) against its materialized path, and what it
+saves for backward (the point of the fused layer)."""
+import pytest
+import torch
+from torch import nn
+
+from radargate_kernels.nn import RadarGateLoRALinear
+from radargate_kernels.memory import saved_bytes
+
+
+def _pair(top_k, rotation, stretch, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    kw = dict(num_experts=5, rank=3, alpha=6, top_k=top_k, gate_rank=2, tau=0.7,
+              rotation=rotation, stretch=stretch, dropout=dropout)
+    fused = RadarGateLoRALinear(nn.Linear(12, 10), **kw)
+    with torch.no_grad():  # leave the start state: non-zero experts and rotation
+        fused.lora_B.normal_()
+        if rotation:
+            fused.gate.rot_up.normal_()
+            fused.gate.angle_bias.normal_()
+    mat = RadarGateLoRALinear(nn.Linear(12, 10), **kw, fused=False)
+    mat.load_state_dict(fused.state_dict())
+    return fused, mat
+
+
+@pytest.mark.parametrize("top_k", [None, 2], ids=["dense", "top2"])
+@pytest.mark.parametrize("rotation, stretch", [(True, True), (False, True), (True, False)],
+                         ids=["radargate", "weighted_sum", "no_stretch"])
+def test_fused_and_materialized_layers_agree(top_k, rotation, stretch):
+    fused, mat = _pair(top_k, rotation, stretch)
+    assert fused.fused and not mat.fused
+    x = torch.randn(2, 7, 12)
+    outs = []
+    for layer in (fused, mat):
+        xx = x.clone().requires_grad_(True)
+        y = layer(xx)
+        params = [p for p in layer.parameters() if p.requires_grad]
+        grads = torch.autograd.grad((y * torch.linspace(-1, 1, 10)).sum(), [xx] + params,
+                                    allow_unused=True)  # stretch=False, dense: router unused
+        outs.append((y.detach(), grads, layer.aux_loss.detach()))
+    (y1, g1, a1), (y2, g2, a2) = outs
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a1, a2)
+    assert len(g1) == len(g2)
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_layer_with_dropout_matches_materialized_under_the_same_seed():
+    fused, mat = _pair(2, True, True, dropout=0.3)
+    x = torch.randn(9, 12)
+    torch.manual_seed(5)
+    y1 = fused(x)
+    torch.manual_seed(5)
+    y2 = mat(x)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    fused.eval()
+    mat.eval()
+    torch.testing.assert_close(fused(x), mat(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k, E", [(None, 8), (2, 8), (None, 40)], ids=["E8", "E8top2", "E40"])
+def test_fused_layer_saves_at_most_1_3x_one_plain_lora(top_k, E):
+    # the issue's shape: T = 2048, in = out = 1024, rank 8, fp32, non-zero lora_B and rot_up;
+    # PyTorch path (what is saved does not depend on the backend: same setup_context)
+    T, d = 2048, 1024
+    torch.manual_seed(0)
+    x = torch.randn(T, d, requires_grad=True)  # a layer inside a network: dx is needed
+    base = nn.Linear(d, d)
+    lora_a, lora_b = nn.Linear(d, 8, bias=False), nn.Linear(8, d, bias=False)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    plain = saved_bytes(lambda: base(x) + 2.0 * lora_b(lora_a(x)))
+    layer = RadarGateLoRALinear(base, num_experts=E, rank=8, top_k=top_k)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.gate.rot_up.normal_()
+    import radargate_kernels.lora as lora_mod
+    orig = lora_mod._resolve_backend
+    lora_mod._resolve_backend = lambda b, x, rot: "torch"
+    try:
+        fused = saved_bytes(lambda: layer(x))
+    finally:
+        lora_mod._resolve_backend = orig
+    assert plain["total"] > 12 * 2 ** 20  # x, W, and the two small LoRA tensors: 12.1 MiB
+    assert fused["total"] <= 1.3 * plain["total"], (fused, plain)
+    # nothing of size T x K x out, and nothing of size T x K x r either (s is recomputed)
+    assert fused["largest"] <= T * d * 4
