@@ -44,6 +44,16 @@ T_REPR = 64  # tokens in the representative launch (T never becomes a constexpr;
 LARGE_STRIDES = {"s_vt": 2 ** 31 + 16, "s_vk": 2 ** 31 + 32, "s_vd": 2 ** 32 + 16}
 
 
+# Fused-layer kernels (kernels/lora_stream.py): K and E are loops and grid axes, so only the LoRA
+# rank r, the RotationGate rank rg, out (-> chunk width) and the flags shape a compilation.
+# (r, rg, out, ids and angle_bias): the extremes of the supported range (r, rg <= 64).
+LORA_KERNELS = ("lora_fwd_kernel", "lora_bwd_rows_kernel", "lora_bwd_params_kernel")
+LORA_FULL = [(r, rg, out, flags) for r in (1, 8, 17, 64) for rg in (1, 8, 64)
+             for out in (2, 64, 4096) for flags in (False, True)]
+LORA_QUICK = [(8, 8, 4096, True), (64, 64, 4096, True), (1, 1, 2, False)]
+LORA_K, LORA_E = 64, 128  # representative K and E of a launch (do not reach the compilation)
+
+
 def shape_classes(quick: bool):
     if quick:
         return QUICK
@@ -68,6 +78,7 @@ def _config_key(kernel, cfg, has_beta):
 def plan_jobs(quick: bool, archs, dtypes=DTYPES):
     """Distinct (arch, dtype, kernel, config) jobs, each with its representative shape."""
     from .kernels.launch import pick_config
+    from .kernels.lora_launch import pick_lora_config
     kernels = ("radargate_fwd_kernel", "radargate_bwd_rows_kernel", "radargate_bwd_params_kernel")
     jobs, seen = [], set()
     for arch in archs:
@@ -85,6 +96,15 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
             for kern in kernels:
                 jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=8, D=4096, r=8, E=16,
                                  large=True))
+            for (r, rg, out, flags) in (LORA_QUICK if quick else LORA_FULL):
+                cfg = pick_lora_config(r, rg, out // 2)
+                for kern in LORA_KERNELS:
+                    key = (arch, dtype, kern, flags, cfg)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=LORA_K, D=out, r=r,
+                                     E=LORA_E if flags else None, rg=rg))
     return jobs
 
 
@@ -132,6 +152,30 @@ def _ptxas_usage(ptx: str, arch: int):
     return int(regs.group(1)), int(spill_st.group(1)) + int(spill_ld.group(1))
 
 
+def _plan_lora(job, dt):
+    """The launch the fused layer's host code plans for this job's shape (K = 64, E = 128)."""
+    import torch
+    from .kernels import lora_launch as LL
+    K, out, r, rg = job["K"], job["D"], job["r"], job["rg"]
+    flags = job["E"] is not None
+    E = job["E"] if flags else K
+    T = T_REPR
+    s = torch.empty((T, K, r), dtype=torch.float32)
+    d = torch.empty((T, K, rg), dtype=torch.float32)
+    g = torch.empty((T, K), dtype=dt)
+    ids = torch.zeros((T, K), dtype=torch.int64) if flags else None
+    B = torch.empty((E, r, out), dtype=dt)
+    U = torch.empty((rg, out // 2), dtype=dt)
+    beta = torch.empty((E, out // 2), dtype=dt) if flags else None
+    if job["kernel"] == "lora_fwd_kernel":
+        _, launches = LL.plan_stream_forward(s, g, d, ids, B, U, beta, dt)
+        return launches[0], LL.pick_lora_config(r, rg, out // 2)
+    dy = torch.empty((T, out), dtype=dt)
+    _, launches = LL.plan_stream_backward(dy, s, g, d, ids, B, U, beta)
+    return launches[0 if job["kernel"] == "lora_bwd_rows_kernel" else 1], \
+        LL.pick_lora_config(r, rg, out // 2)
+
+
 def compile_job(job):
     """Compile one job; returns the job dict with regs, spills, shared, seconds, error."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -152,6 +196,17 @@ def compile_job(job):
     t0 = time.time()
     out = dict(job)
     try:
+        if job["kernel"].startswith("lora_"):
+            launch, lc = _plan_lora(job, dt)
+            compiled = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.meta)
+            regs, spills = _ptxas_usage(compiled.asm["ptx"], job["arch"])
+            out.update(regs=regs, spills=spills, shared=int(compiled.metadata.shared),
+                       warps=launch.meta["num_warps"], error=None,
+                       config=f"BT={lc.BT} BH={launch.meta['BH']} RP={lc.RP} RGP={lc.RGP} "
+                              f"rg={job['rg']}"
+                              + (" ids+bias" if job["E"] is not None else ""))
+            out["seconds"] = time.time() - t0
+            return out
         if job["kernel"] == "radargate_fwd_kernel":
             _, launches = L.plan_forward(V, g, A, B, beta, ids, 1.0, 1e-6)
             launch = launches[0]

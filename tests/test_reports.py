@@ -18,7 +18,8 @@ def test_compile_report_quick_compiles_every_kernel_for_sm80_and_sm90_without_sp
     out = res.stdout
     assert res.returncode == 0, out[-3000:] + res.stderr[-3000:]
     rows = [l for l in out.splitlines() if l.strip().startswith(("80 ", "90 "))]
-    kernels = {"radargate_fwd_kernel", "radargate_bwd_rows_kernel", "radargate_bwd_params_kernel"}
+    kernels = {"radargate_fwd_kernel", "radargate_bwd_rows_kernel", "radargate_bwd_params_kernel",
+               "lora_fwd_kernel", "lora_bwd_rows_kernel", "lora_bwd_params_kernel"}
     for arch in ("80", "90"):
         for dtype in ("float16", "bfloat16", "float32"):
             seen = {l.split()[2] for l in rows if l.split()[:2] == [arch, dtype]}

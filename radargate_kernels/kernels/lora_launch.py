@@ -16,18 +16,26 @@ from .lora_stream import lora_bwd_params_kernel, lora_bwd_rows_kernel, lora_fwd_
 
 @dataclass(frozen=True)
 class LoraConfig:
-    BT: int    # tokens per program (forward, backward rows)
-    BH: int    # feature pairs per chunk
-    BR: int    # expert-sorted rows per step (parameter kernel)
-    RP: int    # LoRA rank padded (>= 16 for tl.dot)
-    RGP: int   # RotationGate rank padded
-    WARPS: int = 4
+    BT: int        # tokens per program (forward, backward rows)
+    BH: int        # feature pairs per chunk (forward, backward rows)
+    BH_PARAMS: int  # feature pairs per program (parameter kernel)
+    BR: int        # expert-sorted rows per step (parameter kernel)
+    RP: int        # LoRA rank padded (>= 16 for tl.dot)
+    RGP: int       # RotationGate rank padded
+    WARPS_FWD: int
+    WARPS_ROWS: int
+    WARPS_PARAMS: int
 
 
 def pick_lora_config(r: int, rg: int, h: int) -> LoraConfig:
-    """Block sizes: K and E are loops / grid axes, so only r, rg and h shape the tiles."""
-    return LoraConfig(BT=16, BH=min(64, max(16, _pow2(h))), BR=32, RP=max(16, _pow2(r)),
-                      RGP=max(16, _pow2(rg)))
+    """Block sizes: K and E are loops / grid axes, so only r, rg and h shape the tiles. The
+    parameter kernel holds three [rank, BH] accumulators and the B_e, rot_up chunks: at rank 64
+    it takes a quarter of the chunk width (0 spills at sm_80/sm_90: compile report)."""
+    RP, RGP = max(16, _pow2(r)), max(16, _pow2(rg))
+    cap = max(16, _pow2(h))
+    wide = max(RP, RGP) >= 64
+    return LoraConfig(BT=16, BH=min(64, cap), BH_PARAMS=min(16 if wide else 64, cap), BR=16,
+                      RP=RP, RGP=RGP, WARPS_FWD=8, WARPS_ROWS=8, WARPS_PARAMS=8)
 
 
 def _prep(s, ids, lora_B, rot_up, angle_bias):
@@ -39,8 +47,7 @@ def _prep(s, ids, lora_B, rot_up, angle_bias):
     beta_t = angle_bias if angle_bias is not None else s
     s_ids = ids.stride() if ids is not None else (0, 0)
     s_beta = angle_bias.stride() if angle_bias is not None else (0, 0)
-    meta = dict(HAS_BETA=angle_bias is not None, ACC=_acc(s.dtype), num_warps=cfg.WARPS,
-                RGP=cfg.RGP, BH=cfg.BH)
+    meta = dict(HAS_BETA=angle_bias is not None, ACC=_acc(s.dtype), RGP=cfg.RGP, maxnreg=255)
     return T, K, r, E, out, h, rg, cfg, ids_t, beta_t, s_ids, s_beta, meta
 
 
@@ -54,7 +61,7 @@ def plan_stream_forward(s, g, d, ids, lora_B, rot_up, angle_bias, out_dtype):
         launches.append(Launch(lora_fwd_kernel, (triton.cdiv(h, cfg.BH), triton.cdiv(T, cfg.BT)), (
             s, g, d, ids_t, lora_B, rot_up, beta_t, y, T, K, h, r, rg, E,
             *g.stride(), *s_ids, *lora_B.stride(), *rot_up.stride(), *s_beta, *y.stride()),
-            dict(meta, BT=cfg.BT, HAS_IDS=ids is not None)))
+            dict(meta, BT=cfg.BT, BH=cfg.BH, HAS_IDS=ids is not None, num_warps=cfg.WARPS_FWD)))
     return y, launches
 
 
@@ -86,13 +93,14 @@ def plan_stream_backward(dy, s, g, d, ids, lora_B, rot_up, angle_bias):
         launches.append(Launch(lora_bwd_rows_kernel, (triton.cdiv(T, cfg.BT),), (
             s, g, d, ids_t, lora_B, rot_up, beta_t, dy, ds, dg, dd, T, K, h, r, rg, E,
             *g.stride(), *s_ids, *lora_B.stride(), *rot_up.stride(), *s_beta, *dy.stride()),
-            dict(meta, BT=cfg.BT, RP=cfg.RP, HAS_IDS=ids is not None)))
+            dict(meta, BT=cfg.BT, BH=cfg.BH, RP=cfg.RP, HAS_IDS=ids is not None,
+                 num_warps=cfg.WARPS_ROWS)))
         order, offs = expert_order(ids, T, K, E, s.device)
-        launches.append(Launch(lora_bwd_params_kernel, (triton.cdiv(h, cfg.BH), E), (
+        launches.append(Launch(lora_bwd_params_kernel, (triton.cdiv(h, cfg.BH_PARAMS), E), (
             s, g, d, order, offs, lora_B, rot_up, beta_t, dy, dB,
             dbeta if dbeta is not None else dB, pU, K, h, r, rg,
             *g.stride(), *lora_B.stride(), *rot_up.stride(), *s_beta, *dy.stride()),
-            dict(meta, BR=cfg.BR, RP=cfg.RP)))
+            dict(meta, BH=cfg.BH_PARAMS, BR=cfg.BR, RP=cfg.RP, num_warps=cfg.WARPS_PARAMS)))
     return (ds, dg, dd, dB, pU, dbeta), launches
 
 
