@@ -9,7 +9,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["radargate_kernels", "radargate_kernels.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.11",  # the pinned triton 3.9 needs it (requirements-dev.txt)
     # Permissive on purpose: users bring their own (CUDA) torch. Dev/CI pins live in
     # requirements-dev.txt (CPU torch 2.13.0).
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],

@@ -25,6 +25,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels
 import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
+import types  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -32,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from radargate_kernels import lora as lora_mod  # noqa: E402
 from radargate_kernels import radar_gate  # noqa: E402
 from radargate_kernels.cost_report import AtenBytes, _nbytes, count_triton  # noqa: E402
-from radargate_kernels.reference import lora_down, lora_up  # noqa: E402
+from radargate_kernels.nn import RadarGateLoRALinear  # noqa: E402
 
 PARAMS = ("LB", "U", "BETA")
 
@@ -110,7 +111,7 @@ def _count(fn, backward_of=None):
     return out, dict(requested=req + ab.bytes, dram_model=dram + ab.bytes, unique=uniq + ab.bytes,
                      kernels=req, aten=ab.bytes, aten_ops=ab.ops, launches=dict(kc.launches),
                      by_arg={f"{k}.{a}": v for (k, a), v in sorted(kc.by_arg.items())},
-                     aten_op_names=dict(ab.op_names))
+                     aten_op_names=dict(ab.op_names), aten_op_bytes=dict(ab.op_bytes))
 
 
 def measure(T=64, K=8, E=8, d=1024, r=8, rg=8, dtype=torch.bfloat16, ids=False):
@@ -134,8 +135,16 @@ def measure(T=64, K=8, E=8, d=1024, r=8, rg=8, dtype=torch.bfloat16, ids=False):
                                  else v) for k, v in res["fused_backward"].items()}
 
     def materialized(a):
+        # what RadarGateLoRALinear(fused=False) runs: expert outputs in the input dtype (dense:
+        # two einsums; top-k: rows grouped by expert, one matmul pair per expert), then radar_gate
         ids_ = a["expert_ids"]
-        V = lora_up(lora_down(a["x"], a["lora_A"], ids_), a["lora_B"], ids_).to(dtype)
+        if ids_ is None:
+            V = torch.einsum("ter,ero->teo", torch.einsum("ti,eir->ter", a["x"], a["lora_A"]),
+                             a["lora_B"])
+        else:
+            stub = types.SimpleNamespace(dropout=torch.nn.Identity(), lora_A=a["lora_A"],
+                                         lora_B=a["lora_B"], num_experts=E, scaling=1.0)
+            V = RadarGateLoRALinear.expert_outputs(stub, a["x"], ids_)
         return radar_gate(V, a["weights"], a["rot_down"], a["rot_up"], a["angle_bias"], ids_,
                           tau=tau, backend="triton")
     a = leaves()

@@ -256,9 +256,13 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="benchmark shape and range extremes only")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
+    ap.add_argument("--family", default="all", choices=["all", "op", "lora"],
+                    help="op: radar_gate's kernels; lora: the fused layer's kernels")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     jobs = plan_jobs(args.quick, args.arch, args.dtypes)
+    if args.family != "all":
+        jobs = [j for j in jobs if j["kernel"].startswith("lora_") == (args.family == "lora")]
     print(f"compiling {len(jobs)} (arch, dtype, kernel, config) combinations with {args.jobs} "
           f"process(es)", flush=True)
     hdr = (f"{'arch':>4} {'dtype':8} {'kernel':28} {'config':34} {'warps':>5} {'regs':>4} "

@@ -146,6 +146,7 @@ class AtenBytes(TorchDispatchMode):
         self.bytes = 0
         self.ops = 0
         self.op_names = {}
+        self.op_bytes = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -162,10 +163,12 @@ class AtenBytes(TorchDispatchMode):
             return out
         flat_in = torch.utils._pytree.tree_leaves((args, kwargs))
         flat_out = torch.utils._pytree.tree_leaves(out)
-        self.bytes += sum(_nbytes(t) for t in flat_in) + sum(_nbytes(t) for t in flat_out)
+        nb = sum(_nbytes(t) for t in flat_in) + sum(_nbytes(t) for t in flat_out)
+        self.bytes += nb
         self.ops += 1
         name = func.__name__.split(".")[0]
         self.op_names[name] = self.op_names.get(name, 0) + 1
+        self.op_bytes[name] = self.op_bytes.get(name, 0) + nb
         return out
 
 

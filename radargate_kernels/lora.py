@@ -60,12 +60,14 @@ def relation_lowrank(s, ids, P, Q, tau: float, eps: float):
     if ids is None:
         G = torch.einsum("tia,iajb,tjb->tij", s, P, s)
         z = torch.einsum("tia,iag->tig", s, Q)
-    else:  # gathers by index_select and one-hot products: bitwise repeatable gradients
+    else:  # the K x K blocks P[e_i, :, e_j, :] gathered by index_select (bitwise repeatable
+        # gradients, unlike P[ids, :, ids, :]): K^2 r^2 per token, not E K r^2
         E, r = P.shape[:2]
-        t = s.shape[0]
-        sP = torch.einsum("tia,tiafb->tifb", s, select_experts(P, ids))      # s_i P[e_i]
-        sE = F.one_hot(ids.long(), E).to(s.dtype).unsqueeze(-1) * s.unsqueeze(2)  # [t,K,E,r]
-        G = torch.bmm(sP.reshape(t, K, E * r), sE.reshape(t, K, E * r).transpose(1, 2))
+        e = ids.long()
+        pairs = (e.unsqueeze(2) * E + e.unsqueeze(1)).reshape(-1)
+        P_pairs = P.permute(0, 2, 1, 3).reshape(E * E, r * r)
+        Pg = torch.index_select(P_pairs, 0, pairs).view(*e.shape, K, r, r)
+        G = torch.einsum("tia,tijab,tjb->tij", s, Pg, s)
         z = torch.einsum("tia,tiag->tig", s, select_experts(Q, ids))
     if K == 1:
         return z * 0  # d = 0, as a function of s (zero gradients, and NaN stays NaN as in SPEC)
@@ -108,7 +110,7 @@ def _per_token_elems(K, r, out, E, rg, ids, rotation):
     if not rotation:
         return K * (E if ids is not None else 1) * r
     v = K * out * (1 + (r if ids is not None else 0))  # V (and the gathered B rows)
-    rel = K * K * r + K * E * r * 3 + K * rg if ids is not None else K * K * r + K * rg
+    rel = K * K * r * (r if ids is not None else 1) + K * K * 4 + K * rg
     return max(v, rel)
 
 

@@ -17,7 +17,8 @@ from .lora_stream import lora_bwd_params_kernel, lora_bwd_rows_kernel, lora_fwd_
 @dataclass(frozen=True)
 class LoraConfig:
     BT: int        # tokens per program (forward, backward rows)
-    BH: int        # feature pairs per chunk (forward, backward rows)
+    BH_FWD: int    # feature pairs per program (forward)
+    BH: int        # feature pairs per chunk (backward rows)
     BH_PARAMS: int  # feature pairs per program (parameter kernel)
     BR: int        # expert-sorted rows per step (parameter kernel)
     RP: int        # LoRA rank padded (>= 16 for tl.dot)
@@ -29,13 +30,15 @@ class LoraConfig:
 
 def pick_lora_config(r: int, rg: int, h: int) -> LoraConfig:
     """Block sizes: K and E are loops / grid axes, so only r, rg and h shape the tiles. The
-    parameter kernel holds three [rank, BH] accumulators and the B_e, rot_up chunks: at rank 64
-    it takes a quarter of the chunk width (0 spills at sm_80/sm_90: compile report)."""
+    parameter kernel holds three [rank, BH] accumulators and the B_e, rot_up chunks: its chunk
+    shrinks as the padded rank grows (64 / 32 / 16 pairs at rank 16 / 32 / 64). Row-kernel
+    chunks of 64 pairs spilled 16-32 bytes (fp16, sm_80); 32 gives 0 spills everywhere
+    (compile report, --family lora)."""
     RP, RGP = max(16, _pow2(r)), max(16, _pow2(rg))
     cap = max(16, _pow2(h))
-    wide = max(RP, RGP) >= 64
-    return LoraConfig(BT=16, BH=min(64, cap), BH_PARAMS=min(16 if wide else 64, cap), BR=16,
-                      RP=RP, RGP=RGP, WARPS_FWD=8, WARPS_ROWS=8, WARPS_PARAMS=8)
+    bh_params = {16: 64, 32: 32, 64: 16}[max(RP, RGP)]
+    return LoraConfig(BT=16, BH_FWD=min(64, cap), BH=min(32, cap), BH_PARAMS=min(bh_params, cap),
+                      BR=16, RP=RP, RGP=RGP, WARPS_FWD=8, WARPS_ROWS=8, WARPS_PARAMS=8)
 
 
 def _prep(s, ids, lora_B, rot_up, angle_bias):
@@ -58,10 +61,11 @@ def plan_stream_forward(s, g, d, ids, lora_B, rot_up, angle_bias, out_dtype):
     y = torch.empty((T, out), dtype=out_dtype, device=s.device)
     launches = []
     if T > 0:
-        launches.append(Launch(lora_fwd_kernel, (triton.cdiv(h, cfg.BH), triton.cdiv(T, cfg.BT)), (
+        launches.append(Launch(lora_fwd_kernel, (triton.cdiv(h, cfg.BH_FWD), triton.cdiv(T, cfg.BT)), (
             s, g, d, ids_t, lora_B, rot_up, beta_t, y, T, K, h, r, rg, E,
             *g.stride(), *s_ids, *lora_B.stride(), *rot_up.stride(), *s_beta, *y.stride()),
-            dict(meta, BT=cfg.BT, BH=cfg.BH, HAS_IDS=ids is not None, num_warps=cfg.WARPS_FWD)))
+            dict(meta, BT=cfg.BT, BH=cfg.BH_FWD, HAS_IDS=ids is not None,
+                 num_warps=cfg.WARPS_FWD)))
     return y, launches
 
 
