@@ -9,7 +9,9 @@ E = 40 dense, on q_proj and v_proj of every layer of a Llama model built from a 
 the figure is the peak resident set size during the training steps minus the resident set size
 just before the first step (model, optimizer state excluded: AdamW's state is created before), as
 reported by the OS (``resource.getrusage``, max RSS), so it is what the steps themselves add:
-activations saved for backward, gradients and temporaries.
+activations saved for backward, gradients and temporaries. RADARGATE_CPU_PATH=eager in every
+process: the materialized layers' op then runs the eager chunked CPU path instead of compiling
+the reference with inductor on the first step (whose compiler memory would count as a peak).
 """
 from __future__ import annotations
 
@@ -90,6 +92,7 @@ def main(argv=None):
         print(json.dumps(run_variant(a.one, a.steps, a.batch, a.seq)))
         return
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["RADARGATE_CPU_PATH"] = "eager"
     rows = []
     print(f"| adapter | peak over start of steps (MiB) | median step (s) | trainable params |")
     print("| --- | --- | --- | --- |")

@@ -154,7 +154,7 @@ class RadarGateLoRALinear(nn.Module):
             start += n
         V = torch.empty_like(out)
         V[order] = out
-        return V.view(T, k, -1) * self.scaling
+        return V.view(T, k, B.shape[-1]) * self.scaling
 
     def forward(self, x):
         lead = x.shape[:-1]
@@ -171,7 +171,7 @@ class RadarGateLoRALinear(nn.Module):
         with torch.no_grad():
             self.routing_counts += torch.bincount(routed, minlength=self.num_experts)
         out = self.base(x)  # under autocast: the autocast dtype
-        return out + y.reshape(*lead, -1).to(out.dtype)
+        return out + y.reshape(*lead, self.out_features).to(out.dtype)
 
     def _fused(self, x2, weights, ids):
         """radar_gate_lora: no [T, K, out] tensor in forward or backward."""

@@ -88,3 +88,14 @@ def test_fused_layer_saves_at_most_1_3x_one_plain_lora(top_k, E):
     assert fused["total"] <= 1.3 * plain["total"], (fused, plain)
     # nothing of size T x K x out, and nothing of size T x K x r either (s is recomputed)
     assert fused["largest"] <= T * d * 4
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("top_k", [None, 2], ids=["dense", "top2"])
+def test_empty_batch_works(fused, top_k):
+    layer = RadarGateLoRALinear(nn.Linear(8, 6), num_experts=3, rank=2, top_k=top_k, fused=fused)
+    x = torch.zeros(2, 0, 8, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 0, 6)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
