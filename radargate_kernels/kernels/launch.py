@@ -115,7 +115,12 @@ class Launch:
         self.kernel, self.grid, self.args, self.meta = kernel, grid, args, meta
 
     def run(self):
-        if interpreting():
+        dev = next((a.device for a in self.args if isinstance(a, torch.Tensor)), None)
+        if dev is not None and dev.type == "cuda":
+            # launch on the inputs' device, not the current one (multi-GPU device_map models)
+            with torch.cuda.device(dev):
+                self.kernel[self.grid](*self.args, **self.meta)
+        elif interpreting():
             # the Triton interpreter patches triton.language globally while a kernel runs, so
             # concurrent launches from several threads must take turns (GPU launches need not)
             with _INTERPRETER_LOCK:
