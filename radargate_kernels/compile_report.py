@@ -47,7 +47,8 @@ LARGE_STRIDES = {"s_vt": 2 ** 31 + 16, "s_vk": 2 ** 31 + 32, "s_vd": 2 ** 32 + 1
 # Fused-layer kernels (kernels/lora_stream.py): K and E are loops and grid axes, so only the LoRA
 # rank r, the RotationGate rank rg, out (-> chunk width) and the flags shape a compilation.
 # (r, rg, out, ids and angle_bias): the extremes of the supported range (r, rg <= 64).
-LORA_KERNELS = ("lora_fwd_kernel", "lora_bwd_rows_kernel", "lora_bwd_params_kernel")
+LORA_KERNELS = ("lora_relation_kernel", "lora_fwd_kernel", "lora_bwd_rows_kernel",
+                "lora_bwd_params_kernel")
 LORA_FULL = [(r, rg, out, flags) for r in (1, 8, 17, 64) for rg in (1, 8, 64)
              for out in (2, 64, 4096) for flags in (False, True)]
 LORA_QUICK = [(8, 8, 4096, True), (64, 64, 4096, True), (1, 1, 2, False)]
@@ -99,12 +100,14 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
             for (r, rg, out, flags) in (LORA_QUICK if quick else LORA_FULL):
                 cfg = pick_lora_config(r, rg, out // 2)
                 for kern in LORA_KERNELS:
-                    key = (arch, dtype, kern, flags, cfg)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=LORA_K, D=out, r=r,
-                                     E=LORA_E if flags else None, rg=rg))
+                    # the relation kernel's tiles are K x K: every padded K it supports
+                    for K in ((8, 32, 64) if kern == "lora_relation_kernel" else (LORA_K,)):
+                        key = (arch, dtype, kern, flags, cfg, min(64, max(16, K)))
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=K, D=out, r=r,
+                                         E=LORA_E if flags else None, rg=rg))
     return jobs
 
 
@@ -167,6 +170,11 @@ def _plan_lora(job, dt):
     B = torch.empty((E, r, out), dtype=dt)
     U = torch.empty((rg, out // 2), dtype=dt)
     beta = torch.empty((E, out // 2), dtype=dt) if flags else None
+    if job["kernel"] == "lora_relation_kernel":  # P, Q, s, d are fp32 (compute dtype)
+        P = torch.empty((E, r, E, r), dtype=torch.float32)
+        Q = torch.empty((E, r, rg), dtype=torch.float32)
+        _, launches = LL.plan_relation(s, ids, P, Q, 1.0, 1e-6)
+        return launches[0], LL.pick_lora_config(r, rg, out // 2)
     if job["kernel"] == "lora_fwd_kernel":
         _, launches = LL.plan_stream_forward(s, g, d, ids, B, U, beta, dt)
         return launches[0], LL.pick_lora_config(r, rg, out // 2)
@@ -202,7 +210,8 @@ def compile_job(job):
             regs, spills = _ptxas_usage(compiled.asm["ptx"], job["arch"])
             out.update(regs=regs, spills=spills, shared=int(compiled.metadata.shared),
                        warps=launch.meta["num_warps"], error=None,
-                       config=f"BT={lc.BT} BH={launch.meta['BH']} RP={lc.RP} RGP={lc.RGP} "
+                       config=f"BT={lc.BT} BH={launch.meta.get('BH', '-')} RP={lc.RP} "
+                              f"RGP={lc.RGP} "
                               f"rg={job['rg']}"
                               + (" ids+bias" if job["E"] is not None else ""))
             out["seconds"] = time.time() - t0

@@ -80,6 +80,13 @@ def test_large_k_e_and_ranks_on_the_triton_path(ids):
     check_lora_against_reference(prob, dy, backend="triton")
 
 
+def test_more_than_64_slots_use_the_pytorch_relation_map_and_the_triton_stream():
+    # the relation kernel's K x K tiles stop at 64; beyond, d comes from relation_lowrank
+    prob = make_lora_problem(2, 65, 4, 4, 2, 2, ids=True, bias=True, E_extra=3, seed=3)
+    dy = torch.randn(2, 4, generator=torch.Generator().manual_seed(4))
+    check_lora_against_reference(prob, dy, backend="triton")
+
+
 def test_repeated_ids_within_a_token_are_separate_slots():
     prob = make_lora_problem(4, 3, 6, 8, 2, 2, ids=True, bias=True, seed=9)
     prob["expert_ids"] = torch.tensor([[1, 1, 1], [0, 2, 0], [4, 4, 3], [2, 2, 2]])
