@@ -24,6 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 # per-block opt-in shared memory limits (CUDA C programming guide, compute capability table)
 SMEM_LIMIT = {80: 166912, 90: 232448}
+REGISTER_FILE = 65536  # 32-bit registers per block (and per SM), sm_80 and sm_90
 DTYPES = ("float16", "bfloat16", "float32")
 
 # Shape classes the kernels support (K 1..32, D 2..16384, r 1..32), chosen to hit every branch
@@ -47,8 +48,7 @@ LARGE_STRIDES = {"s_vt": 2 ** 31 + 16, "s_vk": 2 ** 31 + 32, "s_vd": 2 ** 32 + 1
 # Fused-layer kernels (kernels/lora_stream.py): K and E are loops and grid axes, so only the LoRA
 # rank r, the RotationGate rank rg, out (-> chunk width) and the flags shape a compilation.
 # (r, rg, out, ids and angle_bias): the extremes of the supported range (r, rg <= 64).
-LORA_KERNELS = ("lora_relation_kernel", "lora_fwd_kernel", "lora_bwd_rows_kernel",
-                "lora_bwd_params_kernel")
+LORA_KERNELS = ("lora_fwd_kernel", "lora_bwd_rows_kernel", "lora_bwd_params_kernel")
 LORA_FULL = [(r, rg, out, flags) for r in (1, 8, 17, 64) for rg in (1, 8, 64)
              for out in (2, 64, 4096) for flags in (False, True)]
 LORA_QUICK = [(8, 8, 4096, True), (64, 64, 4096, True), (1, 1, 2, False)]
@@ -100,14 +100,12 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
             for (r, rg, out, flags) in (LORA_QUICK if quick else LORA_FULL):
                 cfg = pick_lora_config(r, rg, out // 2)
                 for kern in LORA_KERNELS:
-                    # the relation kernel's tiles are K x K: every padded K it supports
-                    for K in ((8, 32, 64) if kern == "lora_relation_kernel" else (LORA_K,)):
-                        key = (arch, dtype, kern, flags, cfg, min(64, max(16, K)))
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                        jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=K, D=out, r=r,
-                                         E=LORA_E if flags else None, rg=rg))
+                    key = (arch, dtype, kern, flags, cfg)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=LORA_K, D=out, r=r,
+                                     E=LORA_E if flags else None, rg=rg))
     return jobs
 
 
@@ -170,11 +168,6 @@ def _plan_lora(job, dt):
     B = torch.empty((E, r, out), dtype=dt)
     U = torch.empty((rg, out // 2), dtype=dt)
     beta = torch.empty((E, out // 2), dtype=dt) if flags else None
-    if job["kernel"] == "lora_relation_kernel":  # P, Q, s, d are fp32 (compute dtype)
-        P = torch.empty((E, r, E, r), dtype=torch.float32)
-        Q = torch.empty((E, r, rg), dtype=torch.float32)
-        _, launches = LL.plan_relation(s, ids, P, Q, 1.0, 1e-6)
-        return launches[0], LL.pick_lora_config(r, rg, out // 2)
     if job["kernel"] == "lora_fwd_kernel":
         _, launches = LL.plan_stream_forward(s, g, d, ids, B, U, beta, dt)
         return launches[0], LL.pick_lora_config(r, rg, out // 2)
@@ -210,8 +203,7 @@ def compile_job(job):
             regs, spills = _ptxas_usage(compiled.asm["ptx"], job["arch"])
             out.update(regs=regs, spills=spills, shared=int(compiled.metadata.shared),
                        warps=launch.meta["num_warps"], error=None,
-                       config=f"BT={lc.BT} BH={launch.meta.get('BH', '-')} RP={lc.RP} "
-                              f"RGP={lc.RGP} "
+                       config=f"BT={lc.BT} BH={launch.meta['BH']} RP={lc.RP} RGP={lc.RGP} "
                               f"rg={job['rg']}"
                               + (" ids+bias" if job["E"] is not None else ""))
             out["seconds"] = time.time() - t0
@@ -256,6 +248,10 @@ def check(row):
             problems.append(f"shared memory {row['shared']} > limit {SMEM_LIMIT[row['arch']]}")
         if row["spills"]:
             problems.append(f"spills {row['spills']} bytes")
+        if row["regs"] * 32 * row["warps"] > REGISTER_FILE:
+            # ptxas honours maxnreg even where such a block could never launch
+            problems.append(f"{row['regs']} registers x {32 * row['warps']} threads > "
+                            f"{REGISTER_FILE} (too many resources to launch)")
     return problems
 
 

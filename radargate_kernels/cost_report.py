@@ -37,7 +37,7 @@ def _nbytes(t):
 
 # Kernel arguments shared by every program (parameters, a few MB at most): on a GPU their
 # re-reads by each program are L2 hits, so the DRAM model counts them once per launch.
-SHARED_PARAMS = ("A", "B", "BETA", "LB", "U", "P", "Q")  # LB, U, P, Q: the fused layer
+SHARED_PARAMS = ("A", "B", "BETA", "LB", "U")  # LB, U: the fused-layer kernels
 
 
 class _Counter:

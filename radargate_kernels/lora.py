@@ -177,15 +177,6 @@ def _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA):
     return dx, dA
 
 
-def _relation(s, ids, P, Q, tau, eps, chunks, backend):
-    """d [T, K, rg] without autograd: the relation kernel on the Triton path (K <= 64), else
-    relation_lowrank chunk by chunk."""
-    if backend == "triton" and s.shape[1] <= _launch().MAX_RELATION_K:
-        return _launch().relation(s, ids, P, Q, tau, eps)
-    rel = lambda s_, i_: relation_lowrank(s_, i_, P, Q, tau, eps)  # noqa: E731
-    return _chunked_eval(rel, chunks, (s, ids), (), s.new_empty((*s.shape[:2], Q.shape[2])))
-
-
 def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend):
     ct = compute_dtype(x.dtype)
     s = lora_down(x, lora_A, ids, scaling).contiguous()
@@ -198,7 +189,8 @@ def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, ep
         return _chunked_eval(weighted_sum_lowrank, chunks, (s, g.to(ct), ids), (Bc,),
                              s.new_empty((T, out))).to(x.dtype)
     P, Q = lowrank_factors(lora_B, rot_down, ct)
-    d = _relation(s, ids, P, Q, tau, eps, chunks, backend)
+    d = _chunked_eval(lambda s_, i_: relation_lowrank(s_, i_, P, Q, tau, eps), chunks, (s, ids),
+                      (), s.new_empty((T, K, rg)))
     if backend == "triton":
         return _launch().stream_forward(s, g, d, ids, lora_B, rot_up, beta, x.dtype)
     params = (Bc, rot_up.to(ct), beta.to(ct) if beta is not None else None)
@@ -225,7 +217,7 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
         with _autograd_on():
             P, Q = lowrank_factors(B_l, A_l, ct)
         rel = lambda s_, i_, P_, Q_: relation_lowrank(s_, i_, P_, Q_, tau, eps)  # noqa: E731
-        d = _relation(s, ids, P.detach(), Q.detach(), tau, eps, chunks, backend)
+        d = _chunked_eval(rel, chunks, (s, ids), (P.detach(), Q.detach()), s.new_empty((T, K, rg)))
         if backend == "triton":
             ds, dg, dd, dB, dU, dbeta = _launch().stream_backward(dy.contiguous(), s, g, d, ids,
                                                                   lora_B, rot_up, beta)

@@ -11,7 +11,6 @@ import torch
 import triton
 
 from .launch import Launch, _acc, _pow2
-from .lora_relation import lora_relation_kernel
 from .lora_stream import lora_bwd_params_kernel, lora_bwd_rows_kernel, lora_fwd_kernel
 
 
@@ -107,36 +106,6 @@ def plan_stream_backward(dy, s, g, d, ids, lora_B, rot_up, angle_bias):
             *g.stride(), *lora_B.stride(), *rot_up.stride(), *s_beta, *dy.stride()),
             dict(meta, BH=cfg.BH_PARAMS, BR=cfg.BR, RP=cfg.RP, num_warps=cfg.WARPS_PARAMS)))
     return (ds, dg, dd, dB, pU, dbeta), launches
-
-
-# warps of the relation kernel by padded K: a program holds ~8 [KP, KP] tiles (Gram, P block,
-# cosines, softmax); 4 warps at KP = 64 spilled 1.5 KB (compile report)
-RELATION_WARPS = {16: 4, 32: 8, 64: 16}
-MAX_RELATION_K = 64  # beyond it the relation map runs in PyTorch (lora.relation_lowrank)
-
-
-def plan_relation(s, ids, P, Q, tau: float, eps: float):
-    """-> (d [T, K, rg] in the compute dtype, [Launch]); P [E, r, E, r], Q [E, r, rg]."""
-    T, K, r = s.shape
-    E, rg = P.shape[0], Q.shape[2]
-    d = torch.empty((T, K, rg), dtype=s.dtype, device=s.device)
-    KP = max(16, _pow2(K))
-    launches = []
-    if T > 0:
-        launches.append(Launch(lora_relation_kernel, (T,), (
-            s, ids if ids is not None else s, P, Q, d, K, r, rg, E,
-            *(ids.stride() if ids is not None else (0, 0)), 1.0 / tau, eps),
-            dict(KP=KP, RGP=max(16, _pow2(rg)), HAS_IDS=ids is not None, ACC=_acc(s.dtype),
-                 num_warps=RELATION_WARPS[KP], maxnreg=255)))
-    return d, launches
-
-
-def relation(s, ids, P, Q, tau: float, eps: float):
-    """d [T, K, rg] from s [T, K, r] (the relation map, SPEC steps 1-3), one program per token."""
-    d, launches = plan_relation(s, ids, P.contiguous(), Q.contiguous(), tau, eps)
-    for launch in launches:
-        launch.run()
-    return d
 
 
 def stream_forward(s, g, d, ids, lora_B, rot_up, angle_bias, out_dtype):
