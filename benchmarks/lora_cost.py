@@ -23,7 +23,6 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import types  # noqa: E402
 
@@ -32,7 +31,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from radargate_kernels import lora as lora_mod  # noqa: E402
 from radargate_kernels import radar_gate  # noqa: E402
-from radargate_kernels.cost_report import AtenBytes, _nbytes, count_triton  # noqa: E402
+from radargate_kernels.cost_report import AtenBytes, _nbytes, count_triton, emit  # noqa: E402
 from radargate_kernels.nn import RadarGateLoRALinear  # noqa: E402
 
 PARAMS = ("LB", "U", "BETA")
@@ -202,10 +201,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     res = measure(a.T, a.K, a.E, a.d, a.r, a.rg, getattr(torch, a.dtype), a.ids)
-    print(report(res))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+    emit(report(res), res, a.json)
 
 
 if __name__ == "__main__":

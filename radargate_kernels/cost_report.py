@@ -291,6 +291,14 @@ def report(res):
     return "\n".join(lines)
 
 
+def emit(text, res, json_path=None):
+    """Print a report and, when asked, write its figures as JSON (shared by the report tools)."""
+    print(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(res, f, indent=1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="count bytes, launches and saved tensors")
     ap.add_argument("--T", type=int, default=256,
@@ -305,10 +313,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     a = ap.parse_args(argv)
     res = measure(a.T, a.K, a.D, a.r, getattr(torch, a.dtype), not a.no_bias, not a.no_ids, a.E)
-    print(report(res))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+    emit(report(res), res, a.json)
 
 
 if __name__ == "__main__":

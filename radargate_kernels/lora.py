@@ -177,13 +177,20 @@ def _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA):
     return dx, dA
 
 
-def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend):
+def _setup(x, lora_A, lora_B, rot_down, ids, scaling):
+    """What forward and backward both start from: the compute dtype, s = scaling * x A_e
+    [T, K, r] (contiguous), the sizes and the token chunks of the PyTorch parts."""
     ct = compute_dtype(x.dtype)
     s = lora_down(x, lora_A, ids, scaling).contiguous()
     T, K, r = s.shape
     E, _, out = lora_B.shape
     rg = rot_down.shape[1] if rot_down is not None else 0
     chunks = _chunks(T, _per_token_elems(K, r, out, E, rg, ids, rot_down is not None))
+    return ct, s, T, K, E, out, rg, chunks
+
+
+def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend):
+    ct, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids, scaling)
     Bc = lora_B.to(ct)
     if rot_down is None:
         return _chunked_eval(weighted_sum_lowrank, chunks, (s, g.to(ct), ids), (Bc,),
@@ -200,12 +207,7 @@ def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, ep
 
 def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend,
               need_dx, need_dA):
-    ct = compute_dtype(x.dtype)
-    s = lora_down(x, lora_A, ids, scaling).contiguous()
-    T, K, r = s.shape
-    E, _, out = lora_B.shape
-    rg = rot_down.shape[1] if rot_down is not None else 0
-    chunks = _chunks(T, _per_token_elems(K, r, out, E, rg, ids, rot_down is not None))
+    ct, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids, scaling)
     dyc = dy.to(ct)
     dA_rot = dU = dbeta = None
     if rot_down is None:

@@ -31,7 +31,7 @@ def make_problem(T, K, D, r, dtype=torch.float32, bias=False, ids=False, E_extra
 DIFF_ARGS = ("expert_out", "weights", "rot_down", "rot_up", "angle_bias")
 
 
-def run_with_grads(fn, problem, dy, dtype=None, **kw):
+def run_with_grads(fn, problem, dy, dtype=None, diff_args=DIFF_ARGS, **kw):
     """Call fn on copies of the problem (cast to ``dtype`` if given) and return (y, grads dict)."""
     args = {}
     for name, v in problem.items():
@@ -42,7 +42,7 @@ def run_with_grads(fn, problem, dy, dtype=None, **kw):
             v.requires_grad_(True)
         args[name] = v
     y = fn(**args, **kw)
-    leaves = [n for n in DIFF_ARGS if args.get(n) is not None]
+    leaves = [n for n in diff_args if args.get(n) is not None]
     grads = torch.autograd.grad(y, [args[n] for n in leaves], dy.to(y.dtype),
                                 materialize_grads=True)
     return y.detach(), dict(zip(leaves, grads))

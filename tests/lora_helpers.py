@@ -31,16 +31,8 @@ def make_lora_problem(T, K, fin, out, r, rg, dtype=torch.float32, ids=False, bia
 
 def lora_run(fn, prob, dy, dtype=None, **kw):
     """fn on copies of the problem (cast to dtype if given) -> (y, {name: gradient})."""
-    args = {}
-    for k, v in prob.items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            v = v.detach().clone().to(dtype or v.dtype).requires_grad_(True)
-        args[k] = v
-    y = fn(**args, **kw)
-    names = [n for n in LORA_DIFF if args.get(n) is not None]
-    grads = torch.autograd.grad(y, [args[n] for n in names], dy.to(y.dtype),
-                                materialize_grads=True)
-    return y.detach(), dict(zip(names, grads))
+    from helpers import run_with_grads
+    return run_with_grads(fn, prob, dy, dtype=dtype, diff_args=LORA_DIFF, **kw)
 
 
 def _factor_rounding_run(prob, dy, gen, rel):
