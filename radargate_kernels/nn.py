@@ -3,22 +3,27 @@
 - ``RadarGate``: owns the RotationGate parameters; ``forward(expert_out, weights, expert_ids)``.
 - ``RadarGateLoRALinear``: a frozen ``nn.Linear`` plus E LoRA experts, a StretchGate router
   (softmax with temperature, optional top-k with renormalisation) and a ``RadarGate``.
-- ``inject_radargate``, ``radargate_state_dict``, ``load_radargate_state_dict``.
-- ``from_peft_adapters``: N trained PEFT LoRA adapters as frozen experts gated by RadarGate.
+
+Config, injection, saving and loading (PEFT-style) live in ``adapters.py``; its names are
+re-exported here for code written against earlier versions.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
-from typing import Iterable, Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .lora import radar_gate_lora
 from .ops import radar_gate
+from .validation import check_positive
+
+
+def _check_count(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
 
 
 class RadarGate(nn.Module):
@@ -37,8 +42,12 @@ class RadarGate(nn.Module):
     def __init__(self, dim: int, num_experts: int, rank: int = 8, tau: float = 1.0,
                  angle_bias: bool = True, eps: float = 1e-6):
         super().__init__()
-        if dim % 2:
-            raise ValueError(f"dim: expected an even feature size, got {dim}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
+            raise ValueError(f"dim: expected an even feature size >= 2, got {dim!r}")
+        _check_count("num_experts", num_experts)
+        _check_count("rank", rank)
+        check_positive("tau", tau)
+        check_positive("eps", eps)
         self.dim, self.num_experts, self.rank, self.tau, self.eps = dim, num_experts, rank, tau, eps
         self.rot_down = nn.Parameter(torch.randn(dim, rank) / math.sqrt(dim))
         self.rot_up = nn.Parameter(torch.zeros(rank, dim // 2))
@@ -83,13 +92,29 @@ class RadarGateLoRALinear(nn.Module):
                  dropout: float = 0.0, top_k: Optional[int] = None,
                  router_temperature: float = 1.0, gate_rank: int = 8, tau: float = 1.0,
                  freeze_experts: bool = False, rotation: bool = True, stretch: bool = True,
-                 fused: bool = True):
+                 fused: bool = True, adapter_dtype: torch.dtype = torch.float32):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
-        if top_k is not None and not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k: expected 1 <= top_k <= num_experts = {num_experts}, "
-                             f"got {top_k}")
+        _check_count("num_experts", num_experts)
+        _check_count("rank", rank)
+        _check_count("gate_rank", gate_rank)
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                                  or not 1 <= top_k <= num_experts):
+            raise ValueError(f"top_k: expected None or an integer 1 <= top_k <= num_experts = "
+                             f"{num_experts}, got {top_k!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"alpha: expected a finite number, got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+                or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        check_positive("router_temperature", router_temperature)
+        check_positive("tau", tau)
+        if not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
+            raise TypeError(f"adapter_dtype: expected a floating torch.dtype, got {adapter_dtype!r}")
+        if rotation and base.out_features % 2:
+            raise ValueError(f"base: RadarGate rotates pairs of features and needs an even "
+                             f"out_features, got {base.out_features} (or pass rotation=False)")
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
@@ -98,7 +123,9 @@ class RadarGateLoRALinear(nn.Module):
         self.scaling = alpha / rank
         self.router_temperature = router_temperature
         self.rotation, self.stretch, self.fused = rotation, stretch, fused
-        dev, dt = base.weight.device, base.weight.dtype
+        # added parameters in adapter_dtype (fp32 by default, as PEFT), whatever the base's dtype
+        # (bf16, or an integer dtype of a quantized base); the forward computes in x's dtype
+        dev, dt = base.weight.device, adapter_dtype
         self.lora_A = nn.Parameter(torch.empty(num_experts, fin, rank, device=dev, dtype=dt))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, rank, fout, device=dev, dtype=dt))
         bound = 1 / math.sqrt(fin)
@@ -113,12 +140,17 @@ class RadarGateLoRALinear(nn.Module):
         self.register_buffer("routing_counts", torch.zeros(num_experts, dtype=torch.long),
                              persistent=False)
 
+    def __getstate__(self):
+        # aux_loss holds the last forward's graph: not part of the module's state (deepcopy,
+        # pickling); the next forward sets it again
+        return dict(self.__dict__, aux_loss=None)
+
     def reset_stats(self):
         self.routing_counts.zero_()
 
     def route(self, x2):
         """x2 [T, in] -> (weights [T, K], expert_ids [T, K] or None, probs [T, E])."""
-        logits = self.router(x2).float() / self.router_temperature
+        logits = F.linear(x2, self.router.weight.to(x2.dtype)).float() / self.router_temperature
         probs = torch.softmax(logits, dim=-1)
         if self.top_k is None:
             w, ids = probs, None
@@ -134,27 +166,25 @@ class RadarGateLoRALinear(nn.Module):
                 f"rotation={self.rotation}, stretch={self.stretch}, fused={self.fused}")
 
     def expert_outputs(self, x2, ids):
-        """x2 [T, in] -> expert outputs [T, K, out] (all experts, or the selected ``ids``)."""
+        """x2 [T, in] -> expert outputs [T, K, out] (all experts, or the selected ``ids``).
+
+        Top-k without a host sync or a loop over experts: the down projection of all experts is
+        one GEMM (``[T, E r]``, small), each slot keeps its expert's r columns (a one-hot mask),
+        and the up projection is one GEMM ``[T k, E r] @ [E r, out]``. Memory: the k outputs per
+        token, never E; compute: E times the minimal up projection (rank-r GEMMs, small next to
+        the base layer). The fused path (default) needs neither.
+        """
         h = self.dropout(x2)
         A = self.lora_A.to(h.dtype)
         B = self.lora_B.to(h.dtype)
+        xa = torch.einsum("ti,eir->ter", h, A)
         if ids is None:
-            xa = torch.einsum("ti,eir->ter", h, A)
             return torch.einsum("ter,ero->teo", xa, B) * self.scaling
         T, k = ids.shape
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        rows = h.repeat_interleave(k, dim=0)[order]          # one row per (token, slot), by expert
-        out = h.new_empty(T * k, B.shape[-1])
-        start = 0
-        for e, n in enumerate(counts):                       # one matmul per expert
-            if n:
-                out[start:start + n] = (rows[start:start + n] @ A[e]) @ B[e]
-            start += n
-        V = torch.empty_like(out)
-        V[order] = out
-        return V.view(T, k, B.shape[-1]) * self.scaling
+        E, r, out = B.shape
+        keep = F.one_hot(ids, E).to(h.dtype).unsqueeze(-1)        # [T, k, E, 1]
+        s = (keep * xa.unsqueeze(1)).reshape(T * k, E * r)         # slot's expert only
+        return (s @ B.reshape(E * r, out)).view(T, k, out) * self.scaling
 
     def forward(self, x):
         lead = x.shape[:-1]
@@ -165,11 +195,16 @@ class RadarGateLoRALinear(nn.Module):
         else:
             y = self._materialized(x2, weights, ids)
         # load balancing (Switch Transformer): E * sum_e (routed fraction) * (mean probability)
+        # (one_hot sums, not bincount: no host sync on CUDA, and it compiles with fullgraph)
         routed = ids.reshape(-1) if ids is not None else probs.argmax(-1)
-        frac = torch.bincount(routed, minlength=self.num_experts).float() / max(routed.numel(), 1)
-        self.aux_loss = self.num_experts * (frac * probs.mean(0)).sum()
+        counts = F.one_hot(routed, self.num_experts).sum(0)
+        if routed.numel():
+            frac = counts.float() / routed.numel()
+            self.aux_loss = self.num_experts * (frac * probs.mean(0)).sum()
+        else:  # empty batch: nothing to balance
+            self.aux_loss = probs.sum() * 0.0
         with torch.no_grad():
-            self.routing_counts += torch.bincount(routed, minlength=self.num_experts)
+            self.routing_counts += counts
         out = self.base(x)  # under autocast: the autocast dtype
         return out + y.reshape(*lead, self.out_features).to(out.dtype)
 
@@ -208,106 +243,7 @@ class RadarGateLoRALinear(nn.Module):
         return self.base.out_features
 
 
-def _matches(name: str, targets) -> bool:
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def inject_radargate(model: nn.Module, target_modules: Union[str, Iterable[str]],
-                     **layer_kwargs) -> list:
-    """Replace every ``nn.Linear`` whose qualified name matches ``target_modules`` (a regex
-    matched against the full name, or names / name suffixes) by a ``RadarGateLoRALinear``
-    wrapping it. Returns the replaced names."""
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
-    replaced = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name and _matches(name, target_modules):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, RadarGateLoRALinear(module, **layer_kwargs))
-            replaced.append(name)
-    return replaced
-
-
-def radargate_state_dict(model: nn.Module) -> dict:
-    """Only the parameters added by injection (experts, routers, gates), not the base weights."""
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, RadarGateLoRALinear):
-            prefix = f"{name}." if name else ""
-            for k, v in module.state_dict().items():
-                if not k.startswith("base."):
-                    out[prefix + k] = v
-    return out
-
-
-def load_radargate_state_dict(model: nn.Module, state_dict: dict):
-    """Load what ``radargate_state_dict`` saved; every added parameter must be present."""
-    expected = set(radargate_state_dict(model))
-    missing, unexpected = expected - set(state_dict), set(state_dict) - expected
-    if missing or unexpected:
-        raise ValueError(f"state_dict: missing keys {sorted(missing)[:5]}, unexpected keys "
-                         f"{sorted(unexpected)[:5]}")
-    model.load_state_dict(state_dict, strict=False)
-
-
-def _read_peft_adapter(adapter_dir):
-    """-> (config dict, {module name: (A [in, r], B [r, out] scaled by alpha / r)})."""
-    try:
-        from safetensors.torch import load_file
-    except ImportError as exc:  # pragma: no cover - safetensors ships with transformers/peft
-        raise ImportError("from_peft_adapters needs the 'safetensors' package") from exc
-    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
-        cfg = json.load(f)
-    path = os.path.join(adapter_dir, "adapter_model.safetensors")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"adapter_dirs: {adapter_dir} has no adapter_model.safetensors")
-    sd = load_file(path)
-    r = int(cfg["r"])
-    scale = float(cfg.get("lora_alpha", r)) / r
-    if cfg.get("use_rslora"):
-        scale = float(cfg.get("lora_alpha", r)) / math.sqrt(r)
-    mods = {}
-    for key, A in sd.items():
-        if ".lora_A." not in key:
-            continue
-        name = key.split(".lora_A.")[0]
-        B = sd[key.replace(".lora_A.", ".lora_B.")]
-        for prefix in ("base_model.model.",):
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-        mods[name] = (A.t().contiguous(), (B.t() * scale).contiguous())  # [in, r], [r, out]
-    return cfg, mods
-
-
-def from_peft_adapters(model: nn.Module, adapter_dirs, target_modules=None, **layer_kwargs):
-    """Load N PEFT LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors`` in each
-    of ``adapter_dirs``) into ``model`` as N frozen experts per adapted ``nn.Linear``, gated by a
-    trainable router and RadarGate (the paper's setting: compose pretrained LoRAs, train only the
-    gate). ``target_modules`` defaults to the modules the adapters adapt. Each adapter's
-    ``lora_alpha / r`` is folded into its B; ranks may differ (zero-padded to the largest).
-    Returns the replaced module names."""
-    adapters = [_read_peft_adapter(d) for d in adapter_dirs]
-    if not adapters:
-        raise ValueError("adapter_dirs: expected at least one adapter directory")
-    names = sorted(set().union(*(set(m) for _, m in adapters)))
-    if target_modules is not None:
-        names = [n for n in names if _matches(n, target_modules if isinstance(target_modules, str)
-                                                 else list(target_modules))]
-    rank = max(A.shape[1] for _, m in adapters for A, _ in m.values())
-    layer_kwargs = dict(layer_kwargs, num_experts=len(adapters), rank=rank, alpha=rank,
-                        freeze_experts=True)
-    replaced = inject_radargate(model, [n for n in names], **layer_kwargs)
-    for name in replaced:
-        layer = model.get_submodule(name)
-        with torch.no_grad():
-            layer.lora_A.zero_()
-            layer.lora_B.zero_()
-            for e, (_, mods) in enumerate(adapters):
-                if name in mods:  # an adapter that does not adapt this module adds nothing
-                    A, B = mods[name]
-                    layer.lora_A[e, :, :A.shape[1]] = A.to(layer.lora_A.dtype)
-                    layer.lora_B[e, :B.shape[0], :] = B.to(layer.lora_B.dtype)
-    return replaced
+# PEFT-style management moved to adapters.py; re-exported for existing imports (adapters.py
+# imports this module, so this import comes last)
+from .adapters import (from_peft_adapters, inject_radargate,  # noqa: E402,F401
+                       load_radargate_state_dict, radargate_state_dict)

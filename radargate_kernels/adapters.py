@@ -1,0 +1,477 @@
+"""PEFT-style adapter management for RadarGate-LoRA: config, injection, saving and loading.
+
+    config = RadarGateConfig(target_modules=["q_proj", "v_proj"], num_experts=8, rank=8, top_k=2)
+    model = get_radargate_model(base_model, config)   # everything but the adapters frozen
+    model.print_trainable_parameters()
+    ...train...
+    model.save_pretrained("out/")                     # radargate_config.json + .safetensors
+    model = RadarGateModel.from_pretrained(fresh_base_model, "out/")
+
+Lower level: ``inject_radargate`` (wrap matching ``nn.Linear``s, nothing else),
+``radargate_state_dict`` / ``load_radargate_state_dict`` (validated, like
+``nn.Module.load_state_dict``) and ``from_peft_adapters`` (trained PEFT LoRAs as frozen experts).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import warnings
+from typing import Iterable, NamedTuple, Optional, Union
+
+import torch
+from torch import nn
+
+from .nn import RadarGateLoRALinear
+
+CONFIG_NAME = "radargate_config.json"
+WEIGHTS_NAME = "radargate_model.safetensors"
+_FORMAT_VERSION = 1
+_COMPILED_PREFIX = "_orig_mod."  # what torch.compile'd modules put in front of every key
+
+
+# ---------------------------------------------------------------------------------------- config
+
+@dataclasses.dataclass
+class RadarGateConfig:
+    """What ``get_radargate_model`` injects. ``target_modules``: a regex matched against the full
+    module name, or a list of names / name suffixes. ``modules_to_save``: other modules (names or
+    suffixes) to train and save with the adapters, e.g. a new classification head. The other
+    fields are ``RadarGateLoRALinear``'s arguments; ``adapter_dtype`` is the dtype of the added
+    parameters (fp32 by default, as PEFT: the layer computes in the input's dtype)."""
+
+    target_modules: Union[str, list]
+    num_experts: int = 8
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    top_k: Optional[int] = None
+    router_temperature: float = 1.0
+    gate_rank: int = 8
+    tau: float = 1.0
+    freeze_experts: bool = False
+    rotation: bool = True
+    stretch: bool = True
+    fused: bool = True
+    adapter_dtype: str = "float32"
+    modules_to_save: Optional[list] = None
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = [str(t) for t in self.target_modules]
+        elif not isinstance(self.target_modules, str):
+            raise TypeError(f"target_modules: expected a regex string or a list of names, got "
+                            f"{type(self.target_modules).__name__}")
+        if not self.target_modules:
+            raise ValueError("target_modules: expected at least one module name or a regex")
+        if self.modules_to_save is not None:
+            self.modules_to_save = [str(m) for m in self.modules_to_save]
+        _dtype_from_name(self.adapter_dtype)
+        # the layer's constructor validates the rest; run it once on a tiny layer so a bad
+        # config fails here, naming the field, rather than at injection time
+        RadarGateLoRALinear(nn.Linear(2, 2, device="meta"), **self.layer_kwargs())
+
+    def layer_kwargs(self) -> dict:
+        """The keyword arguments of ``RadarGateLoRALinear`` this config stands for."""
+        skip = {"target_modules", "modules_to_save", "adapter_dtype"}
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        kw["adapter_dtype"] = _dtype_from_name(self.adapter_dtype)
+        return kw
+
+    def to_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), format_version=_FORMAT_VERSION)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RadarGateConfig":
+        d = dict(d)
+        version = d.pop("format_version", None)
+        if version != _FORMAT_VERSION:
+            raise ValueError(f"{CONFIG_NAME}: format_version {version!r} is not supported "
+                             f"(this version reads {_FORMAT_VERSION})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{CONFIG_NAME}: unknown fields {unknown}")
+        return cls(**d)
+
+    def save(self, directory: str):
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, directory: str) -> "RadarGateConfig":
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"directory: {directory} has no {CONFIG_NAME}")
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    allowed = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+               "float16": torch.float16}
+    if name not in allowed:
+        raise ValueError(f"adapter_dtype: expected one of {sorted(allowed)}, got {name!r}")
+    return allowed[name]
+
+
+# ------------------------------------------------------------------------------------- injection
+
+def _matches(name: str, targets) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _strip_compiled(name: str) -> str:
+    return name.replace(_COMPILED_PREFIX, "")
+
+
+def inject_radargate(model: nn.Module, target_modules: Union[str, Iterable[str]],
+                     **layer_kwargs) -> list:
+    """Replace every ``nn.Linear`` whose qualified name matches ``target_modules`` (a regex
+    matched against the full name, or names / name suffixes) by a ``RadarGateLoRALinear``
+    wrapping it. Returns the replaced names.
+
+    Only the wrapped layers' base weights are frozen; ``get_radargate_model`` also freezes the
+    rest of the model (PEFT's convention). Raises if nothing matches or a match is already
+    injected. A Linear registered under several names (shared / tied) gets one wrapper, set at
+    every name, so the sharing is kept."""
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    wrappers, replaced, already = {}, [], []
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if not name or not _matches(_strip_compiled(name), target_modules):
+            continue
+        if isinstance(module, RadarGateLoRALinear):
+            already.append(name)
+            continue
+        if not isinstance(module, nn.Linear):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(parent, RadarGateLoRALinear):  # the base of an earlier wrapper
+            already.append(parent_name)
+            continue
+        if id(module) not in wrappers:
+            wrappers[id(module)] = RadarGateLoRALinear(module, **layer_kwargs)
+        setattr(parent, child, wrappers[id(module)])
+        replaced.append(name)
+    if already:
+        raise ValueError(f"target_modules: {sorted(set(already))[:5]} are already "
+                         f"RadarGateLoRALinear layers (injecting twice would wrap the wrappers)")
+    if not replaced:
+        raise ValueError(f"target_modules: {target_modules!r} matches no nn.Linear of the model")
+    return replaced
+
+
+def _added_param_names(model: nn.Module) -> dict:
+    """Names of the parameters injection added -> tensor (state_dict names, with prefixes)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, RadarGateLoRALinear):
+            prefix = f"{name}." if name else ""
+            for k, v in module.state_dict(keep_vars=True).items():
+                if not k.startswith("base."):
+                    out[prefix + k] = v
+    return out
+
+
+def _modules_to_save_params(model: nn.Module, modules_to_save) -> dict:
+    out = {}
+    if not modules_to_save:
+        return out
+    found = set()
+    for name, module in model.named_modules():
+        stripped = _strip_compiled(name)
+        hit = [m for m in modules_to_save if stripped == m or stripped.endswith("." + m)]
+        if name and hit:
+            found.update(hit)
+            for k, v in module.state_dict(prefix=f"{name}.", keep_vars=True).items():
+                out[k] = v
+    missing = sorted(set(modules_to_save) - found)
+    if missing:
+        raise ValueError(f"modules_to_save: {missing} match no module of the model")
+    return out
+
+
+# ---------------------------------------------------------------------------------- state dicts
+
+def radargate_state_dict(model: nn.Module, modules_to_save=None) -> dict:
+    """The parameters injection added (experts, routers, gates), plus every other parameter
+    that requires grad (a trained head, embeddings you unfroze) and the modules named in
+    ``modules_to_save``: what was trained is saved. Base weights that stay frozen are not.
+    Keys are those of ``model.state_dict()``, without ``torch.compile``'s ``_orig_mod.``."""
+    out = {k: v.detach() for k, v in _added_param_names(model).items()}
+    for name, p in model.named_parameters():
+        if p.requires_grad and name not in out:
+            out[name] = p.detach()
+    for k, v in _modules_to_save_params(model, modules_to_save).items():
+        out[k] = v.detach()
+    return {_strip_compiled(k): v for k, v in out.items()}
+
+
+class LoadResult(NamedTuple):
+    missing_keys: list
+    unexpected_keys: list
+
+
+def load_radargate_state_dict(model: nn.Module, state_dict: dict, strict: bool = True):
+    """Load what ``radargate_state_dict`` saved into an injected model.
+
+    Every key, shape and dtype is checked before anything is written: on an error the model is
+    unchanged. Keys may carry ``torch.compile``'s ``_orig_mod.`` prefix or not, on either side.
+    Required keys: the injected parameters; other keys must name a parameter or buffer of the
+    model (e.g. a trained head). Returns ``(missing_keys, unexpected_keys)`` like
+    ``nn.Module.load_state_dict``; with ``strict=True`` (default) either being non-empty raises.
+    """
+    targets = {_strip_compiled(k): v for k, v in model.state_dict(keep_vars=True).items()}
+    required = set(_strip_compiled(k) for k in _added_param_names(model))
+    given = {}
+    for k, v in state_dict.items():
+        key = _strip_compiled(k)
+        if key in given:
+            raise ValueError(f"state_dict: key {key!r} appears twice (with and without "
+                             f"{_COMPILED_PREFIX!r})")
+        given[key] = v
+    missing = sorted(required - set(given))
+    unexpected = sorted(set(given) - set(targets))
+    if strict and (missing or unexpected):
+        raise ValueError(f"state_dict: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+                         f", unexpected keys {unexpected[:5]}"
+                         f"{' ...' if len(unexpected) > 5 else ''} ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected; nothing was loaded)")
+    plan = []
+    for key, value in given.items():
+        if key not in targets:
+            continue
+        dest = targets[key]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state_dict[{key!r}]: expected a tensor, got {type(value).__name__}")
+        if tuple(value.shape) != tuple(dest.shape):
+            raise ValueError(f"state_dict[{key!r}]: expected shape {tuple(dest.shape)}, got "
+                             f"{tuple(value.shape)} (nothing was loaded)")
+        if value.dtype != dest.dtype:
+            raise TypeError(f"state_dict[{key!r}]: expected dtype {dest.dtype}, got {value.dtype}"
+                            f" (cast it first; nothing was loaded)")
+        plan.append((dest, value))
+    with torch.no_grad():
+        for dest, value in plan:
+            dest.copy_(value)
+    return LoadResult(missing, unexpected)
+
+
+# -------------------------------------------------------------------------------------- model
+
+def _freeze_all_but_adapters(model: nn.Module, modules_to_save):
+    """requires_grad only for the added parameters (those the layers left trainable: see
+    ``freeze_experts``) and those of ``modules_to_save``."""
+    keep = {id(p) for p in _added_param_names(model).values()
+            if isinstance(p, nn.Parameter) and p.requires_grad}
+    keep |= {id(p) for p in _modules_to_save_params(model, modules_to_save).values()
+             if isinstance(p, nn.Parameter)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
+def trainable_parameters(model: nn.Module) -> tuple:
+    """(trainable, total) parameter counts; shared parameters counted once."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+class RadarGateModel(nn.Module):
+    """A model with RadarGate-LoRA layers injected, as ``get_radargate_model`` returns it.
+
+    Calls (``forward``, ``generate``, attribute access) go to the wrapped ``base_model``.
+    """
+
+    def __init__(self, base_model: nn.Module, config: RadarGateConfig):
+        super().__init__()
+        self.base_model = base_model
+        self.radargate_config = config
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name == "base_model":  # not set yet (during __init__): no recursion
+            return super().__getattr__(name)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model, name)
+
+    def aux_loss(self):
+        """Sum of the layers' load-balancing losses from the last forward (0 if none)."""
+        losses = [m.aux_loss for m in self.base_model.modules()
+                  if isinstance(m, RadarGateLoRALinear) and m.aux_loss is not None]
+        return sum(losses) if losses else torch.zeros(())
+
+    def get_nb_trainable_parameters(self) -> tuple:
+        return trainable_parameters(self)
+
+    def print_trainable_parameters(self):
+        trainable, total = trainable_parameters(self)
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    def state_dict_to_save(self) -> dict:
+        return radargate_state_dict(self.base_model, self.radargate_config.modules_to_save)
+
+    def save_pretrained(self, directory: str):
+        """Write ``radargate_config.json`` and ``radargate_model.safetensors`` (the adapters and
+        ``modules_to_save``; not the base model)."""
+        from safetensors.torch import save_file
+        sd = self.state_dict_to_save()
+        added = set(_added_param_names(self.base_model))
+        extra = sorted(k for k in sd if k not in added and not _in_modules_to_save(
+            k, self.radargate_config.modules_to_save))
+        if extra:
+            warnings.warn(f"save_pretrained: also saving trainable parameters outside the adapters "
+                          f"and modules_to_save: {extra[:5]}; from_pretrained loads them",
+                          stacklevel=2)
+        self.radargate_config.save(directory)
+        # safetensors wants contiguous tensors that share no storage
+        save_file({k: v.detach().contiguous().clone() for k, v in sd.items()},
+                  os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str, is_trainable: bool = False):
+        """Inject into ``model`` as the saved config says and load the saved weights. The adapters
+        are frozen unless ``is_trainable`` (as PEFT's ``from_pretrained``)."""
+        from safetensors.torch import load_file
+        config = RadarGateConfig.load(directory)
+        path = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"directory: {directory} has no {WEIGHTS_NAME}")
+        wrapped = get_radargate_model(model, config)
+        load_radargate_state_dict(wrapped.base_model, load_file(path))
+        if not is_trainable:
+            wrapped.requires_grad_(False)
+        return wrapped
+
+
+def _in_modules_to_save(key: str, modules_to_save) -> bool:
+    return any(key.startswith(m + ".") or f".{m}." in key for m in modules_to_save or ())
+
+
+def get_radargate_model(model: nn.Module, config: RadarGateConfig) -> RadarGateModel:
+    """Inject RadarGate-LoRA layers into ``model`` (in place) as ``config`` says, freeze every
+    parameter but the added ones and ``config.modules_to_save``, and wrap it in a
+    ``RadarGateModel`` (``save_pretrained``, ``print_trainable_parameters``)."""
+    if not isinstance(config, RadarGateConfig):
+        raise TypeError(f"config: expected a RadarGateConfig, got {type(config).__name__}")
+    if isinstance(model, RadarGateModel):
+        raise ValueError("model: already a RadarGateModel (injecting twice would wrap the "
+                         "wrappers)")
+    inject_radargate(model, config.target_modules, **config.layer_kwargs())
+    _freeze_all_but_adapters(model, config.modules_to_save)
+    return RadarGateModel(model, config)
+
+
+# -------------------------------------------------------------------------- PEFT adapters in
+
+_UNSUPPORTED_PEFT = {
+    "use_dora": "DoRA (use_dora=True)",
+    "fan_in_fan_out": "fan_in_fan_out=True (Conv1D-style weights)",
+    "lora_bias": "lora_bias=True",
+}
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name that it ends."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _read_peft_adapter(adapter_dir):
+    """-> (config dict, {module name: (A [in, r], B [r, out] scaled by alpha / r)})."""
+    from safetensors.torch import load_file
+    cfg_path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"adapter_dirs: {adapter_dir} has no adapter_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"adapter_dirs: {adapter_dir} is a {cfg.get('peft_type')} adapter; only "
+                         f"LoRA adapters are supported")
+    for key, what in _UNSUPPORTED_PEFT.items():
+        if cfg.get(key):
+            raise ValueError(f"adapter_dirs: {adapter_dir} uses {what}, which from_peft_adapters "
+                             f"does not support")
+    if cfg.get("modules_to_save"):
+        raise ValueError(f"adapter_dirs: {adapter_dir} has modules_to_save "
+                         f"{cfg['modules_to_save']}; from_peft_adapters loads LoRA experts only "
+                         f"(the saved copies of those modules would be dropped)")
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"adapter_dirs: {adapter_dir} has no adapter_model.safetensors")
+    sd = load_file(path)
+    base_alpha = float(cfg.get("lora_alpha", cfg["r"]))
+    mods = {}
+    for key, W in sd.items():
+        if ".lora_A." in key:
+            name = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+            A = W
+            B = sd[key.replace(".lora_A.", ".lora_B.")]
+            r = A.shape[0]  # the rank actually used here (rank_pattern included)
+            alpha = float(_pattern_value(cfg.get("alpha_pattern"), name, base_alpha))
+            scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+            mods[name] = (A.t().contiguous(), (B.t() * scale).contiguous())  # [in, r], [r, out]
+        elif ".lora_B." not in key:
+            raise ValueError(f"adapter_dirs: {adapter_dir} holds {key!r}, which is not a LoRA A/B "
+                             f"weight of a Linear (embeddings, biases, magnitudes are not "
+                             f"supported)")
+    return cfg, mods
+
+
+def from_peft_adapters(model: nn.Module, adapter_dirs, target_modules=None, **layer_kwargs):
+    """Load N PEFT LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors`` in each
+    of ``adapter_dirs``) into ``model`` as N frozen experts per adapted ``nn.Linear``, gated by a
+    trainable router and RadarGate (the paper's setting: compose pretrained LoRAs, train only the
+    gate). ``target_modules`` defaults to the modules the adapters adapt. Each adapter's
+    ``lora_alpha / r`` (per module with ``alpha_pattern`` / ``rank_pattern``; ``sqrt(r)`` with
+    rsLoRA) is folded into its B; ranks may differ (zero-padded to the largest). Unsupported
+    adapter features (DoRA, fan_in_fan_out, lora bias, modules_to_save, non-Linear targets)
+    and adapted modules that do not exist in ``model`` raise. Returns the replaced names."""
+    adapters = [_read_peft_adapter(d) for d in adapter_dirs]
+    if not adapters:
+        raise ValueError("adapter_dirs: expected at least one adapter directory")
+    linears = {_strip_compiled(n): m for n, m in model.named_modules()}
+    for d, (_, mods) in zip(adapter_dirs, adapters):
+        absent = sorted(n for n in mods if n not in linears)
+        if absent:
+            raise ValueError(f"adapter_dirs: {d} adapts {absent[:3]}, which the model does not "
+                             f"have")
+        wrong = sorted(n for n in mods if not isinstance(linears[n], nn.Linear))
+        if wrong:
+            raise ValueError(f"adapter_dirs: {d} adapts {wrong[:3]}, which are not nn.Linear")
+    names = sorted(set().union(*(set(m) for _, m in adapters)))
+    if target_modules is not None:
+        names = [n for n in names if _matches(n, target_modules if isinstance(target_modules, str)
+                                                 else list(target_modules))]
+    rank = max(A.shape[1] for _, m in adapters for A, _ in m.values())
+    layer_kwargs = dict(layer_kwargs, num_experts=len(adapters), rank=rank, alpha=rank,
+                        freeze_experts=True)
+    replaced = inject_radargate(model, names, **layer_kwargs)
+    for name in replaced:
+        layer = model.get_submodule(name)
+        with torch.no_grad():
+            layer.lora_A.zero_()
+            layer.lora_B.zero_()
+            for e, (_, mods) in enumerate(adapters):
+                if name in mods:  # an adapter that does not adapt this module adds nothing
+                    A, B = mods[name]
+                    layer.lora_A[e, :, :A.shape[1]] = A.to(layer.lora_A.dtype)
+                    layer.lora_B[e, :B.shape[0], :] = B.to(layer.lora_B.dtype)
+    return replaced
