@@ -243,7 +243,14 @@ class RadarGateLoRALinear(nn.Module):
         return self.base.out_features
 
 
-# PEFT-style management moved to adapters.py; re-exported for existing imports (adapters.py
-# imports this module, so this import comes last)
-from .adapters import (from_peft_adapters, inject_radargate,  # noqa: E402,F401
-                       load_radargate_state_dict, radargate_state_dict)
+_MOVED_TO_ADAPTERS = ("from_peft_adapters", "inject_radargate", "load_radargate_state_dict",
+                      "radargate_state_dict")
+
+
+def __getattr__(name):
+    """PEFT-style management moved to adapters.py; its old names still import from here
+    (lazily: adapters.py imports this module)."""
+    if name in _MOVED_TO_ADAPTERS:
+        from . import adapters
+        return getattr(adapters, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -52,19 +52,24 @@ def test_transformers_model_injected_trains_and_round_trips():
         assert torch.equal(fresh(input_ids=ids).logits, out)
 
 
-def _make_adapter(tmp_path, seed, name):
+def _make_adapter(tmp_path, seed, name, **extra):
     base = tiny_llama()
     torch.manual_seed(seed)
     cfg = peft.LoraConfig(r=2 + seed % 3, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                          init_lora_weights=False)
+                          init_lora_weights=False, **extra)
     pm = peft.get_peft_model(base, cfg)
     path = tmp_path / name
     pm.save_pretrained(str(path))
     return pm.eval(), str(path)
 
 
+# seed 1: per-module ranks and alphas (PEFT's rank_pattern / alpha_pattern), seed 2: rsLoRA
+PATTERNS = [{}, dict(rank_pattern={"q_proj": 5}, alpha_pattern={"layers.1.self_attn.v_proj": 3}),
+            dict(use_rslora=True)]
+
+
 def test_peft_adapters_as_frozen_experts_reproduce_each_adapter(tmp_path):
-    adapters = [_make_adapter(tmp_path, s, f"a{s}") for s in range(3)]
+    adapters = [_make_adapter(tmp_path, s, f"a{s}", **PATTERNS[s]) for s in range(3)]
     model = tiny_llama().requires_grad_(False)
     names = from_peft_adapters(model, [p for _, p in adapters], tau=0.5)
     assert len(names) == 4
@@ -80,3 +85,31 @@ def test_peft_adapters_as_frozen_experts_reproduce_each_adapter(tmp_path):
             ours = model(input_ids=ids).logits
             theirs = pm(input_ids=ids).logits
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def _edit_config(path, **changes):
+    import json
+    import os
+    f = os.path.join(path, "adapter_config.json")
+    cfg = json.load(open(f))
+    cfg.update(changes)
+    json.dump(cfg, open(f, "w"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(use_dora=True), "DoRA"), (dict(fan_in_fan_out=True), "fan_in_fan_out"),
+    (dict(modules_to_save=["lm_head"]), "modules_to_save"), (dict(peft_type="IA3"), "IA3"),
+])
+def test_peft_adapter_features_we_cannot_honour_raise(tmp_path, change, message):
+    _, path = _make_adapter(tmp_path, 0, "a")
+    _edit_config(path, **change)
+    with pytest.raises(ValueError, match=message):
+        from_peft_adapters(tiny_llama(), [path])
+
+
+def test_peft_adapter_for_another_model_raises(tmp_path):
+    _, path = _make_adapter(tmp_path, 0, "a")
+    other = tiny_llama()
+    other.model.layers = other.model.layers[:1]  # the adapter also adapts layer 1
+    with pytest.raises(ValueError, match="which the model does not have"):
+        from_peft_adapters(other, [path])
