@@ -14,6 +14,7 @@ Lower level: ``inject_radargate`` (wrap matching ``nn.Linear``s, nothing else),
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -297,9 +298,9 @@ class RadarGateModel(nn.Module):
         super().__init__()
         self.base_model = base_model
         self.radargate_config = config
-
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+        # forward shows the wrapped model's signature, so tools that inspect it (Trainer drops
+        # dataset columns forward does not name) see input_ids, labels, ...
+        self.forward = _ForwardTo(self)
 
     def __getattr__(self, name):
         if name == "base_model":  # not set yet (during __init__): no recursion
@@ -357,6 +358,21 @@ class RadarGateModel(nn.Module):
         if not is_trainable:
             wrapped.requires_grad_(False)
         return wrapped
+
+
+class _ForwardTo:
+    """Callable that forwards to ``owner.base_model`` and carries its forward's signature
+    (an instance attribute, so deepcopy / pickling follow the owner)."""
+
+    def __init__(self, owner):
+        self.owner = owner
+
+    def __call__(self, *args, **kwargs):
+        return self.owner.base_model(*args, **kwargs)
+
+    @property
+    def __signature__(self):
+        return inspect.signature(self.owner.base_model.forward)
 
 
 def _in_modules_to_save(key: str, modules_to_save) -> bool:
