@@ -1,8 +1,9 @@
-"""Scale-out: RadarGate-LoRA layers under DistributedDataParallel (gloo, 2 CPU processes) give the
-same gradients as one process on the same global batch."""
+"""Scale-out: RadarGate-LoRA layers under DistributedDataParallel and FSDP2 (``fully_shard``;
+gloo, 2 CPU processes) give the same gradients as one process on the same global batch."""
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -34,28 +35,41 @@ def grads_of(model, x, y):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _worker(rank, world, port, out_path):
+def _worker(rank, world, port, out_path, mode):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = nn.parallel.DistributedDataParallel(build())
         x, y = batch()
         shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
-        g = grads_of(model, x[shard], y[shard])
+        if mode == "ddp":
+            model = nn.parallel.DistributedDataParallel(build())
+            g = grads_of(model, x[shard], y[shard])
+            g = {n.removeprefix("module."): v for n, v in g.items()}
+        else:  # FSDP2: each layer sharded on its own, then the root; gradients are DTensors
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+            model = build()
+            mesh = init_device_mesh("cpu", (world,))
+            for m in model.modules():
+                if isinstance(m, RadarGateLoRALinear):
+                    fully_shard(m, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            g = {n: v.full_tensor() for n, v in grads_of(model, x[shard], y[shard]).items()}
         if rank == 0:
-            torch.save({n.removeprefix("module."): v for n, v in g.items()}, out_path)
+            torch.save(g, out_path)
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_gradients_equal_single_process_gradients(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_distributed_gradients_equal_single_process_gradients(tmp_path, mode):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = str(tmp_path / "ddp_grads.pt")
-    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
-    ddp = torch.load(out)
+    out = str(tmp_path / "grads.pt")
+    mp.spawn(_worker, args=(2, port, out, mode), nprocs=2, join=True)
+    dist_grads = torch.load(out)
     single = grads_of(build(), *batch())
-    assert set(ddp) == set(single) and len(single) >= 8
+    assert set(dist_grads) == set(single) and len(single) >= 8
     for n in single:
-        torch.testing.assert_close(ddp[n], single[n], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dist_grads[n], single[n], rtol=1e-5, atol=1e-6)
