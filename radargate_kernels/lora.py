@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .cpu import rotate_stretch_sum
 from .reference import compute_dtype, lora_down, lora_up, select_experts
-from .validation import check_lora_inputs
+from .validation import check_lora_inputs, no_double_backward
 
 CHUNK_ELEMS = 1 << 21  # largest per-chunk intermediate (elements) of the PyTorch parts
 _BACKENDS = ("auto", "triton", "torch")
@@ -286,6 +286,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward_fn(ctx, dy):
+    no_double_backward("radar_gate_lora")
     x, lora_A, lora_B, g, rot_down, rot_up, beta, ids = ctx.saved_tensors
     need = ctx.needs_input_grad
     grads = torch.ops.radargate.lora_bwd(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids,
@@ -324,15 +325,14 @@ def radar_gate_lora(x, lora_A, lora_B, weights, rot_down=None, rot_up=None, angl
     backend: "auto" (Triton kernels on CUDA or under TRITON_INTERPRET=1, else the chunked
     PyTorch path), "triton" or "torch".
     """
-    compiling = torch.compiler.is_compiling()
     check_lora_inputs(x, lora_A, lora_B, weights, rot_down, rot_up, angle_bias, expert_ids,
-                      scaling, tau, eps, check_id_range=not compiling)
+                      scaling, tau, eps)
     which = _resolve_backend(backend, x, rot_down is not None)
     lead, K = x.shape[:-1], weights.shape[-1]
     if dropout_p:
         x = F.dropout(x, dropout_p, training)
     x2 = x.reshape(-1, x.shape[-1])
-    ids = expert_ids.reshape(-1, K) if expert_ids is not None else None
+    ids = expert_ids.reshape(-1, K).long() if expert_ids is not None else None  # any int dtype
     y = torch.ops.radargate.lora_fwd(x2, lora_A, lora_B, weights.reshape(-1, K), rot_down,
                                      rot_up, angle_bias, ids, float(scaling), float(tau),
                                      float(eps), which)

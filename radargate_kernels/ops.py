@@ -14,7 +14,7 @@ import torch
 
 from .cpu import radar_gate_cpu
 from .reference import compute_dtype, radar_gate_reference
-from .validation import check_inputs
+from .validation import check_inputs, no_double_backward
 
 _BACKENDS = ("auto", "triton", "torch")
 
@@ -70,6 +70,7 @@ def _save(ctx, inputs, outputs):
 
 
 def _grads(ctx, dy):
+    no_double_backward("radar_gate (Triton path)")
     V, g, A, B, beta, ids, n, C, rho, z, d = ctx.saved_tensors
     dV, dg, dA, dB, dbeta = torch.ops.radargate.bwd(dy.contiguous(), V, g, A, B, beta, ids,
                                                     n, C, rho, z, d, ctx.tau, ctx.eps)
@@ -134,12 +135,14 @@ def radar_gate(expert_out, weights, rot_down, rot_up, angle_bias=None, expert_id
     """
     compiling = torch.compiler.is_compiling()
     K, D, r, E = check_inputs(expert_out, weights, rot_down, rot_up, angle_bias, expert_ids,
-                              tau, eps, check_id_range=not compiling)
+                              tau, eps)
     which = _resolve_backend(backend, expert_out, K, r, E, angle_bias is not None)
     lead = expert_out.shape[:-2]
     V = expert_out.reshape(-1, K, D)
     g = weights.reshape(-1, K)
-    ids = expert_ids.reshape(-1, K) if expert_ids is not None else None
+    # every integer dtype means indices (a uint8 tensor must not index as a mask): int64 on
+    # every path
+    ids = expert_ids.reshape(-1, K).long() if expert_ids is not None else None
     if which == "torch":
         if compiling or V.device.type != "cpu":
             # under torch.compile (inductor fuses it) and on devices without Triton kernels

@@ -49,7 +49,7 @@ def rotation_angles(V, rho, A, B, beta=None, ids=None):
         if ids is None:
             alpha = alpha + beta.unsqueeze(0)  # K == E, slot k is expert k
         else:
-            alpha = alpha + beta[ids]
+            alpha = alpha + select_experts(beta, ids)  # any integer dtype indexes
     return alpha
 
 

@@ -71,52 +71,79 @@ def check_inputs(expert_out, weights, rot_down, rot_up, angle_bias, expert_ids, 
         if expert_ids is None and E != K:
             raise ValueError(f"angle_bias: has E = {E} experts but expert_out has K = {K} "
                              f"slots; pass expert_ids when E != K")
-        if expert_ids is not None and check_id_range and expert_ids.numel():
-            if expert_ids.device.type == "cuda":
-                # no host sync on the GPU path: the check runs on the device and fails the
-                # stream with this message (checked on the host for CPU tensors)
-                torch._assert_async(((expert_ids >= 0) & (expert_ids < E)).all(),
-                                    f"expert_ids: expected values in [0, {E}) "
-                                    f"(E = angle_bias.shape[0])")
-                lo, hi = 0, 0
-            else:
-                lo, hi = int(expert_ids.min()), int(expert_ids.max())
-            if lo < 0 or hi >= E:
-                raise ValueError(f"expert_ids: expected values in [0, {E}) (E = angle_bias.shape[0]),"
-                                 f" got range [{lo}, {hi}]")
-    elif expert_ids is not None and check_id_range and expert_ids.numel():
-        if expert_ids.device.type == "cuda":
-            torch._assert_async((expert_ids >= 0).all(), "expert_ids: expected non-negative values")
-        elif int(expert_ids.min()) < 0:
-            raise ValueError(f"expert_ids: expected non-negative values, got min "
-                             f"{int(expert_ids.min())}")
     check_positive("tau", tau)
-    check_positive("eps", eps)
-    device = expert_out.device
-    for name, t in named.items():
-        if t.device != device:
-            raise ValueError(f"{name}: expected device {device} (the device of expert_out), "
-                             f"got {t.device}")
+    check_eps(eps)
+    _check_devices(named, "expert_out")
+    if expert_ids is not None and check_id_range:
+        # without angle_bias the ids select nothing; they must still be valid expert indices
+        _check_id_range(expert_ids, E if angle_bias is not None else None,
+                        "E = angle_bias.shape[0]")
     return K, D, r, E
 
 
+def _check_devices(named, first):
+    """Every tensor on the device of the first one (checked before any value is read)."""
+    device = named[first].device
+    for name, t in named.items():
+        if t.device != device:
+            raise ValueError(f"{name}: expected device {device} (the device of {first}), "
+                             f"got {t.device}")
+
+
+# tau and eps enter the math as 1/tau and eps^2 in float32 (the kernels' scalar arguments and the
+# compute dtype of every input dtype but float64): both must stay finite and normal there.
+TAU_RANGE = (1e-30, 1e30)
+EPS_RANGE = (1e-18, 1e18)
+
+
+def _finite_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}: expected a finite float, got {value!r}")
+    try:
+        v = float(value)
+    except OverflowError:
+        raise ValueError(f"{name}: expected a finite float, got an integer too large for a "
+                         f"float ({str(value)[:20]}...)") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite float, got {value!r}")
+    return v
+
+
+def check_eps(eps):
+    """eps in EPS_RANGE: ``max(|v|, eps)`` is computed as ``sqrt(max(|v|^2, eps^2))`` in float32."""
+    v = check_positive("eps", eps)
+    lo, hi = EPS_RANGE
+    if not lo <= v <= hi:
+        raise ValueError(f"eps: expected a value in [{lo:g}, {hi:g}] (eps^2 must be a normal "
+                         f"float32), got {eps!r}")
+    return v
+
+
 def check_positive(name, value):
-    """A finite Python number > 0 (tau, eps, scaling)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value <= 0:
+    """A finite Python number > 0 (tau, eps, scaling); tau also within TAU_RANGE."""
+    v = _finite_float(name, value)
+    if v <= 0:
         raise ValueError(f"{name}: expected a finite float > 0, got {value!r}")
+    if name == "tau" and not TAU_RANGE[0] <= v <= TAU_RANGE[1]:
+        raise ValueError(f"tau: expected a value in [{TAU_RANGE[0]:g}, {TAU_RANGE[1]:g}] (1/tau "
+                         f"must be a finite float32), got {value!r}")
+    return v
 
 
 def _check_id_range(expert_ids, E, what):
-    """Values of expert_ids in [0, E): on the device for CUDA tensors (no host sync)."""
-    if not expert_ids.numel():
+    """Values of expert_ids in [0, E) (E None: only >= 0). On the device, without a host sync,
+    for CUDA tensors and under torch.compile; on the host for CPU tensors in eager mode; not for
+    meta (fake) tensors, which hold no values."""
+    if not expert_ids.numel() or expert_ids.device.type == "meta":
         return
-    msg = f"expert_ids: expected values in [0, {E}) ({what})"
-    if expert_ids.device.type == "cuda":
-        torch._assert_async(((expert_ids >= 0) & (expert_ids < E)).all(), msg)
+    msg = (f"expert_ids: expected values in [0, {E}) ({what})" if E is not None
+           else "expert_ids: expected non-negative values")
+    if expert_ids.device.type == "cuda" or torch.compiler.is_compiling():
+        ok = expert_ids >= 0 if E is None else (expert_ids >= 0) & (expert_ids < E)
+        torch._assert_async(ok.all(), msg)
         return
     lo, hi = int(expert_ids.min()), int(expert_ids.max())
-    if lo < 0 or hi >= E:
+    if lo < 0 or (E is not None and hi >= E):
         raise ValueError(f"{msg}, got range [{lo}, {hi}]")
 
 
@@ -192,15 +219,19 @@ def check_lora_inputs(x, lora_A, lora_B, weights, rot_down, rot_up, angle_bias, 
         if _shape(angle_bias) != (E, fout // 2):
             raise ValueError(f"angle_bias: expected shape [E, out/2] = [{E}, {fout // 2}], "
                              f"got {_shape(angle_bias)}")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) \
-            or not math.isfinite(scaling):
-        raise ValueError(f"scaling: expected a finite float, got {scaling!r}")
+    _finite_float("scaling", scaling)
     check_positive("tau", tau)
-    check_positive("eps", eps)
-    for name, t in named.items():
-        if t.device != x.device:
-            raise ValueError(f"{name}: expected device {x.device} (the device of x), "
-                             f"got {t.device}")
+    check_eps(eps)
+    _check_devices(named, "x")
     if expert_ids is not None and check_id_range:
         _check_id_range(expert_ids, E, "E = lora_A.shape[0]")
     return E, fin, r, fout, K, rg
+
+
+def no_double_backward(what):
+    """Called at the start of a custom backward: with ``create_graph=True`` grad mode is on
+    there, and the gradients returned would silently lack their own graph. Raise instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{what}: double backward (create_graph=True) is not supported by this "
+                           f"path; use the reference (radargate_kernels.reference) for "
+                           f"higher-order gradients")

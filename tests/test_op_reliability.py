@@ -1,0 +1,173 @@
+"""The op's contract at its edges (issue #12): integer id dtypes, tau/eps ranges, devices checked
+before values, gradients with retain_graph / create_graph, torch.compile behaviour."""
+import pytest
+import torch
+
+from radargate_kernels import cpu as cpu_mod
+from radargate_kernels import radar_gate, radar_gate_lora, radar_gate_reference
+from radargate_kernels.validation import EPS_RANGE
+from helpers import make_problem
+from lora_helpers import make_lora_problem
+
+INT_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+PATHS = ["eager", "triton", "reference"]
+
+
+def _call(path, p):
+    if path == "reference":
+        return radar_gate_reference(**p)
+    return radar_gate(**p, backend="torch" if path == "eager" else "triton")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_every_integer_id_dtype_indexes_experts(path, dtype):
+    # uint8 used to index as a boolean mask on the torch path (a silently wrong result)
+    p = make_problem(5, 3, 8, 2, bias=True, ids=True, seed=1)
+    want = _call(path, p)
+    p["expert_ids"] = p["expert_ids"].to(dtype)
+    assert torch.equal(_call(path, p), want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_every_integer_id_dtype_on_the_fused_layer(backend, dtype):
+    p = make_lora_problem(4, 3, 6, 8, 2, 2, ids=True, bias=True, seed=2)
+    want = radar_gate_lora(**p, backend=backend)
+    p["expert_ids"] = p["expert_ids"].to(dtype)
+    assert torch.equal(radar_gate_lora(**p, backend=backend), want)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("eps", EPS_RANGE[0] / 10, "eps: expected a value in"),
+    ("eps", EPS_RANGE[1] * 10, "eps: expected a value in"),
+    ("eps", 10 ** 400, "eps: expected a finite float, got an integer too large"),
+    ("tau", 10 ** 400, "tau: expected a finite float, got an integer too large"),
+    ("tau", 1e-40, "tau: expected a value in"),
+])
+def test_tau_eps_out_of_range_are_clear_errors(name, value, message):
+    p = make_problem(3, 2, 4, 2)
+    p[name] = value
+    with pytest.raises(ValueError, match=message):
+        radar_gate(**p)
+    lp = make_lora_problem(3, 2, 4, 4, 2, 2)
+    lp[name] = value
+    with pytest.raises(ValueError, match=message):
+        radar_gate_lora(**lp)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("eps", EPS_RANGE)
+def test_eps_at_the_ends_of_its_range_is_finite_with_a_zero_expert(path, eps):
+    p = make_problem(4, 3, 8, 2, bias=True, ids=True, seed=3)
+    p["expert_out"] = p["expert_out"].clone()
+    p["expert_out"][1, 2] = 0.0  # n = eps for this expert
+    p["eps"] = eps
+    leaves = {k: p[k].clone().requires_grad_(True) for k in ("expert_out", "rot_up")}
+    y = _call(path, dict(p, **leaves))
+    y.sum().backward()
+    assert torch.isfinite(y).all()
+    assert all(torch.isfinite(t.grad).all() for t in leaves.values())
+    torch.testing.assert_close(y, radar_gate_reference(**p), rtol=1e-5, atol=1e-5)
+
+
+def test_devices_are_checked_before_id_values():
+    p = make_problem(3, 2, 4, 2, bias=True, ids=True)
+    p["expert_ids"] = p["expert_ids"].to("meta")
+    with pytest.raises(ValueError, match="expert_ids: expected device cpu"):
+        radar_gate(**p)
+    meta = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in
+            make_problem(3, 2, 4, 2, bias=True, ids=True).items()}
+    assert radar_gate(**meta).shape == (3, 4)  # shapes only: no value is read
+
+
+@pytest.mark.parametrize("path", ["eager", "triton"])
+def test_retain_graph_and_create_graph(path):
+    p = make_problem(4, 3, 8, 2, bias=True, ids=True, seed=4)
+    V = p["expert_out"].clone().requires_grad_(True)
+    y = _call(path, dict(p, expert_out=V))
+    y.sum().backward(retain_graph=True)  # task loss, then a second loss on the same graph
+    first = V.grad.clone()
+    y.sum().backward()
+    torch.testing.assert_close(V.grad, 2 * first)
+    y = _call(path, dict(p, expert_out=V))
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.sum(), V, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_layer_retain_graph_and_create_graph(backend):
+    p = make_lora_problem(4, 3, 6, 8, 2, 2, ids=True, bias=True, seed=5)
+    x = p["x"].clone().requires_grad_(True)
+    y = radar_gate_lora(**dict(p, x=x), backend=backend)
+    y.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * first)
+    y = radar_gate_lora(**dict(p, x=x), backend=backend)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+def test_compiled_cpu_path_retain_graph_double_backward_and_stays_compiled(monkeypatch):
+    """The default CPU path: retain_graph works, create_graph is a clear error, a bad input
+    raises without turning the compiled path off, and shapes / tau / grad mode do not exhaust
+    dynamo's recompile limit (which would silently fall back to eager)."""
+    monkeypatch.setenv("RADARGATE_CPU_PATH", "compile")
+    monkeypatch.setattr(cpu_mod, "_FAILED", [])
+    p = make_problem(6, 3, 8, 2, bias=True, ids=True, seed=6)
+    V = p["expert_out"].clone().requires_grad_(True)
+    y = radar_gate(**dict(p, expert_out=V), backend="torch")
+    torch.testing.assert_close(y, radar_gate_reference(**p), rtol=1e-5, atol=1e-5)
+    y.sum().backward(retain_graph=True)
+    first = V.grad.clone()
+    y.sum().backward()
+    torch.testing.assert_close(V.grad, 2 * first)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(radar_gate(**dict(p, expert_out=V), backend="torch").sum(), V,
+                            create_graph=True)
+    u8 = dict(p, expert_ids=p["expert_ids"].to(torch.uint8))
+    assert torch.equal(radar_gate(**u8, backend="torch"), radar_gate(**p, backend="torch"))
+    with pytest.raises(ValueError, match="expert_ids"):
+        radar_gate(**dict(p, expert_ids=p["expert_ids"] + 100), backend="torch")
+    assert cpu_mod._FAILED == []
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for i, T in enumerate([1, 2, 3, 5, 8, 13, 21, 34, 55, 89]):
+            q = make_problem(T, 3, 8, 2, bias=True, ids=True, seed=T)
+            q["tau"] = 0.5 + i / 10
+            with torch.set_grad_enabled(i % 2 == 0):
+                Vq = q["expert_out"].requires_grad_(i % 2 == 0)
+                out = radar_gate(**dict(q, expert_out=Vq), backend="torch")
+            torch.testing.assert_close(out, radar_gate_reference(**q), rtol=1e-5, atol=1e-5)
+
+
+def test_compiler_failure_falls_back_once_with_a_warning(monkeypatch):
+    monkeypatch.setenv("RADARGATE_CPU_PATH", "compile")
+    monkeypatch.setattr(cpu_mod, "_FAILED", [])
+
+    def broken(*args, **kwargs):
+        raise OSError("no C++ compiler")
+    monkeypatch.setattr(cpu_mod, "_compiled", broken)
+    p = make_problem(4, 3, 8, 2, seed=7)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        y = radar_gate(**p, backend="torch")
+    torch.testing.assert_close(y, radar_gate_reference(**p), rtol=1e-5, atol=1e-5)
+    assert len(cpu_mod._FAILED) == 1
+
+
+@pytest.mark.parametrize("bad", [-1, 5])
+def test_out_of_range_ids_under_torch_compile_raise(bad):
+    torch._dynamo.reset()
+    p = make_problem(4, 3, 8, 2, bias=True, ids=True, E_extra=2, seed=8)  # E = 5
+    p["expert_ids"] = p["expert_ids"].clone()
+    p["expert_ids"][2, 1] = bad
+    fn = torch.compile(lambda q: radar_gate(**q, backend="torch"), fullgraph=True)
+    with pytest.raises(RuntimeError, match=r"expert_ids: expected values in \[0, 5\)"):
+        fn(p)
+    lp = make_lora_problem(4, 3, 6, 8, 2, 2, ids=True, bias=True, seed=9)
+    E = lp["lora_A"].shape[0]
+    lp["expert_ids"] = lp["expert_ids"].clone()
+    lp["expert_ids"][1, 0] = -1 if bad < 0 else E
+    fl = torch.compile(lambda q: radar_gate_lora(**q, backend="torch"), fullgraph=True)
+    with pytest.raises(RuntimeError, match=rf"expert_ids: expected values in \[0, {E}\)"):
+        fl(lp)
