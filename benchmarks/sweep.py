@@ -24,18 +24,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
+from radargate_kernels.progress import Progress  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 FIELDS = ["op", "provider", "mode", "T", "K", "D", "r", "dtype", "metric", "value", "device",
           "torch", "triton", "timestamp"]
-
-
-def progress(i, n, label, width=30):
-    done = int(width * i / n)
-    sys.stdout.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {label[:60]:60s}")
-    sys.stdout.flush()
-    if i == n:
-        sys.stdout.write("\n")
 
 
 def sweep_shapes(quick):
@@ -110,14 +103,14 @@ def main(argv=None):
     shapes = sweep_shapes(args.quick)
     jobs = [(s, p, m) for s in shapes for m in harness.MODES for p in harness.PROVIDERS]
     n = len(jobs) + (0 if args.no_bytes else len(shapes))
-    rows, i = [], 0
+    rows, i, bar = [], 0, Progress(n, "sweep")
     print(f"sweep on {meta['device']}: {len(shapes)} shapes x {len(harness.PROVIDERS)} providers x "
           f"{len(harness.MODES)} modes (torch.compile compiles once with dynamic shapes)")
     for (axis, T, K, D, r) in shapes:
         for mode in harness.MODES:
             xs = harness.make(T, K, D, r, grad=(mode == "forward_backward"))
             for prov in harness.PROVIDERS:
-                progress(i, n, f"{prov} {mode} T={T} K={K} D={D}")
+                bar.update(i, f"{prov} {mode} T={T} K={K} D={D}")
                 ms = harness.time_ms(harness.step(prov, mode, xs), reps=3 if args.quick else 5)
                 rows.append(dict(op="radar_gate", provider=prov, mode=mode, T=T, K=K, D=D, r=r,
                                  dtype="float32", metric="ms", value=f"{ms:.4f}", sweep=axis,
@@ -125,7 +118,7 @@ def main(argv=None):
                                  **meta))
                 i += 1
         if not args.no_bytes:
-            progress(i, n, f"counting bytes K={K} D={D}")
+            bar.update(i, f"counting bytes K={K} D={D}")
             per = count_bytes(K, D, r, T_count=16)
             for (prov, mode), v in per.items():
                 rows.append(dict(op="radar_gate", provider=prov, mode=mode, T=16, K=K, D=D, r=r,
@@ -133,7 +126,7 @@ def main(argv=None):
                                  sweep=axis, timestamp=datetime.datetime.now().isoformat(
                                      timespec="seconds"), **meta))
             i += 1
-    progress(n, n, "done")
+    bar.update(n, "done")
     csv_path = os.path.join(args.out, "sweep.csv")
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS + ["sweep"])

@@ -12,7 +12,6 @@ The experiment suite (``python -m experiments.run``) tests the paper's claims pr
 import argparse
 import os
 import sys
-import time
 
 import torch
 from torch import nn
@@ -20,6 +19,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from experiments.models import TinyBlock as Block  # noqa: E402  (also imported by the tests)
 from radargate_kernels.nn import inject_radargate  # noqa: E402
+from radargate_kernels.progress import Progress  # noqa: E402
 
 D, TASKS, SEQ = 32, 4, 8
 
@@ -45,7 +45,7 @@ def build(rotation: bool):
 def train(name, model, data, steps, lr=3e-3):
     x, y = data
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses, t0 = [], time.time()
+    losses, bar = [], Progress(steps, f"{name:16s}")
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(x), (64,), generator=torch.Generator().manual_seed(step))
         opt.zero_grad()
@@ -53,11 +53,7 @@ def train(name, model, data, steps, lr=3e-3):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        done = int(30 * step / steps)
-        sys.stdout.write(f"\r{name:16s} [{'#' * done}{'.' * (30 - done)}] step {step}/{steps} "
-                         f"loss {loss.item():.4f}")
-        sys.stdout.flush()
-    sys.stdout.write(f"  ({time.time() - t0:.0f} s)\n")
+        bar.update(step, f"loss {loss.item():.4f}")
     return losses
 
 

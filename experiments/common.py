@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 # The PyTorch path without inductor: every model shape here would otherwise pay a ~30 s compile
@@ -17,6 +16,8 @@ def cpu_pytorch_path():
     os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
+
+from radargate_kernels.progress import Progress  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -52,22 +53,16 @@ def train(params, loss_at_step, steps: int, lr: float, label: str = "") -> list:
     Returns the per-step losses. Prints a one-line progress bar to stderr (a terminal), or one
     line per run (a file)."""
     opt = torch.optim.Adam(list(params), lr=lr)
-    losses, t0 = [], time.time()
-    live = sys.stderr.isatty()  # redirected to a file: one line per run, no progress bar
+    losses = []
+    bar = Progress(steps, f"  {label:44s}", stream=sys.stderr) if label else None
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
         loss = loss_at_step(step)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-        if label and ((live and step % 10 == 9) or step == steps - 1):
-            done = int(20 * (step + 1) / steps)
-            bar = "#" * done + "." * (20 - done)
-            sys.stderr.write(("\r" if live else "") + f"  {label:44s} [{bar}] {step + 1}/{steps} "
-                             f"loss {losses[-1]:.4f} {time.time() - t0:5.1f} s")
-            sys.stderr.flush()
-    if label:
-        sys.stderr.write("\n")
+        if bar is not None and (step % 10 == 9 or step == steps - 1):
+            bar.update(step + 1, f"loss {losses[-1]:.4f}")
     return losses
 
 

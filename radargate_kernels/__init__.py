@@ -4,7 +4,7 @@
   gated sum out; expert outputs never formed). What ``nn.RadarGateLoRALinear`` calls.
 - ``radar_gate``: the op on expert outputs you already have ([..., K, D]).
 - ``radar_gate_reference`` / ``radar_gate_lora_reference``: the pure-PyTorch definitions
-  (docs: SPEC.md; the math lives in reference.py).
+  (contract: docs/SPEC.md; the math lives in reference.py).
 - ``RadarGateFunction``: the autograd Function behind radar_gate's Triton path
 """
 from .lora import radar_gate_lora

@@ -125,13 +125,18 @@ def _resolve_backend(backend: str, V: torch.Tensor, K: int, r: int, E: int, has_
 
 def radar_gate(expert_out, weights, rot_down, rot_up, angle_bias=None, expert_ids=None,
                tau=1.0, eps=1e-6, backend="auto"):
-    """RadarGate: ``y = sum_i g_i R(alpha_i) v_i`` (SPEC.md).
+    """RadarGate: ``y = sum_i g_i R(alpha_i) v_i`` (docs/SPEC.md).
 
     expert_out [..., K, D], weights [..., K], rot_down [D, r], rot_up [r, D/2],
-    angle_bias [E, D/2] or None, expert_ids [..., K] (integer) or None -> [..., D] in the dtype
-    of expert_out. backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, PyTorch
-    otherwise), "triton" or "torch". The PyTorch path is the cache-blocked CPU implementation
-    (cpu.py) for CPU tensors in eager mode, the reference otherwise.
+    angle_bias [E, D/2] or None, expert_ids [..., K] (any integer dtype, values in [0, E)) or
+    None -> [..., D] in the dtype of expert_out. tau in [1e-30, 1e30], eps in [1e-18, 1e18].
+
+    backend: "auto" (the tensors' device decides: Triton kernels on CUDA, or under
+    TRITON_INTERPRET=1; PyTorch otherwise), "triton" or "torch". The PyTorch path on CPU tensors
+    is the reference compiled by inductor (compiled on first use per dtype/signature, ~15 s,
+    logged once; RADARGATE_CPU_PATH=eager selects the cache-blocked eager implementation in
+    cpu.py instead); under torch.compile and on other devices it is the reference itself.
+    First-order gradients on every path; create_graph=True raises except on the reference.
     """
     compiling = torch.compiler.is_compiling()
     K, D, r, E = check_inputs(expert_out, weights, rot_down, rot_up, angle_bias, expert_ids,

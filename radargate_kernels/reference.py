@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of the RadarGate operator: the one place where the math lives.
 
-A literal transcription of ``SPEC.md`` steps 1-6 (this project's reading of the paper
+A literal transcription of ``docs/SPEC.md`` steps 1-6 (this project's reading of the paper
 "Two Is Better Than One: Rotations Scale LoRAs", arXiv 2505.23184). Differentiable by
 autograd; all arithmetic runs in float32 or wider (float64 stays float64).
 
