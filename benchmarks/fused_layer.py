@@ -98,7 +98,7 @@ def main(argv=None):
         raise SystemExit("unset TRITON_INTERPRET: this times the real CPU paths")
     res = measure(a.T, a.d, a.rank, a.repeats)
     print(report(res))
-    if a.json:  # (cost_report.emit does this, but importing cost_report sets TRITON_INTERPRET)
+    if a.json:  # (as cost_report.emit does)
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
 

@@ -4,7 +4,7 @@ and vs the materialized pipeline (LoRA expert matmuls + radar_gate).
     python benchmarks/lora_cost.py [--T 64 --K 8 --E 8 --d 1024 --r 8 --rg 8 --dtype bfloat16]
                                    [--ids] [--json out.json]
 
-Counted as in radargate_kernels.cost_report: every tl.load / tl.store of the kernels (masked-off
+Counted as in benchmarks.cost_report: every tl.load / tl.store of the kernels (masked-off
 lanes excluded) and every aten op's input + output bytes outside the kernels (the down-projection
 GEMM, the relation map in PyTorch, the host-side sorts and sums). Three views of the kernel bytes:
   requested      every request, no cache;
@@ -31,7 +31,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from radargate_kernels import lora as lora_mod  # noqa: E402
 from radargate_kernels import radar_gate  # noqa: E402
-from radargate_kernels.cost_report import AtenBytes, _nbytes, count_triton, emit  # noqa: E402
+from benchmarks.cost_report import AtenBytes, _nbytes, count_triton, emit  # noqa: E402
 from radargate_kernels.nn import RadarGateLoRALinear  # noqa: E402
 
 PARAMS = ("LB", "U", "BETA")
@@ -57,7 +57,7 @@ def _unique_counter():
 
     def note(ptrs, mask, itemsize):
         import numpy as np
-        from radargate_kernels import cost_report
+        from benchmarks import cost_report
         k = cost_report._COUNTER.current if cost_report._COUNTER else None
         addrs = np.unique(ptrs.data[mask.data])
         s = seen.setdefault(k, [set(), 0])

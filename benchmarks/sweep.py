@@ -6,7 +6,7 @@ write CSV rows plus PNG plots.
 
 CSV columns: op, provider, mode, T, K, D, r, dtype, metric, value, device, torch, triton, timestamp.
 metric "ms" is a median wall time measured here; "bytes_per_token" is counted (device-independent)
-at a small T by ``radargate_kernels.cost_report`` in a subprocess (the interpreter must not be set
+at a small T by ``benchmarks.cost_report`` in a subprocess (the interpreter must not be set
 in the timing process).
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def count_bytes(K, D, r, T_count):
     """Bytes per token for fused and naive via cost_report in a subprocess."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "c.json")
-        subprocess.run([sys.executable, "-m", "radargate_kernels.cost_report", "--T", str(T_count),
+        subprocess.run([sys.executable, "-m", "benchmarks.cost_report", "--T", str(T_count),
                         "--K", str(K), "--D", str(D), "--r", str(r), "--dtype", "float32",
                         "--no-ids", "--json", out], cwd=ROOT, check=True, capture_output=True)
         with open(out) as f:

@@ -300,14 +300,14 @@ torch.library.register_autograd("radargate::lora_fwd", _backward_fn, setup_conte
 
 
 def _resolve_backend(backend, x, rotation):
+    """Device first, as radar_gate: "auto" is Triton on CUDA tensors only."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
-    on_triton = x.device.type == "cuda" or _interpreting()
-    if backend == "triton" and not on_triton:
+    if backend == "triton" and x.device.type != "cuda" and not _interpreting():
         raise ValueError(f"backend='triton': expected CUDA tensors (or TRITON_INTERPRET=1), got "
                          f"device {x.device}")
     if backend == "auto":
-        backend = "triton" if on_triton and rotation else "torch"
+        backend = "triton" if x.device.type == "cuda" and rotation else "torch"
     return backend
 
 
@@ -322,8 +322,10 @@ def radar_gate_lora(x, lora_A, lora_B, weights, rot_down=None, rot_up=None, angl
     -> [..., out] in the dtype of x. ``x' = dropout(x, dropout_p, training)``. Same result as
     ``radar_gate_lora_reference`` (LoRA outputs, then radar_gate) without ever forming the
     [..., K, out] expert outputs, in forward or backward. r, rg <= 64; K and E unbounded.
-    backend: "auto" (Triton kernels on CUDA or under TRITON_INTERPRET=1, else the chunked
-    PyTorch path), "triton" or "torch".
+    expert_ids may have any integer dtype; tau in [1e-30, 1e30], eps in [1e-18, 1e18].
+    backend: "auto" (the tensors' device decides: Triton kernels on CUDA, the chunked PyTorch
+    path elsewhere), "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "torch". First-order
+    gradients only (create_graph=True raises).
     """
     check_lora_inputs(x, lora_A, lora_B, weights, rot_down, rot_up, angle_bias, expert_ids,
                       scaling, tau, eps)

@@ -2,9 +2,8 @@
 
 ``radargate::fwd`` and ``radargate::bwd`` are ``torch.library.custom_op``s with fake (meta)
 implementations, so ``torch.compile(fullgraph=True)`` traces through them; ``radargate::fwd``
-also has ``register_autograd`` so it is differentiable on its own (``opcheck`` tests that).
-``RadarGateFunction`` is the ``torch.autograd.Function`` that ``radar_gate`` uses on the Triton
-path; both autograd wirings share ``_save`` and ``_grads``.
+has ``register_autograd`` (the only autograd wiring; ``opcheck`` tests it). ``radar_gate``
+validates, picks the backend from the tensors' device and calls the op.
 """
 from __future__ import annotations
 
@@ -31,6 +30,7 @@ def _fwd_op(V: torch.Tensor, g: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                  torch.Tensor, torch.Tensor]:
     """Fused forward. V [T,K,D] -> (y [T,D], n [T,K], C [T,K,K], rho [T,K,K], z [T,K,r], d [T,K,r])."""
+    require_triton_device(V, "radargate::fwd")
     return _launch().forward(V, g, A, B, beta, ids, tau, eps)
 
 
@@ -62,14 +62,14 @@ def _bwd_fake(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau, eps):
             B.new_empty(B.shape), dbeta)
 
 
-def _save(ctx, inputs, outputs):
+def _fwd_setup_context(ctx, inputs, output):
     V, g, A, B, beta, ids, tau, eps = inputs
-    _, n, C, rho, z, d = outputs
+    _, n, C, rho, z, d = output
     ctx.save_for_backward(V, g, A, B, beta, ids, n, C, rho, z, d)
     ctx.tau, ctx.eps = tau, eps
 
 
-def _grads(ctx, dy):
+def _fwd_backward(ctx, dy, *_state_grads):
     no_double_backward("radar_gate (Triton path)")
     V, g, A, B, beta, ids, n, C, rho, z, d = ctx.saved_tensors
     dV, dg, dA, dB, dbeta = torch.ops.radargate.bwd(dy.contiguous(), V, g, A, B, beta, ids,
@@ -77,50 +77,51 @@ def _grads(ctx, dy):
     return dV, dg, dA, dB, (dbeta if beta is not None else None), None, None, None
 
 
-def _fwd_setup_context(ctx, inputs, output):
-    _save(ctx, inputs, output)
-
-
-def _fwd_backward(ctx, dy, *_state_grads):
-    return _grads(ctx, dy)
-
-
+# the one autograd wiring of the Triton path (radar_gate, RadarGateFunction and torch.compile
+# all go through it)
 torch.library.register_autograd("radargate::fwd", _fwd_backward, setup_context=_fwd_setup_context)
 
 
-class RadarGateFunction(torch.autograd.Function):
-    """Triton path of RadarGate on flattened inputs.
+class RadarGateFunction:
+    """Triton path of RadarGate on flattened inputs (kept for code that calls it directly;
+    ``radar_gate`` is the API). Differentiable through the custom op's registered autograd.
 
     apply(V [T,K,D], g [T,K], A [D,r], B [r,D/2], beta [E,D/2] | None, ids [T,K] | None, tau, eps)
-    -> y [T, D]. Saves the inputs and O(T K^2 + T K r) state for backward.
+    -> y [T, D]. Saves the inputs and O(T K^2 + T K r) state for backward. Needs CUDA tensors
+    (or TRITON_INTERPRET=1); arguments are not validated here (``radar_gate`` does that).
     """
 
     @staticmethod
-    def forward(ctx, V, g, A, B, beta, ids, tau, eps):
-        outputs = torch.ops.radargate.fwd(V, g, A, B, beta, ids, tau, eps)
-        _save(ctx, (V, g, A, B, beta, ids, tau, eps), outputs)
-        return outputs[0]
+    def apply(V, g, A, B, beta, ids, tau, eps):
+        require_triton_device(V, "RadarGateFunction.apply")
+        return torch.ops.radargate.fwd(V, g, A, B, beta, ids, float(tau), float(eps))[0]
 
-    @staticmethod
-    def backward(ctx, dy):
-        return _grads(ctx, dy)
+
+def require_triton_device(t: torch.Tensor, what: str):
+    """The Triton kernels run on CUDA tensors, or anywhere under TRITON_INTERPRET=1."""
+    if t.device.type != "cuda" and not _launch().interpreting():
+        raise RuntimeError(f"{what}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 "
+                           f"set before import, for the interpreter), got device {t.device}; use "
+                           f"radar_gate(..., backend='torch') or 'auto' on this device")
 
 
 def _resolve_backend(backend: str, V: torch.Tensor, K: int, r: int, E: int, has_beta: bool) -> str:
+    """Device first: "auto" runs the Triton kernels on CUDA tensors (within their limits) and the
+    PyTorch path on any other device -- also when TRITON_INTERPRET=1 is set, which only makes
+    backend="triton" usable on CPU (tests, byte counting)."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
     limit = _launch().kernel_limits_ok(K, r, E, has_beta)
-    if backend == "triton":
-        if limit is not None:
-            raise ValueError(f"backend='triton': {limit}; use backend='auto' or 'torch'")
-        if V.device.type != "cuda" and not _launch().interpreting():
-            raise ValueError("backend='triton': expected CUDA tensors (or TRITON_INTERPRET=1), "
-                             f"got device {V.device}")
-        return "triton"
-    on_triton = V.device.type == "cuda" or _launch().interpreting()
-    return "triton" if on_triton and limit is None else "torch"
+    if backend == "auto":
+        return "triton" if V.device.type == "cuda" and limit is None else "torch"
+    if limit is not None:
+        raise ValueError(f"backend='triton': {limit}; use backend='auto' or 'torch'")
+    if V.device.type != "cuda" and not _launch().interpreting():
+        raise ValueError("backend='triton': expected CUDA tensors (or TRITON_INTERPRET=1), "
+                         f"got device {V.device}")
+    return "triton"
 
 
 def radar_gate(expert_out, weights, rot_down, rot_up, angle_bias=None, expert_ids=None,
@@ -155,6 +156,6 @@ def radar_gate(expert_out, weights, rot_down, rot_up, angle_bias=None, expert_id
         else:
             y = radar_gate_cpu(V, g, rot_down, rot_up, angle_bias, ids, tau, eps)
     else:
-        y = RadarGateFunction.apply(V, g, rot_down, rot_up, angle_bias, ids, float(tau),
-                                    float(eps))
+        y = torch.ops.radargate.fwd(V, g, rot_down, rot_up, angle_bias, ids, float(tau),
+                                    float(eps))[0]
     return y.reshape(*lead, D)

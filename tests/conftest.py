@@ -6,7 +6,6 @@ any test module imports radargate_kernels. (A GPU run: TRITON_INTERPRET=0 pytest
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 # radar_gate's CPU path compiles the reference with inductor on first use; the tests use the
 # eager path by default (no compile per dtype) and test the compiled one in test_cpu_path.py.
 os.environ.setdefault("RADARGATE_CPU_PATH", "eager")

@@ -58,19 +58,20 @@ def _factor_rounding_run(prob, dy, gen, rel):
         L.lowrank_factors = orig
 
 
-def check_lora_against_reference(prob, dy, **kw):
+def check_lora_against_reference(prob, dy, fn=None, **kw):
     """radar_gate_lora (forward and every gradient) vs the reference composition, with the
     per-dtype tolerance table (tolerances.py), as for the op: the rounding noise is the largest
     error of an ensemble -- the reference in the input dtype, and four float64 references on
     inputs perturbed by one unit roundoff of the compute precision (what any backward-stable
     algorithm may return), plus four float64 runs of the fused algorithm with its parameter
     products rounded (``_factor_rounding_run``) -- and the reference in float64 is the truth; parameter gradients are
-    compared at the scale of their per-token summands (sums over tokens)."""
+    compared at the scale of their per-token summands (sums over tokens). ``fn`` replaces
+    radar_gate_lora (benchmarks/gpu_check.py passes one that runs it on another device)."""
     from radargate_kernels import radar_gate_lora
     from helpers import FP32_UNIT_ROUNDOFF, perturbed
     from tolerances import assert_matches
     dtype = prob["x"].dtype
-    y, grads = lora_run(radar_gate_lora, prob, dy, **kw)
+    y, grads = lora_run(fn or radar_gate_lora, prob, dy, **kw)
     runs = [lora_run(radar_gate_lora_reference, prob, dy)]
     gen = torch.Generator().manual_seed(prob["x"].shape[0] * 7919 + 1)
     rel = 2.0 ** -53 if dtype == torch.float64 else FP32_UNIT_ROUNDOFF

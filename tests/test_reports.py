@@ -6,14 +6,14 @@ import sys
 import pytest
 import torch
 
-from radargate_kernels import cost_report
+from benchmarks import cost_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_compile_report_quick_compiles_every_kernel_for_sm80_and_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "radargate_kernels.compile_report", "--quick"],
+    res = subprocess.run([sys.executable, "-m", "benchmarks.compile_report", "--quick"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     out = res.stdout
     assert res.returncode == 0, out[-3000:] + res.stderr[-3000:]
@@ -61,3 +61,20 @@ def test_saved_for_backward_is_inputs_plus_small_per_token_state(counted):
     assert counted["fused"]["saved_bytes"] == inputs + state
     assert counted["fused"]["saved_bytes"] <= T * K * D * 2 + 16 * T * K * max(K, r) + inputs
     assert counted["naive"]["saved_bytes"] > 3 * counted["fused"]["saved_bytes"]
+
+
+def test_gpu_check_skips_cleanly_without_cuda(capsys, tmp_path):
+    from benchmarks import gpu_check
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the lane runs for real there")
+    assert gpu_check.main(["--out", str(tmp_path / "r.md")]) == 0
+    assert "gpu_check: skipped -- no CUDA device" in capsys.readouterr().out
+    assert not (tmp_path / "r.md").exists()
+
+
+def test_gpu_check_lane_runs_its_checks_in_the_interpreter(tmp_path):
+    from benchmarks import gpu_check
+    out = tmp_path / "r.md"
+    assert gpu_check.main(["--device", "cpu", "--quick", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Kernels vs reference: 7 / 7 passed" in text and "All passed." in text

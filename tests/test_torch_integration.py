@@ -65,3 +65,35 @@ def test_opcheck_forward_and_backward_ops(bias, ids, dtype, strided):
     dy = torch.randn_like(outs[0])
     plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     torch.library.opcheck(torch.ops.radargate.bwd, (dy, *plain[:6], *outs[1:], plain[6], plain[7]))
+
+
+def test_device_decides_the_backend_and_the_kernels_need_cuda(monkeypatch):
+    import radargate_kernels.kernels.launch as L
+    p = make_problem(4, 3, 8, 2, bias=True, ids=True, seed=3)
+
+    def no_kernels(*a, **k):
+        raise AssertionError("auto launched the Triton kernels on CPU tensors")
+    monkeypatch.setattr(L, "forward", no_kernels)
+    # TRITON_INTERPRET=1 is set for this test session: "auto" still follows the device
+    torch.testing.assert_close(radar_gate(**p), radar_gate(**p, backend="torch"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="the Triton kernels need CUDA tensors"):
+        RadarGateFunction.apply(p["expert_out"], p["weights"], p["rot_down"], p["rot_up"],
+                                p["angle_bias"], p["expert_ids"], p["tau"], 1e-6)
+    with pytest.raises(ValueError, match="backend='triton': expected CUDA tensors"):
+        radar_gate(**p, backend="triton")
+
+
+def test_importing_the_package_and_report_tools_sets_no_environment():
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import os, radargate_kernels, radargate_kernels.nn, radargate_kernels.adapters, "
+            "radargate_kernels.kernels.launch, benchmarks.cost_report, benchmarks.compile_report;"
+            "print(os.environ.get('TRITON_INTERPRET'))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "None"

@@ -1,6 +1,6 @@
 """Device-independent cost counting: bytes moved, launches, bytes saved for backward.
 
-    python -m radargate_kernels.cost_report [--T 256 --K 8 --D 4096 --r 8 --dtype bfloat16]
+    python -m benchmarks.cost_report [--T 256 --K 8 --D 4096 --r 8 --dtype bfloat16]
                                             [--no-bias] [--no-ids] [--E 16] [--json out.json]
 
 Fused path: every ``tl.load``/``tl.store`` of the Triton kernels is counted by instrumenting the
@@ -16,16 +16,17 @@ measurement (no GPU on the machines this was written on).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
+from contextlib import contextmanager
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede triton's decoration of the kernels
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+# Counting runs the kernels in the Triton interpreter, which must be chosen before triton
+# decorates them: the command line sets TRITON_INTERPRET=1 in main(); a caller that imports this
+# module (tests, benchmarks/lora_cost.py) sets it itself first. Importing sets nothing.
 
 # H100 SXM5 (80 GB HBM3): 3.35 TB/s, NVIDIA H100 Tensor Core GPU datasheet.
 H100_SXM_BW = 3.35e12
@@ -83,6 +84,9 @@ _COUNTER = None
 @contextmanager
 def count_triton():
     """Count bytes loaded/stored per kernel and launches while the interpreter runs."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError("cost_report counts bytes in the Triton interpreter: set "
+                           "TRITON_INTERPRET=1 before radargate_kernels' kernels are imported")
     import triton.runtime.interpreter as interp
     global _COUNTER
     c = _Counter()
@@ -213,7 +217,7 @@ def minimum_bytes(args, y):
 
 def measure(T=2048, K=8, D=4096, r=8, dtype=torch.bfloat16, bias=True, ids=True, E=None):
     """Count both paths at one shape; returns a dict of figures."""
-    from . import radar_gate, radar_gate_reference
+    from radargate_kernels import radar_gate, radar_gate_reference
     base = make_inputs(T, K, D, r, dtype, bias, ids, E)
     res = {"shape": dict(T=T, K=K, D=D, r=r, E=(base["angle_bias"].shape[0] if bias else None),
                          dtype=str(dtype).split(".")[-1], bias=bias, ids=ids)}
@@ -300,6 +304,7 @@ def emit(text, res, json_path=None):
 
 
 def main(argv=None):
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the op's first use imports the kernels
     ap = argparse.ArgumentParser(description="count bytes, launches and saved tensors")
     ap.add_argument("--T", type=int, default=256,
                     help="tokens (the interpreter counts every lane: T=256 takes ~4 min)")

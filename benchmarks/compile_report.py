@@ -1,6 +1,6 @@
 """Ahead-of-time compile report: every kernel at every configuration the launcher can choose.
 
-    python -m radargate_kernels.compile_report [--arch 80 90] [--quick] [--jobs 2]
+    python -m benchmarks.compile_report [--arch 80 90] [--quick] [--jobs 2]
 
 No GPU needed: a stand-in driver makes ``kernel.warmup`` compile for the requested arch with the
 ptxas shipped in the triton wheel, using the argument list the real launcher builds
@@ -78,8 +78,8 @@ def _config_key(kernel, cfg, has_beta):
 
 def plan_jobs(quick: bool, archs, dtypes=DTYPES):
     """Distinct (arch, dtype, kernel, config) jobs, each with its representative shape."""
-    from .kernels.launch import pick_config
-    from .kernels.lora_launch import pick_lora_config
+    from radargate_kernels.kernels.launch import pick_config
+    from radargate_kernels.kernels.lora_launch import pick_lora_config
     kernels = ("radargate_fwd_kernel", "radargate_bwd_rows_kernel", "radargate_bwd_params_kernel")
     jobs, seen = [], set()
     for arch in archs:
@@ -156,7 +156,7 @@ def _ptxas_usage(ptx: str, arch: int):
 def _plan_lora(job, dt):
     """The launch the fused layer's host code plans for this job's shape (K = 64, E = 128)."""
     import torch
-    from .kernels import lora_launch as LL
+    from radargate_kernels.kernels import lora_launch as LL
     K, out, r, rg = job["K"], job["D"], job["r"], job["rg"]
     flags = job["E"] is not None
     E = job["E"] if flags else K
@@ -184,7 +184,7 @@ def compile_job(job):
     import torch
     import triton
     triton.runtime.driver.set_active(_StandInDriver(job["arch"]))
-    from .kernels import launch as L
+    from radargate_kernels.kernels import launch as L
     dt = getattr(torch, job["dtype"])
     K, D, r, E = job["K"], job["D"], job["r"], job["E"]
     T = T_REPR
@@ -264,7 +264,7 @@ def main(argv=None):
     ap.add_argument("--family", default="all", choices=["all", "op", "lora"],
                     help="op: radar_gate's kernels; lora: the fused layer's kernels")
     args = ap.parse_args(argv)
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    # enable_fp_fusion is passed by Launch explicitly (no TRITON_DEFAULT_FP_FUSION needed)
     jobs = plan_jobs(args.quick, args.arch, args.dtypes)
     if args.family != "all":
         jobs = [j for j in jobs if j["kernel"].startswith("lora_") == (args.family == "lora")]
