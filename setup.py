@@ -12,7 +12,8 @@ setup(
     python_requires=">=3.11",  # the pinned triton 3.9 needs it (requirements-dev.txt)
     # Permissive on purpose: users bring their own (CUDA) torch. Dev/CI pins live in
     # requirements-dev.txt (CPU torch 2.13.0).
-    install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
+    install_requires=["torch>=2.4", "triton>=3.0", "numpy",
+                      "safetensors"],  # save_pretrained / from_pretrained (adapters.py)
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"],
                     "bench": ["pytest-benchmark", "matplotlib"]},
     license="Apache-2.0",
