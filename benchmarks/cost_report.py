@@ -155,7 +155,7 @@ class AtenBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.namespace == "radargate":
-            from .kernels import launch
+            from radargate_kernels.kernels import launch
             impl = launch.forward if func.__name__.startswith("fwd") else launch.backward
             with self:
                 return impl(*args, **kwargs)

@@ -48,14 +48,15 @@ def _fwd_fake(V, g, A, B, beta, ids, tau, eps):
 def _bwd_op(dy: torch.Tensor, V: torch.Tensor, g: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
             beta: Optional[torch.Tensor], ids: Optional[torch.Tensor], n: torch.Tensor,
             C: torch.Tensor, rho: torch.Tensor, z: torch.Tensor, d: torch.Tensor, tau: float,
-            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                 torch.Tensor]:
-    """Fused backward -> (dV, dg, dA, dB, dbeta); dbeta is empty when beta is None."""
-    return _launch().backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau, eps)
+            eps: float, need_params: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                    torch.Tensor, torch.Tensor]:
+    """Fused backward -> (dV, dg, dA, dB, dbeta); dbeta is empty when beta is None; dA, dB,
+    dbeta are zeros (parameter kernel skipped) when not need_params."""
+    return _launch().backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau, eps, need_params)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau, eps):
+def _bwd_fake(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau, eps, need_params):
     # gradients are always contiguous, whatever the strides of the inputs (as the real op)
     dbeta = beta.new_empty(beta.shape) if beta is not None else V.new_empty(0)
     return (V.new_empty(V.shape), g.new_empty(g.shape), A.new_empty(A.shape),
@@ -72,9 +73,12 @@ def _fwd_setup_context(ctx, inputs, output):
 def _fwd_backward(ctx, dy, *_state_grads):
     no_double_backward("radar_gate (Triton path)")
     V, g, A, B, beta, ids, n, C, rho, z, d = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_params = bool(need[2] or need[3] or (beta is not None and need[4]))
     dV, dg, dA, dB, dbeta = torch.ops.radargate.bwd(dy.contiguous(), V, g, A, B, beta, ids,
-                                                    n, C, rho, z, d, ctx.tau, ctx.eps)
-    return dV, dg, dA, dB, (dbeta if beta is not None else None), None, None, None
+                                                    n, C, rho, z, d, ctx.tau, ctx.eps, need_params)
+    grads = (dV, dg, dA, dB, dbeta if beta is not None else None)
+    return (*(gr if n_ else None for gr, n_ in zip(grads, need[:5])), None, None, None)
 
 
 # the one autograd wiring of the Triton path (radar_gate, RadarGateFunction and torch.compile

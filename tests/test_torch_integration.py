@@ -64,7 +64,9 @@ def test_opcheck_forward_and_backward_ops(bias, ids, dtype, strided):
     outs = torch.ops.radargate.fwd(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
     dy = torch.randn_like(outs[0])
     plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    torch.library.opcheck(torch.ops.radargate.bwd, (dy, *plain[:6], *outs[1:], plain[6], plain[7]))
+    for need_params in (True, False):
+        torch.library.opcheck(torch.ops.radargate.bwd,
+                              (dy, *plain[:6], *outs[1:], plain[6], plain[7], need_params))
 
 
 def test_device_decides_the_backend_and_the_kernels_need_cuda(monkeypatch):
@@ -97,3 +99,25 @@ def test_importing_the_package_and_report_tools_sets_no_environment():
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "None"
+
+
+def test_parameter_kernel_is_skipped_when_the_gate_needs_no_gradient(monkeypatch):
+    import radargate_kernels.kernels.launch as L
+    planned = []
+    orig = L.plan_backward
+
+    def spy(*args):
+        out = orig(*args)
+        planned.append([ln.kernel.__name__ if hasattr(ln.kernel, "__name__") else
+                        ln.kernel.fn.__name__ for ln in out[1]])
+        return out
+    monkeypatch.setattr(L, "plan_backward", spy)
+    p = make_problem(6, 3, 10, 2, bias=True, ids=True, seed=4)
+    dy = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    y_all, g_all = run_with_grads(radar_gate, p, dy, backend="triton")
+    V = p["expert_out"].clone().requires_grad_(True)
+    g = p["weights"].clone().requires_grad_(True)
+    y = radar_gate(**dict(p, expert_out=V, weights=g), backend="triton")  # gate frozen
+    dV, dg = torch.autograd.grad(y, (V, g), dy)
+    assert len(planned[0]) == 2 and len(planned[1]) == 1  # rows kernel only
+    assert torch.equal(dV, g_all["expert_out"]) and torch.equal(dg, g_all["weights"])

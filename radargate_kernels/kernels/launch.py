@@ -195,8 +195,10 @@ def param_groups(n_blocks: int, n_chunks: int, device) -> int:
     return max(1, min(n_blocks, triton.cdiv(target, n_chunks)))
 
 
-def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: float):
-    """Allocate dV, dg and the partial buffers and plan the two backward launches.
+def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: float,
+                  need_params: bool = True):
+    """Allocate dV, dg and the partial buffers and plan the two backward launches (the parameter
+    kernel only when ``need_params``: rot_down, rot_up or angle_bias needs a gradient).
 
     -> ((dV, dg, pA, pB, pbeta), [Launch]); pA [NB, D, r], pB [NB, r, h], pbeta [NB, E, h]
     (or None) are fp32 partials of dA, dB, dbeta, one per token group.
@@ -208,7 +210,7 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
     dZ = torch.empty((T, K, r), dtype=sd, device=V.device)
     n_blocks = triton.cdiv(T, cfg.BT)
     n_chunks = triton.cdiv(h, cfg.BH_PARAMS)
-    NB = param_groups(n_blocks, n_chunks, V.device) if T > 0 else 0
+    NB = param_groups(n_blocks, n_chunks, V.device) if T > 0 and need_params else 0
     pB = torch.empty((NB, r, h), dtype=sd, device=V.device)
     pbeta = torch.empty((NB, E, h), dtype=sd, device=V.device) if beta is not None else None
     pA = torch.empty((NB, D, r), dtype=sd, device=V.device)
@@ -219,6 +221,7 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
             T, K, h, r, E,
             *strides, *A.stride(), *B.stride(), *s_beta, *s_ids, *dy.stride(), *dV.stride(),
             1.0 / tau, eps), dict(meta, BH=cfg.BH_BWD, num_warps=cfg.WARPS_BWD)))
+    if T > 0 and need_params:
         launches.append(Launch(radargate_bwd_params_kernel, (n_chunks, NB), (
             V, g, B, beta_t, ids_t, dy, d, dZ, pB, pbeta if pbeta is not None else pB, pA,
             T, K, h, r, E, n_blocks,
@@ -227,10 +230,12 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
     return (dV, dg, pA, pB, pbeta), launches
 
 
-def backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: float):
-    """Run the fused backward. Returns (dV, dg, dA, dB, dbeta or an empty tensor)."""
+def backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: float,
+             need_params: bool = True):
+    """Run the fused backward. Returns (dV, dg, dA, dB, dbeta or an empty tensor); without
+    ``need_params`` the parameter kernel is skipped and dA, dB, dbeta are zeros."""
     (dV, dg, pA, pB, pbeta), launches = plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d,
-                                                      tau, eps)
+                                                      tau, eps, need_params)
     for launch in launches:
         launch.run()
     # final deterministic reduction of the per-group partials (fixed order, no atomics); with
