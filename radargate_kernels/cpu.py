@@ -10,7 +10,8 @@ warning, to:
 the cache-blocked eager path below: the same math as the reference, reorganised for a CPU.
 
 Differences from the literal reference (same result up to fp32 rounding, tested against it):
-cosines from the Gram matrix ``V V^T`` instead of materialising ``V / n``; the stretch weights
+cosines from the Gram matrix of the rows scaled by their max |v| (no overflow) instead of
+materialising ``V / n``; the stretch weights
 folded into cos/sin (``[T, K, D/2]``) instead of scaling the rotated ``[T, K, D]``; no ``cat`` of
 rotated halves; tokens processed in chunks of ``CHUNK`` so each chunk's working set stays in cache.
 Backward recomputes each chunk's forward under autograd (checkpointing per chunk), so nothing of
@@ -27,7 +28,8 @@ import torch
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._inductor.exc import CppCompileError, InductorError
 
-from .reference import compute_dtype, radar_gate_reference, select_experts
+from .reference import (compute_dtype, radar_gate_reference, row_scale, scaled_cosines,
+                        select_experts)
 from .validation import no_double_backward
 
 CHUNK = 128  # tokens per chunk: best of {16, 32, 64, 128, 256, 512, all} in BENCHMARKS.md
@@ -38,12 +40,10 @@ def _chunk_forward(V, g, A, B, beta, ids, tau: float, eps: float, out=None):
     None; with ``out`` (forward, no autograd) it works in place and writes into ``out``."""
     K, D = V.shape[-2:]
     h = D // 2
-    G = torch.bmm(V, V.transpose(1, 2))                               # Gram [t, K, K]
-    # max(|v_i|, eps) as sqrt(max(|v_i|^2, eps^2)): same value, and no 0/0 in sqrt's backward
-    # at an all-zero expert (LoRA experts start at zero)
-    n = G.diagonal(dim1=1, dim2=2).clamp_min(eps * eps).sqrt()
     if K > 1:
-        C = G / (n.unsqueeze(2) * n.unsqueeze(1))
+        m = row_scale(V)                                              # [t, K], no grad
+        W = V / m.unsqueeze(-1)                                       # rows scaled: no overflow
+        C = scaled_cosines(torch.bmm(W, W.transpose(1, 2)), m, eps)
         eye = torch.eye(K, dtype=torch.bool, device=V.device)
         rho = torch.softmax((C / tau).masked_fill(eye, float("-inf")), dim=-1)
         z = V @ A

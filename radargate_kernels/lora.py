@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from .cpu import rotate_stretch_sum
-from .reference import compute_dtype, lora_down, lora_up, select_experts
+from .reference import (compute_dtype, lora_down, lora_up, row_scale, scaled_cosines,
+                        select_experts)
 from .validation import check_lora_inputs, no_double_backward
 
 CHUNK_ELEMS = 1 << 21  # largest per-chunk intermediate (elements) of the PyTorch parts
@@ -57,8 +58,10 @@ def relation_lowrank(s, ids, P, Q, tau: float, eps: float):
     Gram ``G_ij = s_i P[e_i, :, e_j, :] s_j^T`` (= <v_i, v_j>), ``n = max(|v|, eps)``, cosines,
     reference weights rho, ``z_i = s_i Q[e_i]``, ``d = rho z - z`` (d = 0 when K = 1)."""
     K = s.shape[1]
+    m = row_scale(s)  # [t, K]: the Gram matrix of s / m, so no square overflows
+    w = s / m.unsqueeze(-1)
     if ids is None:
-        G = torch.einsum("tia,iajb,tjb->tij", s, P, s)
+        G = torch.einsum("tia,iajb,tjb->tij", w, P, w)
         z = torch.einsum("tia,iag->tig", s, Q)
     else:  # the K x K blocks P[e_i, :, e_j, :] gathered by index_select (bitwise repeatable
         # gradients, unlike P[ids, :, ids, :]): K^2 r^2 per token, not E K r^2
@@ -67,13 +70,11 @@ def relation_lowrank(s, ids, P, Q, tau: float, eps: float):
         pairs = (e.unsqueeze(2) * E + e.unsqueeze(1)).reshape(-1)
         P_pairs = P.permute(0, 2, 1, 3).reshape(E * E, r * r)
         Pg = torch.index_select(P_pairs, 0, pairs).view(*e.shape, K, r, r)
-        G = torch.einsum("tia,tijab,tjb->tij", s, Pg, s)
+        G = torch.einsum("tia,tijab,tjb->tij", w, Pg, w)
         z = torch.einsum("tia,tiag->tig", s, select_experts(Q, ids))
     if K == 1:
         return z * 0  # d = 0, as a function of s (zero gradients, and NaN stays NaN as in SPEC)
-    # n = max(|v|, eps) as sqrt(max(G_ii, eps^2)): no 0/0 in sqrt's backward at a zero expert
-    n = G.diagonal(dim1=1, dim2=2).clamp_min(eps * eps).sqrt()
-    C = G / (n.unsqueeze(2) * n.unsqueeze(1))
+    C = scaled_cosines(G, m, eps)
     eye = torch.eye(K, dtype=torch.bool, device=s.device)
     rho = torch.softmax((C / tau).masked_fill(eye, float("-inf")), dim=-1)
     return torch.baddbmm(z, rho, z, beta=-1)

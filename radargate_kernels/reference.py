@@ -18,9 +18,37 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def safe_norm(V: torch.Tensor) -> torch.Tensor:
+    """|v| over the last dim, evaluated as m |v / m| (m = max |v|, a constant for autograd: the
+    value does not depend on it) so the squares cannot overflow: in fp32 a plain sum of squares
+    is inf above |v| ~ 1e19, which would make every cosine 0."""
+    m = row_scale(V).unsqueeze(-1)  # zero rows (and NaN rows) stay as they are
+    return torch.linalg.vector_norm(V / m, dim=-1) * m.squeeze(-1)
+
+
+def scaled_cosines(G, m, eps: float):
+    """Cosines from the Gram matrix of scaled rows, for the fast paths (cpu.py, lora.py).
+
+    G [t, K, K] = <v_i / m_i, v_j / m_j> with m [t, K] > 0 a per-row scale (a constant for
+    autograd) -> C [t, K, K] = <v_i, v_j> / (n_i n_j), n = max(|v|, eps). With m = max |v|, no
+    intermediate overflows for any finite v. n_i / m_i = sqrt(max(G_ii, (eps / m_i)^2)), the
+    floor kept >= the smallest normal number so a zero row never gives 0/0 (nor 0/0 in sqrt's
+    backward: LoRA experts start at zero)."""
+    tiny = torch.finfo(G.dtype).tiny
+    floor = (eps / m).square().clamp_min(tiny)
+    nm = torch.maximum(G.diagonal(dim1=1, dim2=2), floor).sqrt()
+    return G / (nm.unsqueeze(2) * nm.unsqueeze(1))
+
+
+def row_scale(X):
+    """max |x| over the last dim, 1 where that is 0 (or NaN): X [..., n] -> [...], no grad."""
+    m = X.detach().abs().amax(-1)
+    return torch.where(m > 0, m, torch.ones_like(m))
+
+
 def relation_map(V: torch.Tensor, tau: float, eps: float):
     """SPEC steps 1-2. V [T, K, D] -> (n [T, K], C [T, K, K], rho [T, K, K])."""
-    n = torch.clamp_min(torch.linalg.vector_norm(V, dim=-1), eps)  # n_i = max(|v_i|, eps)
+    n = torch.clamp_min(safe_norm(V), eps)  # n_i = max(|v_i|, eps)
     v_hat = V / n.unsqueeze(-1)
     C = v_hat @ v_hat.transpose(-1, -2)  # C_ij = <v^_i, v^_j>
     K = V.shape[-2]

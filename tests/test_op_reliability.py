@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from radargate_kernels import cpu as cpu_mod
-from radargate_kernels import radar_gate, radar_gate_lora, radar_gate_reference
+from radargate_kernels import (radar_gate, radar_gate_lora, radar_gate_lora_reference,
+                               radar_gate_reference)
 from radargate_kernels.validation import EPS_RANGE
 from helpers import make_problem
 from lora_helpers import make_lora_problem
@@ -171,3 +172,40 @@ def test_out_of_range_ids_under_torch_compile_raise(bad):
     fl = torch.compile(lambda q: radar_gate_lora(**q, backend="torch"), fullgraph=True)
     with pytest.raises(RuntimeError, match=rf"expert_ids: expected values in \[0, {E}\)"):
         fl(lp)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("scale", [1e20, 1e30])
+def test_large_magnitudes_stay_finite_and_accurate(path, scale):
+    """|v| ~ 1e20..1e30 in fp32: |v|^2 overflows, so every path squares scaled rows. At
+    rot_up = 0 the result is exactly the weighted sum; with angles O(1) it matches the float64
+    truth; gradients stay finite."""
+    p = make_problem(5, 3, 8, 2, seed=11)
+    p["expert_out"] = p["expert_out"] * scale
+    p["rot_up"] = torch.zeros_like(p["rot_up"])
+    terms = p["weights"].double().unsqueeze(-1) * p["expert_out"].double()
+    want, size = terms.sum(1), terms.abs().sum(1).max()
+    # fp32 rounding of a K = 3 term sum: a few units of 2^-24 of the summands' size
+    assert (_call(path, p).double() - want).abs().max() <= 8 * 2.0 ** -24 * size
+    p["rot_up"] = make_problem(5, 3, 8, 2, seed=12)["rot_up"] / scale  # angles O(1)
+    # (not rot_up: its exact gradient, sum d^T dalpha ~ |v|^2 ~ 1e40, is beyond fp32 itself)
+    leaves = {k: p[k].clone().requires_grad_(True) for k in ("expert_out", "weights", "rot_down")}
+    y = _call(path, dict(p, **leaves))
+    truth = radar_gate_reference(**{k: (v.double() if isinstance(v, torch.Tensor)
+                                        and v.is_floating_point() else v) for k, v in p.items()})
+    assert (y.double() - truth).abs().max() <= 1e-5 * truth.abs().max()
+    y.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves.values())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_large_magnitudes_on_the_fused_layer(backend):
+    p = make_lora_problem(4, 3, 6, 8, 2, 2, ids=True, bias=True, seed=13)
+    p["x"] = p["x"] * 1e20
+    p["rot_up"] = p["rot_up"] / 1e20
+    y = radar_gate_lora(**p, backend=backend)
+    truth = radar_gate_lora_reference(**{k: (v.double() if isinstance(v, torch.Tensor)
+                                             and v.is_floating_point() else v)
+                                          for k, v in p.items()})
+    assert torch.isfinite(y).all()
+    assert (y.double() - truth).abs().max() <= 1e-5 * truth.abs().max()

@@ -1,6 +1,7 @@
 """Fused forward kernel: SPEC steps 1-6 in one launch, two passes over D.
 
-Pass 1 accumulates the Gram matrix and z = V A; the relation map, softmax and d = rho z - z
+Pass 1 accumulates the Gram matrix (of the rows scaled by their max |v|, so squares never
+overflow) and z = V A; the relation map, softmax and d = rho z - z
 are computed in registers; pass 2 rotates, stretches and sums into y. Saves the small
 per-token state (n, C, rho, z, d) for the backward kernels.
 """
@@ -12,15 +13,21 @@ from .common import (angles, block_dot, block_masks, expert_of_row, kk_offsets, 
 
 
 @triton.jit
-def relation(gram, valid, K, tau_inv, eps, KP: tl.constexpr, BT: tl.constexpr):
-    """SPEC steps 1-2 from the block-diagonal Gram tile -> (n [R], C [R, R], rho [R, R])."""
+def relation(gram, m, valid, K, tau_inv, eps, KP: tl.constexpr, BT: tl.constexpr):
+    """SPEC steps 1-2 from the block-diagonal Gram tile of the scaled rows ``v / m`` (m [R]: each
+    row's max |v|, 0 for a zero row) -> (n [R], C [R, R], rho [R, R]).
+
+    Scaling keeps the squares finite for any finite |v| (|v|^2 overflows fp32 above ~1e19):
+    n = max(m |v/m|, eps) and C_ij = gram_ij (m_i / n_i) (m_j / n_j)."""
     same, off = block_masks(K, KP, BT, valid)
     ri = tl.arange(0, BT * KP)
     diag = ri[:, None] == ri[None, :]
     dg = tl.where(diag, gram, 0.0)
-    n_row = tl.maximum(tl.sqrt(tl.sum(dg, axis=1)), eps)
-    n_col = tl.maximum(tl.sqrt(tl.sum(dg, axis=0)), eps)
-    C = tl.where(same, gram / (n_row[:, None] * n_col[None, :]), 0.0)
+    n_row = tl.maximum(m * tl.sqrt(tl.sum(dg, axis=1)), eps)
+    n_col = tl.maximum(m * tl.sqrt(tl.sum(dg, axis=0)), eps)
+    q_row = m / n_row
+    q_col = m / n_col
+    C = tl.where(same, gram * (q_row[:, None] * q_col[None, :]), 0.0)
     logits = tl.where(off, C * tau_inv, -float("inf"))
     mx = tl.max(logits, axis=1)
     mx = tl.where(mx == -float("inf"), 0.0, mx)
@@ -46,22 +53,31 @@ def radargate_fwd_kernel(
     voff = tok * s_vt + slot.to(tl.int64) * s_vk
     rr = tl.arange(0, RP)
 
-    # pass 1 over D: Gram matrix and z = V A
+    # pass 1 over D: z = V A and the Gram matrix of the rows scaled by their running max |v|
+    # (rescaled when the max grows, as an online softmax does), so no square overflows
     gram = tl.zeros((R, R), dtype=ACC)
     z = tl.zeros((R, RP), dtype=ACC)
+    m = tl.zeros((R,), dtype=ACC)
     for c0 in range(0, h, BH):
         cols = c0 + tl.arange(0, BH)
         cmask = cols < h
         v1, v2 = load_halves(V, voff, cols, h, s_vd, valid[:, None] & cmask[None, :], ACC)
-        gram += tl.dot(v1, tl.trans(v1), input_precision=V_PREC, out_dtype=ACC)
-        gram += tl.dot(v2, tl.trans(v2), input_precision=V_PREC, out_dtype=ACC)
+        m_new = tl.maximum(m, tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1)))
+        safe = tl.where(m_new > 0, m_new, 1.0)
+        f = m / safe
+        gram = gram * (f[:, None] * f[None, :])
+        w1 = v1 / safe[:, None]
+        w2 = v2 / safe[:, None]
+        gram += tl.dot(w1, tl.trans(w1), input_precision=V_PREC, out_dtype=ACC)
+        gram += tl.dot(w2, tl.trans(w2), input_precision=V_PREC, out_dtype=ACC)
+        m = m_new
         a1 = load_param_chunk(A, cols, rr, h, r, s_ad, s_ar, ACC)
         a2 = load_param_chunk(A + h * s_ad, cols, rr, h, r, s_ad, s_ar, ACC)
         z += tl.dot(v1, a1, input_precision=V_PREC, out_dtype=ACC)
         z += tl.dot(v2, a2, input_precision=V_PREC, out_dtype=ACC)
 
     # per-token math in registers
-    n, C, rho, same = relation(gram, valid, K, tau_inv, eps, KP, BT)
+    n, C, rho, same = relation(gram, m, valid, K, tau_inv, eps, KP, BT)
     d = block_dot(rho, z, same, ACC) - z
     d = tl.where(K > 1, d, 0.0)  # SPEC: with K = 1, d = 0
 
