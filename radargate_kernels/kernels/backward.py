@@ -1,7 +1,7 @@
 """Fused backward kernels (SPEC "Backward").
 
 ``radargate_bwd_rows_kernel`` (grid: token blocks) makes two passes over D per token block:
-pass A recomputes the rotation and accumulates dg and dd = dalpha B^T; the K x K chain
+pass A recomputes the rotation and accumulates dg and grad_d = dalpha B^T; the K x K chain
 (drho, softmax, dC, S, dZ) runs in registers; pass B writes dV = g R(-alpha) dy + normalisation
 term + dZ A^T, and stores dg and dZ.
 
@@ -12,7 +12,7 @@ group; the host sums the partials (deterministic, no atomics).
 import triton
 import triton.language as tl
 
-from .common import (angles, block_dot, block_masks, expert_of_row, kk_offsets, load_halves,
+from .common import (block_dot, block_masks, expert_of_row, kk_offsets, load_chunk_angles,
                      load_param_chunk, load_rows, load_token_halves, pair_offsets, rotate, row_ids,
                      store_rows)
 
@@ -20,18 +20,20 @@ from .common import (angles, block_dot, block_masks, expert_of_row, kk_offsets, 
 @triton.jit
 def radargate_bwd_rows_kernel(
     V, G, A, B, BETA, IDS, DY,            # inputs
-    N, CM, RHO, Z, DD,                    # saved state
+    N, CM, RHO, Z, CTX,                   # saved state (CTX: the relational context d)
     DV, DG, DZ,                           # outputs: dV [T,K,D], dg [T,K], dZ [T,K,r] (state dtype)
     T, K, h, r, E,
-    s_vt, s_vk, s_vd, s_gt, s_gk, s_ad, s_ar, s_br, s_bh, s_be, s_bbh, s_it, s_ik, s_dyt, s_dyd,
-    s_dvt, s_dvk, s_dvd,
+    stride_v_t, stride_v_k, stride_v_d, stride_g_t, stride_g_k, stride_a_d, stride_a_r,
+    stride_b_r, stride_b_h, stride_beta_e, stride_beta_h, stride_ids_t, stride_ids_k,
+    stride_dy_t, stride_dy_d,
+    stride_dv_t, stride_dv_k, stride_dv_d,
     tau_inv, eps,
     KP: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BH: tl.constexpr,
     HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr,
 ):
     blk = tl.program_id(0)
     tok, slot, valid = row_ids(blk, T, K, KP, BT)
-    voff = tok * s_vt + slot.to(tl.int64) * s_vk
+    voff = tok * stride_v_t + slot.to(tl.int64) * stride_v_k
     rr = tl.arange(0, RP)
     flat = tok * K + slot
     same, off = block_masks(K, KP, BT, valid)
@@ -40,68 +42,74 @@ def radargate_bwd_rows_kernel(
     C = tl.load(CM + kk, mask=same, other=0.0).to(ACC)
     rho = tl.load(RHO + kk, mask=same, other=0.0).to(ACC)
     z = load_rows(Z, flat, valid, r, RP, ACC)
-    d = load_rows(DD, flat, valid, r, RP, ACC)
-    g = tl.load(G + tok * s_gt + slot.to(tl.int64) * s_gk, mask=valid, other=0.0).to(ACC)
-    eid = expert_of_row(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
+    d = load_rows(CTX, flat, valid, r, RP, ACC)
+    g = tl.load(G + tok * stride_g_t + slot.to(tl.int64) * stride_g_k, mask=valid,
+                other=0.0).to(ACC)
+    eid = expert_of_row(IDS, tok, slot, valid, stride_ids_t, stride_ids_k, E, HAS_IDS)
 
-    # pass A: dg_i = <dy, u_i>, dalpha, dd = dalpha B^T
+    # pass A: dg_i = <dy, u_i>, dalpha, grad_d = dalpha B^T
     dg = tl.zeros((BT * KP,), dtype=ACC)
-    dd = tl.zeros((BT * KP, RP), dtype=ACC)
+    grad_d = tl.zeros((BT * KP, RP), dtype=ACC)
     for c0 in range(0, h, BH):
         cols = c0 + tl.arange(0, BH)
         cmask = cols < h
-        v1, v2 = load_halves(V, voff, cols, h, s_vd, valid[:, None] & cmask[None, :], ACC)
-        dy1, dy2 = load_token_halves(DY, blk, T, cols, h, s_dyt, s_dyd, cmask, KP, BT, BH, ACC)
-        Bc = load_param_chunk(B, rr, cols, r, h, s_br, s_bh, ACC)
-        alpha = angles(d, Bc, BETA, eid, valid, cols, cmask, s_be, s_bbh, HAS_BETA, ACC)
-        u1, u2 = rotate(v1, v2, tl.cos(alpha), tl.sin(alpha))
+        dy1, dy2 = load_token_halves(DY, blk, T, cols, h, stride_dy_t, stride_dy_d, cmask, KP, BT,
+                                     BH, ACC)
+        Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, ACC)
+        v1, v2, cos_a, sin_a = load_chunk_angles(V, voff, cols, h, stride_v_d, d, Bc, BETA, eid,
+                                                 valid, cmask, stride_beta_e, stride_beta_h,
+                                                 HAS_BETA, ACC)
+        u1, u2 = rotate(v1, v2, cos_a, sin_a)
         dg += tl.sum(dy1 * u1 + dy2 * u2, axis=1)
         dalpha = g[:, None] * (dy2 * u1 - dy1 * u2)
-        dd += tl.dot(dalpha, tl.trans(Bc), input_precision="ieee", out_dtype=ACC)
+        grad_d += tl.dot(dalpha, tl.trans(Bc), input_precision="ieee", out_dtype=ACC)
 
     # K x K chain in registers
-    drho = tl.where(off, tl.dot(dd, tl.trans(z), input_precision="ieee", out_dtype=ACC), 0.0)
+    drho = tl.where(off, tl.dot(grad_d, tl.trans(z), input_precision="ieee", out_dtype=ACC), 0.0)
     dC = tl.where(same, rho * (drho - tl.sum(rho * drho, axis=1)[:, None]) * tau_inv, 0.0)
     S = dC + tl.trans(dC)
     q = tl.where(n > eps, tl.sum(S * C, axis=1), 0.0)  # <v^_i, dv^_i>; 0 where the eps floor held
-    dZ = block_dot(tl.trans(rho), dd, same, ACC) - dd
+    dZ = block_dot(tl.trans(rho), grad_d, same, ACC) - grad_d
     dZ = tl.where(K > 1, dZ, 0.0)  # d = 0 when K = 1, so z gets no gradient
     inv_n = 1.0 / n
     tl.store(DG + flat, dg.to(DG.dtype.element_ty), mask=valid)
     store_rows(DZ, dZ, flat, valid, r, RP)
 
     # pass B: dV
-    dvoff = tok * s_dvt + slot.to(tl.int64) * s_dvk
+    dvoff = tok * stride_dv_t + slot.to(tl.int64) * stride_dv_k
     for c0 in range(0, h, BH):
         cols = c0 + tl.arange(0, BH)
         cmask = cols < h
         m = valid[:, None] & cmask[None, :]
-        v1, v2 = load_halves(V, voff, cols, h, s_vd, m, ACC)
-        dy1, dy2 = load_token_halves(DY, blk, T, cols, h, s_dyt, s_dyd, cmask, KP, BT, BH, ACC)
-        Bc = load_param_chunk(B, rr, cols, r, h, s_br, s_bh, ACC)
-        alpha = angles(d, Bc, BETA, eid, valid, cols, cmask, s_be, s_bbh, HAS_BETA, ACC)
-        dv1, dv2 = rotate(dy1, dy2, tl.cos(alpha), -tl.sin(alpha))  # R(-alpha) dy
+        dy1, dy2 = load_token_halves(DY, blk, T, cols, h, stride_dy_t, stride_dy_d, cmask, KP, BT,
+                                     BH, ACC)
+        Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, ACC)
+        v1, v2, cos_a, sin_a = load_chunk_angles(V, voff, cols, h, stride_v_d, d, Bc, BETA, eid,
+                                                 valid, cmask, stride_beta_e, stride_beta_h,
+                                                 HAS_BETA, ACC)
+        dv1, dv2 = rotate(dy1, dy2, cos_a, -sin_a)  # R(-alpha) dy
         vh1 = v1 * inv_n[:, None]
         vh2 = v2 * inv_n[:, None]
         dvh1 = block_dot(S, vh1, same, ACC)
         dvh2 = block_dot(S, vh2, same, ACC)
-        a1 = load_param_chunk(A, cols, rr, h, r, s_ad, s_ar, ACC)
-        a2 = load_param_chunk(A + h * s_ad, cols, rr, h, r, s_ad, s_ar, ACC)
+        a1 = load_param_chunk(A, cols, rr, h, r, stride_a_d, stride_a_r, ACC)
+        a2 = load_param_chunk(A + h * stride_a_d, cols, rr, h, r, stride_a_d, stride_a_r, ACC)
         dv1 = g[:, None] * dv1 + (dvh1 - q[:, None] * vh1) * inv_n[:, None] \
             + tl.dot(dZ, tl.trans(a1), input_precision="ieee", out_dtype=ACC)
         dv2 = g[:, None] * dv2 + (dvh2 - q[:, None] * vh2) * inv_n[:, None] \
             + tl.dot(dZ, tl.trans(a2), input_precision="ieee", out_dtype=ACC)
-        o1, o2 = pair_offsets(dvoff, cols, h, s_dvd)
+        o1, o2 = pair_offsets(dvoff, cols, h, stride_dv_d)
         tl.store(DV + o1, dv1.to(DV.dtype.element_ty), mask=m)
         tl.store(DV + o2, dv2.to(DV.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def radargate_bwd_params_kernel(
-    V, G, B, BETA, IDS, DY, DD, DZ,       # inputs and state (d, dZ)
+    V, G, B, BETA, IDS, DY, CTX, DZ,      # inputs and state (d, dZ)
     PB, PBETA, PA,                        # partials: [NB, r, h], [NB, E, h], [NB, D, r]
     T, K, h, r, E, n_blocks,
-    s_vt, s_vk, s_vd, s_gt, s_gk, s_br, s_bh, s_be, s_bbh, s_it, s_ik, s_dyt, s_dyd,
+    stride_v_t, stride_v_k, stride_v_d, stride_g_t, stride_g_k, stride_b_r, stride_b_h,
+    stride_beta_e, stride_beta_h, stride_ids_t, stride_ids_k, stride_dy_t, stride_dy_d,
     KP: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BH: tl.constexpr, EP: tl.constexpr,
     HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -112,23 +120,26 @@ def radargate_bwd_params_kernel(
     cmask = cols < h
     rr = tl.arange(0, RP)
     er = tl.arange(0, EP)
-    Bc = load_param_chunk(B, rr, cols, r, h, s_br, s_bh, ACC)
+    Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, ACC)
     acc_b = tl.zeros((RP, BH), dtype=ACC)
     acc_beta = tl.zeros((EP, BH), dtype=ACC)
     acc_a1 = tl.zeros((BH, RP), dtype=ACC)
     acc_a2 = tl.zeros((BH, RP), dtype=ACC)
     for blk in range(grp, n_blocks, n_groups):
         tok, slot, valid = row_ids(blk, T, K, KP, BT)
-        voff = tok * s_vt + slot.to(tl.int64) * s_vk
+        voff = tok * stride_v_t + slot.to(tl.int64) * stride_v_k
         flat = tok * K + slot
-        v1, v2 = load_halves(V, voff, cols, h, s_vd, valid[:, None] & cmask[None, :], ACC)
-        dy1, dy2 = load_token_halves(DY, blk, T, cols, h, s_dyt, s_dyd, cmask, KP, BT, BH, ACC)
-        g = tl.load(G + tok * s_gt + slot.to(tl.int64) * s_gk, mask=valid, other=0.0).to(ACC)
-        d = load_rows(DD, flat, valid, r, RP, ACC)
+        dy1, dy2 = load_token_halves(DY, blk, T, cols, h, stride_dy_t, stride_dy_d, cmask, KP, BT,
+                                     BH, ACC)
+        g = tl.load(G + tok * stride_g_t + slot.to(tl.int64) * stride_g_k, mask=valid,
+                other=0.0).to(ACC)
+        d = load_rows(CTX, flat, valid, r, RP, ACC)
         dZ = load_rows(DZ, flat, valid, r, RP, ACC)
-        eid = expert_of_row(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
-        alpha = angles(d, Bc, BETA, eid, valid, cols, cmask, s_be, s_bbh, HAS_BETA, ACC)
-        u1, u2 = rotate(v1, v2, tl.cos(alpha), tl.sin(alpha))
+        eid = expert_of_row(IDS, tok, slot, valid, stride_ids_t, stride_ids_k, E, HAS_IDS)
+        v1, v2, cos_a, sin_a = load_chunk_angles(V, voff, cols, h, stride_v_d, d, Bc, BETA, eid,
+                                                 valid, cmask, stride_beta_e, stride_beta_h,
+                                                 HAS_BETA, ACC)
+        u1, u2 = rotate(v1, v2, cos_a, sin_a)
         dalpha = g[:, None] * (dy2 * u1 - dy1 * u2)
         acc_b += tl.dot(tl.trans(d), dalpha, input_precision="ieee", out_dtype=ACC)
         if HAS_BETA:

@@ -89,15 +89,28 @@ def load_param_chunk(ptr, rows, cols, nrows, ncols, s_r, s_c, ACC: tl.constexpr)
 
 
 @triton.jit
-def angles(d, Bc, beta_ptr, eid, valid, cols, cmask, s_be, s_bh, HAS_BETA: tl.constexpr,
+def angles(d, Bc, beta_ptr, eid, valid, cols, cmask, stride_beta_e, stride_beta_h,
+           HAS_BETA: tl.constexpr,
            ACC: tl.constexpr):
     """SPEC step 4 for one chunk: alpha = d B (+ beta[ids]) -> [R, BH]."""
     alpha = tl.dot(d, Bc, input_precision="ieee", out_dtype=ACC)
     if HAS_BETA:
         m = (valid & (eid >= 0))[:, None] & cmask[None, :]
-        off = eid.to(tl.int64)[:, None] * s_be + cols[None, :].to(tl.int64) * s_bh
+        off = eid.to(tl.int64)[:, None] * stride_beta_e + cols[None, :].to(tl.int64) * stride_beta_h
         alpha += tl.load(beta_ptr + off, mask=m, other=0.0).to(ACC)
     return alpha
+
+
+@triton.jit
+def load_chunk_angles(V, voff, cols, h, stride_v_d, d, Bc, beta_ptr, eid, valid, cmask,
+                      stride_beta_e, stride_beta_h, HAS_BETA: tl.constexpr, ACC: tl.constexpr):
+    """The per-chunk sequence of every pass that rotates: load v's column pairs (cols, cols + h)
+    of the rows at ``voff``, angles alpha = d Bc (+ beta[ids]) -> (v1, v2, cos alpha, sin alpha),
+    each [R, BH]."""
+    v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :], ACC)
+    alpha = angles(d, Bc, beta_ptr, eid, valid, cols, cmask, stride_beta_e, stride_beta_h,
+                   HAS_BETA, ACC)
+    return v1, v2, tl.cos(alpha), tl.sin(alpha)
 
 
 @triton.jit

@@ -8,8 +8,8 @@ per-token state (n, C, rho, z, d) for the backward kernels.
 import triton
 import triton.language as tl
 
-from .common import (angles, block_dot, block_masks, expert_of_row, kk_offsets, load_halves,
-                     load_param_chunk, pair_offsets, rotate, row_ids, store_rows)
+from .common import (block_dot, block_masks, expert_of_row, kk_offsets, load_chunk_angles,
+                     load_halves, load_param_chunk, pair_offsets, rotate, row_ids, store_rows)
 
 
 @triton.jit
@@ -40,9 +40,12 @@ def relation(gram, m, valid, K, tau_inv, eps, KP: tl.constexpr, BT: tl.constexpr
 @triton.jit
 def radargate_fwd_kernel(
     V, G, A, B, BETA, IDS,              # inputs
-    Y, N, CM, RHO, Z, DD,                # outputs: y [T, D]; state n [T,K], C, rho [T,K,K], z, d [T,K,r]
+    Y, N, CM, RHO, Z, CTX,              # outputs: y [T, D]; state n [T,K], C, rho [T,K,K], z and
+                                        # the relational context d (CTX) [T,K,r]
     T, K, h, r, E,
-    s_vt, s_vk, s_vd, s_gt, s_gk, s_ad, s_ar, s_br, s_bh, s_be, s_bbh, s_it, s_ik, s_yt, s_yd,
+    stride_v_t, stride_v_k, stride_v_d, stride_g_t, stride_g_k, stride_a_d, stride_a_r,
+    stride_b_r, stride_b_h, stride_beta_e, stride_beta_h, stride_ids_t, stride_ids_k,
+    stride_y_t, stride_y_d,
     tau_inv, eps,
     KP: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BH: tl.constexpr,
     HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr, V_PREC: tl.constexpr,
@@ -50,7 +53,7 @@ def radargate_fwd_kernel(
     blk = tl.program_id(0)
     R: tl.constexpr = BT * KP
     tok, slot, valid = row_ids(blk, T, K, KP, BT)
-    voff = tok * s_vt + slot.to(tl.int64) * s_vk
+    voff = tok * stride_v_t + slot.to(tl.int64) * stride_v_k
     rr = tl.arange(0, RP)
 
     # pass 1 over D: z = V A and the Gram matrix of the rows scaled by their running max |v|
@@ -61,7 +64,7 @@ def radargate_fwd_kernel(
     for c0 in range(0, h, BH):
         cols = c0 + tl.arange(0, BH)
         cmask = cols < h
-        v1, v2 = load_halves(V, voff, cols, h, s_vd, valid[:, None] & cmask[None, :], ACC)
+        v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :], ACC)
         m_new = tl.maximum(m, tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1)))
         safe = tl.where(m_new > 0, m_new, 1.0)
         f = m / safe
@@ -71,8 +74,8 @@ def radargate_fwd_kernel(
         gram += tl.dot(w1, tl.trans(w1), input_precision=V_PREC, out_dtype=ACC)
         gram += tl.dot(w2, tl.trans(w2), input_precision=V_PREC, out_dtype=ACC)
         m = m_new
-        a1 = load_param_chunk(A, cols, rr, h, r, s_ad, s_ar, ACC)
-        a2 = load_param_chunk(A + h * s_ad, cols, rr, h, r, s_ad, s_ar, ACC)
+        a1 = load_param_chunk(A, cols, rr, h, r, stride_a_d, stride_a_r, ACC)
+        a2 = load_param_chunk(A + h * stride_a_d, cols, rr, h, r, stride_a_d, stride_a_r, ACC)
         z += tl.dot(v1, a1, input_precision=V_PREC, out_dtype=ACC)
         z += tl.dot(v2, a2, input_precision=V_PREC, out_dtype=ACC)
 
@@ -87,22 +90,24 @@ def radargate_fwd_kernel(
     tl.store(CM + kk, C, mask=same)
     tl.store(RHO + kk, rho, mask=same)
     store_rows(Z, z, flat, valid, r, RP)
-    store_rows(DD, d, flat, valid, r, RP)
+    store_rows(CTX, d, flat, valid, r, RP)
 
     # pass 2 over D: rotate, stretch, sum over the K slots of each token
-    g = tl.load(G + tok * s_gt + slot.to(tl.int64) * s_gk, mask=valid, other=0.0).to(ACC)
-    eid = expert_of_row(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
+    g = tl.load(G + tok * stride_g_t + slot.to(tl.int64) * stride_g_k, mask=valid,
+                other=0.0).to(ACC)
+    eid = expert_of_row(IDS, tok, slot, valid, stride_ids_t, stride_ids_k, E, HAS_IDS)
     tb = blk * BT + tl.arange(0, BT)
     for c0 in range(0, h, BH):
         cols = c0 + tl.arange(0, BH)
         cmask = cols < h
-        v1, v2 = load_halves(V, voff, cols, h, s_vd, valid[:, None] & cmask[None, :], ACC)
-        Bc = load_param_chunk(B, rr, cols, r, h, s_br, s_bh, ACC)
-        alpha = angles(d, Bc, BETA, eid, valid, cols, cmask, s_be, s_bbh, HAS_BETA, ACC)
-        u1, u2 = rotate(v1, v2, tl.cos(alpha), tl.sin(alpha))
+        Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, ACC)
+        v1, v2, cos_a, sin_a = load_chunk_angles(V, voff, cols, h, stride_v_d, d, Bc, BETA, eid,
+                                                 valid, cmask, stride_beta_e, stride_beta_h,
+                                                 HAS_BETA, ACC)
+        u1, u2 = rotate(v1, v2, cos_a, sin_a)
         y1 = tl.sum(tl.reshape(g[:, None] * u1, (BT, KP, BH)), axis=1)
         y2 = tl.sum(tl.reshape(g[:, None] * u2, (BT, KP, BH)), axis=1)
-        y_off1, y_off2 = pair_offsets(tb.to(tl.int64) * s_yt, cols, h, s_yd)
+        y_off1, y_off2 = pair_offsets(tb.to(tl.int64) * stride_y_t, cols, h, stride_y_d)
         ym = (tb < T)[:, None] & cmask[None, :]
         tl.store(Y + y_off1, y1.to(Y.dtype.element_ty), mask=ym)
         tl.store(Y + y_off2, y2.to(Y.dtype.element_ty), mask=ym)
