@@ -42,7 +42,7 @@ T_REPR = 64  # tokens in the representative launch (T never becomes a constexpr;
 # "int64 strides": expert_out laid out so that its strides exceed 2^31 (e.g. a feature-major view
 # of a tensor with T*K*D >= 2^31 elements). Triton then passes those strides as i64: a different
 # specialisation, compiled here for the benchmark shape in every mode (--quick included).
-LARGE_STRIDES = {"s_vt": 2 ** 31 + 16, "s_vk": 2 ** 31 + 32, "s_vd": 2 ** 32 + 16}
+LARGE_STRIDES = {"stride_v_t": 2 ** 31 + 16, "stride_v_k": 2 ** 31 + 32, "stride_v_d": 2 ** 32 + 16}
 
 
 # Fused-layer kernels (kernels/lora_stream.py): K and E are loops and grid axes, so only the LoRA

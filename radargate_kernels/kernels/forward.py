@@ -65,19 +65,19 @@ def radargate_fwd_kernel(
         cols = c0 + tl.arange(0, BH)
         cmask = cols < h
         v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :], ACC)
-        m_new = tl.maximum(m, tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1)))
-        safe = tl.where(m_new > 0, m_new, 1.0)
-        f = m / safe
-        gram = gram * (f[:, None] * f[None, :])
-        w1 = v1 / safe[:, None]
-        w2 = v2 / safe[:, None]
-        gram += tl.dot(w1, tl.trans(w1), input_precision=V_PREC, out_dtype=ACC)
-        gram += tl.dot(w2, tl.trans(w2), input_precision=V_PREC, out_dtype=ACC)
-        m = m_new
         a1 = load_param_chunk(A, cols, rr, h, r, stride_a_d, stride_a_r, ACC)
         a2 = load_param_chunk(A + h * stride_a_d, cols, rr, h, r, stride_a_d, stride_a_r, ACC)
         z += tl.dot(v1, a1, input_precision=V_PREC, out_dtype=ACC)
         z += tl.dot(v2, a2, input_precision=V_PREC, out_dtype=ACC)
+        m_new = tl.maximum(m, tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1)))
+        inv = 1.0 / tl.where(m_new > 0, m_new, 1.0)
+        f = m * inv
+        gram = gram * (f[:, None] * f[None, :])
+        v1 = v1 * inv[:, None]  # the scaled rows (v is not needed unscaled any more)
+        v2 = v2 * inv[:, None]
+        gram += tl.dot(v1, tl.trans(v1), input_precision=V_PREC, out_dtype=ACC)
+        gram += tl.dot(v2, tl.trans(v2), input_precision=V_PREC, out_dtype=ACC)
+        m = m_new
 
     # per-token math in registers
     n, C, rho, same = relation(gram, m, valid, K, tau_inv, eps, KP, BT)
