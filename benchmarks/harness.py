@@ -2,7 +2,8 @@
 
 Providers (all compute the same thing except ``weighted_sum``):
   radargate     radar_gate on the device present: fused Triton kernels on CUDA, its CPU path
-                (the inductor-compiled reference) on CPU
+                (without autograd the inductor-compiled reference, with autograd the
+                cache-blocked eager path) on CPU
   cpu_eager     (CPU only) the cache-blocked eager CPU path, radar_gate's fallback when
                 compilation is unavailable (RADARGATE_CPU_PATH=eager)
   naive         the PyTorch reference in eager mode (what LoRA-MoE code writes today)

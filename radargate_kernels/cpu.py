@@ -1,11 +1,10 @@
 """CPU path of ``radar_gate`` (CPU tensors, no Triton).
 
-Chosen by measurement (BENCHMARKS.md): the reference compiled by inductor
-(``torch.compile(..., dynamic=True)``, compiled on first use per dtype/signature, logged once)
-was the fastest at every swept shape, forward and forward+backward. Set
-``RADARGATE_CPU_PATH=eager`` to skip compilation (no compiler on the machine, or no wish to pay
-the first-call compile of ~10-30 s); a broken compiler toolchain also falls back, with one
-warning, to:
+Chosen by measurement (BENCHMARKS.md section 3): a forward without autograd runs the reference
+compiled by inductor (``torch.compile(..., dynamic=True)``, compiled on first use per
+dtype/signature, logged once), the fastest forward at most swept shapes. With autograd (and
+with ``RADARGATE_CPU_PATH=eager``, or after a broken compiler toolchain, with one warning) it
+runs:
 
 the cache-blocked eager path below: the same math as the reference, reorganised for a CPU.
 
@@ -125,17 +124,18 @@ class _ChunkedCPU(torch.autograd.Function):
                 dbeta.to(beta.dtype) if beta is not None else None, None, None, None, None)
 
 
-# ---- the compiled reference (default CPU path) ----------------------------------------------------
+# ---- the compiled reference (default CPU path without autograd) ------------------------------------
 #
-# An autograd Function around two compiled functions: the reference's forward (run without
-# autograd) and its vector-Jacobian product (``torch.func.vjp``, recomputing the forward). Saved
-# for backward: the inputs only, as the eager path. Unlike compiling the reference with autograd,
-# this keeps backward(retain_graph=True) working (no donated buffers) and gives double backward
-# a clear error. One compiled function per role and static signature (dtype, angle bias or not,
+# Measured (BENCHMARKS.md section 3, T = 2048, K = 8, D = 1024): for forward + backward the
+# cache-blocked eager path above (281 ms) was as fast as the compiled reference with autograd
+# (302 ms) and faster than a compiled forward + compiled vjp (386 ms), and it saves only the inputs,
+# keeps backward(retain_graph=True) working (inductor's donated buffers break it) and raises on
+# double backward. So autograd goes to the eager path; a forward without autograd (inference) runs
+# the compiled reference. One compiled function per static signature (dtype, angle bias or not,
 # ids or not), each with its own code object, so dynamo's per-code recompile limit (8) is never
 # shared; tau and eps go in as 0-d tensors (floats would be specialised: one recompile per value)
-# and shapes are dynamic. Threads: dynamo's caches are process-wide; results of concurrent
-# first calls are correct but not guaranteed bitwise equal to a single-threaded run.
+# and shapes are dynamic. Threads: dynamo's caches are process-wide; results of concurrent first
+# calls are correct but not guaranteed bitwise equal to a single-threaded run.
 
 _COMPILED = {}
 _LOG = logging.getLogger("radargate_kernels")
@@ -149,43 +149,16 @@ def _forward_fn(V, g, A, B, beta, ids, tau, eps):
     return radar_gate_reference(V, g, A, B, beta, ids, tau, eps)
 
 
-def _vjp_fn(V, g, A, B, beta, ids, tau, eps, dy):
-    if beta is None:
-        _, pull = torch.func.vjp(
-            lambda V_, g_, A_, B_: radar_gate_reference(V_, g_, A_, B_, None, ids, tau, eps),
-            V, g, A, B)
-        return (*pull(dy), None)
-    _, pull = torch.func.vjp(
-        lambda V_, g_, A_, B_, b_: radar_gate_reference(V_, g_, A_, B_, b_, ids, tau, eps),
-        V, g, A, B, beta)
-    return pull(dy)
-
-
 def _compiled(fn, V, beta, ids):
     key = (fn.__name__, V.dtype, beta is not None, ids is not None)
     if key not in _COMPILED:
         if not _COMPILED:
             _LOG.warning("radargate_kernels: compiling the CPU path with torch.compile (first "
-                         "use of each dtype/signature, ~15 s each for forward and backward; "
+                         "forward without autograd of each dtype/signature, ~15 s; "
                          "RADARGATE_CPU_PATH=eager skips it)")
         code = fn.__code__.replace(co_name=f"radar_gate_cpu{fn.__name__}_{len(_COMPILED)}")
         _COMPILED[key] = torch.compile(types.FunctionType(code, fn.__globals__), dynamic=True)
     return _COMPILED[key]
-
-
-class _CompiledCPU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, V, g, A, B, beta, ids, tau, eps):
-        ctx.save_for_backward(V, g, A, B, beta, ids, tau, eps)
-        return _compiled(_forward_fn, V, beta, ids)(V, g, A, B, beta, ids, tau, eps)
-
-    @staticmethod
-    def backward(ctx, dy):
-        no_double_backward("radar_gate (compiled CPU path)")
-        V, g, A, B, beta, ids, tau, eps = ctx.saved_tensors
-        grads = _compiled(_vjp_fn, V, beta, ids)(V, g, A, B, beta, ids, tau, eps,
-                                                  dy.contiguous())
-        return (*grads, None, None, None)
 
 
 def radar_gate_cpu_eager(V, g, A, B, beta, ids, tau: float, eps: float, chunk: int = CHUNK):
@@ -194,12 +167,17 @@ def radar_gate_cpu_eager(V, g, A, B, beta, ids, tau: float, eps: float, chunk: i
 
 
 def radar_gate_cpu(V, g, A, B, beta, ids, tau: float, eps: float):
-    """CPU path: V [T, K, D], g [T, K], ids [T, K] or None -> y [T, D] (dtype of V)."""
-    if os.environ.get("RADARGATE_CPU_PATH", "compile") == "compile" and not _FAILED:
+    """CPU path: V [T, K, D], g [T, K], ids [T, K] or None -> y [T, D] (dtype of V). With
+    autograd: the cache-blocked eager path; without: the compiled reference."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (V, g, A, B, beta))
+    if not needs_grad and os.environ.get("RADARGATE_CPU_PATH", "compile") == "compile" \
+            and not _FAILED:
         ct = compute_dtype(V.dtype)
         try:
-            return _CompiledCPU.apply(V, g, A, B, beta, ids, torch.tensor(float(tau), dtype=ct),
-                                      torch.tensor(float(eps), dtype=ct))
+            return _compiled(_forward_fn, V, beta, ids)(
+                V, g, A, B, beta, ids, torch.tensor(float(tau), dtype=ct),
+                torch.tensor(float(eps), dtype=ct))
         except _COMPILER_ERRORS as exc:
             _FAILED.append(exc)
             warnings.warn(f"radargate_kernels: torch.compile of the CPU path failed ({exc!r:.200}); "

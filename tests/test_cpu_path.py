@@ -42,7 +42,10 @@ def test_compiled_cpu_path_of_radar_gate_matches_reference(case, monkeypatch):
     T, K, D, r, bias, ids = case
     p = make_problem(T, K, D, r, bias=bias, ids=ids, seed=5)
     dy = torch.randn(T, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64).float()
-    check_against_reference(radar_gate, p, dy, 1, backend="torch")
+    check_against_reference(radar_gate, p, dy, 1, backend="torch")  # autograd: eager path
+    with torch.no_grad():  # no autograd: the compiled reference
+        y = radar_gate(**p, backend="torch")
+    torch.testing.assert_close(y, radar_gate_reference(**p), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("path", ["eager", "triton"])
