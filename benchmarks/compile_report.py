@@ -30,11 +30,12 @@ DTYPES = ("float16", "bfloat16", "float32")
 # Shape classes the kernels support (K 1..32, D 2..16384, r 1..32), chosen to hit every branch
 # of pick_config; E is the number of experts in angle_bias.
 FULL_K = (1, 2, 3, 4, 8, 13, 32)      # MAX_K = 32 (launch.py)
-FULL_D = (2, 64, 130, 4096, 16384)
+FULL_D = (2, 64, 130, 512, 4096, 16384)  # 512: the widest single-pass forward tile (16 x 256)
 FULL_R = (1, 8, 17, 32)               # MAX_RANK = 32
 FULL_E = (None, 16, 128)              # None: no angle_bias (and no expert_ids); MAX_E = 128
 QUICK = [  # (K, D, r, E): the benchmark shape and the extremes of the supported range
     (8, 4096, 8, 8),
+    (8, 512, 8, 16),  # the widest single-pass forward
     (1, 2, 1, None),
     (32, 16384, 32, 128),
 ]
@@ -73,7 +74,7 @@ def _config_key(kernel, cfg, has_beta):
         return (cfg.KP, cfg.BT, cfg.RP, cfg.BH_PARAMS, cfg.EP if has_beta else 0, cfg.WARPS_PARAMS)
     if kernel == "radargate_bwd_rows_kernel":
         return (cfg.KP, cfg.BT, cfg.RP, cfg.BH_BWD, cfg.WARPS_BWD)
-    return (cfg.KP, cfg.BT, cfg.RP, cfg.BH_FWD, cfg.WARPS_FWD)
+    return (cfg.KP, cfg.BT_FORWARD, cfg.RP, cfg.BH_FWD, cfg.WARPS_FWD, cfg.ONE_PASS)
 
 
 def plan_jobs(quick: bool, archs, dtypes=DTYPES):
@@ -89,7 +90,9 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
                 cfg = pick_config(K, D // 2, r, E if has_beta else K, has_beta,
                                   2 if dtype != "float32" else 4)
                 for kern in kernels:
-                    key = (arch, dtype, kern, has_beta, _config_key(kern, cfg, has_beta))
+                    # r == 1 is a different specialisation (Triton makes integer arguments equal
+                    # to 1 constants): an r = 1 compile does not stand for r = 8 at the same config
+                    key = (arch, dtype, kern, has_beta, r == 1, _config_key(kern, cfg, has_beta))
                     if key in seen:
                         continue
                     seen.add(key)
@@ -227,9 +230,10 @@ def compile_job(job):
                             V.element_size())
         out.update(regs=regs, spills=spills, shared=int(compiled.metadata.shared),
                    warps=launch.meta["num_warps"], error=None,
-                   config=f"KP={cfg.KP} BT={cfg.BT} RP={cfg.RP} "
+                   config=f"KP={cfg.KP} BT={launch.meta['BT']} RP={cfg.RP} "
                           f"BH={launch.meta['BH']}" + (f" EP={cfg.EP}" if "EP" in launch.meta
                                                        and E is not None else "")
+                          + (" 1-pass" if launch.meta.get("ONE_PASS") else "")
                           + (" i64-strides" if job.get("large") else ""))
     except Exception as exc:  # reported, and makes the exit status non-zero
         out.update(regs=None, spills=None, shared=None, warps=None, config="?",

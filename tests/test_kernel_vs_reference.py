@@ -36,7 +36,9 @@ EXTRA_CASES = [
     (37, 8, 64, 8, True, True),     # all features on at a mid size
     (5, 3, 10, 3, True, False),     # bias without ids (E == K)
     (3, 1, 6, 3, True, True),       # K = 1: only angle_bias rotates
-    (9, 5, 258, 2, False, True),    # D/2 = 129 > BH: several chunks with a ragged tail
+    (9, 5, 258, 2, False, True),    # D/2 = 129: single-pass forward, ragged 256-wide tile
+    (3, 2, 1030, 2, True, True),    # D/2 = 515: too wide for one pass: the two-pass forward
+    (2, 13, 600, 3, True, False),   # K = 13 at D/2 = 300: two-pass (16 x 512 > 4096)
 ]
 CASES = _grid() + EXTRA_CASES
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)

@@ -33,14 +33,32 @@ def counted():
     return cost_report.measure(T=32, K=8, D=256, r=8, dtype=torch.bfloat16, bias=True, ids=True)
 
 
-def test_fused_forward_reads_expert_out_exactly_twice_and_writes_y_once(counted):
+def test_fused_forward_reads_expert_out_once_when_rows_fit_and_writes_y_once(counted):
     V = 32 * 8 * 256 * 2
     by_arg = counted["fused"]["forward"]["by_arg"]
-    assert by_arg["radargate_fwd_kernel.V"] == [2 * V, 0]
+    assert by_arg["radargate_fwd_kernel.V"] == [V, 0]  # single-pass forward (D/2 = 128, bf16)
     assert by_arg["radargate_fwd_kernel.Y"] == [0, 32 * 256 * 2]
     assert counted["fused"]["forward"]["launches"] == {"radargate_fwd_kernel": 1}
     assert counted["fused"]["backward"]["launches"] == {"radargate_bwd_rows_kernel": 1,
                                                         "radargate_bwd_params_kernel": 1}
+
+
+def test_two_pass_forward_reads_expert_out_exactly_twice():
+    # rows too wide for one tile (D/2 = 515): the two-pass kernel
+    res = cost_report.measure(T=4, K=2, D=1030, r=8, dtype=torch.bfloat16, bias=True, ids=True)
+    V = 4 * 2 * 1030 * 2
+    assert res["fused"]["forward"]["by_arg"]["radargate_fwd_kernel.V"] == [2 * V, 0]
+
+
+def test_issue_11_forward_shape_reads_expert_out_once():
+    # the issue's counting shape: T = 32, K = 8, D = 512, r = 8, fp16, angle bias (and ids)
+    res = cost_report.measure(T=32, K=8, D=512, r=8, dtype=torch.float16, bias=True, ids=True)
+    fwd, mn = res["fused"]["forward"], res["minimum"]["forward"]
+    assert fwd["by_arg"]["radargate_fwd_kernel.V"] == [32 * 8 * 512 * 2, 0]
+    # measured 2.09x requested / 1.12x on the DRAM model (2026-11-28); the issue's 1.3x on
+    # requested bytes is not met: angle_bias rows are gathered per slot and A, B read per program
+    assert fwd["dram_model_bytes"] <= 1.2 * mn
+    assert fwd["bytes"] <= 2.2 * mn
 
 
 def test_byte_targets_of_issue_3(counted):

@@ -1,15 +1,17 @@
-"""Fused forward kernel: SPEC steps 1-6 in one launch, two passes over D.
+"""Fused forward kernel: SPEC steps 1-6 in one launch.
 
-Pass 1 accumulates the Gram matrix (of the rows scaled by their max |v|, so squares never
-overflow) and z = V A; the relation map, softmax and d = rho z - z
-are computed in registers; pass 2 rotates, stretches and sums into y. Saves the small
-per-token state (n, C, rho, z, d) for the backward kernels.
+Two passes over D: pass 1 accumulates the Gram matrix (of the rows scaled by their max |v|, so
+squares never overflow) and z = V A; the relation map, softmax and d = rho z - z are computed in
+registers; pass 2 rotates, stretches and sums into y. With ``ONE_PASS`` (rows narrow enough for
+one [R, D/2] tile, launch.pick_config) the tile loaded for the Gram matrix is kept and rotated:
+expert_out is read once. Saves the small per-token state (n, C, rho, z, d) for the backward.
 """
 import triton
 import triton.language as tl
 
-from .common import (block_dot, block_masks, expert_of_row, kk_offsets, load_chunk_angles,
-                     load_halves, load_param_chunk, pair_offsets, rotate, row_ids, store_rows)
+from .common import (angles, block_dot, block_masks, expert_of_row, kk_offsets,
+                     load_chunk_angles, load_halves, load_param_chunk, pair_offsets, rotate,
+                     row_ids, store_rows)
 
 
 @triton.jit
@@ -38,6 +40,28 @@ def relation(gram, m, valid, K, tau_inv, eps, KP: tl.constexpr, BT: tl.constexpr
 
 
 @triton.jit
+def _z_chunk(v1, v2, A, cols, rr, h, r, stride_a_d, stride_a_r, V_PREC: tl.constexpr,
+             ACC: tl.constexpr):
+    """z contribution of the column pairs ``cols``: v1 A[cols] + v2 A[cols + h] -> [R, RP]."""
+    a1 = load_param_chunk(A, cols, rr, h, r, stride_a_d, stride_a_r, ACC)
+    a2 = load_param_chunk(A + h * stride_a_d, cols, rr, h, r, stride_a_d, stride_a_r, ACC)
+    return (tl.dot(v1, a1, input_precision=V_PREC, out_dtype=ACC)
+            + tl.dot(v2, a2, input_precision=V_PREC, out_dtype=ACC))
+
+
+@triton.jit
+def _stretch_sum_store(Y, g, u1, u2, tb, T, cols, cmask, h, stride_y_t, stride_y_d,
+                       KP: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr):
+    """SPEC step 6 for one chunk: y[t, cols] = sum over the token's K rows of g * u; store."""
+    y1 = tl.sum(tl.reshape(g[:, None] * u1, (BT, KP, BH)), axis=1)
+    y2 = tl.sum(tl.reshape(g[:, None] * u2, (BT, KP, BH)), axis=1)
+    y_off1, y_off2 = pair_offsets(tb.to(tl.int64) * stride_y_t, cols, h, stride_y_d)
+    ym = (tb < T)[:, None] & cmask[None, :]
+    tl.store(Y + y_off1, y1.to(Y.dtype.element_ty), mask=ym)
+    tl.store(Y + y_off2, y2.to(Y.dtype.element_ty), mask=ym)
+
+
+@triton.jit
 def radargate_fwd_kernel(
     V, G, A, B, BETA, IDS,              # inputs
     Y, N, CM, RHO, Z, CTX,              # outputs: y [T, D]; state n [T,K], C, rho [T,K,K], z and
@@ -49,6 +73,7 @@ def radargate_fwd_kernel(
     tau_inv, eps,
     KP: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BH: tl.constexpr,
     HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr, V_PREC: tl.constexpr,
+    ONE_PASS: tl.constexpr,
 ):
     blk = tl.program_id(0)
     R: tl.constexpr = BT * KP
@@ -56,28 +81,42 @@ def radargate_fwd_kernel(
     voff = tok * stride_v_t + slot.to(tl.int64) * stride_v_k
     rr = tl.arange(0, RP)
 
-    # pass 1 over D: z = V A and the Gram matrix of the rows scaled by their running max |v|
-    # (rescaled when the max grows, as an online softmax does), so no square overflows
-    gram = tl.zeros((R, R), dtype=ACC)
-    z = tl.zeros((R, RP), dtype=ACC)
-    m = tl.zeros((R,), dtype=ACC)
-    for c0 in range(0, h, BH):
-        cols = c0 + tl.arange(0, BH)
+    if ONE_PASS:
+        # the whole row in one [R, BH >= h] tile: loaded once, kept for the rotation below
+        cols = tl.arange(0, BH)
         cmask = cols < h
         v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :], ACC)
-        a1 = load_param_chunk(A, cols, rr, h, r, stride_a_d, stride_a_r, ACC)
-        a2 = load_param_chunk(A + h * stride_a_d, cols, rr, h, r, stride_a_d, stride_a_r, ACC)
-        z += tl.dot(v1, a1, input_precision=V_PREC, out_dtype=ACC)
-        z += tl.dot(v2, a2, input_precision=V_PREC, out_dtype=ACC)
-        m_new = tl.maximum(m, tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1)))
-        inv = 1.0 / tl.where(m_new > 0, m_new, 1.0)
-        f = m * inv
-        gram = gram * (f[:, None] * f[None, :])
-        v1 = v1 * inv[:, None]  # the scaled rows (v is not needed unscaled any more)
+        z = _z_chunk(v1, v2, A, cols, rr, h, r, stride_a_d, stride_a_r, V_PREC, ACC)
+        m = tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1))
+        inv = 1.0 / tl.where(m > 0, m, 1.0)
+        # scaled in place (no second tile): the rotation below turns v / m and the stretch
+        # weight g m puts the scale back, R(a) v = m R(a) (v / m)
+        v1 = v1 * inv[:, None]
         v2 = v2 * inv[:, None]
-        gram += tl.dot(v1, tl.trans(v1), input_precision=V_PREC, out_dtype=ACC)
+        gram = tl.dot(v1, tl.trans(v1), input_precision=V_PREC, out_dtype=ACC)
         gram += tl.dot(v2, tl.trans(v2), input_precision=V_PREC, out_dtype=ACC)
-        m = m_new
+    else:
+        # pass 1 over D: z = V A and the Gram matrix of the rows scaled by their running max
+        # |v| (rescaled when the max grows, as an online softmax does), so no square overflows
+        gram = tl.zeros((R, R), dtype=ACC)
+        z = tl.zeros((R, RP), dtype=ACC)
+        m = tl.zeros((R,), dtype=ACC)
+        for c0 in range(0, h, BH):
+            cols = c0 + tl.arange(0, BH)
+            cmask = cols < h
+            v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :],
+                                 ACC)
+            z += _z_chunk(v1, v2, A, cols, rr, h, r, stride_a_d, stride_a_r, V_PREC, ACC)
+            m_new = tl.maximum(m, tl.maximum(tl.max(tl.abs(v1), axis=1),
+                                             tl.max(tl.abs(v2), axis=1)))
+            inv = 1.0 / tl.where(m_new > 0, m_new, 1.0)
+            f = m * inv
+            gram = gram * (f[:, None] * f[None, :])
+            v1 = v1 * inv[:, None]  # the scaled rows (v is not needed unscaled any more)
+            v2 = v2 * inv[:, None]
+            gram += tl.dot(v1, tl.trans(v1), input_precision=V_PREC, out_dtype=ACC)
+            gram += tl.dot(v2, tl.trans(v2), input_precision=V_PREC, out_dtype=ACC)
+            m = m_new
 
     # per-token math in registers
     n, C, rho, same = relation(gram, m, valid, K, tau_inv, eps, KP, BT)
@@ -92,22 +131,28 @@ def radargate_fwd_kernel(
     store_rows(Z, z, flat, valid, r, RP)
     store_rows(CTX, d, flat, valid, r, RP)
 
-    # pass 2 over D: rotate, stretch, sum over the K slots of each token
+    # rotate, stretch, sum over the K slots of each token (pass 2 over D, or the kept tile)
     g = tl.load(G + tok * stride_g_t + slot.to(tl.int64) * stride_g_k, mask=valid,
                 other=0.0).to(ACC)
     eid = expert_of_row(IDS, tok, slot, valid, stride_ids_t, stride_ids_k, E, HAS_IDS)
     tb = blk * BT + tl.arange(0, BT)
-    for c0 in range(0, h, BH):
-        cols = c0 + tl.arange(0, BH)
+    if ONE_PASS:
+        cols = tl.arange(0, BH)
         cmask = cols < h
         Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, ACC)
-        v1, v2, cos_a, sin_a = load_chunk_angles(V, voff, cols, h, stride_v_d, d, Bc, BETA, eid,
-                                                 valid, cmask, stride_beta_e, stride_beta_h,
-                                                 HAS_BETA, ACC)
-        u1, u2 = rotate(v1, v2, cos_a, sin_a)
-        y1 = tl.sum(tl.reshape(g[:, None] * u1, (BT, KP, BH)), axis=1)
-        y2 = tl.sum(tl.reshape(g[:, None] * u2, (BT, KP, BH)), axis=1)
-        y_off1, y_off2 = pair_offsets(tb.to(tl.int64) * stride_y_t, cols, h, stride_y_d)
-        ym = (tb < T)[:, None] & cmask[None, :]
-        tl.store(Y + y_off1, y1.to(Y.dtype.element_ty), mask=ym)
-        tl.store(Y + y_off2, y2.to(Y.dtype.element_ty), mask=ym)
+        alpha = angles(d, Bc, BETA, eid, valid, cols, cmask, stride_beta_e, stride_beta_h,
+                       HAS_BETA, ACC)
+        u1, u2 = rotate(v1, v2, tl.cos(alpha), tl.sin(alpha))
+        _stretch_sum_store(Y, g * m, u1, u2, tb, T, cols, cmask, h, stride_y_t, stride_y_d, KP,
+                           BT, BH)
+    else:
+        for c0 in range(0, h, BH):
+            cols = c0 + tl.arange(0, BH)
+            cmask = cols < h
+            Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, ACC)
+            v1, v2, cos_a, sin_a = load_chunk_angles(V, voff, cols, h, stride_v_d, d, Bc, BETA,
+                                                     eid, valid, cmask, stride_beta_e,
+                                                     stride_beta_h, HAS_BETA, ACC)
+            u1, u2 = rotate(v1, v2, cos_a, sin_a)
+            _stretch_sum_store(Y, g, u1, u2, tb, T, cols, cmask, h, stride_y_t, stride_y_d, KP,
+                               BT, BH)

@@ -26,6 +26,7 @@ MAX_RANK = 32   # r = 33..64 (RP = 64) spills in the backward row kernel (compil
 MAX_E = 128
 ROWS_TARGET = 32  # R = BT * KP rows per program: tokens are packed until R reaches this
 ROWS_TARGET_WIDE = 16  # ... for rank > 16, where the [R, r] state tiles are wider
+ONE_PASS_ELEMS = 4096  # largest [R, D/2] tile of the single-pass forward (e.g. 16 x 256)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,12 @@ class LaunchConfig:
     WARPS_BWD: int
     WARPS_PARAMS: int
     num_stages: int = 1
+    ONE_PASS: bool = False  # forward: whole rows in one chunk, expert_out read once
+    BT_FWD: int = 0          # forward's tokens per program (0: BT)
+
+    @property
+    def BT_FORWARD(self) -> int:
+        return self.BT_FWD or self.BT
 
     @property
     def R(self) -> int:
@@ -77,11 +84,21 @@ def pick_config(K: int, h: int, r: int, E: int, has_beta: bool,
     bh_fwd = min(cap, 64 if small_rank and itemsize <= 2 else 32)
     bh_bwd = min(cap, 32 if small_rank else 16)
     bh_params = min(cap, 64 if small_rank and EP <= 32 else 32)
+    # single-pass forward: when a program's whole rows fit a [R, D/2] tile of at most
+    # ONE_PASS_ELEMS elements per half, with R as small as tl.dot allows (16 rows, or K padded),
+    # expert_out is loaded once (Gram, z, relation, rotation from registers); wider rows keep
+    # the two-pass kernel. 2-byte inputs only: fp32 tiles of 16 x 128 already spilled
+    # (176-1256 B on sm_90, ieee fp32 dots), fp16/bf16 up to 16 x 256 and 32 x 128 did not
+    # (compile report; docs/launch_config.md).
+    one_rows = max(16, KP)
+    one_pass = small_rank and itemsize <= 2 and one_rows * cap <= ONE_PASS_ELEMS
     return LaunchConfig(
-        KP=KP, BT=BT, RP=RP, EP=EP, BH_FWD=bh_fwd, BH_BWD=bh_bwd, BH_PARAMS=bh_params,
+        KP=KP, BT=BT, RP=RP, EP=EP, BH_FWD=cap if one_pass else bh_fwd, BH_BWD=bh_bwd,
+        BH_PARAMS=bh_params,
         WARPS_FWD=8,
         WARPS_BWD=8,
         WARPS_PARAMS=8 if bh_params == 64 else 4,
+        ONE_PASS=one_pass, BT_FWD=one_rows // KP if one_pass else BT,
     )
 
 
@@ -170,11 +187,12 @@ def plan_forward(V, g, A, B, beta, ids, tau: float, eps: float):
     d = torch.empty((T, K, r), dtype=sd, device=V.device)
     launches = []
     if T > 0:
-        launches.append(Launch(radargate_fwd_kernel, (triton.cdiv(T, cfg.BT),), (
+        launches.append(Launch(radargate_fwd_kernel, (triton.cdiv(T, cfg.BT_FORWARD),), (
             V, g, A, B, beta_t, ids_t, y, n, C, rho, z, d,
             T, K, h, r, E,
             *strides, *A.stride(), *B.stride(), *s_beta, *s_ids, *y.stride(),
-            1.0 / tau, eps), dict(meta, BH=cfg.BH_FWD, V_PREC=_v_prec(V.dtype), num_warps=cfg.WARPS_FWD)))
+            1.0 / tau, eps), dict(meta, BT=cfg.BT_FORWARD, BH=cfg.BH_FWD, ONE_PASS=cfg.ONE_PASS,
+                                  V_PREC=_v_prec(V.dtype), num_warps=cfg.WARPS_FWD)))
     return (y, n, C, rho, z, d), launches
 
 
