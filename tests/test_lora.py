@@ -195,3 +195,14 @@ def test_odd_out_with_rotation_is_rejected():
     prob.update(rot_down=torch.zeros(7, 2), rot_up=torch.zeros(2, 3))
     with pytest.raises(ValueError, match="lora_B: expected an even output size"):
         radar_gate_lora(**prob)
+
+
+@pytest.mark.parametrize("one_hot_max", [0, 10 ** 9], ids=["gather", "one-hot"])
+def test_torch_path_expert_outputs_by_gather_and_by_one_hot_gemm(one_hot_max, monkeypatch):
+    """The chunked PyTorch path forms a chunk's top-k expert outputs either by gathering B rows
+    (E r > ONE_HOT_MAX) or as one GEMM over all experts' columns: both against the reference."""
+    import radargate_kernels.lora as L
+    monkeypatch.setattr(L, "ONE_HOT_MAX", one_hot_max)
+    prob = make_lora_problem(7, 3, 10, 12, 4, 3, ids=True, bias=True, E_extra=9, seed=21)
+    dy = torch.randn(7, 12, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    check_lora_against_reference(prob, dy.float(), backend="torch")
