@@ -39,6 +39,8 @@ QUICK = [  # (K, D, r, E): the benchmark shape and the extremes of the supported
     (1, 2, 1, None),
     (32, 16384, 32, 128),
 ]
+PARTIAL_NEEDS = ((True, False, False), (False, True, False), (False, False, True),
+                 (False, True, True))
 T_REPR = 64  # tokens in the representative launch (T never becomes a constexpr; 1 would)
 # "int64 strides": expert_out laid out so that its strides exceed 2^31 (e.g. a feature-major view
 # of a tensor with T*K*D >= 2^31 elements). Triton then passes those strides as i64: a different
@@ -100,6 +102,10 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
             for kern in kernels:
                 jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=8, D=4096, r=8, E=16,
                                  large=True))
+            # the parameter kernel computing only some of dA, dB, dbeta (frozen gate parts)
+            for need in PARTIAL_NEEDS:
+                jobs.append(dict(arch=arch, dtype=dtype, kernel="radargate_bwd_params_kernel",
+                                 K=8, D=4096, r=8, E=16, need=need))
             for (r, rg, out, flags) in (LORA_QUICK if quick else LORA_FULL):
                 cfg = pick_lora_config(r, rg, out // 2)
                 for kern in LORA_KERNELS:
@@ -216,7 +222,8 @@ def compile_job(job):
             launch = launches[0]
         else:
             (y, n, C, rho, z, d), _ = L.plan_forward(V, g, A, B, beta, ids, 1.0, 1e-6)
-            _, launches = L.plan_backward(y, V, g, A, B, beta, ids, n, C, rho, z, d, 1.0, 1e-6)
+            _, launches = L.plan_backward(y, V, g, A, B, beta, ids, n, C, rho, z, d, 1.0, 1e-6,
+                                          job.get("need", (True, True, True)))
             launch = launches[0 if job["kernel"] == "radargate_bwd_rows_kernel" else 1]
         assert launch.kernel.fn.__name__ == job["kernel"]
         args = list(launch.args)
@@ -234,6 +241,9 @@ def compile_job(job):
                           f"BH={launch.meta['BH']}" + (f" EP={cfg.EP}" if "EP" in launch.meta
                                                        and E is not None else "")
                           + (" 1-pass" if launch.meta.get("ONE_PASS") else "")
+                          + (" need=" + "".join("AB" [i] if i < 2 else "b" for i, f in
+                                                enumerate(job["need"]) if f)
+                             if job.get("need") else "")
                           + (" i64-strides" if job.get("large") else ""))
     except Exception as exc:  # reported, and makes the exit status non-zero
         out.update(regs=None, spills=None, shared=None, warps=None, config="?",

@@ -156,9 +156,11 @@ class AtenBytes(TorchDispatchMode):
         kwargs = kwargs or {}
         if func.namespace == "radargate":
             from radargate_kernels.kernels import launch
-            impl = launch.forward if func.__name__.startswith("fwd") else launch.backward
             with self:
-                return impl(*args, **kwargs)
+                if func.__name__.startswith("fwd"):
+                    return launch.forward(*args, **kwargs)
+                # radargate::bwd(..., tau, eps, need_dA, need_dB, need_dbeta)
+                return launch.backward(*args[:14], tuple(args[14:17]))
         out = func(*args, **kwargs)
         if _COUNTER is not None and _COUNTER.current is not None:
             return out  # the interpreter's own copies of kernel arguments, not the op's work

@@ -48,15 +48,18 @@ def _fwd_fake(V, g, A, B, beta, ids, tau, eps):
 def _bwd_op(dy: torch.Tensor, V: torch.Tensor, g: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
             beta: Optional[torch.Tensor], ids: Optional[torch.Tensor], n: torch.Tensor,
             C: torch.Tensor, rho: torch.Tensor, z: torch.Tensor, d: torch.Tensor, tau: float,
-            eps: float, need_params: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                    torch.Tensor, torch.Tensor]:
-    """Fused backward -> (dV, dg, dA, dB, dbeta); dbeta is empty when beta is None; dA, dB,
-    dbeta are zeros (parameter kernel skipped) when not need_params."""
-    return _launch().backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau, eps, need_params)
+            eps: float, need_dA: bool, need_dB: bool, need_dbeta: bool) -> tuple[
+                torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward -> (dV, dg, dA, dB, dbeta); dbeta is empty when beta is None; a parameter
+    gradient whose need_* flag is off is zeros and not computed (no parameter kernel at all
+    when none is needed)."""
+    return _launch().backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau, eps,
+                              (need_dA, need_dB, need_dbeta))
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau, eps, need_params):
+def _bwd_fake(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau, eps, need_dA, need_dB,
+              need_dbeta):
     # gradients are always contiguous, whatever the strides of the inputs (as the real op)
     dbeta = beta.new_empty(beta.shape) if beta is not None else V.new_empty(0)
     return (V.new_empty(V.shape), g.new_empty(g.shape), A.new_empty(A.shape),
@@ -74,9 +77,9 @@ def _fwd_backward(ctx, dy, *_state_grads):
     no_double_backward("radar_gate (Triton path)")
     V, g, A, B, beta, ids, n, C, rho, z, d = ctx.saved_tensors
     need = ctx.needs_input_grad
-    need_params = bool(need[2] or need[3] or (beta is not None and need[4]))
-    dV, dg, dA, dB, dbeta = torch.ops.radargate.bwd(dy.contiguous(), V, g, A, B, beta, ids,
-                                                    n, C, rho, z, d, ctx.tau, ctx.eps, need_params)
+    dV, dg, dA, dB, dbeta = torch.ops.radargate.bwd(
+        dy.contiguous(), V, g, A, B, beta, ids, n, C, rho, z, d, ctx.tau, ctx.eps,
+        bool(need[2]), bool(need[3]), bool(beta is not None and need[4]))
     grads = (dV, dg, dA, dB, dbeta if beta is not None else None)
     return (*(gr if n_ else None for gr, n_ in zip(grads, need[:5])), None, None, None)
 

@@ -64,9 +64,9 @@ def test_opcheck_forward_and_backward_ops(bias, ids, dtype, strided):
     outs = torch.ops.radargate.fwd(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
     dy = torch.randn_like(outs[0])
     plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    for need_params in (True, False):
+    for need in ((True, True, True), (False, False, False), (True, False, False)):
         torch.library.opcheck(torch.ops.radargate.bwd,
-                              (dy, *plain[:6], *outs[1:], plain[6], plain[7], need_params))
+                              (dy, *plain[:6], *outs[1:], plain[6], plain[7], *need))
 
 
 def test_device_decides_the_backend_and_the_kernels_need_cuda(monkeypatch):
@@ -121,3 +121,17 @@ def test_parameter_kernel_is_skipped_when_the_gate_needs_no_gradient(monkeypatch
     dV, dg = torch.autograd.grad(y, (V, g), dy)
     assert len(planned[0]) == 2 and len(planned[1]) == 1  # rows kernel only
     assert torch.equal(dV, g_all["expert_out"]) and torch.equal(dg, g_all["weights"])
+
+
+@pytest.mark.parametrize("trained", [("rot_down",), ("rot_up",), ("angle_bias",),
+                                     ("rot_up", "angle_bias")])
+def test_parameter_kernel_computes_only_the_gradients_asked_for(trained):
+    # e.g. "static angles only": rot_down, rot_up frozen, angle_bias trained
+    p = make_problem(6, 3, 10, 2, bias=True, ids=True, seed=5)
+    dy = torch.randn(6, 10, generator=torch.Generator().manual_seed(1))
+    _, g_all = run_with_grads(radar_gate, p, dy, backend="triton")
+    leaves = {k: p[k].clone().requires_grad_(True) for k in ("expert_out",) + trained}
+    y = radar_gate(**dict(p, **leaves), backend="triton")
+    grads = torch.autograd.grad(y, list(leaves.values()), dy)
+    for (name, _), gr in zip(leaves.items(), grads):
+        assert torch.equal(gr, g_all[name]), name

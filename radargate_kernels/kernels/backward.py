@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from .common import (block_dot, block_masks, expert_of_row, kk_offsets, load_chunk_angles,
-                     load_param_chunk, load_rows, load_token_halves, pair_offsets, rotate, row_ids,
-                     store_rows)
+                     load_halves, load_param_chunk, load_rows, load_token_halves, pair_offsets,
+                     rotate, row_ids, store_rows)
 
 
 @triton.jit
@@ -112,7 +112,10 @@ def radargate_bwd_params_kernel(
     stride_beta_e, stride_beta_h, stride_ids_t, stride_ids_k, stride_dy_t, stride_dy_d,
     KP: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BH: tl.constexpr, EP: tl.constexpr,
     HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr,
+    NEED_A: tl.constexpr, NEED_B: tl.constexpr, NEED_BETA: tl.constexpr,
 ):
+    # NEED_*: which of dA, dB, dbeta autograd asked for; the others are neither computed nor
+    # stored (dA alone needs no rotation at all)
     cid = tl.program_id(0)
     grp = tl.program_id(1)
     n_groups = tl.num_programs(1)
@@ -129,31 +132,39 @@ def radargate_bwd_params_kernel(
         tok, slot, valid = row_ids(blk, T, K, KP, BT)
         voff = tok * stride_v_t + slot.to(tl.int64) * stride_v_k
         flat = tok * K + slot
-        dy1, dy2 = load_token_halves(DY, blk, T, cols, h, stride_dy_t, stride_dy_d, cmask, KP, BT,
-                                     BH, ACC)
-        g = tl.load(G + tok * stride_g_t + slot.to(tl.int64) * stride_g_k, mask=valid,
-                other=0.0).to(ACC)
-        d = load_rows(CTX, flat, valid, r, RP, ACC)
-        dZ = load_rows(DZ, flat, valid, r, RP, ACC)
-        eid = expert_of_row(IDS, tok, slot, valid, stride_ids_t, stride_ids_k, E, HAS_IDS)
-        v1, v2, cos_a, sin_a = load_chunk_angles(V, voff, cols, h, stride_v_d, d, Bc, BETA, eid,
-                                                 valid, cmask, stride_beta_e, stride_beta_h,
-                                                 HAS_BETA, ACC)
-        u1, u2 = rotate(v1, v2, cos_a, sin_a)
-        dalpha = g[:, None] * (dy2 * u1 - dy1 * u2)
-        acc_b += tl.dot(tl.trans(d), dalpha, input_precision="ieee", out_dtype=ACC)
-        if HAS_BETA:
-            onehot = ((er[:, None] == eid[None, :]) & valid[None, :]).to(ACC)
-            acc_beta += tl.dot(onehot, dalpha, input_precision="ieee", out_dtype=ACC)
-        acc_a1 += tl.dot(tl.trans(v1), dZ, input_precision="ieee", out_dtype=ACC)
-        acc_a2 += tl.dot(tl.trans(v2), dZ, input_precision="ieee", out_dtype=ACC)
+        if NEED_B or NEED_BETA:
+            dy1, dy2 = load_token_halves(DY, blk, T, cols, h, stride_dy_t, stride_dy_d, cmask, KP,
+                                         BT, BH, ACC)
+            g = tl.load(G + tok * stride_g_t + slot.to(tl.int64) * stride_g_k, mask=valid,
+                        other=0.0).to(ACC)
+            d = load_rows(CTX, flat, valid, r, RP, ACC)
+            eid = expert_of_row(IDS, tok, slot, valid, stride_ids_t, stride_ids_k, E, HAS_IDS)
+            v1, v2, cos_a, sin_a = load_chunk_angles(V, voff, cols, h, stride_v_d, d, Bc, BETA,
+                                                     eid, valid, cmask, stride_beta_e,
+                                                     stride_beta_h, HAS_BETA, ACC)
+            u1, u2 = rotate(v1, v2, cos_a, sin_a)
+            dalpha = g[:, None] * (dy2 * u1 - dy1 * u2)
+            if NEED_B:
+                acc_b += tl.dot(tl.trans(d), dalpha, input_precision="ieee", out_dtype=ACC)
+            if NEED_BETA:
+                onehot = ((er[:, None] == eid[None, :]) & valid[None, :]).to(ACC)
+                acc_beta += tl.dot(onehot, dalpha, input_precision="ieee", out_dtype=ACC)
+        else:
+            v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :],
+                                 ACC)
+        if NEED_A:
+            dZ = load_rows(DZ, flat, valid, r, RP, ACC)
+            acc_a1 += tl.dot(tl.trans(v1), dZ, input_precision="ieee", out_dtype=ACC)
+            acc_a2 += tl.dot(tl.trans(v2), dZ, input_precision="ieee", out_dtype=ACC)
     g64 = grp.to(tl.int64)
-    mb = (rr[:, None] < r) & cmask[None, :]
-    tl.store(PB + g64 * r * h + rr[:, None] * h + cols[None, :], acc_b, mask=mb)
-    if HAS_BETA:
+    if NEED_B:
+        mb = (rr[:, None] < r) & cmask[None, :]
+        tl.store(PB + g64 * r * h + rr[:, None] * h + cols[None, :], acc_b, mask=mb)
+    if NEED_BETA:
         me = (er[:, None] < E) & cmask[None, :]
         tl.store(PBETA + g64 * E * h + er[:, None] * h + cols[None, :], acc_beta, mask=me)
-    ma = cmask[:, None] & (rr[None, :] < r)
-    pa = PA + g64 * 2 * h * r + cols[:, None] * r + rr[None, :]
-    tl.store(pa, acc_a1, mask=ma)
-    tl.store(pa + h * r, acc_a2, mask=ma)
+    if NEED_A:
+        ma = cmask[:, None] & (rr[None, :] < r)
+        pa = PA + g64 * 2 * h * r + cols[:, None] * r + rr[None, :]
+        tl.store(pa, acc_a1, mask=ma)
+        tl.store(pa + h * r, acc_a2, mask=ma)

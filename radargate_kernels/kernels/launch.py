@@ -214,9 +214,10 @@ def param_groups(n_blocks: int, n_chunks: int, device) -> int:
 
 
 def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: float,
-                  need_params: bool = True):
-    """Allocate dV, dg and the partial buffers and plan the two backward launches (the parameter
-    kernel only when ``need_params``: rot_down, rot_up or angle_bias needs a gradient).
+                  need=(True, True, True)):
+    """Allocate dV, dg and the partial buffers and plan the two backward launches. ``need`` =
+    which of (dA, dB, dbeta) autograd asks for: the parameter kernel computes only those, and
+    is not launched when none is needed.
 
     -> ((dV, dg, pA, pB, pbeta), [Launch]); pA [NB, D, r], pB [NB, r, h], pbeta [NB, E, h]
     (or None) are fp32 partials of dA, dB, dbeta, one per token group.
@@ -228,10 +229,15 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
     dZ = torch.empty((T, K, r), dtype=sd, device=V.device)
     n_blocks = triton.cdiv(T, cfg.BT)
     n_chunks = triton.cdiv(h, cfg.BH_PARAMS)
+    need_a, need_b, need_beta = bool(need[0]), bool(need[1]), bool(need[2]) and beta is not None
+    need_params = need_a or need_b or need_beta
     NB = param_groups(n_blocks, n_chunks, V.device) if T > 0 and need_params else 0
-    pB = torch.empty((NB, r, h), dtype=sd, device=V.device)
-    pbeta = torch.empty((NB, E, h), dtype=sd, device=V.device) if beta is not None else None
-    pA = torch.empty((NB, D, r), dtype=sd, device=V.device)
+    # partials of what is not needed have no rows (their sums are zeros); the kernel gets a
+    # valid pointer it never writes in their place
+    pB = torch.empty((NB if need_b else 0, r, h), dtype=sd, device=V.device)
+    pbeta = (torch.empty((NB if need_beta else 0, E, h), dtype=sd, device=V.device)
+             if beta is not None else None)
+    pA = torch.empty((NB if need_a else 0, D, r), dtype=sd, device=V.device)
     launches = []
     if T > 0:
         launches.append(Launch(radargate_bwd_rows_kernel, (n_blocks,), (
@@ -241,19 +247,21 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
             1.0 / tau, eps), dict(meta, BH=cfg.BH_BWD, num_warps=cfg.WARPS_BWD)))
     if T > 0 and need_params:
         launches.append(Launch(radargate_bwd_params_kernel, (n_chunks, NB), (
-            V, g, B, beta_t, ids_t, dy, d, dZ, pB, pbeta if pbeta is not None else pB, pA,
+            V, g, B, beta_t, ids_t, dy, d, dZ, pB if need_b else dZ,
+            pbeta if need_beta else dZ, pA if need_a else dZ,
             T, K, h, r, E, n_blocks,
             *strides, *B.stride(), *s_beta, *s_ids, *dy.stride()),
-            dict(meta, BH=cfg.BH_PARAMS, EP=cfg.EP, num_warps=cfg.WARPS_PARAMS)))
+            dict(meta, BH=cfg.BH_PARAMS, EP=cfg.EP, num_warps=cfg.WARPS_PARAMS, NEED_A=need_a,
+                 NEED_B=need_b, NEED_BETA=need_beta)))
     return (dV, dg, pA, pB, pbeta), launches
 
 
 def backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: float,
-             need_params: bool = True):
-    """Run the fused backward. Returns (dV, dg, dA, dB, dbeta or an empty tensor); without
-    ``need_params`` the parameter kernel is skipped and dA, dB, dbeta are zeros."""
+             need=(True, True, True)):
+    """Run the fused backward. Returns (dV, dg, dA, dB, dbeta or an empty tensor); the
+    parameter gradients ``need`` (dA, dB, dbeta) does not ask for are zeros, not computed."""
     (dV, dg, pA, pB, pbeta), launches = plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d,
-                                                      tau, eps, need_params)
+                                                      tau, eps, need)
     for launch in launches:
         launch.run()
     # final deterministic reduction of the per-group partials (fixed order, no atomics); with
