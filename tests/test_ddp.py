@@ -1,7 +1,9 @@
 """Scale-out: RadarGate-LoRA layers under DistributedDataParallel and FSDP2 (``fully_shard``;
 gloo, 2 CPU processes) give the same gradients as one process on the same global batch."""
+import gc
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -38,6 +40,7 @@ def grads_of(model, x, y):
 def _worker(rank, world, port, out_path, mode):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = None
     try:
         x, y = batch()
         shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
@@ -57,7 +60,15 @@ def _worker(rank, world, port, out_path, mode):
             g = {n: v.full_tensor() for n, v in grads_of(model, x[shard], y[shard]).items()}
         if rank == 0:
             torch.save(g, out_path)
+        dist.barrier()  # no collective in flight when the group goes away
     finally:
+        # Drop the model (DDP's Reducer holds the process group) BEFORE destroying the group:
+        # otherwise the group's last reference goes when the worker returns, inside the
+        # Reducer's dealloc with the GIL held, and ProcessGroupGloo's destructor joins a gloo
+        # thread that waits for the GIL -- a teardown deadlock seen once in CI (py-spy: main
+        # thread in ~ProcessGroupGloo via Reducer dealloc, gloo runLoop in gil_scoped_acquire).
+        del model
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -67,7 +78,13 @@ def test_distributed_gradients_equal_single_process_gradients(tmp_path, mode):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "grads.pt")
-    mp.spawn(_worker, args=(2, port, out, mode), nprocs=2, join=True)
+    ctx = mp.spawn(_worker, args=(2, port, out, mode), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):  # a hung worker fails the test instead of stalling CI
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"{mode}: the 2 workers did not finish within 300 s")
     dist_grads = torch.load(out)
     single = grads_of(build(), *batch())
     assert set(dist_grads) == set(single) and len(single) >= 8
