@@ -18,6 +18,22 @@ from .common import (block_dot, block_masks, expert_of_row, kk_offsets, load_chu
 
 
 @triton.jit
+def _row_chunk(DY, V, B, BETA, blk, T, voff, cols, cmask, h, r, rr, d, eid, valid, stride_dy_t,
+               stride_dy_d, stride_v_d, stride_b_r, stride_b_h, stride_beta_e, stride_beta_h,
+               KP: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, HAS_BETA: tl.constexpr,
+               ACC: tl.constexpr):
+    """What both passes of the row kernel load per column chunk: dy (per token, broadcast to
+    the rows), v, the chunk of B and the angles -> (dy1, dy2, v1, v2, cos alpha, sin alpha, Bc):
+    [R, BH] tiles and Bc [RP, BH]."""
+    dy1, dy2 = load_token_halves(DY, blk, T, cols, h, stride_dy_t, stride_dy_d, cmask, KP, BT,
+                                 BH, ACC)
+    Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, ACC)
+    v1, v2, cos_a, sin_a = load_chunk_angles(V, voff, cols, h, stride_v_d, d, Bc, BETA, eid, valid,
+                                             cmask, stride_beta_e, stride_beta_h, HAS_BETA, ACC)
+    return dy1, dy2, v1, v2, cos_a, sin_a, Bc
+
+
+@triton.jit
 def radargate_bwd_rows_kernel(
     V, G, A, B, BETA, IDS, DY,            # inputs
     N, CM, RHO, Z, CTX,                   # saved state (CTX: the relational context d)
@@ -53,12 +69,10 @@ def radargate_bwd_rows_kernel(
     for c0 in range(0, h, BH):
         cols = c0 + tl.arange(0, BH)
         cmask = cols < h
-        dy1, dy2 = load_token_halves(DY, blk, T, cols, h, stride_dy_t, stride_dy_d, cmask, KP, BT,
-                                     BH, ACC)
-        Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, ACC)
-        v1, v2, cos_a, sin_a = load_chunk_angles(V, voff, cols, h, stride_v_d, d, Bc, BETA, eid,
-                                                 valid, cmask, stride_beta_e, stride_beta_h,
-                                                 HAS_BETA, ACC)
+        dy1, dy2, v1, v2, cos_a, sin_a, Bc = _row_chunk(
+            DY, V, B, BETA, blk, T, voff, cols, cmask, h, r, rr, d, eid, valid, stride_dy_t,
+            stride_dy_d, stride_v_d, stride_b_r, stride_b_h, stride_beta_e, stride_beta_h, KP, BT,
+            BH, HAS_BETA, ACC)
         u1, u2 = rotate(v1, v2, cos_a, sin_a)
         dg += tl.sum(dy1 * u1 + dy2 * u2, axis=1)
         dalpha = g[:, None] * (dy2 * u1 - dy1 * u2)
@@ -81,12 +95,10 @@ def radargate_bwd_rows_kernel(
         cols = c0 + tl.arange(0, BH)
         cmask = cols < h
         m = valid[:, None] & cmask[None, :]
-        dy1, dy2 = load_token_halves(DY, blk, T, cols, h, stride_dy_t, stride_dy_d, cmask, KP, BT,
-                                     BH, ACC)
-        Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, ACC)
-        v1, v2, cos_a, sin_a = load_chunk_angles(V, voff, cols, h, stride_v_d, d, Bc, BETA, eid,
-                                                 valid, cmask, stride_beta_e, stride_beta_h,
-                                                 HAS_BETA, ACC)
+        dy1, dy2, v1, v2, cos_a, sin_a, Bc = _row_chunk(
+            DY, V, B, BETA, blk, T, voff, cols, cmask, h, r, rr, d, eid, valid, stride_dy_t,
+            stride_dy_d, stride_v_d, stride_b_r, stride_b_h, stride_beta_e, stride_beta_h, KP, BT,
+            BH, HAS_BETA, ACC)
         dv1, dv2 = rotate(dy1, dy2, cos_a, -sin_a)  # R(-alpha) dy
         vh1 = v1 * inv_n[:, None]
         vh2 = v2 * inv_n[:, None]
