@@ -181,9 +181,12 @@ def _plan_lora(job, dt):
         _, launches = LL.plan_stream_forward(s, g, d, ids, B, U, beta, dt)
         return launches[0], LL.pick_lora_config(r, rg, out // 2)
     dy = torch.empty((T, out), dtype=dt)
-    _, launches = LL.plan_stream_backward(dy, s, g, d, ids, B, U, beta)
-    return launches[0 if job["kernel"] == "lora_bwd_rows_kernel" else 1], \
-        LL.pick_lora_config(r, rg, out // 2)
+    if job["kernel"] == "lora_bwd_rows_kernel":
+        _, launches = LL.plan_rows_backward(dy, s, g, d, ids, B, U, beta)
+    else:
+        dB = torch.empty((E, r, out), dtype=torch.float32)
+        _, launches = LL.plan_params_backward(dy, s, g, d, ids, B, U, beta, dB)
+    return launches[0], LL.pick_lora_config(r, rg, out // 2)
 
 
 def compile_job(job):

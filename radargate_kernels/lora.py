@@ -52,6 +52,16 @@ def lowrank_factors(lora_B, rot_down, ct):
     return torch.einsum("eao,fbo->eafb", B, B), torch.einsum("eao,og->eag", B, rot_down.to(ct))
 
 
+def factors_backward(dP, dQ, B, rot_down):
+    """Gradients through P = B B^T and Q = B rot_down, in closed form (two GEMMs, B read once
+    each): dP [E, r, E, r], dQ [E, r, rg], B [E, r, out], rot_down [out, rg] (compute dtype)
+    -> (dB [E, r, out] contiguous, drot_down [out, rg])."""
+    E, r, out = B.shape
+    Bf, dPf, dQf = B.reshape(E * r, out), dP.reshape(E * r, E * r), dQ.reshape(E * r, -1)
+    dB = torch.addmm(dQf @ rot_down.t(), dPf + dPf.t(), Bf)
+    return dB.view(E, r, out), Bf.t() @ dQf
+
+
 def relation_lowrank(s, ids, P, Q, tau: float, eps: float):
     """SPEC steps 1-3 from low-rank activations: s [t, K, r] -> d [t, K, rg].
 
@@ -238,24 +248,25 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
         (ds, dg), (dB,) = _chunked_grads(weighted_sum_lowrank, chunks, (s, g.to(ct), ids), 2,
                                          (lora_B.to(ct),), dyc)
     else:
-        B_l = lora_B.detach().to(ct).requires_grad_(True)
-        A_l = rot_down.detach().to(ct).requires_grad_(True)
-        with _autograd_on():
-            P, Q = lowrank_factors(B_l, A_l, ct)
+        Bc, A_rot = lora_B.to(ct), rot_down.to(ct)
+        P, Q = lowrank_factors(Bc, A_rot, ct)
         rel = lambda s_, i_, P_, Q_: relation_lowrank(s_, i_, P_, Q_, tau, eps)  # noqa: E731
-        d = _chunked_eval(rel, chunks, (s, ids), (P.detach(), Q.detach()), s.new_empty((T, K, rg)))
+        d = _chunked_eval(rel, chunks, (s, ids), (P, Q), s.new_empty((T, K, rg)))
         if backend == "triton":
-            ds, dg, dd, dB, dU, dbeta = _launch().stream_backward(dy.contiguous(), s, g, d, ids,
-                                                                  lora_B, rot_up, beta)
+            LL, dyk = _launch(), dy.contiguous()
+            ds, dg, dd = LL.stream_backward_rows(dyk, s, g, d, ids, lora_B, rot_up, beta)
         else:
-            params = (lora_B.to(ct), rot_up.to(ct), beta.to(ct) if beta is not None else None)
+            params = (Bc, rot_up.to(ct), beta.to(ct) if beta is not None else None)
             (ds, dg, dd), (dB, dU, dbeta) = _chunked_grads(stream_torch, chunks,
                                                            (s, g.to(ct), d, ids), 3, params, dyc)
         (ds2,), (dP, dQ) = _chunked_grads(rel, chunks, (s, ids), 1, (P, Q), dd)
-        with _autograd_on():
-            dB2, dA_rot = torch.autograd.grad((P, Q), (B_l, A_l), (dP, dQ))
         ds += ds2
-        dB += dB2
+        dB_rel, dA_rot = factors_backward(dP, dQ, Bc, A_rot)
+        if backend == "triton":  # the parameter kernel adds the streaming part to dB_rel
+            dB, dU, dbeta = LL.stream_backward_params(dyk, s, g, d, ids, lora_B, rot_up, beta,
+                                                      dB_rel)
+        else:
+            dB += dB_rel
     dx, dA = _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA)
 
     def cast(t, like):  # contiguous, as the fake implementation promises

@@ -32,13 +32,16 @@ def pick_lora_config(r: int, rg: int, h: int) -> LoraConfig:
     """Block sizes: K and E are loops / grid axes, so only r, rg and h shape the tiles. The
     parameter kernel holds three [rank, BH] accumulators and the B_e, rot_up chunks: its chunk
     shrinks as the padded rank grows (64 / 32 / 16 pairs at rank 16 / 32 / 64). Row-kernel
-    chunks of 64 pairs spilled 16-32 bytes (fp16, sm_80); 32 gives 0 spills everywhere
+    chunks of 64 pairs spilled 16-32 bytes (fp16, sm_80); 32 gives 0 spills while both padded
+    ranks are 16, and 16 above (the dense path holds s [BT, RP], two B_k tiles [RP, BH] and the
+    rot_up chunk [RGP, BH]: 32 pairs spilled 16-40 bytes at RP = 32/64 or RGP = 64, sm_80/sm_90)
     (compile report, --family lora)."""
     RP, RGP = max(16, _pow2(r)), max(16, _pow2(rg))
     cap = max(16, _pow2(h))
     bh_params = {16: 64, 32: 32, 64: 16}[max(RP, RGP)]
-    return LoraConfig(BT=16, BH_FWD=min(64, cap), BH=min(32, cap), BH_PARAMS=min(bh_params, cap),
-                      BR=16, RP=RP, RGP=RGP, WARPS_FWD=8, WARPS_ROWS=8, WARPS_PARAMS=8)
+    bh_rows = 32 if max(RP, RGP) == 16 else 16
+    return LoraConfig(BT=16, BH_FWD=min(64, cap), BH=min(bh_rows, cap),
+                      BH_PARAMS=min(bh_params, cap), BR=16, RP=RP, RGP=RGP, WARPS_FWD=8, WARPS_ROWS=8, WARPS_PARAMS=8)
 
 
 def _prep(s, ids, lora_B, rot_up, angle_bias):
@@ -64,7 +67,7 @@ def plan_stream_forward(s, g, d, ids, lora_B, rot_up, angle_bias, out_dtype):
         launches.append(Launch(lora_fwd_kernel, (triton.cdiv(h, cfg.BH_FWD), triton.cdiv(T, cfg.BT)), (
             s, g, d, ids_t, lora_B, rot_up, beta_t, y, T, K, h, r, rg, E,
             *g.stride(), *s_ids, *lora_B.stride(), *rot_up.stride(), *s_beta, *y.stride()),
-            dict(meta, BT=cfg.BT, BH=cfg.BH_FWD, HAS_IDS=ids is not None,
+            dict(meta, BT=cfg.BT, BH=cfg.BH_FWD, RP=cfg.RP, HAS_IDS=ids is not None,
                  num_warps=cfg.WARPS_FWD)))
     return y, launches
 
@@ -81,17 +84,14 @@ def expert_order(ids, T, K, E, device):
     return order, offs
 
 
-def plan_stream_backward(dy, s, g, d, ids, lora_B, rot_up, angle_bias):
-    """-> ((ds, dg, dd, dB, pU, dbeta), [Launch]); pU [E, rg, h] are partials of drot_up."""
+def plan_rows_backward(dy, s, g, d, ids, lora_B, rot_up, angle_bias):
+    """-> ((ds [T, K, r], dg [T, K], dd [T, K, rg]), [Launch]), in the compute dtype of s."""
     T, K, r, E, out, h, rg, cfg, ids_t, beta_t, s_ids, s_beta, meta = _prep(
         s, ids, lora_B, rot_up, angle_bias)
     ct = s.dtype
     ds = torch.empty((T, K, r), dtype=ct, device=s.device)
     dg = torch.empty((T, K), dtype=ct, device=s.device)
     dd = torch.empty((T, K, rg), dtype=ct, device=s.device)
-    dB = torch.zeros((E, r, out), dtype=ct, device=s.device)
-    pU = torch.zeros((E, rg, h), dtype=ct, device=s.device)
-    dbeta = torch.zeros((E, h), dtype=ct, device=s.device) if angle_bias is not None else None
     launches = []
     if T > 0:
         launches.append(Launch(lora_bwd_rows_kernel, (triton.cdiv(T, cfg.BT),), (
@@ -99,13 +99,26 @@ def plan_stream_backward(dy, s, g, d, ids, lora_B, rot_up, angle_bias):
             *g.stride(), *s_ids, *lora_B.stride(), *rot_up.stride(), *s_beta, *dy.stride()),
             dict(meta, BT=cfg.BT, BH=cfg.BH, RP=cfg.RP, HAS_IDS=ids is not None,
                  num_warps=cfg.WARPS_ROWS)))
-        order, offs = expert_order(ids, T, K, E, s.device)
-        launches.append(Launch(lora_bwd_params_kernel, (triton.cdiv(h, cfg.BH_PARAMS), E), (
-            s, g, d, order, offs, lora_B, rot_up, beta_t, dy, dB,
-            dbeta if dbeta is not None else dB, pU, K, h, r, rg,
-            *g.stride(), *lora_B.stride(), *rot_up.stride(), *s_beta, *dy.stride()),
-            dict(meta, BH=cfg.BH_PARAMS, BR=cfg.BR, RP=cfg.RP, num_warps=cfg.WARPS_PARAMS)))
-    return (ds, dg, dd, dB, pU, dbeta), launches
+    return (ds, dg, dd), launches
+
+
+def plan_params_backward(dy, s, g, d, ids, lora_B, rot_up, angle_bias, dB):
+    """-> ((dB, pU [E, rg, h], dbeta [E, h] or None), [Launch]). ``dB`` [E, r, out] (contiguous,
+    compute dtype) holds the gradient's relation part on entry; the kernel adds the streaming
+    part in place (each program owns its [r, chunk] of one expert: no atomics). pU are the
+    per-expert partials of drot_up."""
+    T, K, r, E, out, h, rg, cfg, ids_t, beta_t, s_ids, s_beta, meta = _prep(
+        s, ids, lora_B, rot_up, angle_bias)
+    ct = s.dtype
+    pU = torch.empty((E, rg, h), dtype=ct, device=s.device)  # every element is written
+    dbeta = torch.empty((E, h), dtype=ct, device=s.device) if angle_bias is not None else None
+    order, offs = expert_order(ids, T, K, E, s.device)
+    launch = Launch(lora_bwd_params_kernel, (triton.cdiv(h, cfg.BH_PARAMS), E), (
+        s, g, d, order, offs, lora_B, rot_up, beta_t, dy, dB,
+        dbeta if dbeta is not None else dB, pU, K, h, r, rg,
+        *g.stride(), *lora_B.stride(), *rot_up.stride(), *s_beta, *dy.stride()),
+        dict(meta, BH=cfg.BH_PARAMS, BR=cfg.BR, RP=cfg.RP, num_warps=cfg.WARPS_PARAMS))
+    return (dB, pU, dbeta), [launch]
 
 
 def stream_forward(s, g, d, ids, lora_B, rot_up, angle_bias, out_dtype):
@@ -115,10 +128,18 @@ def stream_forward(s, g, d, ids, lora_B, rot_up, angle_bias, out_dtype):
     return y
 
 
-def stream_backward(dy, s, g, d, ids, lora_B, rot_up, angle_bias):
-    """-> (ds, dg, dd, dB, drot_up, dbeta or None), all in the compute dtype of s."""
-    (ds, dg, dd, dB, pU, dbeta), launches = plan_stream_backward(dy, s, g, d, ids, lora_B,
-                                                                 rot_up, angle_bias)
+def stream_backward_rows(dy, s, g, d, ids, lora_B, rot_up, angle_bias):
+    """-> (ds, dg, dd): the per-(token, slot) gradients, in the compute dtype of s."""
+    out, launches = plan_rows_backward(dy, s, g, d, ids, lora_B, rot_up, angle_bias)
     for launch in launches:
         launch.run()
-    return ds, dg, dd, dB, pU.sum(0), dbeta
+    return out
+
+
+def stream_backward_params(dy, s, g, d, ids, lora_B, rot_up, angle_bias, dB):
+    """-> (dB, drot_up, dbeta or None); dB is updated in place (see plan_params_backward)."""
+    (dB, pU, dbeta), launches = plan_params_backward(dy, s, g, d, ids, lora_B, rot_up,
+                                                     angle_bias, dB)
+    for launch in launches:
+        launch.run()
+    return dB, pU.sum(0), dbeta

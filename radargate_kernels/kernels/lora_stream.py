@@ -9,8 +9,8 @@ part, computed from s alone) as ``alpha = d U + beta[e]`` with ``U = rot_up [rg,
 - ``lora_bwd_rows_kernel`` (grid: token blocks): per (token, slot) row, one pass over all
   columns: ``dg = <dy, u>``, ``dd = dalpha U^T``, ``ds = dv B_e^T`` with ``dv = g R(-alpha) dy``.
 - ``lora_bwd_params_kernel`` (grid: col chunks x experts): rows sorted by expert on the host,
-  so each program owns ``dB[e, :, chunk]`` and ``dbeta[e, chunk]`` (tensor-core dots, no
-  atomics) and writes one partial of ``drot_up`` per expert, summed on the host in fixed order.
+  so each program owns ``dB[e, :, chunk]`` (adding to the relation part it holds on entry) and
+  ``dbeta[e, chunk]`` (no atomics) and writes one partial of ``drot_up`` per expert, summed on the host in fixed order.
 """
 import triton
 import triton.language as tl
@@ -31,17 +31,24 @@ def slot_rows(tok, k, K, T, IDS, s_it, s_ik, E, HAS_IDS: tl.constexpr):
 
 
 @triton.jit
-def chunk_angles(D, row, valid, Uc, BETA, eid, cols, cmask, rg, s_be, s_bh,
-                 RGP: tl.constexpr, HAS_BETA: tl.constexpr, ACC: tl.constexpr):
-    """alpha [BT, BH] = d[row] U[:, cols] (+ beta[e, cols]) and its cos, sin."""
+def chunk_angles(D, row, valid, Uc, BETA, eid, k, cols, cmask, rg, s_be, s_bh,
+                 RGP: tl.constexpr, HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr,
+                 ACC: tl.constexpr):
+    """alpha [BT, BH] = d[row] U[:, cols] (+ beta[e, cols]) and its cos, sin. Without ids every
+    row of slot k has expert k: its beta chunk is one [BH] row, loaded once."""
     gg = tl.arange(0, RGP)
     d = tl.load(D + row[:, None] * rg + gg[None, :], mask=valid[:, None] & (gg[None, :] < rg),
                 other=0.0).to(ACC)
     alpha = tl.dot(d, Uc, input_precision="ieee", out_dtype=ACC)
     if HAS_BETA:
-        m = valid[:, None] & cmask[None, :]
-        off = eid.to(tl.int64)[:, None] * s_be + cols[None, :].to(tl.int64) * s_bh
-        alpha += tl.load(BETA + off, mask=m, other=0.0).to(ACC)
+        if HAS_IDS:
+            m = valid[:, None] & cmask[None, :]
+            off = eid.to(tl.int64)[:, None] * s_be + cols[None, :].to(tl.int64) * s_bh
+            alpha += tl.load(BETA + off, mask=m, other=0.0).to(ACC)
+        else:
+            bk = tl.load(BETA + tl.cast(k, tl.int64) * s_be + cols.to(tl.int64) * s_bh, mask=cmask,
+                         other=0.0).to(ACC)
+            alpha += bk[None, :]
     return d, tl.cos(alpha), tl.sin(alpha)
 
 
@@ -55,14 +62,30 @@ def b_rows(LB, eid, a, cols, h, s_le, s_lr, s_lo, m, ACC: tl.constexpr):
 
 
 @triton.jit
+def expert_b_chunk(LB, e, rr, cols, r, h, s_le, s_lr, s_lo, ACC: tl.constexpr):
+    """B_e at columns cols and cols + h, all ranks -> 2 x [RP, BH] (one expert for all rows)."""
+    base = LB + tl.cast(e, tl.int64) * s_le
+    return (load_param_chunk(base, rr, cols, r, h, s_lr, s_lo, ACC),
+            load_param_chunk(base + h * s_lo, rr, cols, r, h, s_lr, s_lo, ACC))
+
+
+@triton.jit
+def slot_s(S, row, valid, rr, r, ACC: tl.constexpr):
+    """s of the rows -> [BT, RP] (padding ranks 0)."""
+    return tl.load(S + row[:, None] * r + rr[None, :], mask=valid[:, None] & (rr[None, :] < r),
+                   other=0.0).to(ACC)
+
+
+@triton.jit
 def lora_fwd_kernel(
     S, G, D, IDS, LB, U, BETA, Y,
     T, K, h, r, rg, E,
     s_gt, s_gk, s_it, s_ik, s_le, s_lr, s_lo, s_ug, s_uh, s_be, s_bh, s_yt, s_yd,
-    BT: tl.constexpr, BH: tl.constexpr, RGP: tl.constexpr,
+    BT: tl.constexpr, BH: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr,
     HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr,
 ):
     cols = tl.program_id(0) * BH + tl.arange(0, BH)
+    rr = tl.arange(0, RP)
     tok = (tl.program_id(1) * BT + tl.arange(0, BT)).to(tl.int64)
     cmask = cols < h
     Uc = load_param_chunk(U, tl.arange(0, RGP), cols, rg, h, s_ug, s_uh, ACC)
@@ -70,16 +93,22 @@ def lora_fwd_kernel(
     y2 = tl.zeros((BT, BH), dtype=ACC)
     for k in range(0, K):
         row, eid, valid = slot_rows(tok, k, K, T, IDS, s_it, s_ik, E, HAS_IDS)
-        m = valid[:, None] & cmask[None, :]
-        v1 = tl.zeros((BT, BH), dtype=ACC)
-        v2 = tl.zeros((BT, BH), dtype=ACC)
-        for a in range(0, r):  # v = s[row] B_e, one rank at a time (B_e differs per row)
-            sa = tl.load(S + row * r + a, mask=valid, other=0.0).to(ACC)
-            b1, b2 = b_rows(LB, eid, a, cols, h, s_le, s_lr, s_lo, m, ACC)
-            v1 += sa[:, None] * b1
-            v2 += sa[:, None] * b2
-        _, c, sn = chunk_angles(D, row, valid, Uc, BETA, eid, cols, cmask, rg, s_be, s_bh,
-                                RGP, HAS_BETA, ACC)
+        if HAS_IDS:  # v = s[row] B_e, one rank at a time (B_e differs per row)
+            m = valid[:, None] & cmask[None, :]
+            v1 = tl.zeros((BT, BH), dtype=ACC)
+            v2 = tl.zeros((BT, BH), dtype=ACC)
+            for a in range(0, r):
+                sa = tl.load(S + row * r + a, mask=valid, other=0.0).to(ACC)
+                b1, b2 = b_rows(LB, eid, a, cols, h, s_le, s_lr, s_lo, m, ACC)
+                v1 += sa[:, None] * b1
+                v2 += sa[:, None] * b2
+        else:  # every row of slot k has expert k: one B_k tile, v = s B_k as a dot
+            sk = slot_s(S, row, valid, rr, r, ACC)
+            Bk1, Bk2 = expert_b_chunk(LB, k, rr, cols, r, h, s_le, s_lr, s_lo, ACC)
+            v1 = tl.dot(sk, Bk1, input_precision="ieee", out_dtype=ACC)
+            v2 = tl.dot(sk, Bk2, input_precision="ieee", out_dtype=ACC)
+        _, c, sn = chunk_angles(D, row, valid, Uc, BETA, eid, k, cols, cmask, rg, s_be, s_bh,
+                                RGP, HAS_BETA, HAS_IDS, ACC)
         u1, u2 = rotate(v1, v2, c, sn)
         g = tl.load(G + tok * s_gt + k * s_gk, mask=valid, other=0.0).to(ACC)
         y1 += g[:, None] * u1
@@ -105,6 +134,7 @@ def lora_bwd_rows_kernel(
     for k in range(0, K):
         row, eid, valid = slot_rows(tok, k, K, T, IDS, s_it, s_ik, E, HAS_IDS)
         g = tl.load(G + tok * s_gt + k * s_gk, mask=valid, other=0.0).to(ACC)
+        sk = slot_s(S, row, valid, rr, r, ACC)  # once per slot, for every chunk
         dg = tl.zeros((BT,), dtype=ACC)
         dd = tl.zeros((BT, RGP), dtype=ACC)
         ds = tl.zeros((BT, RP), dtype=ACC)
@@ -113,23 +143,30 @@ def lora_bwd_rows_kernel(
             cmask = cols < h
             m = valid[:, None] & cmask[None, :]
             Uc = load_param_chunk(U, gg, cols, rg, h, s_ug, s_uh, ACC)
-            _, c, sn = chunk_angles(D, row, valid, Uc, BETA, eid, cols, cmask, rg, s_be, s_bh,
-                                    RGP, HAS_BETA, ACC)
+            _, c, sn = chunk_angles(D, row, valid, Uc, BETA, eid, k, cols, cmask, rg, s_be, s_bh,
+                                    RGP, HAS_BETA, HAS_IDS, ACC)
             o1, o2 = pair_offsets(tok * s_dyt, cols, h, s_dyd)
             dy1 = tl.load(DY + o1, mask=m, other=0.0).to(ACC)
             dy2 = tl.load(DY + o2, mask=m, other=0.0).to(ACC)
             dv1, dv2 = rotate(dy1, dy2, c, -sn)  # R(-alpha) dy; times g below
             dv1 = g[:, None] * dv1
             dv2 = g[:, None] * dv2
-            v1 = tl.zeros((BT, BH), dtype=ACC)
-            v2 = tl.zeros((BT, BH), dtype=ACC)
-            for a in range(0, r):  # one gather of B_e's row a serves v and ds
-                sa = tl.load(S + row * r + a, mask=valid, other=0.0).to(ACC)
-                b1, b2 = b_rows(LB, eid, a, cols, h, s_le, s_lr, s_lo, m, ACC)
-                v1 += sa[:, None] * b1
-                v2 += sa[:, None] * b2
-                dsa = tl.sum(dv1 * b1 + dv2 * b2, axis=1)
-                ds += tl.where(rr[None, :] == a, dsa[:, None], 0.0)
+            if HAS_IDS:
+                v1 = tl.zeros((BT, BH), dtype=ACC)
+                v2 = tl.zeros((BT, BH), dtype=ACC)
+                for a in range(0, r):  # one gather of B_e's row a serves v and ds
+                    sa = tl.sum(tl.where(rr[None, :] == a, sk, 0.0), axis=1)
+                    b1, b2 = b_rows(LB, eid, a, cols, h, s_le, s_lr, s_lo, m, ACC)
+                    v1 += sa[:, None] * b1
+                    v2 += sa[:, None] * b2
+                    dsa = tl.sum(dv1 * b1 + dv2 * b2, axis=1)
+                    ds += tl.where(rr[None, :] == a, dsa[:, None], 0.0)
+            else:  # one B_k tile: v = s B_k and ds += dv B_k^T as dots
+                Bk1, Bk2 = expert_b_chunk(LB, k, rr, cols, r, h, s_le, s_lr, s_lo, ACC)
+                v1 = tl.dot(sk, Bk1, input_precision="ieee", out_dtype=ACC)
+                v2 = tl.dot(sk, Bk2, input_precision="ieee", out_dtype=ACC)
+                ds += tl.dot(dv1, tl.trans(Bk1), input_precision="ieee", out_dtype=ACC)
+                ds += tl.dot(dv2, tl.trans(Bk2), input_precision="ieee", out_dtype=ACC)
             u1, u2 = rotate(v1, v2, c, sn)
             dg += tl.sum(dy1 * u1 + dy2 * u2, axis=1)
             dalpha = g[:, None] * (dy2 * u1 - dy1 * u2)
@@ -143,7 +180,7 @@ def lora_bwd_rows_kernel(
 @triton.jit
 def lora_bwd_params_kernel(
     S, G, D, ORDER, OFFS, LB, U, BETA, DY,
-    DB, DBETA, PU,                        # outputs: dB [E,r,out], dbeta [E,h], partials [E,rg,h]
+    DB, DBETA, PU,                        # dB [E,r,out] (in/out), dbeta [E,h], partials [E,rg,h]
     K, h, r, rg,
     s_gt, s_gk, s_le, s_lr, s_lo, s_ug, s_uh, s_be, s_bh, s_dyt, s_dyd,
     BR: tl.constexpr, BH: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr,
@@ -161,8 +198,10 @@ def lora_bwd_params_kernel(
     beta = tl.zeros((BH,), dtype=ACC)
     if HAS_BETA:
         beta = tl.load(BETA + e64 * s_be + cols.to(tl.int64) * s_bh, mask=cmask, other=0.0).to(ACC)
-    acc1 = tl.zeros((RP, BH), dtype=ACC)
-    acc2 = tl.zeros((RP, BH), dtype=ACC)
+    ob1, ob2 = pair_offsets(e64 * r * 2 * h + rr.to(tl.int64) * 2 * h, cols, h, 1)
+    mb = (rr[:, None] < r) & cmask[None, :]
+    acc1 = tl.load(DB + ob1, mask=mb, other=0.0)  # dB holds the relation part on entry
+    acc2 = tl.load(DB + ob2, mask=mb, other=0.0)
     acc_u = tl.zeros((RGP, BH), dtype=ACC)
     acc_beta = tl.zeros((BH,), dtype=ACC)
     start = tl.load(OFFS + e)
@@ -194,8 +233,6 @@ def lora_bwd_params_kernel(
         acc2 += tl.dot(tl.trans(s), g[:, None] * dv2, input_precision="ieee", out_dtype=ACC)
         acc_u += tl.dot(tl.trans(d), dalpha, input_precision="ieee", out_dtype=ACC)
         acc_beta += tl.sum(dalpha, axis=0)
-    mb = (rr[:, None] < r) & cmask[None, :]
-    ob1, ob2 = pair_offsets(e64 * r * 2 * h + rr.to(tl.int64) * 2 * h, cols, h, 1)
     tl.store(DB + ob1, acc1, mask=mb)
     tl.store(DB + ob2, acc2, mask=mb)
     if HAS_BETA:
