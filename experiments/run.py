@@ -1,6 +1,6 @@
 """Run the whole experiment suite and write RESULTS.md, runs.csv and PNG plots.
 
-    python -m experiments.run            # full: 3 seeds, about 12 minutes on 2 CPU cores
+    python -m experiments.run            # full: (a)-(d) 3 seeds, (e) 5 seeds; about an hour on 2 CPU cores
     python -m experiments.run --quick    # smoke test: 1 seed, a few dozen steps, under a minute
     python -m experiments.run --out DIR  # where to write (default: experiments/results, or
                                          # results/experiments-quick with --quick)
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from . import ablation, cone, contrastive, report, scaling
+from . import ablation, cone, contrastive, realdata, report, scaling
 from .common import FULL, QUICK, cpu_pytorch_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,13 +43,20 @@ def main(argv=None):
     scaling_rows, models, problems = timed("b_scaling", scaling.run, settings)
     ablation_rows = timed("c_ablation", ablation.run, settings, scaling_rows, cone_rows, problems)
     contrastive_rows = timed("d_contrastive", contrastive.run, settings, models, problems)
+    real = realdata.QUICK if args.quick else realdata.FULL
+    real_rows, real_md, real_found = timed("e_realdata", realdata.run, real, out,
+                                           os.path.join(out, "cache"))
     rows = cone_rows + scaling_rows + ablation_rows + contrastive_rows
     timings["total"] = time.time() - t_all
     command = "python -m experiments.run" + (" --quick" if args.quick else "")
-    found = report.write_all(rows, settings, timings, out, command)
+    found = report.write_all(rows, settings, timings, out, command, real_md)
+    realdata.write(real_rows, real_md, out)
     print(f"wrote {os.path.relpath(os.path.join(out, 'RESULTS.md'))} ({timings['total']:.0f} s)")
     for claim, (verdict, _) in found.items():
         print(f"  {claim:12s} {verdict}" + ("  (quick run: not evidence)" if args.quick else ""))
+    for claim, (verdict, stats, _) in real_found.items():
+        print(f"  (e) {claim}: {verdict} ({stats[0]:+.2f} points)"
+              + ("  (quick run: not evidence)" if args.quick else ""))
     return found
 
 
