@@ -139,6 +139,11 @@ def test_quick_run_writes_results_plots_and_verdicts(tmp_path):
     csv = (tmp_path / "runs.csv").read_text().splitlines()
     kinds = {line.split(",")[0] for line in csv[1:]}
     assert kinds == {"cone", "scaling", "ablation_multitask", "ablation_cone", "contrastive"}
+    # (e) real data: its section in RESULTS.md, its own report and rows
+    assert "## (e) Real data" in text and (tmp_path / "REALDATA.md").exists()
+    real = (tmp_path / "realdata.csv").read_text().splitlines()
+    assert {line.split(",")[0] for line in real[1:]} == {"realdata_expert", "realdata_gate",
+                                                         "realdata_scaling"}
 
 
 def test_sensitivity_check_runs_and_counts_wins(tmp_path, monkeypatch):
@@ -156,3 +161,105 @@ def test_sensitivity_check_runs_and_counts_wins(tmp_path, monkeypatch):
         by = {r["gate"]: r["heldout_error"] for r in rows if r["experts"] == E}
         wins = int(by["radargate"] < by["softmax"])
         assert f"- E = {E}: RadarGate below softmax on {wins} of 1 seeds." in text
+
+
+# ---- (e) real data -------------------------------------------------------------------------------
+
+def test_realdata_tasks_overlap_and_targets():
+    from experiments import realdata, realdata_data as D
+    topics = ["business", "entertainment", "politics", "sport", "tech"]
+    tasks = D.make_tasks(topics)
+    assert len(tasks) == 25 and len({t.name for t in tasks}) == 25
+    by = {t.name: t for t in tasks}
+    assert D.task_overlap(by["busi-vs-ente"], by["busi-vs-ente"]) == pytest.approx(1.0)
+    assert D.task_overlap(by["busi-vs-ente"], by["poli-vs-spor"]) == 0.0  # no shared topic
+    a, b = by["busi-vs-rest"], by["busi+ente-vs-rest"]
+    assert D.task_overlap(a, b) == pytest.approx(D.task_overlap(b, a))
+    assert 0 < D.task_overlap(a, b) < 1
+    labels = torch.tensor([0, 1, 2, 3, 4, 1])
+    inside, y = by["ente-vs-spor"].select(labels)
+    assert inside.tolist() == [False, True, False, True, False, True]
+    assert y[inside].tolist() == [1, 0, 1]
+    # every target is a topic-vs-topic task, each topic in two of the five
+    pairs = realdata.TARGET_PAIRS[:realdata.FULL.targets]
+    assert sorted(sum(pairs, ())) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+
+def test_realdata_split_is_stratified_and_disjoint():
+    from experiments import realdata_data as D
+    labels = torch.arange(5).repeat_interleave(torch.tensor([10, 11, 12, 13, 14]))
+    sp = D.split_ids(labels)
+    allidx = torch.cat([sp["train"], sp["val"], sp["test"]])
+    assert sorted(allidx.tolist()) == list(range(len(labels)))  # a partition
+    for c in range(5):
+        assert (labels[sp["train"]] == c).sum() == int(0.6 * (labels == c).sum())
+    assert torch.equal(sp["test"], D.split_ids(labels)["test"])  # fixed split
+
+
+def _pool(E=6, fin=12, fout=8, r=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(E, fin, r, generator=g) * 0.3, torch.randn(E, r, fout, generator=g)
+
+
+def test_realdata_gates_compute_what_they_say():
+    from experiments import realdata as R
+    A, B = _pool()
+    u = torch.randn(20, A.shape[1])
+    V = torch.einsum("ti,eir,ero->teo", u, A, B) * (R.ALPHA / R.RANK)  # every expert's output
+    g = torch.Generator().manual_seed(1)
+    uni = R.Gate("uniform", A, B, g)
+    torch.testing.assert_close(uni(u), V.mean(1), rtol=1e-5, atol=1e-5)
+    # at initialisation the router is uniform and every angle is 0: RadarGate = the average
+    for kind in ("softmax", "radargate", "radargate_static", "radargate_nostatic", "mlp"):
+        torch.testing.assert_close(R.Gate(kind, A, B, g)(u), V.mean(1), rtol=1e-5, atol=1e-5)
+    top2 = R.Gate("top2", A, B, g)
+    with torch.no_grad():
+        top2.router.weight.normal_()
+    w = torch.softmax(u @ top2.router.weight.t(), -1)
+    wk, ik = w.topk(2, -1)
+    want = (wk.unsqueeze(-1) / wk.sum(-1, keepdim=True).unsqueeze(-1)
+            * V.gather(1, ik.unsqueeze(-1).expand(-1, -1, V.shape[2]))).sum(1)
+    torch.testing.assert_close(top2(u), want, rtol=1e-5, atol=1e-5)
+    static = R.Gate("radargate_static", A, B, g)
+    assert not static.rot_up.requires_grad and static.angle_bias.requires_grad
+    assert R.Gate("radargate_nostatic", A, B, g).angle_bias is None
+
+
+def test_realdata_mlp_gate_is_parameter_matched():
+    from experiments import realdata as R
+    for E, fin, fout in ((48, 1536, 384), (5, 1536, 384), (6, 12, 8)):
+        A, B = _pool(E, fin, fout)
+        g = torch.Generator().manual_seed(0)
+        n = {k: sum(p.numel() for p in R.trainable(R.Gate(k, A, B, g)))
+             for k in ("mlp", "radargate")}
+        h = R.matched_mlp_hidden(E, fin, fout)
+        assert n["radargate"] == R.radargate_params(E, fin, fout)
+        assert n["mlp"] >= n["radargate"] > (fin + 1) * (h - 1) + (h - 1) * E + E
+
+
+def test_realdata_bootstrap_and_verdict_rules():
+    from experiments import realdata as R
+    m, lo, hi = R.paired_bootstrap([2.0, 3.0, 1.5, 2.5, 2.0, 3.0])
+    assert lo <= m <= hi and lo > 0
+    assert R.verdict(m, lo, hi, units=6) == "supported"
+    m, lo, hi = R.paired_bootstrap([-2.0, -3.0, -1.5, -2.5, -2.0, -3.0])
+    assert R.verdict(m, lo, hi, units=6) == "contradicted"
+    m, lo, hi = R.paired_bootstrap([0.1, -0.1, 0.2, -0.2, 0.0, 0.1])
+    assert R.verdict(m, lo, hi, units=6).startswith("no effect")
+    m, lo, hi = R.paired_bootstrap([5.0, -4.0, 6.0, -5.0, 0.0, 1.0])
+    assert R.verdict(m, lo, hi, units=6) == "inconclusive"
+    assert R.verdict(3.0, 2.0, 4.0, units=4) == "too few units"
+    # a mean below the minimum effect is not "supported" even with the interval above 0
+    assert R.verdict(0.5, 0.2, 0.8, units=6).startswith("no effect")
+    # paired: a constant offset between arms has a zero-width interval
+    assert R.paired_bootstrap([1.0] * 8)[1:] == (1.0, 1.0)
+
+
+def test_realdata_run_cache_resumes(tmp_path):
+    from experiments import realdata as R
+    calls = []
+    c = R.RunCache(str(tmp_path / "runs.jsonl"))
+    assert c.get("k", lambda: calls.append(1) or dict(val=1.0))["val"] == 1.0
+    c2 = R.RunCache(str(tmp_path / "runs.jsonl"))  # a new process: read back, not recomputed
+    assert c2.get("k", lambda: calls.append(2) or dict(val=2.0))["val"] == 1.0
+    assert calls == [1]
