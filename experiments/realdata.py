@@ -3,14 +3,14 @@ headline claim), on real text.
 
 Experts: for each of 25 binary tasks derived from BBC News topics (``realdata_data``), two LoRA
 experts (rank 4, alpha 8, seeds 0 and 1) are trained on the last block's FFN down projection of
-all-MiniLM-L6-v2, each with its own linear head (Adam, lr 3e-3, EXPERT_STEPS steps of 32
-articles). Only A and B are kept.
+all-MiniLM-L6-v2, each with its own linear head (Adam, lr 3e-3, steps of 32 articles; the
+number of steps is in the budget line). Only A and B are kept.
 
-Generalization: for a target task (five topic-vs-topic tasks, ``TARGET_PAIRS``), both of its own experts
-are removed from the pool (48 experts remain; tasks sharing a topic with the target stay: that is
+Generalization: for a target task (five topic-vs-topic tasks, ``TARGET_PAIRS``), both of its
+own experts are removed from the pool (48 experts remain; tasks sharing a topic with the target stay: that is
 what a pool of skills offers a new task). The experts are frozen; a gate and a new head are
-trained on K_SHOT articles per class (Adam, GATE_STEPS full-batch steps), the learning rate of
-each gate picked from LRS by accuracy on VAL_PER_CLASS validation articles per class, and test
+trained on 8 articles per class (Adam, full-batch steps), the learning rate of each gate
+picked from the grid by accuracy on 32 validation articles per class, and test
 accuracy is measured on every test article of the target's two topics. Gates (all computed with
 ``radar_gate_lora``; the router reads the adapted layer's input, per token):
 - ``head_only``: no experts (a linear probe of the frozen encoder);
@@ -22,12 +22,12 @@ accuracy is measured on every test article of the target's two topics. Gates (al
 - ``radargate_static``: static angles only (angle_bias; the relation part fixed at 0);
 - ``radargate_nostatic``: relation-driven angles only (no angle_bias).
 
-Scaling: pool sizes POOL_SIZES, drawn at random (per seed) from the target's 48-expert pool,
+Scaling: pools of 5, 10, 20 and 40 experts, drawn at random (per seed) from the target's 48-expert pool,
 softmax vs RadarGate, same protocol; the 40-expert pool runs the fused layer's K = 40 path.
 
 Verdict rules (fixed before the first full run, ``RULES``): paired differences of test accuracy
-over (target, seed) units, 95% paired bootstrap interval over units (BOOTSTRAP resamples);
-minimum effect MIN_EFFECT accuracy points. Every positive verdict is re-checked with twice the
+over (target, seed) units, 95% paired bootstrap interval over units (10,000 resamples);
+minimum effect 1 accuracy point. Every positive verdict is re-checked with twice the
 gate-training steps.
 """
 from __future__ import annotations

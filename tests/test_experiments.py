@@ -263,3 +263,14 @@ def test_realdata_run_cache_resumes(tmp_path):
     c2 = R.RunCache(str(tmp_path / "runs.jsonl"))  # a new process: read back, not recomputed
     assert c2.get("k", lambda: calls.append(2) or dict(val=2.0))["val"] == 1.0
     assert calls == [1]
+
+
+def test_realdata_report_states_the_constants_it_uses():
+    from experiments import realdata as R
+    doc = " ".join(R.__doc__.split())
+    assert f"trained on {R.K_SHOT} articles per class" in doc
+    assert f"{R.VAL_PER_CLASS} validation articles per class" in doc
+    assert f"({R.BOOTSTRAP:,} resamples)" in doc
+    assert f"minimum effect {R.MIN_EFFECT:g} accuracy point" in doc
+    assert "pools of " + ", ".join(str(p) for p in R.POOL_SIZES[:-1]) + f" and {R.POOL_SIZES[-1]}" in doc
+    assert f"(rank {R.RANK}, alpha {R.ALPHA:g}" in doc
