@@ -441,6 +441,15 @@ def section(settings, rows, found, scal, tasks, targets):
             lrs[r["lr"]] = lrs.get(r["lr"], 0) + 1
         L.append(f"| {kind} | {mean(r['test_acc'] for r in rs):.2f} | {rs[0]['gate_params']} | "
                  + ", ".join(f"{k:g}: {c}" for k, c in sorted(lrs.items())) + " |")
+    units = {}
+    for r in g:
+        units.setdefault((r["target"], r["seed"]), {})[r["gate"]] = r["test_acc"]
+    if units:
+        best = [max(v.values()) for v in units.values()]
+        top = sum(1 for v in units.values() if max(v.values()) >= 99.0)
+        L.append(f"\nHeadroom (descriptive): the best gate of each unit averages {mean(best):.2f}%; "
+                 f"in {top} of {len(units)} units some gate reaches 99% or more. Near 100% no "
+                 f"gate can beat another by much: such targets leave little headroom.")
     if scal:
         L.append("\n### Scaling with the pool size (test accuracy %, mean over units)\n")
         Ps = sorted({k[2] for k in scal})
