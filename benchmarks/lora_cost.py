@@ -18,21 +18,22 @@ radar_gate's fused kernels (interpreter).
 """
 from __future__ import annotations
 
+import argparse
 import os
+import sys
+import types
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels
-
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import types  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from radargate_kernels import lora as lora_mod  # noqa: E402
 from radargate_kernels import radar_gate  # noqa: E402
 from benchmarks.cost_report import AtenBytes, _nbytes, count_triton, emit  # noqa: E402
 from radargate_kernels.nn import RadarGateLoRALinear  # noqa: E402
+
+# Counting runs the kernels in the interpreter, which must be chosen before triton decorates
+# them: main() sets TRITON_INTERPRET=1; importing this module changes no environment (a caller
+# of measure() sets it first, or count_triton says so).
 
 PARAMS = ("LB", "U", "BETA")
 
@@ -200,6 +201,7 @@ def main(argv=None):
     ap.add_argument("--ids", action="store_true", help="top-K of E experts (sparse ids)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the op's first use imports the kernels
     res = measure(a.T, a.K, a.E, a.d, a.r, a.rg, getattr(torch, a.dtype), a.ids)
     emit(report(res), res, a.json)
 

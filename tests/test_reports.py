@@ -98,3 +98,22 @@ def test_gpu_check_lane_runs_its_checks_in_the_interpreter(tmp_path):
     assert gpu_check.main(["--device", "cpu", "--quick", "--out", str(out)]) == 0
     text = out.read_text()
     assert "Kernels vs reference: 7 / 7 passed" in text and "All passed." in text
+
+
+@pytest.mark.parametrize("ids", [False, True])
+def test_fused_layer_kernels_load_b_once_per_slot_without_ids(ids):
+    # benchmarks/lora_cost.py's counter on a small shape (one column program, one token block):
+    # without ids every row of slot k has expert k, so the forward and the backward row kernel
+    # load one [r, out] tile of B_k per slot; with ids each (token, slot) row gathers its B_e
+    from benchmarks import lora_cost
+    from radargate_kernels.kernels.lora_launch import pick_lora_config
+    T, K, d, r = 16, 3, 32, 4
+    E = 4 if ids else K  # dense: one slot per expert
+    res = lora_cost.measure(T=T, K=K, E=E, d=d, r=r, rg=4, dtype=torch.bfloat16, ids=ids)
+    fwd, bwd = res["fused_forward"]["by_arg"], res["fused_backward"]["by_arg"]
+    one_tile = K * r * d * 2  # r x out bf16 per slot
+    want = T * one_tile if ids else one_tile
+    assert fwd["lora_fwd_kernel.LB"] == [want, 0]
+    assert pick_lora_config(r, 4, d // 2).BH >= d // 2  # one chunk: the row kernel loads B once
+    assert bwd["lora_bwd_rows_kernel.LB"] == [want, 0]
+    assert fwd["lora_fwd_kernel.Y"] == [0, T * d * 2]
