@@ -56,6 +56,7 @@ BOOTSTRAP = 10000
 GATES = ("head_only", "uniform", "softmax", "top2", "mlp", "radargate", "radargate_static",
          "radargate_nostatic")
 POOL_SIZES = (5, 10, 20, 40)
+CONTRAST_TOKENS = 256
 # targets: topic-vs-topic tasks, each topic in two of the first five (fixed before any run)
 TARGET_PAIRS = ((0, 1), (1, 2), (2, 3), (3, 4), (0, 4), (0, 2), (1, 3), (2, 4), (0, 3), (1, 4))
 
@@ -72,13 +73,15 @@ class RealSettings:
     lrs: tuple
     pool_sizes: tuple
     scaling_targets: int
+    controls: int          # permutation draws of the contrastive control
 
 
 FULL = RealSettings(quick=False, per_topic=None, expert_tasks=None, expert_steps=150,
                     gate_steps=40, targets=5, seeds=(0, 1, 2, 3, 4), lrs=LRS,
-                    pool_sizes=POOL_SIZES, scaling_targets=2)
+                    pool_sizes=POOL_SIZES, scaling_targets=2, controls=200)
 QUICK = RealSettings(quick=True, per_topic=60, expert_tasks=8, expert_steps=20, gate_steps=8,
-                     targets=1, seeds=(0,), lrs=(1e-2,), pool_sizes=(5,), scaling_targets=1)
+                     targets=1, seeds=(0,), lrs=(1e-2,), pool_sizes=(5,), scaling_targets=1,
+                     controls=20)
 
 RULES = {
     "verdict": f"For a comparison A vs B: the mean paired difference (A - B, accuracy points) "
@@ -90,6 +93,13 @@ RULES = {
                f"supported verdict is re-run with twice the gate-training steps and reported as "
                f"holding or not at 2x budget.",
 }
+RULES["contrastive"] = (
+    "Contrastive with real semantics: a (target, seed) unit is contrastive if, over the pairs of "
+    "experts of its trained RadarGate, the Pearson r between task overlap and the change in "
+    "angular separation is negative with permutation-control p < 0.05. More than half of the "
+    "units contrastive: supported; at least a quarter: partly supported; fewer: not supported.")
+CONTRASTIVE_CLAIM = ("The learned rotations are contrastive: experts of overlapping tasks are "
+                     "turned closer, others apart")
 COMPARISONS = [  # (claim, A, B): fixed with the rules
     ("RadarGate beats softmax gating on a held-out task", "radargate", "softmax"),
     ("RadarGate beats a parameter-matched MLP gate", "radargate", "mlp"),
@@ -223,8 +233,9 @@ def train_expert(feats, split, task, seed, steps):
 
 # ---- gate runs ------------------------------------------------------------------------------------
 
-def run_gate(feats, split, task, pool, kind, seed, lr, steps):
-    """Train one gate + head on the target's few-shot set -> dict(val=, test=, params=)."""
+def fit_gate(feats, split, task, pool, kind, seed, lr, steps):
+    """Train one gate + head on the target's few-shot set -> (gate or None, head, final loss,
+    (labels, validation ids, test ids))."""
     gen = torch.Generator().manual_seed(seed)
     inside, y = task.select(feats.labels)
     shots = _balanced(split["train"][inside[split["train"]]], y, K_SHOT, gen)
@@ -244,9 +255,47 @@ def run_gate(feats, split, task, pool, kind, seed, lr, steps):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return gate, head, loss.item(), (y, val, test)
+
+
+def run_gate(feats, split, task, pool, kind, seed, lr, steps):
+    """One gate run -> dict(val=, test= accuracy %, gate_params=, final_loss=)."""
+    gate, head, loss, (y, val, test) = fit_gate(feats, split, task, pool, kind, seed, lr, steps)
     n_gate = sum(p.numel() for p in trainable(gate)) if gate is not None else 0
     return dict(val=accuracy(feats, val, y, gate, head), test=accuracy(feats, test, y, gate, head),
-                gate_params=n_gate, final_loss=loss.item())
+                gate_params=n_gate, final_loss=loss)
+
+
+def contrast(feats, split, target, pool_tasks, pool, seed, lr, steps, controls):
+    """(e) contrastive analysis of one trained RadarGate: over the expert pairs, the Pearson r
+    between task overlap and the change in angular separation the rotation makes (mean over
+    CONTRAST_TOKENS test tokens), and the permutation control of experiment (d): the same angles
+    handed to the wrong experts (``controls`` draws); p = fraction of draws with r at most the
+    learned one."""
+    from .contrastive import pair_statistics, pearson
+    from radargate_kernels.reference import relation_map, rotation_angles
+    gate, _, _, (_, _, test) = fit_gate(feats, split, target, pool, "radargate", seed, lr, steps)
+    u = feats.u[test][feats.mask[test]][:CONTRAST_TOKENS].double()
+    with torch.no_grad():
+        V = torch.einsum("ti,eir,ero->teo", u, gate.A.double(), gate.B.double()) * (ALPHA / RANK)
+        _, _, rho = relation_map(V, 1.0, 1e-6)
+        alpha = rotation_angles(V, rho, gate.rot_down.double(), gate.rot_up.double(),
+                                gate.angle_bias.double())
+        cos_sim, delta = pair_statistics(V, alpha, 1e-6)
+        E = V.shape[1]
+        iu = torch.triu_indices(E, E, 1)
+        overlap = torch.tensor([data.task_overlap(pool_tasks[i], pool_tasks[j])
+                                for i, j in zip(iu[0].tolist(), iu[1].tolist())],
+                               dtype=torch.float64)
+        r = pearson(overlap, delta)
+        gen = torch.Generator().manual_seed(70_000 + seed)
+        ctrl = torch.tensor([pearson(overlap, pair_statistics(
+            V, alpha[:, torch.randperm(E, generator=gen)], 1e-6)[1]) for _ in range(controls)],
+            dtype=torch.float64)
+    return dict(pearson=r, p_value=float((ctrl <= r).double().mean()),
+                control_mean=float(ctrl.mean()), pearson_cosine=pearson(cos_sim, delta),
+                mean_abs_change=float(delta.abs().mean()), pairs=int(delta.numel()),
+                tokens=int(V.shape[0]))
 
 
 class RunCache:
@@ -345,7 +394,7 @@ def run(settings: RealSettings, out_dir: str, cache_dir: str):
         return [(k, v) for k, v in experts.items() if k[0] != target.name]
 
     # generalization: every gate on every (target, seed)
-    results = {}
+    results, chosen_lr = {}, {}
     units = [(t, s) for t in targets for s in settings.seeds]
     prog = Progress(len(units) * len(GATES), "e_realdata gates")
     n = 0
@@ -357,6 +406,8 @@ def run(settings: RealSettings, out_dir: str, cache_dir: str):
             best = select_lr(cache, key, settings.lrs, lambda lr: run_gate(
                 feats, split, target, pool, kind, seed, lr, settings.gate_steps))
             results[(target.name, seed)][kind] = best["test"]
+            if kind == "radargate":
+                chosen_lr[(target.name, seed)] = best["lr"]
             rows.append(dict(experiment="realdata_gate", target=target.name, seed=seed, gate=kind,
                              pool=len(pool), lr=best["lr"], val_acc=best["val"],
                              test_acc=best["test"], gate_params=best["gate_params"],
@@ -384,6 +435,26 @@ def run(settings: RealSettings, out_dir: str, cache_dir: str):
             check = (m2, lo2, hi2, verdict(m2, lo2, hi2, units=nu2))
         found[claim] = (v, (m, lo, hi, nu), check)
 
+    # contrastive analysis of each unit's RadarGate (trained again at its chosen lr)
+    contrast_rows = []
+    prog = Progress(len(units), "e_realdata contrastive")
+    for n, (target, seed) in enumerate(units, 1):
+        keys_pool = pool_for(target)
+        by_name = {t.name: t for t in tasks}
+        key = f"{tag}|contrast|{target.name}|{seed}|{settings.gate_steps}|{settings.controls}"
+        r = cache.get(key, lambda: contrast(
+            feats, split, target, [by_name[k[0]] for k, _ in keys_pool],
+            [v for _, v in keys_pool], seed, chosen_lr[(target.name, seed)],
+            settings.gate_steps, settings.controls))
+        contrast_rows.append(dict(experiment="realdata_contrastive", target=target.name,
+                                  seed=seed, **{k: v for k, v in r.items() if k != "key"}))
+        prog.update(n, target.name)
+    rows += contrast_rows
+    n_con = sum(1 for r in contrast_rows if r["pearson"] < 0 and r["p_value"] < 0.05)
+    frac = n_con / max(1, len(contrast_rows))
+    found_contrast = ("supported" if frac > 0.5 else "partly supported" if frac >= 0.25
+                      else "not supported", n_con, len(contrast_rows))
+
     # scaling: softmax vs RadarGate over pool sizes
     scal = {}
     s_units = [(t, s) for t in targets[:settings.scaling_targets] for s in settings.seeds]
@@ -405,10 +476,13 @@ def run(settings: RealSettings, out_dir: str, cache_dir: str):
                                  test_acc=best["test"], steps=settings.gate_steps))
                 n += 1
                 prog.update(n, f"{target.name} P={P} {kind}")
-    return rows, section(settings, rows, found, scal, tasks, targets), found
+    md = section(settings, rows, found, scal, tasks, targets, found_contrast)
+    found[CONTRASTIVE_CLAIM] = (found_contrast[0], (frac, found_contrast[1], found_contrast[2],
+                                                    len(contrast_rows)), None)
+    return rows, md, found
 
 
-def section(settings, rows, found, scal, tasks, targets):
+def section(settings, rows, found, scal, tasks, targets, found_contrast=None):
     """The markdown section of RESULTS.md."""
     from statistics import mean
     L = ["## (e) Real data: frozen task LoRAs on all-MiniLM-L6-v2, held-out BBC News tasks\n"]
@@ -428,6 +502,9 @@ def section(settings, rows, found, scal, tasks, targets):
         c2 = "-" if check is None else (f"{check[0]:+.2f} [{check[1]:+.2f}, {check[2]:+.2f}]: "
                                         f"{'holds' if check[3] == 'supported' else 'does not hold'}")
         L.append(f"| {claim} | **{v}** | {m:+.2f} [{lo:+.2f}, {hi:+.2f}], {nu} | {c2} |")
+    if found_contrast is not None:
+        L.append(f"| {CONTRASTIVE_CLAIM} | **{found_contrast[0]}** | {found_contrast[1]} of "
+                 f"{found_contrast[2]} units contrastive (rule below) | - |")
     L.append("\n### Test accuracy per gate (mean over targets and seeds; lr picked on validation)\n")
     g = [r for r in rows if r["experiment"] == "realdata_gate"]
     L.append("| gate | test accuracy % | trainable gate parameters | lr picked (count) |")
@@ -462,7 +539,30 @@ def section(settings, rows, found, scal, tasks, targets):
                  for P in Ps}
         L.append("| radargate - softmax [95% CI] | " + " | ".join(
             "{:+.2f} [{:+.2f}, {:+.2f}]".format(*paired_bootstrap(diffs[P])) for P in Ps) + " |")
-    L.append(f"\nRule: {RULES['verdict']}\n")
+    cr = [r for r in rows if r["experiment"] == "realdata_contrastive"]
+    if cr:
+        L.append("\n### Contrastive analysis with real semantics\n")
+        L.append(f"For each unit's RadarGate (trained again at its chosen learning rate), over "
+                 f"all E (E - 1) / 2 pairs of its pool: the Pearson r between the task overlap "
+                 f"of the two experts (``task_overlap``: |cos| of the tasks' topic label vectors) "
+                 f"and the change in their angular separation that the rotation makes (mean "
+                 f"over the first {CONTRAST_TOKENS} test tokens; negative: turned closer). The "
+                 f"claim predicts r < 0. Control, as in (d): the same angles handed to the wrong "
+                 f"experts ({settings.controls} random permutations); p = the fraction of "
+                 f"control draws with r at most the learned one. Also shown: r against the "
+                 f"experts' output cosine instead of task overlap.\n")
+        v, n_con, n_units = found_contrast
+        L.append(f"Verdict: **{v}** ({n_con} of {n_units} units contrastive).\n")
+        L.append("| target | seed | Pearson r (overlap, change) | control mean | p | r (cosine "
+                 "similarity, change) | mean abs change (rad) |")
+        L.append("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in cr:
+            L.append(f"| {r['target']} | {r['seed']} | {r['pearson']:+.3f} | "
+                     f"{r['control_mean']:+.3f} | {r['p_value']:.3f} | "
+                     f"{r['pearson_cosine']:+.3f} | {r['mean_abs_change']:.4f} |")
+    L.append("\nRules:\n")
+    L += [f"- {k}: {rule}" for k, rule in RULES.items()]
+    L.append("")
     return "\n".join(L)
 
 
@@ -497,8 +597,8 @@ def main(argv=None):
                           args.cache or os.path.join(out, "cache"))
     write(rows, md, out)
     print(f"wrote {os.path.relpath(os.path.join(out, 'REALDATA.md'))} ({time.time() - t0:.0f} s)")
-    for claim, (v, stats, _) in found.items():
-        print(f"  {claim}: {v} ({stats[0]:+.2f} [{stats[1]:+.2f}, {stats[2]:+.2f}])")
+    for claim, (v, _, _) in found.items():
+        print(f"  {claim}: {v}")
     return found
 
 

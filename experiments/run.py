@@ -54,8 +54,8 @@ def main(argv=None):
     print(f"wrote {os.path.relpath(os.path.join(out, 'RESULTS.md'))} ({timings['total']:.0f} s)")
     for claim, (verdict, _) in found.items():
         print(f"  {claim:12s} {verdict}" + ("  (quick run: not evidence)" if args.quick else ""))
-    for claim, (verdict, stats, _) in real_found.items():
-        print(f"  (e) {claim}: {verdict} ({stats[0]:+.2f} points)"
+    for claim, (verdict, _, _) in real_found.items():
+        print(f"  (e) {claim}: {verdict}"
               + ("  (quick run: not evidence)" if args.quick else ""))
     return found
 

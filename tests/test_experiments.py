@@ -143,6 +143,7 @@ def test_quick_run_writes_results_plots_and_verdicts(tmp_path):
     assert "## (e) Real data" in text and (tmp_path / "REALDATA.md").exists()
     real = (tmp_path / "realdata.csv").read_text().splitlines()
     assert {line.split(",")[0] for line in real[1:]} == {"realdata_expert", "realdata_gate",
+                                                         "realdata_contrastive",
                                                          "realdata_scaling"}
 
 
