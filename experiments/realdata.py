@@ -560,6 +560,21 @@ def section(settings, rows, found, scal, tasks, targets, found_contrast=None):
             L.append(f"| {r['target']} | {r['seed']} | {r['pearson']:+.3f} | "
                      f"{r['control_mean']:+.3f} | {r['p_value']:.3f} | "
                      f"{r['pearson_cosine']:+.3f} | {r['mean_abs_change']:.4f} |")
+    if g:
+        edge = sum(1 for r in g if r["lr"] == min(settings.lrs) and r["gate"] != "head_only")
+        n_g = sum(1 for r in g if r["gate"] != "head_only")
+        L.append("\n### Limits of (e)\n")
+        L += [
+            f"- The smallest learning rate of the grid was picked in {edge} of {n_g} gate runs: "
+            f"the best rate may lie below the grid (not tried; the grid was fixed in advance).",
+            "- One adapted layer (the last FFN down projection), rank-4 experts, 32 tokens per "
+            "article; targets are topic pairs of the same corpus the experts come from, and the "
+            "pool keeps experts of tasks that share a topic with the target: near transfer, "
+            "with little headroom (above). A harder target (another corpus, fewer shots) was "
+            "not run.",
+            "- Units are (target, seed); the five targets share topics, so units are not fully "
+            "independent and the intervals may be optimistic.",
+        ]
     L.append("\nRules:\n")
     L += [f"- {k}: {rule}" for k, rule in RULES.items()]
     L.append("")
