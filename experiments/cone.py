@@ -12,7 +12,12 @@ Gates, all trained with the same optimiser, steps and batches, all on the same f
 - mlp_gate: an MLP router (16 -> H -> 8, GELU) with H chosen so its size matches RadarGate's;
   still a weighted sum, so inside the cone;
 - radargate: the same linear router as weighted_sum, plus a RadarGate (rank 4, angle bias);
-- rotation_only (for the ablation): uniform weights 1/K plus a RadarGate.
+- rotation_only (for the ablation): uniform weights 1/K plus a RadarGate;
+- radargate_static (control): RadarGate with rot_up frozen at 0, so every angle is its expert's
+  static angle_bias (angles that do not depend on the relation map).
+Controls (a'), at s = 1: the static-angles control on this teacher, and all four gates on a
+teacher that turns the experts by the same angles in random planes (a random orthogonal basis Q:
+u = Q R(theta) Q^T v), not in the (p, p + D/2) planes RadarGate rotates in.
 The span bound: per token, the least-squares signed combination of the K expert outputs; no gate
 whose output is a linear combination of the experts (any weights) can have a lower error.
 """
@@ -29,20 +34,25 @@ from radargate_kernels.reference import givens_rotate
 from .common import count_params, relative_mse, train
 
 D_IN, D, K, EXPERT_RANK, GATE_RANK = 16, 32, 8, 4, 4
+PLANES = ("givens", "random")
 BATCH, EVAL_TOKENS, LR = 256, 4096, 1e-2
 
 
 class Problem:
     """Frozen experts and a teacher; ``sample(n, gen) -> (x [n, 16], V [n, K, D], y [n, D])``."""
 
-    def __init__(self, strength: float, seed: int):
+    def __init__(self, strength: float, seed: int, planes: str = "givens"):
+        if planes not in PLANES:
+            raise ValueError(f"planes: expected one of {PLANES}, got {planes!r}")
         gen = torch.Generator().manual_seed(10_000 + seed)
-        self.strength = strength
+        self.strength, self.planes = strength, planes
         self.A = torch.randn(K, D_IN, EXPERT_RANK, generator=gen) / math.sqrt(D_IN)
         self.B = torch.randn(K, EXPERT_RANK, D, generator=gen) / math.sqrt(EXPERT_RANK)
         self.U = torch.randn(D_IN, K, generator=gen) / math.sqrt(D_IN) * 2.0
         self.c = (torch.rand(K, D // 2, generator=gen) * 2 - 1) * math.pi
         self.P = torch.randn(K, D_IN, D // 2, generator=gen)
+        # drawn last, so the "givens" problem is the one of every earlier run
+        self.Q = torch.linalg.qr(torch.randn(D, D, generator=gen)).Q  # random orthogonal basis
 
     def experts(self, x):
         return torch.einsum("ni,kir,krd->nkd", x, self.A, self.B)
@@ -56,7 +66,10 @@ class Problem:
     def sample(self, n, gen):
         x = torch.randn(n, D_IN, generator=gen)
         V = self.experts(x)
-        U = givens_rotate(V, self.teacher_angles(x))
+        if self.planes == "givens":  # RadarGate's own planes (p, p + D/2)
+            U = givens_rotate(V, self.teacher_angles(x))
+        else:  # the same angles in random planes: rotate the coordinates in the basis Q
+            U = givens_rotate(V @ self.Q, self.teacher_angles(x)) @ self.Q.t()
         y = torch.einsum("nk,nkd->nd", self.teacher_weights(x), U)
         return x, V, y
 
@@ -89,10 +102,13 @@ class MLPGate(nn.Module):
 class RadarHead(nn.Module):
     """Linear softmax router (or uniform weights) + RadarGate over the K expert outputs."""
 
-    def __init__(self, stretch=True):
+    def __init__(self, stretch=True, static_only=False):
         super().__init__()
         self.router = nn.Linear(D_IN, K, bias=False) if stretch else None
         self.gate = RadarGate(D, K, rank=GATE_RANK)
+        if static_only:  # rot_up stays 0: every angle is the static angle_bias of its expert
+            self.gate.rot_up.requires_grad_(False)
+            self.gate.rot_down.requires_grad_(False)
 
     def forward(self, x, V):
         if self.router is None:
@@ -117,15 +133,17 @@ def make_gate(name):
         return RadarHead()
     if name == "rotation_only":
         return RadarHead(stretch=False)
+    if name == "radargate_static":
+        return RadarHead(static_only=True)
     raise ValueError(f"name: unknown gate {name!r}")
 
 
 GATES = ("weighted_sum", "mlp_gate", "radargate")
 
 
-def fit(name, strength, seed, steps):
+def fit(name, strength, seed, steps, planes="givens"):
     """Train one gate; -> dict with the final relative loss on fresh samples, params, losses."""
-    prob = Problem(strength, seed)
+    prob = Problem(strength, seed, planes)
     x_ev, V_ev, y_ev = prob.sample(EVAL_TOKENS, torch.Generator().manual_seed(20_000 + seed))
     torch.manual_seed(seed)
     gate = make_gate(name)
@@ -140,9 +158,29 @@ def fit(name, strength, seed, steps):
     with torch.no_grad():
         final = float(relative_mse(gate(x_ev, V_ev), y_ev))
     return dict(experiment="cone", gate=name, strength=strength, seed=seed, steps=steps,
+                planes=planes,
                 params=count_params(gate), final_loss=final,
                 train_loss_last20=sum(losses[-20:]) / len(losses[-20:]),
                 span_bound=span_bound(V_ev, y_ev))
+
+
+CONTROL_STRENGTH = 1.0
+CONTROL_GATES = ("weighted_sum", "mlp_gate", "radargate", "radargate_static")
+
+
+def run_controls(settings, cone_rows):
+    """(a') controls at s = 1: the static-angles-only RadarGate on both teachers, and every gate
+    on the random-plane teacher (the Givens-plane runs of the other gates are those of (a))."""
+    rows = []
+    for planes in PLANES:
+        for seed in settings.seeds:
+            for name in CONTROL_GATES:
+                src = [r for r in cone_rows if r["gate"] == name and r["seed"] == seed
+                       and r["strength"] == CONTROL_STRENGTH and planes == "givens"]
+                row = src[0] if src else fit(name, CONTROL_STRENGTH, seed, settings.cone_steps,
+                                             planes)
+                rows.append(dict(row, experiment="cone_controls", planes=planes))
+    return rows
 
 
 def run(settings, gates=GATES, strengths=None):

@@ -1,5 +1,6 @@
-"""The tiny transformer the experiments adapt (built here from a local config; no pretrained
-weights: no PyPI package ships a small pretrained transformer, and the suite downloads nothing)."""
+"""The tiny transformer the synthetic experiments (b)-(d) adapt, built from a local config with
+random frozen weights (the real-data experiment (e) uses a pretrained encoder instead:
+realdata_data.py)."""
 from __future__ import annotations
 
 from torch import nn

@@ -40,13 +40,15 @@ def main(argv=None):
         return result
 
     cone_rows = timed("a_cone", cone.run, settings)
+    control_rows = timed("a_controls", cone.run_controls, settings, cone_rows)
     scaling_rows, models, problems = timed("b_scaling", scaling.run, settings)
     ablation_rows = timed("c_ablation", ablation.run, settings, scaling_rows, cone_rows, problems)
+    ablation_rows += timed("c_controls", ablation.run_controls, settings, scaling_rows, problems)
     contrastive_rows = timed("d_contrastive", contrastive.run, settings, models, problems)
     real = realdata.QUICK if args.quick else realdata.FULL
     real_rows, real_md, real_found = timed("e_realdata", realdata.run, real, out,
                                            os.path.join(out, "cache"))
-    rows = cone_rows + scaling_rows + ablation_rows + contrastive_rows
+    rows = cone_rows + control_rows + scaling_rows + ablation_rows + contrastive_rows
     timings["total"] = time.time() - t_all
     command = "python -m experiments.run" + (" --quick" if args.quick else "")
     found = report.write_all(rows, settings, timings, out, command, real_md)

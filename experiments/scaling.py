@@ -68,8 +68,10 @@ class Problem:
         block.load_state_dict(self.base.state_dict())
         block.requires_grad_(False)
         torch.manual_seed(seed)
-        inject_radargate(block, ["linear1", "linear2"], num_experts=num_experts, rank=4,
-                         alpha=16, gate_rank=4, **gate_options)
+        gate_options = dict(gate_options)
+        rank = gate_options.pop("rank", 4)
+        inject_radargate(block, ["linear1", "linear2"], num_experts=num_experts, rank=rank,
+                         alpha=4 * rank, gate_rank=4, **gate_options)
         return block
 
 

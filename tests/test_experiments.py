@@ -131,14 +131,15 @@ def test_quick_run_writes_results_plots_and_verdicts(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (tmp_path / "RESULTS.md").read_text()
     assert "Quick smoke run" in text
-    for claim in ("(a)", "(b)", "(c)", "(d)"):
+    for claim in ("(a)", "(a')", "(b)", "(c)", "(c')", "(d)"):
         line = next(l for l in text.splitlines() if l.startswith(f"| {claim}"))
         assert any(f"**{v}**" in line for v in (verdicts.SUPPORTED, verdicts.PARTLY, verdicts.NOT))
     for name in ("cone", "scaling", "ablation", "contrastive"):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     csv = (tmp_path / "runs.csv").read_text().splitlines()
     kinds = {line.split(",")[0] for line in csv[1:]}
-    assert kinds == {"cone", "scaling", "ablation_multitask", "ablation_cone", "contrastive"}
+    assert kinds == {"cone", "cone_controls", "scaling", "ablation_multitask", "ablation_cone",
+                     "ablation_controls", "contrastive"}
     # (e) real data: its section in RESULTS.md, its own report and rows
     assert "## (e) Real data" in text and (tmp_path / "REALDATA.md").exists()
     real = (tmp_path / "realdata.csv").read_text().splitlines()
@@ -275,3 +276,75 @@ def test_realdata_report_states_the_constants_it_uses():
     assert f"minimum effect {R.MIN_EFFECT:g} accuracy point" in doc
     assert "pools of " + ", ".join(str(p) for p in R.POOL_SIZES[:-1]) + f" and {R.POOL_SIZES[-1]}" in doc
     assert f"(rank {R.RANK}, alpha {R.ALPHA:g}" in doc
+
+
+def test_cone_teacher_in_random_planes():
+    g = cone.Problem(1.0, 3, "givens")
+    r = cone.Problem(1.0, 3, "random")
+    x, V, y = g.sample(64, torch.Generator().manual_seed(0))
+    x2, V2, y2 = r.sample(64, torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2) and torch.equal(V, V2)  # same experts and inputs, other planes
+    assert not torch.allclose(y, y2)
+    # still rotations: |u_i| = |v_i| for each expert, so the same triangle bound holds
+    bound = (r.teacher_weights(x) * V.norm(dim=-1)).sum(-1)
+    assert (y2.norm(dim=-1) <= bound * (1 + 1e-5)).all()
+    # at s = 0 both teachers are the same weighted sum
+    y0 = cone.Problem(0.0, 3, "givens").sample(64, torch.Generator().manual_seed(0))[2]
+    y0r = cone.Problem(0.0, 3, "random").sample(64, torch.Generator().manual_seed(0))[2]
+    torch.testing.assert_close(y0, y0r, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="planes"):
+        cone.Problem(1.0, 3, "diagonal")
+
+
+def test_static_only_control_trains_only_router_and_angle_bias():
+    gate = cone.make_gate("radargate_static")
+    names = {n for n, p in gate.named_parameters() if p.requires_grad}
+    assert names == {"router.weight", "gate.angle_bias"}
+    assert float(gate.gate.rot_up.abs().sum()) == 0.0  # the relation part is 0: static angles
+
+
+def test_cone_controls_verdict_rule():
+    def rows(ratios_by_planes):
+        out = []
+        for planes, ratios in ratios_by_planes.items():
+            for seed, ratio in enumerate(ratios):
+                out += [dict(experiment="cone_controls", planes=planes, seed=seed, gate="radargate",
+                             final_loss=0.1, span_bound=0.2),
+                        dict(experiment="cone_controls", planes=planes, seed=seed,
+                             gate="radargate_static", final_loss=0.1 * ratio, span_bound=0.2)]
+        return out
+    assert verdicts.cone_controls(rows({"givens": [1.5] * 3, "random": [1.2] * 3}))[0] \
+        == verdicts.SUPPORTED
+    assert verdicts.cone_controls(rows({"givens": [1.5] * 3, "random": [1.0] * 3}))[0] \
+        == verdicts.PARTLY
+    assert verdicts.cone_controls(rows({"givens": [1.05, 1.3, 1.3], "random": [1.05, 1.3, 1.3]}))[0] \
+        == verdicts.PARTLY  # both on the means only
+    assert verdicts.cone_controls(rows({"givens": [1.0] * 3, "random": [1.0] * 3}))[0] \
+        == verdicts.NOT
+
+
+def test_ablation_controls_verdict_rule():
+    def rows(ratios_by_budget):
+        out = []
+        for budget, ratios in ratios_by_budget.items():
+            for seed, ratio in enumerate(ratios):
+                for v, err in (("both", 0.1), ("stretch_only", 0.12),
+                               ("stretch_only_matched", 0.1 * ratio)):
+                    out.append(dict(experiment="ablation_controls", budget=budget, seed=seed,
+                                    variant=v, heldout_error=err))
+        return out
+    assert verdicts.ablation_controls(rows({1: [1.2] * 3, 2: [1.05] * 3}))[0] == verdicts.SUPPORTED
+    assert verdicts.ablation_controls(rows({1: [1.2] * 3, 2: [0.9] * 3}))[0] == verdicts.PARTLY
+    assert verdicts.ablation_controls(rows({1: [1.0, 1.1, 1.1], 2: [1.0, 1.1, 1.1]}))[0] \
+        == verdicts.PARTLY  # on the means only
+    assert verdicts.ablation_controls(rows({1: [0.95] * 3, 2: [0.95] * 3}))[0] == verdicts.NOT
+
+
+def test_parameter_matched_rank_reaches_radargate_size():
+    from experiments import ablation, scaling
+    from experiments.common import count_params
+    prob = scaling.Problem(0)
+    r = ablation.matched_rank(prob, 5, 0)
+    n_rg = count_params(prob.model(5, 0))
+    assert count_params(prob.model(5, 0, rank=r, rotation=False)) >= n_rg
+    assert count_params(prob.model(5, 0, rank=r - 1, rotation=False)) < n_rg
