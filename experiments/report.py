@@ -242,7 +242,9 @@ def write_markdown(rows, settings, timings, path, command, extra=""):
                  "suite runs; its verdicts are **not evidence**. The full run is "
                  "`python -m experiments.run`.\n")
     L.append(f"Command: `{command}`. Seeds: {list(settings.seeds)}. Machine: {_machine()}. "
-             "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ".\n")
+             "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ". "
+             "(e) resumes from its run cache (`realdata_runs.jsonl`, features and experts under "
+             "`cache/`): its time above is that of the runs not cached yet.\n")
     L.append("What was used: (a)-(d) synthetic problems: (a) frozen random low-rank experts "
              "with a synthetic teacher; (b)-(d) a one-block transformer (`experiments/models.py`, "
              "width 32, 4 heads, MLP 64) with random frozen weights, adapted by LoRA-MoE layers "
