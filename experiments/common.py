@@ -33,12 +33,25 @@ class Settings:
     contrastive_controls: int
 
 
-FULL = Settings(quick=False, seeds=(0, 1, 2), cone_steps=400, cone_strengths=(0.0, 0.25, 0.5, 1.0),
+FULL = Settings(quick=False, seeds=(0, 1, 2, 3, 4), cone_steps=400, cone_strengths=(0.0, 0.25, 0.5, 1.0),
                 scaling_steps=400, scaling_experts=(5, 10, 20, 40), ablation_experts=10,
                 contrastive_controls=200)
 QUICK = Settings(quick=True, seeds=(0,), cone_steps=60, cone_strengths=(0.0, 1.0),
                  scaling_steps=40, scaling_experts=(5, 40), ablation_experts=5,
                  contrastive_controls=50)
+
+
+BOOTSTRAP = 10000  # resamples of the paired bootstrap
+
+
+def paired_bootstrap(diffs, n=BOOTSTRAP, seed=0):
+    """Mean of paired differences and its 95% percentile bootstrap interval over the units
+    (seeds, or (target, seed) pairs) -> (mean, low, high)."""
+    d = torch.tensor(list(diffs), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(d), (n, len(d)), generator=gen)
+    means = d[idx].mean(1).sort().values
+    return d.mean().item(), means[int(0.025 * n)].item(), means[int(0.975 * n) - 1].item()
 
 
 def relative_mse(pred: torch.Tensor, target: torch.Tensor, baseline=None) -> torch.Tensor:

@@ -46,13 +46,13 @@ from radargate_kernels import radar_gate_lora
 from radargate_kernels.progress import Progress
 
 from . import realdata_data as data
+from .common import BOOTSTRAP, paired_bootstrap  # noqa: F401 (re-exported for the report)
 
 RANK, ALPHA, GATE_RANK = 4, 8.0, 8
 EXPERT_SEEDS = (0, 1)
 LRS = (3e-3, 1e-2, 3e-2)
 K_SHOT, VAL_PER_CLASS = 8, 32
 MIN_EFFECT = 1.0          # accuracy points
-BOOTSTRAP = 10000
 GATES = ("head_only", "uniform", "softmax", "top2", "mlp", "radargate", "radargate_static",
          "radargate_nostatic")
 POOL_SIZES = (5, 10, 20, 40)
@@ -326,15 +326,6 @@ def select_lr(cache, key_base, lrs, fn):
 
 
 # ---- statistics and verdicts ---------------------------------------------------------------------
-
-def paired_bootstrap(diffs, n=BOOTSTRAP, seed=0):
-    """Mean of paired differences and its 95% percentile bootstrap interval over the units."""
-    d = torch.tensor(diffs, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(d), (n, len(d)), generator=gen)
-    means = d[idx].mean(1).sort().values
-    return d.mean().item(), means[int(0.025 * n)].item(), means[int(0.975 * n) - 1].item()
-
 
 MIN_UNITS = 5
 

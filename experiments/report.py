@@ -258,7 +258,9 @@ def write_markdown(rows, settings, timings, path, command, extra=""):
              "show, no more.\n")
     L.append("Verdict rules were written before the full suite was first run "
              "(`experiments/verdicts.py`); the problems, budgets and learning rates were not "
-             "changed after seeing results.\n")
+             "changed after seeing results. Changed since (issue #13, 2026-11-28): the seeds of "
+             "(a)-(d) went from 3 to 5 (rules unchanged), and the controls (a') and (c') and "
+             "experiment (e) were added, each with a rule fixed before its first run.\n")
     L.append("## Verdicts\n")
     L.append(_table(["claim", "verdict", "measured"],
                     [[CLAIMS[k], f"**{v}**", "; ".join(reasons)]
@@ -378,7 +380,9 @@ def write_markdown(rows, settings, timings, path, command, extra=""):
         "convergence (training errors still fall); a longer or tuned budget could move the small "
         "gaps (dense RadarGate vs softmax in (b), 'both' vs 'stretch only' on the multi-task "
         "problem in (c)).",
-        "- Three seeds: per-seed numbers are in the tables; no confidence intervals are claimed.",
+        f"- {len(settings.seeds)} seeds (3 before 2026-11-28): per-seed numbers are in the "
+        "tables; the verdict reasons give 95% paired bootstrap intervals over seeds, which are "
+        "descriptive (the rules, fixed earlier, count seeds) and coarse with this few units.",
         "- A post-hoc check of (b) with twice the steps (exploratory, not part of the verdicts): "
         "`python -m experiments.sensitivity`, which writes SENSITIVITY.md next to this file.",
         "- The operator is this project's reading of the paper (SPEC.md); the paper's own formulas "

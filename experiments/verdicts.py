@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from statistics import mean
 
+from .common import paired_bootstrap
+
 SUPPORTED, PARTLY, NOT = "supported", "partly supported", "not supported"
 
 RULES = {
@@ -44,6 +46,12 @@ RULES = {
 }
 
 
+def _ci(diffs):
+    """Descriptive, not part of any rule: mean paired difference, 95% bootstrap interval."""
+    m, lo, hi = paired_bootstrap(diffs)
+    return f"{m:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}] over {len(diffs)} seeds"
+
+
 def _rel(a, b):
     return a / b if b > 0 else float("inf")
 
@@ -65,7 +73,9 @@ def cone(rows):
     mean_ratio = mean(ratios)
     reasons = [f"RadarGate below both cone-bound gates at every s > 0 and seed: {everywhere}",
                f"at s = {top}: better baseline / RadarGate = {mean_ratio:.2f} (mean over seeds "
-               f"{seeds}; per seed {', '.join(f'{x:.2f}' for x in ratios)})"]
+               f"{seeds}; per seed {', '.join(f'{x:.2f}' for x in ratios)})",
+               f"better baseline - RadarGate loss at s = {top}: "
+               + _ci([better_baseline(top, k) - by[("radargate", top, k)] for k in seeds])]
     if everywhere and mean_ratio >= 1.5:
         return SUPPORTED, reasons
     if mean_ratio > 1.0:
@@ -87,7 +97,9 @@ def cone_controls(rows):
         bound = mean(r["span_bound"] for r in rs if r["planes"] == planes)
         reasons.append(f"{planes} planes: static-only / RadarGate loss per seed "
                        f"{', '.join(f'{x:.2f}' for x in ratios)} (ratio of means {m:.2f}); "
-                       f"RadarGate / span bound {mean(by[('radargate', k)] for k in seeds) / bound:.2f}")
+                       f"RadarGate / span bound {mean(by[('radargate', k)] for k in seeds) / bound:.2f}; "
+                       f"static-only - RadarGate loss " + _ci(
+                           [by[("radargate_static", k)] - by[("radargate", k)] for k in seeds]))
     if rs and all(every):
         return SUPPORTED, reasons
     if any(every) or (on_mean and all(on_mean)):
@@ -119,6 +131,12 @@ def scaling(rows):
                f"{m['softmax'][Es[-1]]:.4f}, top2 {m['top2'][Es[-1]]:.4f})",
                f"(3) larger relative reduction E = {Es[0]} -> {Es[-1]}: {more} (radargate "
                f"{gain['radargate']:.1%}, softmax {gain['softmax']:.1%}, top2 {gain['top2']:.1%})"]
+    by = {(r["gate"], r["experts"], r["seed"]): r["heldout_error"] for r in rows
+          if r["experiment"] == "scaling"}
+    seeds = sorted({k for _, _, k in by})
+    for E in (Es[0], Es[-1]):
+        reasons.append(f"softmax - RadarGate held-out error at E = {E}: " + _ci(
+            [by[("softmax", E, k)] - by[("radargate", E, k)] for k in seeds]))
     return (SUPPORTED if n == 3 else PARTLY if n == 2 else NOT), reasons
 
 
@@ -138,7 +156,11 @@ def ablation(rows):
         every.append(wins)
         on_mean.append(means["both"] < min(means["stretch_only"], means["rotation_only"]))
         reasons.append(f"{exp}: 'both' lower than each single component on every seed: {wins}; "
-                       "means " + ", ".join(f"{v} {x:.4f}" for v, x in means.items()))
+                       "means " + ", ".join(f"{v} {x:.4f}" for v, x in means.items())
+                       + "; stretch only - both " + _ci([by[("stretch_only", k)] - by[("both", k)]
+                                                         for k in seeds])
+                       + "; rotation only - both " + _ci(
+                           [by[("rotation_only", k)] - by[("both", k)] for k in seeds]))
     if all(every):
         return SUPPORTED, reasons
     if any(every) or all(on_mean):
@@ -160,7 +182,9 @@ def ablation_controls(rows):
                        f"{', '.join(f'{x:.3f}' for x in ratios)} (ratio of means {m:.3f}); "
                        f"means: " + ", ".join(
                            f"{v} {mean(by[(v, k)] for k in seeds):.4f}"
-                           for v in ("both", "stretch_only", "stretch_only_matched")))
+                           for v in ("both", "stretch_only", "stretch_only_matched"))
+                       + "; matched - both " + _ci([by[("stretch_only_matched", k)]
+                                                    - by[("both", k)] for k in seeds]))
     if wins.get(1) and wins.get(2):
         return SUPPORTED, reasons
     if wins.get(1) or (on_mean and all(on_mean.values())):
