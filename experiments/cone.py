@@ -17,7 +17,8 @@ Gates, all trained with the same optimiser, steps and batches, all on the same f
   static angle_bias (angles that do not depend on the relation map).
 Controls (a'), at s = 1: the static-angles control on this teacher, and all four gates on a
 teacher that turns the experts by the same angles in random planes (a random orthogonal basis Q:
-u = Q R(theta) Q^T v), not in the (p, p + D/2) planes RadarGate rotates in.
+u = Q R(theta) Q^T v), not in the (p, p + D/2) planes RadarGate rotates in; and the three gates
+of (a) again with twice the steps (the 2x-budget check of its verdict).
 The span bound: per token, the least-squares signed combination of the K expert outputs; no gate
 whose output is a linear combination of the experts (any weights) can have a lower error.
 """
@@ -179,7 +180,11 @@ def run_controls(settings, cone_rows):
                        and r["strength"] == CONTROL_STRENGTH and planes == "givens"]
                 row = src[0] if src else fit(name, CONTROL_STRENGTH, seed, settings.cone_steps,
                                              planes)
-                rows.append(dict(row, experiment="cone_controls", planes=planes))
+                rows.append(dict(row, experiment="cone_controls", planes=planes, budget=1))
+    for seed in settings.seeds:  # the 2x-steps check of (a)'s positive verdict, at s = 1
+        for name in GATES:
+            row = fit(name, CONTROL_STRENGTH, seed, 2 * settings.cone_steps)
+            rows.append(dict(row, experiment="cone_controls", planes="givens", budget=2))
     return rows
 
 

@@ -303,7 +303,7 @@ def write_markdown(rows, settings, timings, path, command, extra=""):
                  "(a).\n")
         lines = []
         for planes in cone.PLANES:
-            sub = [r for r in rc if r["planes"] == planes]
+            sub = [r for r in rc if r["planes"] == planes and r["budget"] == 1]
             bound = mean(r["span_bound"] for r in sub)
             for g in cone.CONTROL_GATES:
                 f = [r["final_loss"] for r in sub if r["gate"] == g]

@@ -76,6 +76,15 @@ def cone(rows):
                f"{seeds}; per seed {', '.join(f'{x:.2f}' for x in ratios)})",
                f"better baseline - RadarGate loss at s = {top}: "
                + _ci([better_baseline(top, k) - by[("radargate", top, k)] for k in seeds])]
+    b2 = {(r["gate"], r["seed"]): r["final_loss"] for r in rows
+          if r["experiment"] == "cone_controls" and r.get("budget") == 2}
+    if b2:  # the 2x-steps check (descriptive, at s = 1)
+        s2 = sorted({k for _, k in b2})
+        r2 = [min(b2[("weighted_sum", k)], b2[("mlp_gate", k)]) / b2[("radargate", k)]
+              for k in s2]
+        reasons.append(f"2x steps at s = 1: better baseline / RadarGate per seed "
+                       f"{', '.join(f'{x:.2f}' for x in r2)} (mean {mean(r2):.2f}): "
+                       + ("holds" if min(r2) > 1 and mean(r2) >= 1.5 else "does not hold"))
     if everywhere and mean_ratio >= 1.5:
         return SUPPORTED, reasons
     if mean_ratio > 1.0:
@@ -84,7 +93,7 @@ def cone(rows):
 
 
 def cone_controls(rows):
-    rs = [r for r in rows if r["experiment"] == "cone_controls"]
+    rs = [r for r in rows if r["experiment"] == "cone_controls" and r.get("budget", 1) == 1]
     every, on_mean, reasons = [], [], []
     for planes in sorted({r["planes"] for r in rs}):
         by = {(r["gate"], r["seed"]): r["final_loss"] for r in rs if r["planes"] == planes}
@@ -144,6 +153,20 @@ def _error(r):
     return r["heldout_error"] if "heldout_error" in r else r["final_loss"]
 
 
+def _ablation_2x(rows):
+    """The 2x-steps check of (c) on the multi-task problem, from the (c') runs (descriptive:
+    rotation only was not re-run, so only 'both' vs 'stretch only')."""
+    by = {(r["variant"], r["seed"]): r["heldout_error"] for r in rows
+          if r["experiment"] == "ablation_controls" and r["budget"] == 2}
+    if not by:
+        return []
+    seeds = sorted({k for _, k in by})
+    n = sum(by[("both", k)] < by[("stretch_only", k)] for k in seeds)
+    return [f"2x steps, multi-task: 'both' below stretch only on {n} of {len(seeds)} seeds "
+            f"(stretch only - both " + _ci([by[("stretch_only", k)] - by[("both", k)]
+                                             for k in seeds]) + ")"]
+
+
 def ablation(rows):
     reasons, every, on_mean = [], [], []
     for exp in ("ablation_multitask", "ablation_cone"):
@@ -161,6 +184,7 @@ def ablation(rows):
                                                          for k in seeds])
                        + "; rotation only - both " + _ci(
                            [by[("rotation_only", k)] - by[("both", k)] for k in seeds]))
+    reasons += _ablation_2x(rows)
     if all(every):
         return SUPPORTED, reasons
     if any(every) or all(on_mean):
