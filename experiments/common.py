@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -39,6 +40,30 @@ FULL = Settings(quick=False, seeds=(0, 1, 2, 3, 4), cone_steps=400, cone_strengt
 QUICK = Settings(quick=True, seeds=(0,), cone_steps=60, cone_strengths=(0.0, 1.0),
                  scaling_steps=40, scaling_experts=(5, 40), ablation_experts=5,
                  contrastive_controls=50)
+
+
+_RUN_CACHE = {"dir": None}
+
+
+def set_run_cache(path):
+    """Cache every run's result under ``path`` (None: off), so an interrupted suite resumes
+    where it stopped (``python -m experiments.run`` sets it to OUT/cache/synthetic)."""
+    _RUN_CACHE["dir"] = path
+
+
+def cached_run(key: str, fn):
+    """``fn()`` (a result torch.save can store: rows, state dicts), or its cached copy."""
+    d = _RUN_CACHE["dir"]
+    if d is None:
+        return fn()
+    path = os.path.join(d, re.sub(r"[^A-Za-z0-9_.=+-]", "_", key) + ".pt")
+    if os.path.exists(path):
+        return torch.load(path)
+    out = fn()
+    os.makedirs(d, exist_ok=True)
+    torch.save(out, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a run stopped while saving leaves no half file
+    return out
 
 
 BOOTSTRAP = 10000  # resamples of the paired bootstrap

@@ -32,7 +32,7 @@ from torch import nn
 from radargate_kernels.nn import RadarGate
 from radargate_kernels.reference import givens_rotate
 
-from .common import count_params, relative_mse, train
+from .common import cached_run, count_params, relative_mse, train
 
 D_IN, D, K, EXPERT_RANK, GATE_RANK = 16, 32, 8, 4, 4
 PLANES = ("givens", "random")
@@ -143,7 +143,13 @@ GATES = ("weighted_sum", "mlp_gate", "radargate")
 
 
 def fit(name, strength, seed, steps, planes="givens"):
-    """Train one gate; -> dict with the final relative loss on fresh samples, params, losses."""
+    """Train one gate (or read the run cache); -> dict with the final relative loss on fresh
+    samples, params, losses."""
+    return cached_run(f"cone-{name}-{strength}-{seed}-{steps}-{planes}",
+                      lambda: _fit(name, strength, seed, steps, planes))
+
+
+def _fit(name, strength, seed, steps, planes):
     prob = Problem(strength, seed, planes)
     x_ev, V_ev, y_ev = prob.sample(EVAL_TOKENS, torch.Generator().manual_seed(20_000 + seed))
     torch.manual_seed(seed)

@@ -4,6 +4,8 @@
     python -m experiments.run --quick    # smoke test: 1 seed, a few dozen steps, under a minute
     python -m experiments.run --out DIR  # where to write (default: experiments/results, or
                                          # results/experiments-quick with --quick)
+Resumable: every training run's result is cached under OUT/cache (synthetic runs with their
+trained weights, (e) per run in realdata_runs.jsonl); a stopped suite picks up where it stopped.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import time
 import torch
 
 from . import ablation, cone, contrastive, realdata, report, scaling
-from .common import FULL, QUICK, cpu_pytorch_path
+from .common import FULL, QUICK, cpu_pytorch_path, set_run_cache
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -30,6 +32,7 @@ def main(argv=None):
     out = args.out or (os.path.join(HERE, "..", "results", "experiments-quick") if args.quick
                        else os.path.join(HERE, "results"))
     torch.use_deterministic_algorithms(True)
+    set_run_cache(os.path.join(out, "cache", "synthetic-quick" if args.quick else "synthetic"))
     timings, rows, t_all = {}, [], time.time()
 
     def timed(name, fn, *a):

@@ -24,7 +24,7 @@ import torch
 
 from radargate_kernels.nn import RadarGateLoRALinear, inject_radargate
 
-from .common import count_params, relative_mse, train
+from .common import cached_run, count_params, relative_mse, train
 from .models import TinyBlock
 
 D, SEQ, TASKS = 32, 8, 8
@@ -45,6 +45,7 @@ class Problem:
     """The frozen base block and the task maps; ``split(name) -> (x, y)``."""
 
     def __init__(self, seed: int):
+        self.seed = seed
         gen = torch.Generator().manual_seed(40_000 + seed)
         torch.manual_seed(50_000 + seed)
         self.base = TinyBlock(D).requires_grad_(False).eval()
@@ -80,8 +81,18 @@ def lora_layers(model):
 
 
 def fit(problem, gate, num_experts, seed, steps, options=None):
-    """Train one model; -> (row dict, trained model)."""
+    """Train one model (or read the run cache: the row and the trained weights); -> (row dict,
+    trained model)."""
     options = GATES[gate] if options is None else options
+    key = (f"scaling-{problem.seed}-{gate}-{num_experts}-{seed}-{steps}-"
+           + "-".join(f"{k}={v}" for k, v in sorted(options.items())))
+    row, state = cached_run(key, lambda: _fit(problem, gate, num_experts, seed, steps, options))
+    model = problem.model(num_experts, seed, **options)
+    model.load_state_dict(state)
+    return row, model.eval()
+
+
+def _fit(problem, gate, num_experts, seed, steps, options):
     model = problem.model(num_experts, seed, **options)
     x, y, _ = problem.data["train"]
     batches = torch.Generator().manual_seed(60_000 + seed)  # same batches for every gate
@@ -100,7 +111,7 @@ def fit(problem, gate, num_experts, seed, steps, options=None):
     row = dict(experiment="scaling", gate=gate, experts=num_experts, seed=seed, steps=steps,
                params=count_params(model), train_error=err["train"], heldout_error=err["test"],
                final_train_loss=sum(losses[-20:]) / len(losses[-20:]))
-    return row, model
+    return row, model.state_dict()
 
 
 def run(settings, gates=tuple(GATES)):

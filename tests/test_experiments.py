@@ -348,3 +348,27 @@ def test_parameter_matched_rank_reaches_radargate_size():
     n_rg = count_params(prob.model(5, 0))
     assert count_params(prob.model(5, 0, rank=r, rotation=False)) >= n_rg
     assert count_params(prob.model(5, 0, rank=r - 1, rotation=False)) < n_rg
+
+
+def test_synthetic_runs_are_cached_so_the_suite_resumes(tmp_path, monkeypatch):
+    from experiments import common, scaling
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the CPU PyTorch path, as run.py
+    common.set_run_cache(str(tmp_path))
+    try:
+        r1 = cone.fit("weighted_sum", 1.0, 0, 3)
+        prob = scaling.Problem(0)
+        row1, m1 = scaling.fit(prob, "softmax", 2, 0, 2)
+
+        def boom(*a, **k):
+            raise AssertionError("a cached run was trained again")
+        monkeypatch.setattr(cone, "train", boom)
+        monkeypatch.setattr(scaling, "train", boom)
+        assert cone.fit("weighted_sum", 1.0, 0, 3) == r1
+        row2, m2 = scaling.fit(prob, "softmax", 2, 0, 2)
+        assert row2 == row1
+        s1, s2 = m1.state_dict(), m2.state_dict()
+        assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+        with pytest.raises(AssertionError, match="trained again"):  # another key is not cached
+            cone.fit("weighted_sum", 1.0, 1, 3)
+    finally:
+        common.set_run_cache(None)
