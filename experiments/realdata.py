@@ -46,7 +46,7 @@ from radargate_kernels import radar_gate_lora
 from radargate_kernels.progress import Progress
 
 from . import realdata_data as data
-from .common import BOOTSTRAP, paired_bootstrap  # noqa: F401 (re-exported for the report)
+from .common import BOOTSTRAP, paired_bootstrap  # noqa: F401 (BOOTSTRAP: the docstring states it)
 
 RANK, ALPHA, GATE_RANK = 4, 8.0, 8
 EXPERT_SEEDS = (0, 1)
@@ -467,121 +467,11 @@ def run(settings: RealSettings, out_dir: str, cache_dir: str):
                                  test_acc=best["test"], steps=settings.gate_steps))
                 n += 1
                 prog.update(n, f"{target.name} P={P} {kind}")
+    from .realdata_report import section
     md = section(settings, rows, found, scal, tasks, targets, found_contrast)
     found[CONTRASTIVE_CLAIM] = (found_contrast[0], (frac, found_contrast[1], found_contrast[2],
                                                     len(contrast_rows)), None)
     return rows, md, found
-
-
-def section(settings, rows, found, scal, tasks, targets, found_contrast=None):
-    """The markdown section of RESULTS.md."""
-    from statistics import mean
-    L = ["## (e) Real data: frozen task LoRAs on all-MiniLM-L6-v2, held-out BBC News tasks\n"]
-    if settings.quick:
-        L.append("> Quick smoke run: a corpus subset, 1 seed, a few steps: **not evidence**.\n")
-    L.append(__doc__.strip().split("\n", 2)[2].strip() + "\n")
-    L.append(f"Budget: experts {settings.expert_steps} steps; gates {settings.gate_steps} steps; "
-             f"learning rates {list(settings.lrs)}; seeds {list(settings.seeds)}; targets: "
-             f"{', '.join(t.name for t in targets)}.\n")
-    ex = [r["test_acc"] for r in rows if r["experiment"] == "realdata_expert"]
-    L.append(f"Experts: {len(ex)} trained, test accuracy on their own task: mean {mean(ex):.1f}%, "
-             f"min {min(ex):.1f}%, max {max(ex):.1f}%.\n")
-    L.append("### Verdicts\n")
-    L.append("| claim | verdict | mean difference (points) [95% CI], units | 2x gate budget |")
-    L.append("| --- | --- | --- | --- |")
-    for claim, (v, (m, lo, hi, nu), check) in found.items():
-        c2 = "-" if check is None else (f"{check[0]:+.2f} [{check[1]:+.2f}, {check[2]:+.2f}]: "
-                                        f"{'holds' if check[3] == 'supported' else 'does not hold'}")
-        L.append(f"| {claim} | **{v}** | {m:+.2f} [{lo:+.2f}, {hi:+.2f}], {nu} | {c2} |")
-    if found_contrast is not None:
-        L.append(f"| {CONTRASTIVE_CLAIM} | **{found_contrast[0]}** | {found_contrast[1]} of "
-                 f"{found_contrast[2]} units contrastive (rule below) | - |")
-    L.append("\n### Test accuracy per gate (mean over targets and seeds; lr picked on validation)\n")
-    g = [r for r in rows if r["experiment"] == "realdata_gate"]
-    L.append("| gate | test accuracy % | trainable gate parameters | lr picked (count) |")
-    L.append("| --- | --- | --- | --- |")
-    for kind in GATES:
-        rs = [r for r in g if r["gate"] == kind]
-        if not rs:
-            continue
-        lrs = {}
-        for r in rs:
-            lrs[r["lr"]] = lrs.get(r["lr"], 0) + 1
-        L.append(f"| {kind} | {mean(r['test_acc'] for r in rs):.2f} | {rs[0]['gate_params']} | "
-                 + ", ".join(f"{k:g}: {c}" for k, c in sorted(lrs.items())) + " |")
-    units = {}
-    for r in g:
-        units.setdefault((r["target"], r["seed"]), {})[r["gate"]] = r["test_acc"]
-    if units:
-        best = [max(v.values()) for v in units.values()]
-        top = sum(1 for v in units.values() if max(v.values()) >= 99.0)
-        L.append(f"\nHeadroom (descriptive): the best gate of each unit averages {mean(best):.2f}%; "
-                 f"in {top} of {len(units)} units some gate reaches 99% or more. Near 100% no "
-                 f"gate can beat another by much: such targets leave little headroom.")
-    if scal:
-        L.append("\n### Scaling with the pool size (test accuracy %, mean over units)\n")
-        Ps = sorted({k[2] for k in scal})
-        L.append("| gate | " + " | ".join(f"{P} experts" for P in Ps) + " |")
-        L.append("| --- |" + " --- |" * len(Ps))
-        for kind in ("softmax", "radargate"):
-            L.append(f"| {kind} | " + " | ".join(
-                f"{mean(v[kind] for k, v in scal.items() if k[2] == P):.2f}" for P in Ps) + " |")
-        diffs = {P: [v["radargate"] - v["softmax"] for k, v in scal.items() if k[2] == P]
-                 for P in Ps}
-        L.append("| radargate - softmax [95% CI] | " + " | ".join(
-            "{:+.2f} [{:+.2f}, {:+.2f}]".format(*paired_bootstrap(diffs[P])) for P in Ps) + " |")
-    cr = [r for r in rows if r["experiment"] == "realdata_contrastive"]
-    if cr:
-        L.append("\n### Contrastive analysis with real semantics\n")
-        L.append(f"For each unit's RadarGate (trained again at its chosen learning rate), over "
-                 f"all E (E - 1) / 2 pairs of its pool: the Pearson r between the task overlap "
-                 f"of the two experts (``task_overlap``: |cos| of the tasks' topic label vectors) "
-                 f"and the change in their angular separation that the rotation makes (mean "
-                 f"over the first {CONTRAST_TOKENS} test tokens; negative: turned closer). The "
-                 f"claim predicts r < 0. Control, as in (d): the same angles handed to the wrong "
-                 f"experts ({settings.controls} random permutations); p = the fraction of "
-                 f"control draws with r at most the learned one. Also shown: r against the "
-                 f"experts' output cosine instead of task overlap.\n")
-        v, n_con, n_units = found_contrast
-        L.append(f"Verdict: **{v}** ({n_con} of {n_units} units contrastive).\n")
-        L.append("| target | seed | Pearson r (overlap, change) | control mean | p | r (cosine "
-                 "similarity, change) | mean abs change (rad) |")
-        L.append("| --- | --- | --- | --- | --- | --- | --- |")
-        for r in cr:
-            L.append(f"| {r['target']} | {r['seed']} | {r['pearson']:+.3f} | "
-                     f"{r['control_mean']:+.3f} | {r['p_value']:.3f} | "
-                     f"{r['pearson_cosine']:+.3f} | {r['mean_abs_change']:.4f} |")
-    if g:
-        edge = sum(1 for r in g if r["lr"] == min(settings.lrs) and r["gate"] != "head_only")
-        n_g = sum(1 for r in g if r["gate"] != "head_only")
-        L.append("\n### Limits of (e)\n")
-        L += [
-            f"- The smallest learning rate of the grid was picked in {edge} of {n_g} gate runs: "
-            f"the best rate may lie below the grid (not tried; the grid was fixed in advance).",
-            "- One adapted layer (the last FFN down projection), rank-4 experts, 32 tokens per "
-            "article; targets are topic pairs of the same corpus the experts come from, and the "
-            "pool keeps experts of tasks that share a topic with the target: near transfer, "
-            "with little headroom (above). A harder target (another corpus, fewer shots) was "
-            "not run.",
-            "- Units are (target, seed); the five targets share topics, so units are not fully "
-            "independent and the intervals may be optimistic.",
-        ]
-    L.append("\nRules:\n")
-    L += [f"- {k}: {rule}" for k, rule in RULES.items()]
-    L.append("")
-    return "\n".join(L)
-
-
-def write(rows, md, out_dir):
-    """REALDATA.md and realdata.csv in out_dir; the (e) section of an existing RESULTS.md there
-    is replaced in place, so a standalone run of this experiment updates the suite's report."""
-    from .report import replace_section, write_csv
-    write_csv(rows, os.path.join(out_dir, "realdata.csv"))
-    with open(os.path.join(out_dir, "REALDATA.md"), "w") as f:
-        f.write(md + "\n")
-    results = os.path.join(out_dir, "RESULTS.md")
-    if os.path.exists(results):
-        replace_section(results, "## (e)", md)
 
 
 def main(argv=None):
@@ -601,6 +491,7 @@ def main(argv=None):
     t0 = time.time()
     rows, md, found = run(QUICK if args.quick else FULL, out,
                           args.cache or os.path.join(out, "cache"))
+    from .realdata_report import write
     write(rows, md, out)
     print(f"wrote {os.path.relpath(os.path.join(out, 'REALDATA.md'))} ({time.time() - t0:.0f} s)")
     for claim, (v, _, _) in found.items():

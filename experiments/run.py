@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from . import ablation, cone, contrastive, realdata, report, scaling
+from . import ablation, cone, contrastive, realdata, realdata_report, report, scaling
 from .common import FULL, QUICK, cpu_pytorch_path, set_run_cache
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -55,7 +55,7 @@ def main(argv=None):
     timings["total"] = time.time() - t_all
     command = "python -m experiments.run" + (" --quick" if args.quick else "")
     found = report.write_all(rows, settings, timings, out, command, real_md)
-    realdata.write(real_rows, real_md, out)
+    realdata_report.write(real_rows, real_md, out)
     print(f"wrote {os.path.relpath(os.path.join(out, 'RESULTS.md'))} ({timings['total']:.0f} s)")
     for claim, (verdict, _) in found.items():
         print(f"  {claim:12s} {verdict}" + ("  (quick run: not evidence)" if args.quick else ""))
