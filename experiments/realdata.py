@@ -111,7 +111,7 @@ COMPARISONS = [  # (claim, A, B): fixed with the rules
 ]
 
 
-# ---- the model on top of the cached features ---------------------------------------------------
+# ---- the model on top of the cached features ----------------------------------------------------
 
 def pooled_logits(feats, idx, delta_fn, head):
     """LayerNorm(z0 + delta(u)) -> masked mean over tokens -> head, for the articles ``idx``."""
@@ -195,7 +195,7 @@ def trainable(module):
     return [p for p in module.parameters() if p.requires_grad]
 
 
-# ---- experts ---------------------------------------------------------------------------------------
+# ---- experts ------------------------------------------------------------------------------------
 
 def _balanced(idx, labels, per_class, gen):
     """per_class random articles of each class among ``idx``."""
@@ -231,7 +231,7 @@ def train_expert(feats, split, task, seed, steps):
     return exp.A.detach().clone(), exp.B.detach().clone(), accuracy(feats, te, y, exp, head)
 
 
-# ---- gate runs ------------------------------------------------------------------------------------
+# ---- gate runs ----------------------------------------------------------------------------------
 
 def fit_gate(feats, split, task, pool, kind, seed, lr, steps):
     """Train one gate + head on the target's few-shot set -> (gate or None, head, final loss,
@@ -325,7 +325,7 @@ def select_lr(cache, key_base, lrs, fn):
     return max(runs, key=lambda r: r["val"])
 
 
-# ---- statistics and verdicts ---------------------------------------------------------------------
+# ---- statistics and verdicts --------------------------------------------------------------------
 
 MIN_UNITS = 5
 
@@ -348,14 +348,15 @@ def compare(results, a, b):
     return (*paired_bootstrap(diffs), len(diffs))
 
 
-# ---- the whole experiment ---------------------------------------------------------------------------
+# ---- the whole experiment -----------------------------------------------------------------------
 
 def run(settings: RealSettings, out_dir: str, cache_dir: str):
     """-> (rows, markdown section, {claim: verdict})."""
     os.makedirs(out_dir, exist_ok=True)
     bar = {}
-    feats = data.features(cache_dir, settings.per_topic, progress=lambda done, total: bar.setdefault(
-        "p", Progress(total, "e_realdata features")).update(done))
+    def features_progress(done, total):
+        bar.setdefault("p", Progress(total, "e_realdata features")).update(done)
+    feats = data.features(cache_dir, settings.per_topic, progress=features_progress)
     split = data.split_ids(feats.labels)
     tasks = data.make_tasks(feats.topics)
     if settings.expert_tasks is not None:  # quick: the targets plus a few others
@@ -371,7 +372,8 @@ def run(settings: RealSettings, out_dir: str, cache_dir: str):
     prog = Progress(len(tasks) * len(EXPERT_SEEDS), "e_realdata experts")
     for i, task in enumerate(tasks):
         for s in EXPERT_SEEDS:
-            path = os.path.join(cache_dir, f"expert_{tag}_{task.name}_{s}_{settings.expert_steps}.pt")
+            path = os.path.join(cache_dir,
+                                f"expert_{tag}_{task.name}_{s}_{settings.expert_steps}.pt")
             if os.path.exists(path):
                 A, B, acc = torch.load(path)
             else:
@@ -417,7 +419,8 @@ def run(settings: RealSettings, out_dir: str, cache_dir: str):
                 pool = [v_ for _, v_ in pool_for(target)]
                 res2[(target.name, seed)] = {}
                 for kind in (a, b):
-                    key = f"{tag}|gen|{target.name}|{seed}|{kind}|{2 * settings.gate_steps}|{len(pool)}"
+                    key = (f"{tag}|gen|{target.name}|{seed}|{kind}|{2 * settings.gate_steps}|"
+                           f"{len(pool)}")
                     res2[(target.name, seed)][kind] = select_lr(
                         cache, key, settings.lrs, lambda lr, kind=kind: run_gate(
                             feats, split, target, pool, kind, seed, lr,

@@ -52,6 +52,13 @@ def _ci(diffs):
     return f"{m:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}] over {len(diffs)} seeds"
 
 
+def _seed_ratios(by, num, den):
+    """by {(variant, seed): value} -> (seeds, num / den per seed, ratio of the seed means)."""
+    seeds = sorted({k for _, k in by})
+    ratios = [by[(num, k)] / by[(den, k)] for k in seeds]
+    return seeds, ratios, mean(by[(num, k)] for k in seeds) / mean(by[(den, k)] for k in seeds)
+
+
 def _rel(a, b):
     return a / b if b > 0 else float("inf")
 
@@ -97,10 +104,7 @@ def cone_controls(rows):
     every, on_mean, reasons = [], [], []
     for planes in sorted({r["planes"] for r in rs}):
         by = {(r["gate"], r["seed"]): r["final_loss"] for r in rs if r["planes"] == planes}
-        seeds = sorted({k for _, k in by})
-        ratios = [by[("radargate_static", k)] / by[("radargate", k)] for k in seeds]
-        m = (mean(by[("radargate_static", k)] for k in seeds)
-             / mean(by[("radargate", k)] for k in seeds))
+        seeds, ratios, m = _seed_ratios(by, "radargate_static", "radargate")
         every.append(all(x >= 1.1 for x in ratios))
         on_mean.append(m >= 1.1)
         bound = mean(r["span_bound"] for r in rs if r["planes"] == planes)
@@ -197,10 +201,7 @@ def ablation_controls(rows):
     wins, on_mean, reasons = {}, {}, []
     for budget in sorted({r["budget"] for r in rs}):
         by = {(r["variant"], r["seed"]): r["heldout_error"] for r in rs if r["budget"] == budget}
-        seeds = sorted({k for _, k in by})
-        ratios = [by[("stretch_only_matched", k)] / by[("both", k)] for k in seeds]
-        m = (mean(by[("stretch_only_matched", k)] for k in seeds)
-             / mean(by[("both", k)] for k in seeds))
+        seeds, ratios, m = _seed_ratios(by, "stretch_only_matched", "both")
         wins[budget], on_mean[budget] = all(x >= 1.01 for x in ratios), m >= 1.01
         reasons.append(f"{budget}x steps: matched stretch-only / both held-out error per seed "
                        f"{', '.join(f'{x:.3f}' for x in ratios)} (ratio of means {m:.3f}); "

@@ -41,7 +41,8 @@ def pick_lora_config(r: int, rg: int, h: int) -> LoraConfig:
     bh_params = {16: 64, 32: 32, 64: 16}[max(RP, RGP)]
     bh_rows = 32 if max(RP, RGP) == 16 else 16
     return LoraConfig(BT=16, BH_FWD=min(64, cap), BH=min(bh_rows, cap),
-                      BH_PARAMS=min(bh_params, cap), BR=16, RP=RP, RGP=RGP, WARPS_FWD=8, WARPS_ROWS=8, WARPS_PARAMS=8)
+                      BH_PARAMS=min(bh_params, cap), BR=16, RP=RP, RGP=RGP, WARPS_FWD=8,
+                      WARPS_ROWS=8, WARPS_PARAMS=8)
 
 
 def _prep(s, ids, lora_B, rot_up, angle_bias):

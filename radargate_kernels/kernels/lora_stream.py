@@ -10,7 +10,8 @@ part, computed from s alone) as ``alpha = d U + beta[e]`` with ``U = rot_up [rg,
   columns: ``dg = <dy, u>``, ``dd = dalpha U^T``, ``ds = dv B_e^T`` with ``dv = g R(-alpha) dy``.
 - ``lora_bwd_params_kernel`` (grid: col chunks x experts): rows sorted by expert on the host,
   so each program owns ``dB[e, :, chunk]`` (adding to the relation part it holds on entry) and
-  ``dbeta[e, chunk]`` (no atomics) and writes one partial of ``drot_up`` per expert, summed on the host in fixed order.
+  ``dbeta[e, chunk]`` (no atomics) and writes one partial of ``drot_up`` per expert, summed on
+  the host in fixed order.
 """
 import triton
 import triton.language as tl
@@ -46,8 +47,8 @@ def chunk_angles(D, row, valid, Uc, BETA, eid, k, cols, cmask, rg, s_be, s_bh,
             off = eid.to(tl.int64)[:, None] * s_be + cols[None, :].to(tl.int64) * s_bh
             alpha += tl.load(BETA + off, mask=m, other=0.0).to(ACC)
         else:
-            bk = tl.load(BETA + tl.cast(k, tl.int64) * s_be + cols.to(tl.int64) * s_bh, mask=cmask,
-                         other=0.0).to(ACC)
+            bk = tl.load(BETA + tl.cast(k, tl.int64) * s_be + cols.to(tl.int64) * s_bh,
+                         mask=cmask, other=0.0).to(ACC)
             alpha += bk[None, :]
     return d, tl.cos(alpha), tl.sin(alpha)
 
