@@ -56,6 +56,19 @@ LORA_FULL = [(r, rg, out, flags) for r in (1, 8, 17, 64) for rg in (1, 8, 64)
              for out in (2, 64, 4096) for flags in (False, True)]
 LORA_QUICK = [(8, 8, 4096, True), (64, 64, 4096, True), (1, 1, 2, False)]
 LORA_K, LORA_E = 64, 128  # representative K and E of a launch (do not reach the compilation)
+# The relation kernel (kernels/lora_relation.py): K, E, r, rg and ids all shape its tiles
+# (KP, F = E or K padded x r padded <= 64, RP, RGP): (K, E, r, rg, ids) covering the range
+# lora_launch.relation_fits allows (each one asserted to fit).
+RELATION_FULL = [(1, 1, 1, 1, False), (1, 1, 64, 64, False), (8, 8, 8, 8, False),
+                 (16, 16, 4, 64, False), (2, 2, 32, 8, False), (4, 4, 16, 8, False),
+                 (32, 32, 1, 8, False), (32, 32, 2, 64, False), (2, 8, 8, 8, True),
+                 (2, 4, 16, 64, True), (32, 64, 1, 8, True), (8, 2, 32, 1, True),
+                 (2, 2, 32, 64, True), (32, 8, 8, 64, True), (16, 8, 8, 64, True)]
+RELATION_QUICK = [(8, 8, 8, 8, False), (32, 8, 8, 64, True), (2, 4, 16, 64, True)]
+# The down-projection GEMMs (kernels/lora_down.py): (E, r) -> RP and the column block.
+DOWN_FULL = [(1, 1), (8, 8), (3, 17), (128, 64)]
+DOWN_QUICK = [(8, 8), (128, 64)]
+DOWN_KERNELS = ("lora_down_fwd_kernel", "lora_down_dx_kernel", "lora_down_da_kernel")
 
 
 def shape_classes(quick: bool):
@@ -115,6 +128,14 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
                     seen.add(key)
                     jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=LORA_K, D=out, r=r,
                                      E=LORA_E if flags else None, rg=rg))
+            for (K, E, r, rg, ids) in (RELATION_QUICK if quick else RELATION_FULL):
+                if dtype == dtypes[0]:  # the kernel reads s, P, Q in the compute dtype only
+                    jobs.append(dict(arch=arch, dtype="float32", kernel="lora_relation_kernel",
+                                     K=K, D=0, r=r, E=E if ids else None, rg=rg))
+            for (E, r) in (DOWN_QUICK if quick else DOWN_FULL):
+                for kern in DOWN_KERNELS:
+                    jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=E, D=4096, r=r, E=E,
+                                     rg=0))
     return jobs
 
 
@@ -174,6 +195,22 @@ def _plan_lora(job, dt):
     d = torch.empty((T, K, rg), dtype=torch.float32)
     g = torch.empty((T, K), dtype=dt)
     ids = torch.zeros((T, K), dtype=torch.int64) if flags else None
+    if job["kernel"] == "lora_relation_kernel":
+        assert LL.relation_fits(K, E, r, flags), job
+        P = torch.empty((E, r, E, r), dtype=torch.float32)
+        Q = torch.empty((E, r, rg), dtype=torch.float32)
+        _, launches = LL.plan_relation(s, ids, P, Q, 1.0, 1e-6)
+        return launches[0], None
+    if job["kernel"].startswith("lora_down_"):
+        x = torch.empty((T, out), dtype=dt)
+        lora_A = torch.empty((E, out, r), dtype=dt)
+        if job["kernel"] == "lora_down_fwd_kernel":
+            _, launches = LL.plan_down_forward(x, lora_A, 1.0, torch.float32)
+        else:
+            ds_all = torch.empty((T, E, r), dtype=torch.float32)
+            _, launches = LL.plan_down_backward(ds_all, x, lora_A, True, True)
+            launches = [la for la in launches if la.kernel.fn.__name__ == job["kernel"]]
+        return launches[0], None
     B = torch.empty((E, r, out), dtype=dt)
     U = torch.empty((rg, out // 2), dtype=dt)
     beta = torch.empty((E, out // 2), dtype=dt) if flags else None
@@ -187,6 +224,17 @@ def _plan_lora(job, dt):
         dB = torch.empty((E, r, out), dtype=torch.float32)
         _, launches = LL.plan_params_backward(dy, s, g, d, ids, B, U, beta, dB)
     return launches[0], LL.pick_lora_config(r, rg, out // 2)
+
+
+def _lora_config(job, launch, lc):
+    m = launch.meta
+    if job["kernel"] == "lora_relation_kernel":
+        return (f"KP={m['KP']} BT={m['BT']} F={m['F']} RP={m['RP']} RGP={m['RGP']}"
+                + (" ids" if m["HAS_IDS"] else ""))
+    if job["kernel"].startswith("lora_down_"):
+        return f"BM={m['BM']} BN={m['BN']} BK={m['BK']} RP={m['RP']} E={job['E']}"
+    return (f"BT={lc.BT} BH={m['BH']} RP={lc.RP} RGP={lc.RGP} rg={job['rg']}"
+            + (" ids+bias" if job["E"] is not None else ""))
 
 
 def compile_job(job):
@@ -215,9 +263,7 @@ def compile_job(job):
             regs, spills = _ptxas_usage(compiled.asm["ptx"], job["arch"])
             out.update(regs=regs, spills=spills, shared=int(compiled.metadata.shared),
                        warps=launch.meta["num_warps"], error=None,
-                       config=f"BT={lc.BT} BH={launch.meta['BH']} RP={lc.RP} RGP={lc.RGP} "
-                              f"rg={job['rg']}"
-                              + (" ids+bias" if job["E"] is not None else ""))
+                       config=_lora_config(job, launch, lc))
             out["seconds"] = time.time() - t0
             return out
         if job["kernel"] == "radargate_fwd_kernel":

@@ -38,7 +38,9 @@ def _nbytes(t):
 
 # Kernel arguments shared by every program (parameters, a few MB at most): on a GPU their
 # re-reads by each program are L2 hits, so the DRAM model counts them once per launch.
-SHARED_PARAMS = ("A", "B", "BETA", "LB", "U")  # LB, U: the fused-layer kernels
+# parameters (and the fused layer's parameter products P_flat = PF, Q_flat = QF), shared by all
+# programs of a launch: LB, U, LA (lora_A), PF, QF are the fused-layer kernels' names
+SHARED_PARAMS = ("A", "B", "BETA", "LB", "U", "LA", "PF", "QF")
 
 
 class _Counter:

@@ -5,11 +5,12 @@ and vs the materialized pipeline (LoRA expert matmuls + radar_gate).
                                    [--ids] [--json out.json]
 
 Counted as in benchmarks.cost_report: every tl.load / tl.store of the kernels (masked-off
-lanes excluded) and every aten op's input + output bytes outside the kernels (the down-projection
-GEMM, the relation map in PyTorch, the host-side sorts and sums). Three views of the kernel bytes:
+lanes excluded) and every aten op's input + output bytes outside the kernels (casts, the
+parameter products P = B B^T and Q = B rot_down, the relation map where PyTorch computes it, the
+host-side gathers, sorts and sums). Three views of the kernel bytes:
   requested      every request, no cache;
-  DRAM model     parameters (lora_B, rot_up, angle_bias: shared by all programs, L2-resident on a
-                 GPU) once per launch, everything else as requested;
+  DRAM model     parameters (lora_A, lora_B, rot_up, angle_bias and the products P, Q: shared
+                 by all programs, L2-resident on a GPU) once per launch, the rest as requested;
   unique         each address once per launch (a perfect cache): the floor a cache could reach.
 Minima: "from s" = the issue's floor (read s, weights, ids once, write y once, parameters once);
 "full op" adds the down projection (read x and lora_A once) to it. All per call, in bytes.
@@ -34,9 +35,6 @@ from radargate_kernels.nn import RadarGateLoRALinear  # noqa: E402
 # Counting runs the kernels in the interpreter, which must be chosen before triton decorates
 # them: main() sets TRITON_INTERPRET=1; importing this module changes no environment (a caller
 # of measure() sets it first, or count_triton says so).
-
-PARAMS = ("LB", "U", "BETA")
-
 
 class LoraAtenBytes(AtenBytes):
     """AtenBytes that also enters the fused layer's custom ops (their kernels are counted by

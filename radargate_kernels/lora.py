@@ -196,13 +196,27 @@ def _chunked_grads(fn, chunks, tok_args, n_diff_tok, params, dy):
 
 # ---- the two backends ----------------------------------------------------------------------------
 
-def _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA):
+def _down(x, lora_A, ids, scaling, backend):
+    """s = scaling * x A_e [T, K, r] in the compute dtype (contiguous). Triton: one GEMM kernel
+    over all experts' columns reading x in its own dtype (the top-k slots gathered after it);
+    torch: the reference's einsum."""
+    if backend != "triton":
+        return lora_down(x, lora_A, ids, scaling).contiguous()
+    s_all = _launch().down_forward(x, lora_A, scaling, compute_dtype(x.dtype))
+    if ids is None:
+        return s_all
+    return torch.gather(s_all, 1, ids.unsqueeze(-1).expand(-1, -1, s_all.shape[-1]))
+
+
+def _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA, backend):
     """Gradients of s = scaling * gather(x A): ds [T, K, r] -> (dx [T, in], dA [E, in, r])."""
     E, fin, r = lora_A.shape
     ct = ds.dtype
     dS = ds * scaling
-    if ids is not None:
+    if ids is not None:  # slots to experts; one-hot keeps repeated ids exact and deterministic
         dS = torch.einsum("tke,tkr->ter", F.one_hot(ids.long(), E).to(ct), dS)
+    if backend == "triton":
+        return _launch().down_backward(dS.contiguous(), x, lora_A, need_dx, need_dA)
     dS = dS.reshape(-1, E * r)
     A_cat = lora_A.to(ct).permute(1, 0, 2).reshape(fin, E * r)
     dx = (dS @ A_cat.t()).to(x.dtype) if need_dx else None
@@ -211,11 +225,21 @@ def _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA):
     return dx, dA
 
 
-def _setup(x, lora_A, lora_B, rot_down, ids, scaling):
+def _relation(s, ids, P, Q, tau, eps, chunks, backend):
+    """d [T, K, rg] from s (no autograd): the relation kernel on the Triton backend while its
+    [E r, E r] tile fits (lora_launch.relation_fits), else relation_lowrank chunk by chunk."""
+    T, K, r = s.shape
+    if backend == "triton" and _launch().relation_fits(K, P.shape[0], r, ids is not None):
+        return _launch().relation(s, ids, P.contiguous(), Q.contiguous(), tau, eps)
+    return _chunked_eval(lambda s_, i_: relation_lowrank(s_, i_, P, Q, tau, eps), chunks,
+                         (s, ids), (), s.new_empty((T, K, Q.shape[2])))
+
+
+def _setup(x, lora_A, lora_B, rot_down, ids, scaling, backend):
     """What forward and backward both start from: the compute dtype, s = scaling * x A_e
     [T, K, r] (contiguous), the sizes and the token chunks of the PyTorch parts."""
     ct = compute_dtype(x.dtype)
-    s = lora_down(x, lora_A, ids, scaling).contiguous()
+    s = _down(x, lora_A, ids, scaling, backend)
     T, K, r = s.shape
     E, _, out = lora_B.shape
     rg = rot_down.shape[1] if rot_down is not None else 0
@@ -224,14 +248,14 @@ def _setup(x, lora_A, lora_B, rot_down, ids, scaling):
 
 
 def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend):
-    ct, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids, scaling)
+    ct, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids, scaling,
+                                                       backend)
     Bc = lora_B.to(ct)
     if rot_down is None:
         return _chunked_eval(weighted_sum_lowrank, chunks, (s, g.to(ct), ids), (Bc,),
                              s.new_empty((T, out))).to(x.dtype)
     P, Q = lowrank_factors(lora_B, rot_down, ct)
-    d = _chunked_eval(lambda s_, i_: relation_lowrank(s_, i_, P, Q, tau, eps), chunks, (s, ids),
-                      (), s.new_empty((T, K, rg)))
+    d = _relation(s, ids, P, Q, tau, eps, chunks, backend)
     if backend == "triton":
         return _launch().stream_forward(s, g, d, ids, lora_B, rot_up, beta, x.dtype)
     params = (Bc, rot_up.to(ct), beta.to(ct) if beta is not None else None)
@@ -241,7 +265,8 @@ def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, ep
 
 def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend,
               need_dx, need_dA):
-    ct, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids, scaling)
+    ct, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids, scaling,
+                                                       backend)
     dyc = dy.to(ct)
     dA_rot = dU = dbeta = None
     if rot_down is None:
@@ -251,7 +276,7 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
         Bc, A_rot = lora_B.to(ct), rot_down.to(ct)
         P, Q = lowrank_factors(Bc, A_rot, ct)
         rel = lambda s_, i_, P_, Q_: relation_lowrank(s_, i_, P_, Q_, tau, eps)  # noqa: E731
-        d = _chunked_eval(rel, chunks, (s, ids), (P, Q), s.new_empty((T, K, rg)))
+        d = _relation(s, ids, P, Q, tau, eps, chunks, backend)
         if backend == "triton":
             LL, dyk = _launch(), dy.contiguous()
             ds, dg, dd = LL.stream_backward_rows(dyk, s, g, d, ids, lora_B, rot_up, beta)
@@ -267,7 +292,7 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
                                                       dB_rel)
         else:
             dB += dB_rel
-    dx, dA = _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA)
+    dx, dA = _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA, backend)
 
     def cast(t, like):  # contiguous, as the fake implementation promises
         return t.to(like.dtype).contiguous() if t is not None else x.new_empty(0)

@@ -25,6 +25,8 @@ CASES = [
     (6, 4, 9, 12, 5, 3, True, False, False),     # rotation off: weighted sum, sparse
     (7, 3, 9, 11, 2, 0, False, False, False),    # rotation off, odd out
     (5, 2, 8, 260, 4, 4, True, True, True),      # out/2 = 130: several chunks, ragged tail
+    (3, 16, 8, 6, 4, 4, False, True, True),      # K = 16, r = 4: the relation kernel's widest tile
+    (4, 5, 8, 10, 17, 3, True, True, True),      # E r = 7 x 17: past the relation kernel (PyTorch)
 ]
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 

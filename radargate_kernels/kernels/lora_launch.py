@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .launch import Launch, _acc, _pow2
+from .launch import Launch, _acc, _pow2, _v_prec
+from .lora_down import lora_down_da_kernel, lora_down_dx_kernel, lora_down_fwd_kernel
+from .lora_relation import lora_relation_kernel
 from .lora_stream import lora_bwd_params_kernel, lora_bwd_rows_kernel, lora_fwd_kernel
 
 
@@ -40,7 +42,8 @@ def pick_lora_config(r: int, rg: int, h: int) -> LoraConfig:
     cap = max(16, _pow2(h))
     bh_params = {16: 64, 32: 32, 64: 16}[max(RP, RGP)]
     bh_rows = 32 if max(RP, RGP) == 16 else 16
-    return LoraConfig(BT=16, BH_FWD=min(64, cap), BH=min(bh_rows, cap),
+    bh_fwd = 128 if max(RP, RGP) == 16 else 64
+    return LoraConfig(BT=16, BH_FWD=min(bh_fwd, cap), BH=min(bh_rows, cap),
                       BH_PARAMS=min(bh_params, cap), BR=16, RP=RP, RGP=RGP, WARPS_FWD=8,
                       WARPS_ROWS=8, WARPS_PARAMS=8)
 
@@ -71,6 +74,109 @@ def plan_stream_forward(s, g, d, ids, lora_B, rot_up, angle_bias, out_dtype):
             dict(meta, BT=cfg.BT, BH=cfg.BH_FWD, RP=cfg.RP, HAS_IDS=ids is not None,
                  num_warps=cfg.WARPS_FWD)))
     return y, launches
+
+
+DOWN_TILE = 64  # the down-projection GEMMs' tile edge (tokens, input features, E * RP columns)
+DOWN_K = 32     # ... and their reduction step
+
+
+def _down_blocks(E, r):
+    """(RP, column block): r padded to a power of two; E * RP columns in blocks of <= 64."""
+    RP = _pow2(r)
+    return RP, min(DOWN_TILE, max(16, _pow2(E * RP)))
+
+
+def plan_down_forward(x, lora_A, scaling, ct):
+    """x [T, in], lora_A [E, in, r] -> (s_all [T, E, r] in ct = scaling * x A_e, [Launch])."""
+    T, n_in = x.shape
+    E, _, r = lora_A.shape
+    RP, BN = _down_blocks(E, r)
+    s_all = (torch.empty if n_in else torch.zeros)((T, E, r), dtype=ct, device=x.device)
+    prec = _v_prec(x.dtype) if lora_A.dtype == x.dtype else "ieee"
+    launches = []
+    if T > 0 and n_in > 0:
+        launches.append(Launch(lora_down_fwd_kernel, (triton.cdiv(T, DOWN_TILE), triton.cdiv(E * RP, BN)),
+                               (x, lora_A, s_all, T, n_in, E, r, float(scaling), *x.stride(),
+                                *lora_A.stride()),
+                               dict(BM=DOWN_TILE, BN=BN, RP=RP, ACC=_acc(ct), PREC=prec,
+                                    # tensor-core tiles (tf32) are lighter than FMA ones (ieee)
+                                    **(dict(BK=DOWN_TILE, num_warps=4) if prec == "tf32"
+                                       else dict(BK=DOWN_K, num_warps=8)))))
+    return s_all, launches
+
+
+def plan_down_backward(ds_all, x, lora_A, need_dx, need_dA):
+    """ds_all [T, E, r] (contiguous, scaling included) -> ((dx [T, in] in x's dtype or None,
+    dA [E, in, r] in lora_A's dtype or None), [Launch])."""
+    T, n_in = x.shape
+    E, _, r = lora_A.shape
+    RP, BN = _down_blocks(E, r)
+    meta = dict(RP=RP, ACC=_acc(ds_all.dtype), num_warps=8)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
+    dA = ((torch.empty_like if n_in else torch.zeros_like)(lora_A, memory_format=torch.contiguous_format)
+          if need_dA else None)
+    launches = []
+    if need_dx and T > 0 and n_in > 0:
+        launches.append(Launch(lora_down_dx_kernel, (triton.cdiv(T, DOWN_K), triton.cdiv(n_in, DOWN_TILE)),
+                               (ds_all, lora_A, dx, T, n_in, E, r, *lora_A.stride(), *dx.stride()),
+                               dict(meta, BM=DOWN_K, BN=DOWN_TILE, BK=min(BN, DOWN_K))))
+    if need_dA and n_in > 0:  # also at T = 0: dA = 0 (the loop over tokens is empty)
+        launches.append(Launch(lora_down_da_kernel, (triton.cdiv(n_in, DOWN_TILE), triton.cdiv(E * RP, BN)),
+                               (x, ds_all, dA, T, n_in, E, r, *x.stride(), *dA.stride()),
+                               dict(meta, BM=DOWN_TILE, BN=BN, BK=DOWN_K)))
+    return (dx, dA), launches
+
+
+def _run(planned):
+    out, launches = planned
+    for launch in launches:
+        launch.run()
+    return out
+
+
+def down_forward(x, lora_A, scaling, ct):
+    return _run(plan_down_forward(x, lora_A, scaling, ct))
+
+
+def down_backward(ds_all, x, lora_A, need_dx, need_dA):
+    return _run(plan_down_backward(ds_all, x, lora_A, need_dx, need_dA))
+
+
+RELATION_MAX_F = 64  # largest E * r (padded) of the relation kernel's expert columns: 128
+# spilled 8-32 bytes (fp32, sm_80/sm_90) at several (K, r) (compile report, --family lora)
+RELATION_ROWS = 32   # R = BT * KP rows per program; so K <= 32 (R x R tiles, as radar_gate's)
+
+
+def relation_columns(K, E, r, has_ids):
+    """F: the relation kernel's expert columns, (E, or K without ids) padded x r padded."""
+    return max(16, _pow2(E if has_ids else K) * _pow2(r))
+
+
+def relation_fits(K, E, r, has_ids) -> bool:
+    """True when the relation kernel handles this shape (else the PyTorch relation part)."""
+    return K <= RELATION_ROWS and relation_columns(K, E, r, has_ids) <= RELATION_MAX_F
+
+
+def plan_relation(s, ids, P, Q, tau, eps):
+    """s [T, K, r] (contiguous), ids [T, K] or None, P [E, r, E, r], Q [E, r, rg] (contiguous,
+    compute dtype; E = K without ids) -> (d [T, K, rg], [Launch])."""
+    T, K, r = s.shape
+    E, rg = P.shape[0], Q.shape[2]
+    KP, F = _pow2(K), relation_columns(K, E, r, ids is not None)
+    d = torch.empty((T, K, rg), dtype=s.dtype, device=s.device)
+    launches = []
+    if T > 0:
+        BT = max(1, RELATION_ROWS // KP)
+        launches.append(Launch(lora_relation_kernel, (triton.cdiv(T, BT),), (
+            s, ids if ids is not None else s, P, Q, d, T, K, E, r, rg,
+            *(ids.stride() if ids is not None else (0, 0)), 1.0 / tau, eps),
+            dict(KP=KP, BT=BT, F=F, FC=F if F <= 32 else 32, RP=_pow2(r), RGP=max(16, _pow2(rg)),
+                 HAS_IDS=ids is not None, ACC=_acc(s.dtype), num_warps=8, maxnreg=255)))
+    return d, launches
+
+
+def relation(s, ids, P, Q, tau, eps):
+    return _run(plan_relation(s, ids, P, Q, tau, eps))
 
 
 def expert_order(ids, T, K, E, device):

@@ -32,14 +32,10 @@ def slot_rows(tok, k, K, T, IDS, s_it, s_ik, E, HAS_IDS: tl.constexpr):
 
 
 @triton.jit
-def chunk_angles(D, row, valid, Uc, BETA, eid, k, cols, cmask, rg, s_be, s_bh,
-                 RGP: tl.constexpr, HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr,
-                 ACC: tl.constexpr):
-    """alpha [BT, BH] = d[row] U[:, cols] (+ beta[e, cols]) and its cos, sin. Without ids every
-    row of slot k has expert k: its beta chunk is one [BH] row, loaded once."""
-    gg = tl.arange(0, RGP)
-    d = tl.load(D + row[:, None] * rg + gg[None, :], mask=valid[:, None] & (gg[None, :] < rg),
-                other=0.0).to(ACC)
+def chunk_angles(d, valid, Uc, BETA, eid, k, cols, cmask, s_be, s_bh, HAS_BETA: tl.constexpr,
+                 HAS_IDS: tl.constexpr, ACC: tl.constexpr):
+    """alpha [BT, BH] = d U[:, cols] (+ beta[e, cols]) -> (cos, sin); d [BT, RGP] of the rows.
+    Without ids every row of slot k has expert k: its beta chunk is one [BH] row, loaded once."""
     alpha = tl.dot(d, Uc, input_precision="ieee", out_dtype=ACC)
     if HAS_BETA:
         if HAS_IDS:
@@ -50,7 +46,7 @@ def chunk_angles(D, row, valid, Uc, BETA, eid, k, cols, cmask, rg, s_be, s_bh,
             bk = tl.load(BETA + tl.cast(k, tl.int64) * s_be + cols.to(tl.int64) * s_bh,
                          mask=cmask, other=0.0).to(ACC)
             alpha += bk[None, :]
-    return d, tl.cos(alpha), tl.sin(alpha)
+    return tl.cos(alpha), tl.sin(alpha)
 
 
 @triton.jit
@@ -71,8 +67,8 @@ def expert_b_chunk(LB, e, rr, cols, r, h, s_le, s_lr, s_lo, ACC: tl.constexpr):
 
 
 @triton.jit
-def slot_s(S, row, valid, rr, r, ACC: tl.constexpr):
-    """s of the rows -> [BT, RP] (padding ranks 0)."""
+def slot_rows_tile(S, row, valid, rr, r, ACC: tl.constexpr):
+    """Rows ``row`` of a contiguous [T * K, r] tensor (s, d) -> [BT, len(rr)] (padding 0)."""
     return tl.load(S + row[:, None] * r + rr[None, :], mask=valid[:, None] & (rr[None, :] < r),
                    other=0.0).to(ACC)
 
@@ -104,12 +100,13 @@ def lora_fwd_kernel(
                 v1 += sa[:, None] * b1
                 v2 += sa[:, None] * b2
         else:  # every row of slot k has expert k: one B_k tile, v = s B_k as a dot
-            sk = slot_s(S, row, valid, rr, r, ACC)
+            sk = slot_rows_tile(S, row, valid, rr, r, ACC)
             Bk1, Bk2 = expert_b_chunk(LB, k, rr, cols, r, h, s_le, s_lr, s_lo, ACC)
             v1 = tl.dot(sk, Bk1, input_precision="ieee", out_dtype=ACC)
             v2 = tl.dot(sk, Bk2, input_precision="ieee", out_dtype=ACC)
-        _, c, sn = chunk_angles(D, row, valid, Uc, BETA, eid, k, cols, cmask, rg, s_be, s_bh,
-                                RGP, HAS_BETA, HAS_IDS, ACC)
+        dk = slot_rows_tile(D, row, valid, tl.arange(0, RGP), rg, ACC)
+        c, sn = chunk_angles(dk, valid, Uc, BETA, eid, k, cols, cmask, s_be, s_bh, HAS_BETA,
+                             HAS_IDS, ACC)
         u1, u2 = rotate(v1, v2, c, sn)
         g = tl.load(G + tok * s_gt + k * s_gk, mask=valid, other=0.0).to(ACC)
         y1 += g[:, None] * u1
@@ -135,7 +132,8 @@ def lora_bwd_rows_kernel(
     for k in range(0, K):
         row, eid, valid = slot_rows(tok, k, K, T, IDS, s_it, s_ik, E, HAS_IDS)
         g = tl.load(G + tok * s_gt + k * s_gk, mask=valid, other=0.0).to(ACC)
-        sk = slot_s(S, row, valid, rr, r, ACC)  # once per slot, for every chunk
+        sk = slot_rows_tile(S, row, valid, rr, r, ACC)  # s and d once per slot, for every chunk
+        dk = slot_rows_tile(D, row, valid, gg, rg, ACC)
         dg = tl.zeros((BT,), dtype=ACC)
         dd = tl.zeros((BT, RGP), dtype=ACC)
         ds = tl.zeros((BT, RP), dtype=ACC)
@@ -144,8 +142,8 @@ def lora_bwd_rows_kernel(
             cmask = cols < h
             m = valid[:, None] & cmask[None, :]
             Uc = load_param_chunk(U, gg, cols, rg, h, s_ug, s_uh, ACC)
-            _, c, sn = chunk_angles(D, row, valid, Uc, BETA, eid, k, cols, cmask, rg, s_be, s_bh,
-                                    RGP, HAS_BETA, HAS_IDS, ACC)
+            c, sn = chunk_angles(dk, valid, Uc, BETA, eid, k, cols, cmask, s_be, s_bh, HAS_BETA,
+                                 HAS_IDS, ACC)
             o1, o2 = pair_offsets(tok * s_dyt, cols, h, s_dyd)
             dy1 = tl.load(DY + o1, mask=m, other=0.0).to(ACC)
             dy2 = tl.load(DY + o2, mask=m, other=0.0).to(ACC)

@@ -1,0 +1,93 @@
+"""Triton kernels of the fused layer's down projection ``s = scaling * x A_e`` and its gradients.
+
+``lora_A [E, in, r]`` is read in place as the matrix ``A_cat [in, E * RP]`` whose column
+``c = e * RP + a`` is ``A[e, :, a]`` (RP = r padded to a power of two, padding columns masked),
+so all experts are one GEMM and x is read once per column block (once while E * RP <= BN).
+x and lora_A are loaded in their own dtypes and multiplied in the compute dtype (fp32, fp64 for
+fp64 inputs); no upcast copy of x is ever written.
+
+- ``lora_down_fwd_kernel`` (grid: token blocks x column blocks):
+  ``s_all[t, e, a] = scaling * sum_i x[t, i] A[e, i, a]`` -> s_all [T, E, r] (compute dtype).
+- ``lora_down_dx_kernel`` (grid: token blocks x input blocks):
+  ``dx[t, i] = sum_{e, a} ds_all[t, e, a] A[e, i, a]`` (dtype of dx).
+- ``lora_down_da_kernel`` (grid: input blocks x column blocks):
+  ``dA[e, i, a] = sum_t x[t, i] ds_all[t, e, a]``, the tokens walked in a fixed order by one
+  program per tile: deterministic, no atomics.
+``ds_all [T, E, r]`` (contiguous, compute dtype) already includes ``scaling``.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def a_cat_tile(LA, ii, cc, n_in, E, r, s_ae, s_ai, s_ar, RP: tl.constexpr, ACC: tl.constexpr):
+    """A_cat[ii, cc] = A[cc // RP, ii, cc % RP] -> [len(ii), len(cc)] in ACC (0 where padded)."""
+    e = cc // RP
+    a = cc % RP
+    m = (ii[:, None] < n_in) & ((e < E) & (a < r))[None, :]
+    off = ii[:, None].to(tl.int64) * s_ai + (e.to(tl.int64) * s_ae + a * s_ar)[None, :]
+    return tl.load(LA + off, mask=m, other=0.0).to(ACC)
+
+
+@triton.jit
+def s_all_offsets(tok, cc, T, E, r, RP: tl.constexpr):
+    """Offsets and mask of s_all / ds_all [T, E, r] (contiguous) at tokens tok, columns cc."""
+    e = cc // RP
+    a = cc % RP
+    m = (tok < T)[:, None] & ((e < E) & (a < r))[None, :]
+    return tok.to(tl.int64)[:, None] * (E * r) + (e * r + a)[None, :], m
+
+
+@triton.jit
+def lora_down_fwd_kernel(X, LA, S, T, n_in, E, r, scaling, s_xt, s_xi, s_ae, s_ai, s_ar,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
+                    ACC: tl.constexpr, PREC: tl.constexpr):
+    tok = tl.program_id(0) * BM + tl.arange(0, BM)
+    cc = tl.program_id(1) * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=ACC)
+    for i0 in range(0, n_in, BK):
+        ii = i0 + tl.arange(0, BK)
+        x = tl.load(X + tok.to(tl.int64)[:, None] * s_xt + ii[None, :] * s_xi,
+                    mask=(tok < T)[:, None] & (ii < n_in)[None, :], other=0.0).to(ACC)
+        a = a_cat_tile(LA, ii, cc, n_in, E, r, s_ae, s_ai, s_ar, RP, ACC)
+        acc += tl.dot(x, a, input_precision=PREC, out_dtype=ACC)
+    off, m = s_all_offsets(tok, cc, T, E, r, RP)
+    tl.store(S + off, acc * scaling, mask=m)
+
+
+@triton.jit
+def lora_down_dx_kernel(DS, LA, DX, T, n_in, E, r, s_ae, s_ai, s_ar, s_dxt, s_dxi,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
+                   ACC: tl.constexpr):
+    tok = tl.program_id(0) * BM + tl.arange(0, BM)
+    ii = tl.program_id(1) * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=ACC)
+    for c0 in range(0, E * RP, BK):
+        cc = c0 + tl.arange(0, BK)
+        off, m = s_all_offsets(tok, cc, T, E, r, RP)
+        ds = tl.load(DS + off, mask=m, other=0.0).to(ACC)
+        a = a_cat_tile(LA, ii, cc, n_in, E, r, s_ae, s_ai, s_ar, RP, ACC)
+        acc += tl.dot(ds, tl.trans(a), input_precision="ieee", out_dtype=ACC)
+    tl.store(DX + tok.to(tl.int64)[:, None] * s_dxt + ii[None, :] * s_dxi,
+             acc.to(DX.dtype.element_ty), mask=(tok < T)[:, None] & (ii < n_in)[None, :])
+
+
+@triton.jit
+def lora_down_da_kernel(X, DS, DA, T, n_in, E, r, s_xt, s_xi, s_dae, s_dai, s_dar,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
+                   ACC: tl.constexpr):
+    ii = tl.program_id(0) * BM + tl.arange(0, BM)
+    cc = tl.program_id(1) * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=ACC)
+    for t0 in range(0, T, BK):
+        tt = t0 + tl.arange(0, BK)
+        x = tl.load(X + tt.to(tl.int64)[None, :] * s_xt + ii[:, None] * s_xi,
+                    mask=(ii < n_in)[:, None] & (tt < T)[None, :], other=0.0).to(ACC)
+        off, m = s_all_offsets(tt, cc, T, E, r, RP)
+        ds = tl.load(DS + off, mask=m, other=0.0).to(ACC)
+        acc += tl.dot(x, ds, input_precision="ieee", out_dtype=ACC)
+    e = cc // RP
+    a = cc % RP
+    off = ii[:, None].to(tl.int64) * s_dai + (e.to(tl.int64) * s_dae + a * s_dar)[None, :]
+    tl.store(DA + off, acc.to(DA.dtype.element_ty),
+             mask=(ii < n_in)[:, None] & ((e < E) & (a < r))[None, :])

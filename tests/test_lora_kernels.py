@@ -1,0 +1,125 @@
+"""The fused layer's down-projection and relation kernels against their PyTorch definitions
+(``reference.lora_down`` and its autograd; ``lora.relation_lowrank``), on fresh random inputs,
+and what they read (x once, s once). The whole op through these kernels is checked against the
+reference composition in test_lora.py. To add a shape: append to DOWN_CASES / RELATION_CASES.
+"""
+import zlib
+
+import pytest
+import torch
+
+from radargate_kernels import lora
+from radargate_kernels.kernels import lora_launch as LL
+from radargate_kernels.reference import lora_down
+from tolerances import assert_matches
+
+DOWN_CASES = [
+    # T, E, in, r
+    (5, 3, 12, 4),     # odd E, E * r < one column block
+    (1, 1, 7, 1),      # one token, one expert, r = 1
+    (0, 2, 8, 3),      # T = 0: dA = 0
+    (70, 8, 130, 8),   # several token / input blocks, ragged tails (64 + 64 + 2)
+    (9, 40, 16, 8),    # E * RP = 320: five column blocks (the paper's 40 experts)
+    (6, 5, 9, 17),     # r = 17 padded to 32
+]
+RELATION_CASES = [
+    # T, K, E, r, rg, ids
+    (1, 1, 1, 3, 2, False),    # K = 1: d = 0
+    (5, 3, 3, 5, 7, False),    # odd K, odd ranks
+    (7, 2, 8, 8, 8, True),     # top-2 of 8
+    (4, 6, 5, 1, 1, True),     # r = 1, K > E (repeated ids)
+    (3, 16, 16, 4, 4, False),  # F = 64: the largest tile, two column chunks
+    (5, 4, 4, 8, 3, False),    # F = 32: one chunk (s read once)
+    (0, 4, 4, 2, 2, False),    # T = 0
+    (70, 4, 4, 4, 3, False),   # several programs, partial last block
+]
+
+
+def _gen(*key):
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _down_ref(x, A, scaling, ct, dy):
+    xs, As = x.to(ct).detach().requires_grad_(True), A.to(ct).detach().requires_grad_(True)
+    s = lora_down(xs, As, None, scaling)
+    s.backward(dy.to(ct))
+    return s.detach(), xs.grad, As.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", DOWN_CASES, ids=lambda c: "T{}-E{}-in{}-r{}".format(*c))
+def test_down_projection_kernels_match_lora_down_and_its_gradients(case, dtype):
+    T, E, fin, r = case
+    gen = _gen(case, str(dtype))
+    # non-contiguous x (every other column of a wider tensor) and lora_A stored [E, r, in]
+    x = torch.randn(T, 2 * fin, generator=gen, dtype=torch.float64)[:, ::2].to(dtype)
+    A = (torch.randn(E, r, fin, generator=gen, dtype=torch.float64) * fin ** -0.5).to(dtype)
+    A = A.transpose(1, 2)
+    dS = torch.randn(T, E, r, generator=gen, dtype=torch.float64)
+    scaling = 0.75
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    x0, A0 = x.clone(), A.clone()
+    s = LL.down_forward(x, A, scaling, ct)
+    dx, dA = LL.down_backward((dS * scaling).to(ct).contiguous(), x, A, True, True)
+    assert torch.equal(x, x0) and torch.equal(A, A0)  # inputs never mutated
+    s_ref, dx_ref, dA_ref = _down_ref(x, A, scaling, ct, dS)
+    s_true, dx_true, dA_true = _down_ref(x, A, scaling, torch.float64, dS)
+    assert s.dtype == ct and dx.dtype == dtype and dA.dtype == dtype
+    assert dA.shape == A.shape and dx.shape == x.shape
+    assert_matches("s", s, s_ref, s_true, ct)
+    assert_matches("dx", dx, dx_ref.to(dtype), dx_true, dtype)
+    assert_matches("dA", dA, dA_ref.to(dtype), dA_true, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32],
+                         ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", RELATION_CASES,
+                         ids=lambda c: "T{}-K{}-E{}-r{}-rg{}".format(*c) + ("-ids" if c[5] else ""))
+def test_relation_kernel_matches_relation_lowrank(case, dtype):
+    T, K, E, r, rg, ids = case
+    gen = _gen(case, str(dtype))
+    s = torch.randn(T, K, r, generator=gen, dtype=torch.float64)
+    if T > 1:
+        s[1, 0] = 0.0       # a zero row: n = eps, its cosines 0
+    if T > 2 and K > 1:
+        s[2, 1] *= 1e20     # a huge row: the Gram matrix of rows scaled by max|s| stays finite
+    s = s.to(dtype)
+    e = torch.randint(0, E, (T, K), generator=gen) if ids else None
+    B = torch.randn(E, r, 12, generator=gen, dtype=torch.float64).to(dtype)
+    A_rot = (torch.randn(12, rg, generator=gen, dtype=torch.float64) * 12 ** -0.5).to(dtype)
+    tau = 0.3 + float(torch.rand((), generator=gen))
+    assert LL.relation_fits(K, E, r, ids)
+    P, Q = lora.lowrank_factors(B, A_rot, dtype)
+    d = LL.relation(s, e, P.contiguous(), Q.contiguous(), tau, 1e-6)
+    ref = lora.relation_lowrank(s, e, P, Q, tau, 1e-6)
+    P64, Q64 = lora.lowrank_factors(B.double(), A_rot.double(), torch.float64)
+    truth = lora.relation_lowrank(s.double(), e, P64, Q64, tau, 1e-6)
+    assert torch.isfinite(d).all()
+    assert_matches("d", d, ref, truth, dtype)
+
+
+def test_relation_kernel_limit_and_fallback():
+    # F = (E, or K) padded x r padded <= 64 and K <= 32 (its R x R tiles): the register budget
+    assert LL.relation_fits(8, 8, 8, False) and not LL.relation_fits(9, 9, 8, False)
+    assert LL.relation_fits(2, 4, 16, True) and not LL.relation_fits(2, 5, 16, True)
+    assert LL.relation_fits(32, 64, 1, True) and not LL.relation_fits(33, 2, 1, True)
+    assert not LL.relation_fits(40, 40, 8, False)  # the paper's 40 experts: PyTorch part
+
+
+def test_down_and_relation_kernels_read_their_inputs_once():
+    from benchmarks.cost_report import count_triton
+    # E * r = 32: one column block of the GEMM and one column chunk of the relation kernel
+    T, E, fin, r, rg = 40, 4, 96, 8, 8
+    gen = _gen("bytes")
+    x = torch.randn(T, fin, generator=gen).to(torch.bfloat16)
+    A = torch.randn(E, fin, r, generator=gen).to(torch.bfloat16)
+    B = torch.randn(E, r, 16, generator=gen)
+    P, Q = lora.lowrank_factors(B, torch.randn(16, rg, generator=gen), torch.float32)
+    with count_triton() as kc:
+        s = LL.down_forward(x, A, 1.0, torch.float32)
+        LL.relation(s, None, P.contiguous(), Q.contiguous(), 1.0, 1e-6)
+    assert kc.by_arg[("lora_down_fwd_kernel", "X")] == [T * fin * 2, 0]
+    assert kc.by_arg[("lora_down_fwd_kernel", "S")] == [0, T * E * r * 4]
+    assert kc.by_arg[("lora_relation_kernel", "S")] == [T * E * r * 4, 0]
+    assert kc.by_arg[("lora_relation_kernel", "DD")] == [0, T * E * rg * 4]
