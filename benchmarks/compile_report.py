@@ -63,7 +63,8 @@ RELATION_FULL = [(1, 1, 1, 1, False), (1, 1, 64, 64, False), (8, 8, 8, 8, False)
                  (16, 16, 4, 64, False), (2, 2, 32, 8, False), (4, 4, 16, 8, False),
                  (32, 32, 1, 8, False), (32, 32, 2, 64, False), (2, 8, 8, 8, True),
                  (2, 4, 16, 64, True), (32, 64, 1, 8, True), (8, 2, 32, 1, True),
-                 (2, 2, 32, 64, True), (32, 8, 8, 64, True), (16, 8, 8, 64, True)]
+                 (2, 2, 32, 64, True), (32, 8, 8, 64, True), (16, 8, 8, 64, True),
+                 (8, 8, 8, 64, True)]
 RELATION_QUICK = [(8, 8, 8, 8, False), (32, 8, 8, 64, True), (2, 4, 16, 64, True)]
 # The down-projection GEMMs (kernels/lora_down.py): (E, r) -> RP and the column block.
 DOWN_FULL = [(1, 1), (8, 8), (3, 17), (128, 64)]
@@ -129,9 +130,12 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
                     jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=LORA_K, D=out, r=r,
                                      E=LORA_E if flags else None, rg=rg))
             for (K, E, r, rg, ids) in (RELATION_QUICK if quick else RELATION_FULL):
-                if dtype == dtypes[0]:  # the kernel reads s, P, Q in the compute dtype only
-                    jobs.append(dict(arch=arch, dtype="float32", kernel="lora_relation_kernel",
-                                     K=K, D=0, r=r, E=E if ids else None, rg=rg))
+                if dtype == dtypes[0]:  # the kernels read s, P, Q in the compute dtype only
+                    for kern in ("lora_relation_kernel", "lora_relation_bwd_kernel"):
+                        if kern.endswith("bwd_kernel") and K > 8:
+                            continue  # relation_backward_fits: K <= 8
+                        jobs.append(dict(arch=arch, dtype="float32", kernel=kern, K=K, D=0, r=r,
+                                         E=E if ids else None, rg=rg))
             for (E, r) in (DOWN_QUICK if quick else DOWN_FULL):
                 for kern in DOWN_KERNELS:
                     jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=E, D=4096, r=r, E=E,
@@ -195,11 +199,15 @@ def _plan_lora(job, dt):
     d = torch.empty((T, K, rg), dtype=torch.float32)
     g = torch.empty((T, K), dtype=dt)
     ids = torch.zeros((T, K), dtype=torch.int64) if flags else None
-    if job["kernel"] == "lora_relation_kernel":
+    if job["kernel"].startswith("lora_relation"):
         assert LL.relation_fits(K, E, r, flags), job
         P = torch.empty((E, r, E, r), dtype=torch.float32)
         Q = torch.empty((E, r, rg), dtype=torch.float32)
-        _, launches = LL.plan_relation(s, ids, P, Q, 1.0, 1e-6)
+        if job["kernel"] == "lora_relation_kernel":
+            _, launches = LL.plan_relation(s, ids, P, Q, 1.0, 1e-6)
+        else:
+            assert LL.relation_backward_fits(K, E, r, flags), job
+            _, launches = LL.plan_relation_backward(s, ids, P, Q, d, s.clone(), 1.0, 1e-6)
         return launches[0], None
     if job["kernel"].startswith("lora_down_"):
         x = torch.empty((T, out), dtype=dt)
@@ -228,7 +236,7 @@ def _plan_lora(job, dt):
 
 def _lora_config(job, launch, lc):
     m = launch.meta
-    if job["kernel"] == "lora_relation_kernel":
+    if job["kernel"].startswith("lora_relation"):
         return (f"KP={m['KP']} BT={m['BT']} F={m['F']} RP={m['RP']} RGP={m['RGP']}"
                 + (" ids" if m["HAS_IDS"] else ""))
     if job["kernel"].startswith("lora_down_"):

@@ -24,7 +24,13 @@ import os
 import sys
 import types
 
-import torch
+if __name__ == "__main__":
+    # run as a script: the kernels are counted in the interpreter, which triton must see before
+    # it is first imported (its settings are read then). Importing this module (tests,
+    # measure()) changes no environment: the caller sets it, or count_triton says so.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from radargate_kernels import lora as lora_mod  # noqa: E402
@@ -32,9 +38,6 @@ from radargate_kernels import radar_gate  # noqa: E402
 from benchmarks.cost_report import AtenBytes, _nbytes, count_triton, emit  # noqa: E402
 from radargate_kernels.nn import RadarGateLoRALinear  # noqa: E402
 
-# Counting runs the kernels in the interpreter, which must be chosen before triton decorates
-# them: main() sets TRITON_INTERPRET=1; importing this module changes no environment (a caller
-# of measure() sets it first, or count_triton says so).
 
 class LoraAtenBytes(AtenBytes):
     """AtenBytes that also enters the fused layer's custom ops (their kernels are counted by
@@ -199,7 +202,6 @@ def main(argv=None):
     ap.add_argument("--ids", action="store_true", help="top-K of E experts (sparse ids)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the op's first use imports the kernels
     res = measure(a.T, a.K, a.E, a.d, a.r, a.rg, getattr(torch, a.dtype), a.ids)
     emit(report(res), res, a.json)
 

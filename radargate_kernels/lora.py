@@ -225,6 +225,15 @@ def _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA, backend):
     return dx, dA
 
 
+def _factors(lora_B, rot_down, ct, ids, K, backend):
+    """(P, Q) of lowrank_factors; on the Triton backend, where the relation kernel runs, one
+    kernel reads lora_B once for both (the einsums read a compute-dtype copy of it twice)."""
+    E, r, _ = lora_B.shape
+    if backend == "triton" and _launch().relation_fits(K, E, r, ids is not None):
+        return _launch().factors(lora_B, rot_down, ct)
+    return lowrank_factors(lora_B, rot_down, ct)
+
+
 def _relation(s, ids, P, Q, tau, eps, chunks, backend):
     """d [T, K, rg] from s (no autograd): the relation kernel on the Triton backend while its
     [E r, E r] tile fits (lora_launch.relation_fits), else relation_lowrank chunk by chunk."""
@@ -254,7 +263,7 @@ def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, ep
     if rot_down is None:
         return _chunked_eval(weighted_sum_lowrank, chunks, (s, g.to(ct), ids), (Bc,),
                              s.new_empty((T, out))).to(x.dtype)
-    P, Q = lowrank_factors(lora_B, rot_down, ct)
+    P, Q = _factors(lora_B, rot_down, ct, ids, K, backend)
     d = _relation(s, ids, P, Q, tau, eps, chunks, backend)
     if backend == "triton":
         return _launch().stream_forward(s, g, d, ids, lora_B, rot_up, beta, x.dtype)
@@ -274,7 +283,7 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
                                          (lora_B.to(ct),), dyc)
     else:
         Bc, A_rot = lora_B.to(ct), rot_down.to(ct)
-        P, Q = lowrank_factors(Bc, A_rot, ct)
+        P, Q = _factors(lora_B, rot_down, ct, ids, K, backend)
         rel = lambda s_, i_, P_, Q_: relation_lowrank(s_, i_, P_, Q_, tau, eps)  # noqa: E731
         d = _relation(s, ids, P, Q, tau, eps, chunks, backend)
         if backend == "triton":
@@ -284,8 +293,11 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
             params = (Bc, rot_up.to(ct), beta.to(ct) if beta is not None else None)
             (ds, dg, dd), (dB, dU, dbeta) = _chunked_grads(stream_torch, chunks,
                                                            (s, g.to(ct), d, ids), 3, params, dyc)
-        (ds2,), (dP, dQ) = _chunked_grads(rel, chunks, (s, ids), 1, (P, Q), dd)
-        ds += ds2
+        if backend == "triton" and LL.relation_backward_fits(K, E, s.shape[2], ids is not None):
+            dP, dQ = LL.relation_backward(s, ids, P, Q, dd, ds, tau, eps)  # ds updated
+        else:
+            (ds2,), (dP, dQ) = _chunked_grads(rel, chunks, (s, ids), 1, (P, Q), dd)
+            ds += ds2
         dB_rel, dA_rot = factors_backward(dP, dQ, Bc, A_rot)
         if backend == "triton":  # the parameter kernel adds the streaming part to dB_rel
             dB, dU, dbeta = LL.stream_backward_params(dyk, s, g, d, ids, lora_B, rot_up, beta,

@@ -99,12 +99,55 @@ def test_relation_kernel_matches_relation_lowrank(case, dtype):
     assert_matches("d", d, ref, truth, dtype)
 
 
+def _relation_grads(s, e, P, Q, tau, dd):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (s, P, Q)]
+    d = lora.relation_lowrank(leaves[0], e, leaves[1], leaves[2], tau, 1e-6)
+    return torch.autograd.grad(d, leaves, dd, allow_unused=True, materialize_grads=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32],
+                         ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", [c for c in RELATION_CASES if c[1] <= 8],
+                         ids=lambda c: "T{}-K{}-E{}-r{}-rg{}".format(*c) + ("-ids" if c[5] else ""))
+def test_relation_backward_kernel_matches_autograd_of_relation_lowrank(case, dtype):
+    T, K, E, r, rg, ids = case
+    gen = _gen(case, str(dtype), "bwd")
+    s = torch.randn(T, K, r, generator=gen, dtype=torch.float64)
+    if T > 1:
+        s[1, 0] = 0.0
+    s = s.to(dtype)
+    e = torch.randint(0, E, (T, K), generator=gen) if ids else None
+    B = torch.randn(E, r, 12, generator=gen, dtype=torch.float64).to(dtype)
+    A_rot = (torch.randn(12, rg, generator=gen, dtype=torch.float64) * 12 ** -0.5).to(dtype)
+    dd = torch.randn(T, K, rg, generator=gen, dtype=torch.float64).to(dtype)
+    ds0 = torch.randn(T, K, r, generator=gen, dtype=torch.float64).to(dtype)  # streaming part
+    tau = 0.3 + float(torch.rand((), generator=gen))
+    assert LL.relation_backward_fits(K, E, r, ids)
+    P, Q = lora.lowrank_factors(B, A_rot, dtype)
+    ds = ds0.clone()
+    s0 = s.clone()
+    dP, dQ = LL.relation_backward(s, e, P.contiguous(), Q.contiguous(), dd, ds, tau, 1e-6)
+    assert torch.equal(s, s0)
+    refs = _relation_grads(s, e, P, Q, tau, dd)
+    P64, Q64 = lora.lowrank_factors(B.double(), A_rot.double(), torch.float64)
+    truths = _relation_grads(s.double(), e, P64, Q64, tau, dd.double())
+    for name, got, ref, truth, base in (("ds", ds, refs[0], truths[0], ds0),
+                                        ("dP", dP, refs[1], truths[1], None),
+                                        ("dQ", dQ, refs[2], truths[2], None)):
+        if base is not None:  # ds held the streaming part on entry: the kernel adds to it
+            ref, truth = base + ref, base.double() + truth
+        assert_matches(name, got, ref, truth, dtype)
+
+
 def test_relation_kernel_limit_and_fallback():
     # F = (E, or K) padded x r padded <= 64 and K <= 32 (its R x R tiles): the register budget
     assert LL.relation_fits(8, 8, 8, False) and not LL.relation_fits(9, 9, 8, False)
     assert LL.relation_fits(2, 4, 16, True) and not LL.relation_fits(2, 5, 16, True)
     assert LL.relation_fits(32, 64, 1, True) and not LL.relation_fits(33, 2, 1, True)
     assert not LL.relation_fits(40, 40, 8, False)  # the paper's 40 experts: PyTorch part
+    # the backward kernel holds more tiles: K <= 8 (else autograd through relation_lowrank)
+    assert LL.relation_backward_fits(8, 8, 8, False) and not LL.relation_backward_fits(
+        9, 2, 1, True)
 
 
 def test_down_and_relation_kernels_read_their_inputs_once():

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .launch import Launch, _acc, _pow2, _v_prec
+from .launch import Launch, _acc, _pow2, _v_prec, param_groups
 from .lora_down import lora_down_da_kernel, lora_down_dx_kernel, lora_down_fwd_kernel
-from .lora_relation import lora_relation_kernel
+from .lora_relation import lora_factors_kernel, lora_relation_bwd_kernel, lora_relation_kernel
 from .lora_stream import lora_bwd_params_kernel, lora_bwd_rows_kernel, lora_fwd_kernel
 
 
@@ -145,6 +145,7 @@ def down_backward(ds_all, x, lora_A, need_dx, need_dA):
 RELATION_MAX_F = 64  # largest E * r (padded) of the relation kernel's expert columns: 128
 # spilled 8-32 bytes (fp32, sm_80/sm_90) at several (K, r) (compile report, --family lora)
 RELATION_ROWS = 32   # R = BT * KP rows per program; so K <= 32 (R x R tiles, as radar_gate's)
+RELATION_ROWS_BWD = 16  # ... in the backward kernel, which holds more tiles
 
 
 def relation_columns(K, E, r, has_ids):
@@ -155,6 +156,24 @@ def relation_columns(K, E, r, has_ids):
 def relation_fits(K, E, r, has_ids) -> bool:
     """True when the relation kernel handles this shape (else the PyTorch relation part)."""
     return K <= RELATION_ROWS and relation_columns(K, E, r, has_ids) <= RELATION_MAX_F
+
+
+def plan_factors(lora_B, rot_down, ct):
+    """lora_B [E, r, out], rot_down [out, rg] (E r <= RELATION_MAX_F) -> ((P [E, r, E, r],
+    Q [E, r, rg]) in ct, [Launch]): one program reads lora_B and rot_down once."""
+    E, r, out = lora_B.shape
+    rg = rot_down.shape[1]
+    P = torch.empty((E, r, E, r), dtype=ct, device=lora_B.device)
+    Q = torch.empty((E, r, rg), dtype=ct, device=lora_B.device)
+    prec = _v_prec(lora_B.dtype) if rot_down.dtype == lora_B.dtype else "ieee"
+    return (P, Q), [Launch(lora_factors_kernel, (1,), (
+        lora_B, rot_down, P, Q, E, r, out, rg, *lora_B.stride(), *rot_down.stride()),
+        dict(FP=max(16, _pow2(E * r)), RGP=max(16, _pow2(rg)), BO=64, ACC=_acc(ct), PREC=prec,
+             num_warps=4))]
+
+
+def factors(lora_B, rot_down, ct):
+    return _run(plan_factors(lora_B, rot_down, ct))
 
 
 def plan_relation(s, ids, P, Q, tau, eps):
@@ -177,6 +196,48 @@ def plan_relation(s, ids, P, Q, tau, eps):
 
 def relation(s, ids, P, Q, tau, eps):
     return _run(plan_relation(s, ids, P, Q, tau, eps))
+
+
+def relation_backward_fits(K, E, r, has_ids) -> bool:
+    """True when the relation backward kernel handles this shape (else autograd through
+    relation_lowrank, chunk by chunk)."""
+    # K = 16 (one token per program) spilled 12 bytes (sm_90, rg = 64): K <= 8 here
+    return K <= RELATION_ROWS_BWD // 2 and relation_fits(K, E, r, has_ids)
+
+
+def plan_relation_backward(s, ids, P, Q, dd, ds, tau, eps):
+    """Backward of plan_relation: dd [T, K, rg] -> ds (the streaming part [T, K, r],
+    contiguous, on entry) += the relation part, in place; -> ((PP [G, F, F], PQ [G, F, RGP]),
+    [Launch]): per-token-group partials of dP_flat and dQ_flat (see relation_backward)."""
+    T, K, r = s.shape
+    E, rg = P.shape[0], Q.shape[2]
+    KP, F, RGP = _pow2(K), relation_columns(K, E, r, ids is not None), max(16, _pow2(rg))
+    BT = max(1, RELATION_ROWS_BWD // KP)
+    n_blocks = triton.cdiv(T, BT)
+    G = param_groups(n_blocks, 1, s.device) if T > 0 else 0
+    PP = torch.zeros((max(G, 1), F, F), dtype=s.dtype, device=s.device)
+    PQ = torch.zeros((max(G, 1), F, RGP), dtype=s.dtype, device=s.device)
+    launches = []
+    if G:
+        launches.append(Launch(lora_relation_bwd_kernel, (G,), (
+            s, ids if ids is not None else s, P, Q, dd, ds, PP, PQ, T, K, E, r, rg,
+            *(ids.stride() if ids is not None else (0, 0)), n_blocks, 1.0 / tau, eps),
+            dict(KP=KP, BT=BT, F=F, FC=min(F, 16), RP=_pow2(r), RGP=RGP,
+                 HAS_IDS=ids is not None, ACC=_acc(s.dtype), num_warps=8, maxnreg=255)))
+    return (PP, PQ), launches
+
+
+def relation_backward(s, ids, P, Q, dd, ds, tau, eps):
+    """-> (dP [E, r, E, r], dQ [E, r, rg]); ds += the relation part of its gradient."""
+    (PP, PQ), launches = plan_relation_backward(s, ids, P, Q, dd, ds, tau, eps)
+    for launch in launches:
+        launch.run()
+    E, r, rg = P.shape[0], P.shape[1], Q.shape[2]
+    RP = _pow2(r)
+    F = PP.shape[1]
+    dP = PP.sum(0).view(F // RP, RP, F // RP, RP)[:E, :r, :E, :r].contiguous()
+    dQ = PQ.sum(0).view(F // RP, RP, -1)[:E, :r, :rg].contiguous()
+    return dP, dQ
 
 
 def expert_order(ids, T, K, E, device):

@@ -13,16 +13,18 @@ Used while K <= 32 and F <= 64 (lora_launch.relation_fits; beyond, the tiles spi
 import triton
 import triton.language as tl
 
-from .common import block_dot, row_ids, store_rows
+from .common import block_dot, load_rows, row_ids, store_rows
 from .forward import relation
 
 
 @triton.jit
-def expert_columns(S, IDS, tok, slot, valid, K, E, r, s_it, s_ik, cc, RP: tl.constexpr,
-                   HAS_IDS: tl.constexpr, ACC: tl.constexpr):
-    """The rows' s placed in their experts' columns cc -> [R, len(cc)] (0 elsewhere; an
-    out-of-range id, unchecked under torch.compile, gives a zero row). Only each row's own
-    expert's lanes are loaded, so a walk over all column chunks reads s once."""
+def expert_column_offsets(IDS, tok, slot, valid, K, E, r, s_it, s_ik, cc, RP: tl.constexpr,
+                          HAS_IDS: tl.constexpr):
+    """Offsets into a contiguous [T, K, r] tensor (s, ds) of the rows placed in their experts'
+    columns cc (column c = e * RP + a holds element a of a row of expert e) and the mask of
+    each row's own lanes -> ([R, len(cc)], [R, len(cc)]). An out-of-range id (unchecked under
+    torch.compile) masks its whole row. Only own lanes are on, so a walk over all column chunks
+    touches each element once."""
     if HAS_IDS:
         e = tl.load(IDS + tok * s_it + slot.to(tl.int64) * s_ik, mask=valid, other=-1)
         e = e.to(tl.int32)
@@ -31,7 +33,14 @@ def expert_columns(S, IDS, tok, slot, valid, K, E, r, s_it, s_ik, cc, RP: tl.con
     a = cc % RP
     m = (valid & (e >= 0) & (e < E))[:, None] & ((cc // RP)[None, :] == e[:, None]) \
         & (a < r)[None, :]
-    off = (tok * K + slot)[:, None] * r + a[None, :]
+    return (tok * K + slot)[:, None] * r + a[None, :], m
+
+
+@triton.jit
+def expert_columns(S, IDS, tok, slot, valid, K, E, r, s_it, s_ik, cc, RP: tl.constexpr,
+                   HAS_IDS: tl.constexpr, ACC: tl.constexpr):
+    """The rows' s placed in their experts' columns cc -> [R, len(cc)] (0 elsewhere)."""
+    off, m = expert_column_offsets(IDS, tok, slot, valid, K, E, r, s_it, s_ik, cc, RP, HAS_IDS)
     return tl.load(S + off, mask=m, other=0.0).to(ACC)
 
 
@@ -83,3 +92,107 @@ def lora_relation_kernel(S, IDS, PF, QF, DD, T, K, E, r, rg, s_it, s_ik, tau_inv
     d = block_dot(rho, z, same, ACC) - z
     d = tl.where(K > 1, d, z * 0.0)  # SPEC: with K = 1, d = 0 (NaN stays NaN, as the reference)
     store_rows(DD, d, tok * K + slot, valid, rg, RGP)
+
+
+@triton.jit
+def lora_factors_kernel(LB, AR, PF, QF, E, r, out, rg, s_le, s_lr, s_lo, s_ao, s_ag,
+                        FP: tl.constexpr, RGP: tl.constexpr, BO: tl.constexpr,
+                        ACC: tl.constexpr, PREC: tl.constexpr):
+    """One program: P_flat = B_cat B_cat^T [E r, E r] and Q_flat = B_cat rot_down [E r, rg]
+    (B_cat [E r, out]: lora_B's rows), reading lora_B and rot_down once, in a fixed order."""
+    c = tl.arange(0, FP)
+    cm = c < E * r
+    boff = (c // r).to(tl.int64) * s_le + (c % r) * s_lr
+    gg = tl.arange(0, RGP)
+    P = tl.zeros((FP, FP), dtype=ACC)
+    Q = tl.zeros((FP, RGP), dtype=ACC)
+    for o0 in range(0, out, BO):
+        oo = o0 + tl.arange(0, BO)
+        om = oo < out
+        Bc = tl.load(LB + boff[:, None] + oo[None, :].to(tl.int64) * s_lo,
+                     mask=cm[:, None] & om[None, :], other=0.0).to(ACC)
+        Ac = tl.load(AR + oo[:, None].to(tl.int64) * s_ao + gg[None, :] * s_ag,
+                     mask=om[:, None] & (gg < rg)[None, :], other=0.0).to(ACC)
+        P += tl.dot(Bc, tl.trans(Bc), input_precision=PREC, out_dtype=ACC)
+        Q += tl.dot(Bc, Ac, input_precision=PREC, out_dtype=ACC)
+    tl.store(PF + c[:, None] * (E * r) + c[None, :], P, mask=cm[:, None] & cm[None, :])
+    tl.store(QF + c[:, None] * rg + gg[None, :], Q, mask=cm[:, None] & (gg < rg)[None, :])
+
+
+@triton.jit
+def _p_chunk(PF, flat_c, cm, c2, E, r, RP: tl.constexpr, ACC: tl.constexpr):
+    """Columns c2 of P_flat [F, len(c2)] (P [E r, E r] at the padded column layout)."""
+    f2 = ((c2 // RP) * r + c2 % RP).to(tl.int64)
+    m2 = (c2 // RP < E) & (c2 % RP < r)
+    return tl.load(PF + flat_c[:, None] * (E * r) + f2[None, :], mask=cm[:, None] & m2[None, :],
+                   other=0.0).to(ACC), f2, m2
+
+
+@triton.jit
+def lora_relation_bwd_kernel(S, IDS, PF, QF, DDD, DS, PP, PQ, T, K, E, r, rg, s_it, s_ik,
+                             n_blocks, tau_inv, eps, KP: tl.constexpr, BT: tl.constexpr,
+                             F: tl.constexpr, FC: tl.constexpr, RP: tl.constexpr,
+                             RGP: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr):
+    """Backward of lora_relation_kernel (grid: token groups; group p walks the token blocks
+    p, p + G, ...): dd [T, K, rg] -> ds [T, K, r] += the relation part (DS holds the streaming
+    part on entry), and this group's partials of dP_flat [F, F] and dQ_flat [F, RGP] (PP, PQ
+    [G, ...], summed on the host in a fixed order: no atomics). Recomputes the forward's Gram
+    matrix, rho and z from s; P_flat is walked in column chunks of FC (as in the forward)."""
+    pid = tl.program_id(0)
+    cc = tl.arange(0, F)
+    flat_c = ((cc // RP) * r + cc % RP).to(tl.int64)
+    cm = (cc // RP < E) & (cc % RP < r)
+    gg = tl.arange(0, RGP)
+    ri = tl.arange(0, BT * KP)
+    diag = ri[:, None] == ri[None, :]
+    acc_p = tl.zeros((F, F), dtype=ACC)
+    acc_q = tl.zeros((F, RGP), dtype=ACC)
+    for blk in range(pid, n_blocks, tl.num_programs(0)):
+        tok, slot, valid = row_ids(blk, T, K, KP, BT)
+        Sx = expert_columns(S, IDS, tok, slot, valid, K, E, r, s_it, s_ik, cc, RP, HAS_IDS, ACC)
+        mx = tl.max(tl.abs(Sx), axis=1)
+        m = tl.where(mx > 0, mx, 1.0)
+        W = Sx / m[:, None]
+        gram = tl.zeros((BT * KP, BT * KP), dtype=ACC)
+        z = tl.zeros((BT * KP, RGP), dtype=ACC)
+        for c0 in range(0, F, FC):  # the forward's Gram matrix and z, recomputed
+            c2 = c0 + tl.arange(0, FC)
+            P, f2, m2 = _p_chunk(PF, flat_c, cm, c2, E, r, RP, ACC)
+            S2 = expert_columns(S, IDS, tok, slot, valid, K, E, r, s_it, s_ik, c2, RP, HAS_IDS,
+                                ACC)
+            gram += tl.dot(tl.dot(W, P, input_precision="ieee", out_dtype=ACC),
+                           tl.trans(S2 / m[:, None]), input_precision="ieee", out_dtype=ACC)
+            Q = tl.load(QF + f2[:, None] * rg + gg[None, :],
+                        mask=m2[:, None] & (gg < rg)[None, :], other=0.0).to(ACC)
+            z += tl.dot(S2, Q, input_precision="ieee", out_dtype=ACC)
+        n, C, rho, same = relation(gram, m, valid, K, tau_inv, eps, KP, BT)
+        off = same & (ri[:, None] != ri[None, :])
+        dd = load_rows(DDD, tok * K + slot, valid, rg, RGP, ACC)
+        # d = rho z - z: SPEC's backward chain, as in radar_gate's row kernel
+        drho = tl.where(off, tl.dot(dd, tl.trans(z), input_precision="ieee", out_dtype=ACC), 0.0)
+        dC = tl.where(same, rho * (drho - tl.sum(rho * drho, axis=1)[:, None]) * tau_inv, 0.0)
+        q = tl.where(n > eps, tl.sum((dC + tl.trans(dC)) * C, axis=1), 0.0)
+        dz = block_dot(tl.trans(rho), dd, same, ACC) - dd
+        dz = tl.where(K > 1, dz, 0.0)
+        # gradient of the scaled Gram matrix (C_ij = gram_ij qq_i qq_j, qq = m / n): dC
+        # off the diagonal, the norms' -q qq^2 / 2 on it; gram = W P W^T
+        qq = m / n
+        dG = tl.where(off, dC * (qq[:, None] * qq[None, :]), 0.0)
+        dG = tl.where(diag & same, -0.5 * (q * qq * qq)[:, None], dG)
+        dGW = block_dot(dG, W, same, ACC)
+        acc_p += tl.dot(tl.trans(W), dGW, input_precision="ieee", out_dtype=ACC)
+        acc_q += tl.dot(tl.trans(Sx), dz, input_precision="ieee", out_dtype=ACC)
+        dGW = (dGW + block_dot(tl.trans(dG), W, same, ACC)) / m[:, None]  # dS = dGW P + dz Q^T
+        for c0 in range(0, F, FC):
+            c2 = c0 + tl.arange(0, FC)
+            P, f2, m2 = _p_chunk(PF, flat_c, cm, c2, E, r, RP, ACC)
+            Q = tl.load(QF + f2[:, None] * rg + gg[None, :],
+                        mask=m2[:, None] & (gg < rg)[None, :], other=0.0).to(ACC)
+            dS = tl.dot(dGW, P, input_precision="ieee", out_dtype=ACC) \
+                + tl.dot(dz, tl.trans(Q), input_precision="ieee", out_dtype=ACC)
+            off_s, own = expert_column_offsets(IDS, tok, slot, valid, K, E, r, s_it, s_ik, c2,
+                                               RP, HAS_IDS)
+            ds = tl.load(DS + off_s, mask=own, other=0.0)
+            tl.store(DS + off_s, ds + dS.to(ds.dtype), mask=own)
+    tl.store(PP + pid.to(tl.int64) * F * F + cc[:, None] * F + cc[None, :], acc_p)
+    tl.store(PQ + pid.to(tl.int64) * F * RGP + cc[:, None] * RGP + gg[None, :], acc_q)
