@@ -66,6 +66,11 @@ RELATION_FULL = [(1, 1, 1, 1, False), (1, 1, 64, 64, False), (8, 8, 8, 8, False)
                  (2, 2, 32, 64, True), (32, 8, 8, 64, True), (16, 8, 8, 64, True),
                  (8, 8, 8, 64, True)]
 RELATION_QUICK = [(8, 8, 8, 8, False), (32, 8, 8, 64, True), (2, 4, 16, 64, True)]
+# P, Q and their gradients (lora_factors_kernel, lora_factors_bwd_kernel): (E, r, rg) with
+# E r <= 64 (where the relation kernel runs), out = 4096.
+FACTORS_FULL = [(1, 1, 1), (8, 8, 8), (8, 8, 64), (2, 32, 64), (4, 16, 8)]
+FACTORS_QUICK = [(8, 8, 8), (2, 32, 64)]
+FACTORS_KERNELS = ("lora_factors_kernel", "lora_factors_bwd_kernel")
 # The down-projection GEMMs (kernels/lora_down.py): (E, r) -> RP and the column block.
 DOWN_FULL = [(1, 1), (8, 8), (3, 17), (128, 64)]
 DOWN_QUICK = [(8, 8), (128, 64)]
@@ -136,6 +141,10 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
                             continue  # relation_backward_fits: K <= 8
                         jobs.append(dict(arch=arch, dtype="float32", kernel=kern, K=K, D=0, r=r,
                                          E=E if ids else None, rg=rg))
+            for (E, r, rg) in (FACTORS_QUICK if quick else FACTORS_FULL):
+                for kern in FACTORS_KERNELS:
+                    jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=E, D=4096, r=r, E=E,
+                                     rg=rg))
             for (E, r) in (DOWN_QUICK if quick else DOWN_FULL):
                 for kern in DOWN_KERNELS:
                     jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=E, D=4096, r=r, E=E,
@@ -209,6 +218,16 @@ def _plan_lora(job, dt):
             assert LL.relation_backward_fits(K, E, r, flags), job
             _, launches = LL.plan_relation_backward(s, ids, P, Q, d, s.clone(), 1.0, 1e-6)
         return launches[0], None
+    if job["kernel"].startswith("lora_factors"):
+        B = torch.empty((E, r, out), dtype=dt)
+        A_rot = torch.empty((out, rg), dtype=dt)
+        if job["kernel"] == "lora_factors_kernel":
+            _, launches = LL.plan_factors(B, A_rot, torch.float32)
+        else:
+            dP = torch.empty((E, r, E, r), dtype=torch.float32)
+            _, launches = LL.plan_factors_backward(dP, torch.empty((E, r, rg)), B, A_rot,
+                                                   torch.float32)
+        return launches[0], None
     if job["kernel"].startswith("lora_down_"):
         x = torch.empty((T, out), dtype=dt)
         lora_A = torch.empty((E, out, r), dtype=dt)
@@ -239,6 +258,8 @@ def _lora_config(job, launch, lc):
     if job["kernel"].startswith("lora_relation"):
         return (f"KP={m['KP']} BT={m['BT']} F={m['F']} RP={m['RP']} RGP={m['RGP']}"
                 + (" ids" if m["HAS_IDS"] else ""))
+    if job["kernel"].startswith("lora_factors"):
+        return f"FP={m['FP']} RGP={m['RGP']} BO={m['BO']} E={job['E']} r={job['r']}"
     if job["kernel"].startswith("lora_down_"):
         return f"BM={m['BM']} BN={m['BN']} BK={m['BK']} RP={m['RP']} E={job['E']}"
     return (f"BT={lc.BT} BH={m['BH']} RP={lc.RP} RGP={lc.RGP} rg={job['rg']}"

@@ -166,8 +166,9 @@ class AtenBytes(TorchDispatchMode):
         out = func(*args, **kwargs)
         if _COUNTER is not None and _COUNTER.current is not None:
             return out  # the interpreter's own copies of kernel arguments, not the op's work
-        if func.is_view or func.__name__.split(".")[0] in ("empty", "empty_strided", "detach",
-                                                            "alias", "lift_fresh", "_to_copy_noop"):
+        if func.is_view or func.__name__.split(".")[0] in ("empty", "empty_strided", "empty_like",
+                                                            "detach", "alias", "lift_fresh",
+                                                            "_to_copy_noop"):
             return out
         flat_in = torch.utils._pytree.tree_leaves((args, kwargs))
         flat_out = torch.utils._pytree.tree_leaves(out)

@@ -259,15 +259,14 @@ def _setup(x, lora_A, lora_B, rot_down, ids, scaling, backend):
 def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend):
     ct, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids, scaling,
                                                        backend)
-    Bc = lora_B.to(ct)
     if rot_down is None:
-        return _chunked_eval(weighted_sum_lowrank, chunks, (s, g.to(ct), ids), (Bc,),
-                             s.new_empty((T, out))).to(x.dtype)
+        return _chunked_eval(weighted_sum_lowrank, chunks, (s, g.to(ct), ids),
+                             (lora_B.to(ct),), s.new_empty((T, out))).to(x.dtype)
     P, Q = _factors(lora_B, rot_down, ct, ids, K, backend)
     d = _relation(s, ids, P, Q, tau, eps, chunks, backend)
     if backend == "triton":
         return _launch().stream_forward(s, g, d, ids, lora_B, rot_up, beta, x.dtype)
-    params = (Bc, rot_up.to(ct), beta.to(ct) if beta is not None else None)
+    params = (lora_B.to(ct), rot_up.to(ct), beta.to(ct) if beta is not None else None)
     y = _chunked_eval(stream_torch, chunks, (s, g.to(ct), d, ids), params, s.new_empty((T, out)))
     return y.to(x.dtype)
 
@@ -282,7 +281,6 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
         (ds, dg), (dB,) = _chunked_grads(weighted_sum_lowrank, chunks, (s, g.to(ct), ids), 2,
                                          (lora_B.to(ct),), dyc)
     else:
-        Bc, A_rot = lora_B.to(ct), rot_down.to(ct)
         P, Q = _factors(lora_B, rot_down, ct, ids, K, backend)
         rel = lambda s_, i_, P_, Q_: relation_lowrank(s_, i_, P_, Q_, tau, eps)  # noqa: E731
         d = _relation(s, ids, P, Q, tau, eps, chunks, backend)
@@ -290,7 +288,7 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
             LL, dyk = _launch(), dy.contiguous()
             ds, dg, dd = LL.stream_backward_rows(dyk, s, g, d, ids, lora_B, rot_up, beta)
         else:
-            params = (Bc, rot_up.to(ct), beta.to(ct) if beta is not None else None)
+            params = (lora_B.to(ct), rot_up.to(ct), beta.to(ct) if beta is not None else None)
             (ds, dg, dd), (dB, dU, dbeta) = _chunked_grads(stream_torch, chunks,
                                                            (s, g.to(ct), d, ids), 3, params, dyc)
         if backend == "triton" and LL.relation_backward_fits(K, E, s.shape[2], ids is not None):
@@ -298,7 +296,11 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
         else:
             (ds2,), (dP, dQ) = _chunked_grads(rel, chunks, (s, ids), 1, (P, Q), dd)
             ds += ds2
-        dB_rel, dA_rot = factors_backward(dP, dQ, Bc, A_rot)
+        if backend == "triton" and LL.relation_fits(K, E, s.shape[2], ids is not None):
+            dB_rel, dA_rot = LL.factors_backward(dP.contiguous(), dQ.contiguous(), lora_B,
+                                                 rot_down, ct)
+        else:
+            dB_rel, dA_rot = factors_backward(dP, dQ, lora_B.to(ct), rot_down.to(ct))
         if backend == "triton":  # the parameter kernel adds the streaming part to dB_rel
             dB, dU, dbeta = LL.stream_backward_params(dyk, s, g, d, ids, lora_B, rot_up, beta,
                                                       dB_rel)

@@ -166,3 +166,27 @@ def test_down_and_relation_kernels_read_their_inputs_once():
     assert kc.by_arg[("lora_down_fwd_kernel", "S")] == [0, T * E * r * 4]
     assert kc.by_arg[("lora_relation_kernel", "S")] == [T * E * r * 4, 0]
     assert kc.by_arg[("lora_relation_kernel", "DD")] == [0, T * E * rg * 4]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("E, r, out, rg", [(1, 1, 2, 1), (3, 5, 70, 7), (8, 8, 130, 8),
+                                           (2, 32, 64, 64)])
+def test_factor_kernels_match_lowrank_factors_and_their_gradients(E, r, out, rg, dtype):
+    gen = _gen(E, r, out, rg, str(dtype), "factors")
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    # lora_B stored [E, out, r] (non-contiguous view), rot_down contiguous
+    B = torch.randn(E, out, r, generator=gen, dtype=torch.float64).to(dtype).transpose(1, 2)
+    A_rot = (torch.randn(out, rg, generator=gen, dtype=torch.float64) * out ** -0.5).to(dtype)
+    dP = torch.randn(E, r, E, r, generator=gen, dtype=torch.float64).to(ct)
+    dQ = torch.randn(E, r, rg, generator=gen, dtype=torch.float64).to(ct)
+    P, Q = LL.factors(B, A_rot, ct)
+    dB, dA = LL.factors_backward(dP, dQ, B, A_rot, ct)
+    P_ref, Q_ref = lora.lowrank_factors(B, A_rot, ct)
+    dB_ref, dA_ref = lora.factors_backward(dP, dQ, B.to(ct), A_rot.to(ct))
+    P64, Q64 = lora.lowrank_factors(B.double(), A_rot.double(), torch.float64)
+    dB64, dA64 = lora.factors_backward(dP.double(), dQ.double(), B.double(), A_rot.double())
+    for name, got, ref, truth in (("P", P, P_ref, P64), ("Q", Q, Q_ref, Q64),
+                                  ("dB", dB, dB_ref, dB64), ("drot_down", dA, dA_ref, dA64)):
+        assert got.shape == truth.shape and got.is_contiguous()
+        assert_matches(name, got, ref, truth, ct)

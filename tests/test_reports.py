@@ -20,12 +20,14 @@ def test_compile_report_quick_compiles_every_kernel_for_sm80_and_sm90_without_sp
     rows = [l for l in out.splitlines() if l.strip().startswith(("80 ", "90 "))]
     kernels = {"radargate_fwd_kernel", "radargate_bwd_rows_kernel", "radargate_bwd_params_kernel",
                "lora_fwd_kernel", "lora_bwd_rows_kernel", "lora_bwd_params_kernel",
-               "lora_down_fwd_kernel", "lora_down_dx_kernel", "lora_down_da_kernel"}
+               "lora_down_fwd_kernel", "lora_down_dx_kernel", "lora_down_da_kernel",
+               "lora_factors_kernel", "lora_factors_bwd_kernel"}
     for arch in ("80", "90"):
         for dtype in ("float16", "bfloat16", "float32"):
             seen = {l.split()[2] for l in rows if l.split()[:2] == [arch, dtype]}
-            # the relation kernel works on s, P and Q in the compute dtype: compiled once (fp32)
-            want = kernels | ({"lora_relation_kernel"} if dtype == "float32" else set())
+            # the relation kernels work on s, P and Q in the compute dtype: compiled once (fp32)
+            want = kernels | ({"lora_relation_kernel", "lora_relation_bwd_kernel"}
+                              if dtype == "float32" else set())
             assert seen == want, (arch, dtype, seen)
     assert all(l.rstrip().endswith("ok") for l in rows), out
 

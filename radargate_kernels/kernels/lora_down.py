@@ -8,7 +8,7 @@ fp64 inputs); no upcast copy of x is ever written.
 
 - ``lora_down_fwd_kernel`` (grid: token blocks x column blocks):
   ``s_all[t, e, a] = scaling * sum_i x[t, i] A[e, i, a]`` -> s_all [T, E, r] (compute dtype).
-- ``lora_down_dx_kernel`` (grid: token blocks x input blocks):
+- ``lora_down_dx_kernel`` (grid: token blocks, walking the input blocks):
   ``dx[t, i] = sum_{e, a} ds_all[t, e, a] A[e, i, a]`` (dtype of dx).
 - ``lora_down_da_kernel`` (grid: input blocks x column blocks):
   ``dA[e, i, a] = sum_t x[t, i] ds_all[t, e, a]``, the tokens walked in a fixed order by one
@@ -57,19 +57,29 @@ def lora_down_fwd_kernel(X, LA, S, T, n_in, E, r, scaling, s_xt, s_xi, s_ae, s_a
 
 @triton.jit
 def lora_down_dx_kernel(DS, LA, DX, T, n_in, E, r, s_ae, s_ai, s_ar, s_dxt, s_dxi,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
-                   ACC: tl.constexpr):
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
+                        ONE_K: tl.constexpr, ACC: tl.constexpr):
+    """Grid: token blocks; the program walks all input blocks. With ONE_K (E * RP <= BK) its
+    ds_all tile is loaded once for all of them (else once per input block)."""
     tok = tl.program_id(0) * BM + tl.arange(0, BM)
-    ii = tl.program_id(1) * BN + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), dtype=ACC)
-    for c0 in range(0, E * RP, BK):
-        cc = c0 + tl.arange(0, BK)
-        off, m = s_all_offsets(tok, cc, T, E, r, RP)
-        ds = tl.load(DS + off, mask=m, other=0.0).to(ACC)
-        a = a_cat_tile(LA, ii, cc, n_in, E, r, s_ae, s_ai, s_ar, RP, ACC)
-        acc += tl.dot(ds, tl.trans(a), input_precision="ieee", out_dtype=ACC)
-    tl.store(DX + tok.to(tl.int64)[:, None] * s_dxt + ii[None, :] * s_dxi,
-             acc.to(DX.dtype.element_ty), mask=(tok < T)[:, None] & (ii < n_in)[None, :])
+    cc0 = tl.arange(0, BK)
+    off0, m0 = s_all_offsets(tok, cc0, T, E, r, RP)
+    ds0 = tl.load(DS + off0, mask=m0, other=0.0).to(ACC)
+    for i0 in range(0, n_in, BN):
+        ii = i0 + tl.arange(0, BN)
+        if ONE_K:
+            acc = tl.dot(ds0, tl.trans(a_cat_tile(LA, ii, cc0, n_in, E, r, s_ae, s_ai, s_ar, RP,
+                                                  ACC)), input_precision="ieee", out_dtype=ACC)
+        else:
+            acc = tl.zeros((BM, BN), dtype=ACC)
+            for c0 in range(0, E * RP, BK):
+                cc = c0 + tl.arange(0, BK)
+                off, m = s_all_offsets(tok, cc, T, E, r, RP)
+                ds = tl.load(DS + off, mask=m, other=0.0).to(ACC)
+                a = a_cat_tile(LA, ii, cc, n_in, E, r, s_ae, s_ai, s_ar, RP, ACC)
+                acc += tl.dot(ds, tl.trans(a), input_precision="ieee", out_dtype=ACC)
+        tl.store(DX + tok.to(tl.int64)[:, None] * s_dxt + ii[None, :] * s_dxi,
+                 acc.to(DX.dtype.element_ty), mask=(tok < T)[:, None] & (ii < n_in)[None, :])
 
 
 @triton.jit

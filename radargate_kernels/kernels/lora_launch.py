@@ -12,7 +12,8 @@ import triton
 
 from .launch import Launch, _acc, _pow2, _v_prec, param_groups
 from .lora_down import lora_down_da_kernel, lora_down_dx_kernel, lora_down_fwd_kernel
-from .lora_relation import lora_factors_kernel, lora_relation_bwd_kernel, lora_relation_kernel
+from .lora_relation import (lora_factors_bwd_kernel, lora_factors_kernel, lora_relation_bwd_kernel,
+                            lora_relation_kernel)
 from .lora_stream import lora_bwd_params_kernel, lora_bwd_rows_kernel, lora_fwd_kernel
 
 
@@ -117,11 +118,15 @@ def plan_down_backward(ds_all, x, lora_A, need_dx, need_dA):
           if need_dA else None)
     launches = []
     if need_dx and T > 0 and n_in > 0:
-        launches.append(Launch(lora_down_dx_kernel, (triton.cdiv(T, DOWN_K), triton.cdiv(n_in, DOWN_TILE)),
+        BK = min(BN, DOWN_K)
+        launches.append(Launch(lora_down_dx_kernel, (triton.cdiv(T, DOWN_K),),
                                (ds_all, lora_A, dx, T, n_in, E, r, *lora_A.stride(), *dx.stride()),
-                               dict(meta, BM=DOWN_K, BN=DOWN_TILE, BK=min(BN, DOWN_K))))
+                               dict(meta, BM=DOWN_K, BN=DOWN_TILE, BK=BK, ONE_K=E * RP <= BK)))
     if need_dA and n_in > 0:  # also at T = 0: dA = 0 (the loop over tokens is empty)
-        launches.append(Launch(lora_down_da_kernel, (triton.cdiv(n_in, DOWN_TILE), triton.cdiv(E * RP, BN)),
+        # ds_all (fp32, small) is re-read once per input block, x once per column block
+        # (128 input rows per program spilled 28 bytes: bf16, sm_90)
+        launches.append(Launch(lora_down_da_kernel, (triton.cdiv(n_in, DOWN_TILE),
+                                                     triton.cdiv(E * RP, BN)),
                                (x, ds_all, dA, T, n_in, E, r, *x.stride(), *dA.stride()),
                                dict(meta, BM=DOWN_TILE, BN=BN, BK=DOWN_K)))
     return (dx, dA), launches
@@ -168,12 +173,30 @@ def plan_factors(lora_B, rot_down, ct):
     prec = _v_prec(lora_B.dtype) if rot_down.dtype == lora_B.dtype else "ieee"
     return (P, Q), [Launch(lora_factors_kernel, (1,), (
         lora_B, rot_down, P, Q, E, r, out, rg, *lora_B.stride(), *rot_down.stride()),
-        dict(FP=max(16, _pow2(E * r)), RGP=max(16, _pow2(rg)), BO=64, ACC=_acc(ct), PREC=prec,
-             num_warps=4))]
+        dict(FP=max(16, _pow2(E * r)), RGP=max(16, _pow2(rg)), BO=32, ACC=_acc(ct), PREC=prec,
+             num_warps=8, maxnreg=255))]
 
 
 def factors(lora_B, rot_down, ct):
     return _run(plan_factors(lora_B, rot_down, ct))
+
+
+def plan_factors_backward(dP, dQ, lora_B, rot_down, ct):
+    """Backward of plan_factors: dP [E, r, E, r], dQ [E, r, rg] (contiguous, ct) ->
+    ((dB [E, r, out], drot_down [out, rg]) in ct, contiguous, [Launch])."""
+    E, r, out = lora_B.shape
+    rg = rot_down.shape[1]
+    dB = torch.empty((E, r, out), dtype=ct, device=lora_B.device)
+    dA_rot = torch.empty((out, rg), dtype=ct, device=lora_B.device)
+    return (dB, dA_rot), [Launch(lora_factors_bwd_kernel, (triton.cdiv(out, 32),), (
+        lora_B, rot_down, dP, dQ, dB, dA_rot, E, r, out, rg, *lora_B.stride(),
+        *rot_down.stride()),
+        dict(FP=max(16, _pow2(E * r)), RGP=max(16, _pow2(rg)), BO=32, ACC=_acc(ct),
+             num_warps=8, maxnreg=255))]
+
+
+def factors_backward(dP, dQ, lora_B, rot_down, ct):
+    return _run(plan_factors_backward(dP, dQ, lora_B, rot_down, ct))
 
 
 def plan_relation(s, ids, P, Q, tau, eps):

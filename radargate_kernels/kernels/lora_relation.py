@@ -196,3 +196,35 @@ def lora_relation_bwd_kernel(S, IDS, PF, QF, DDD, DS, PP, PQ, T, K, E, r, rg, s_
             tl.store(DS + off_s, ds + dS.to(ds.dtype), mask=own)
     tl.store(PP + pid.to(tl.int64) * F * F + cc[:, None] * F + cc[None, :], acc_p)
     tl.store(PQ + pid.to(tl.int64) * F * RGP + cc[:, None] * RGP + gg[None, :], acc_q)
+
+
+@triton.jit
+def lora_factors_bwd_kernel(LB, AR, DPF, DQF, DB, DAR, E, r, out, rg, s_le, s_lr, s_lo, s_ao,
+                            s_ag, FP: tl.constexpr, RGP: tl.constexpr, BO: tl.constexpr,
+                            ACC: tl.constexpr):
+    """Gradients through P_flat = B_cat B_cat^T and Q_flat = B_cat rot_down (grid: chunks of
+    the out features, each program owning its columns: no reduction across programs):
+    dB_cat[:, o] = (dP + dP^T) B_cat[:, o] + dQ rot_down[o]^T -> DB [E, r, out] (contiguous,
+    compute dtype), drot_down[o] = B_cat[:, o]^T dQ -> DAR [out, rg] (contiguous)."""
+    c = tl.arange(0, FP)
+    cm = c < E * r
+    gg = tl.arange(0, RGP)
+    gm = gg < rg
+    oo = tl.program_id(0) * BO + tl.arange(0, BO)
+    om = oo < out
+    pm = cm[:, None] & cm[None, :]
+    dP = tl.load(DPF + c[:, None] * (E * r) + c[None, :], mask=pm, other=0.0).to(ACC)
+    dP += tl.trans(dP)
+    dQ = tl.load(DQF + c[:, None] * rg + gg[None, :], mask=cm[:, None] & gm[None, :],
+                 other=0.0).to(ACC)
+    boff = (c // r).to(tl.int64) * s_le + (c % r) * s_lr
+    Bc = tl.load(LB + boff[:, None] + oo[None, :].to(tl.int64) * s_lo,
+                 mask=cm[:, None] & om[None, :], other=0.0).to(ACC)
+    Ac = tl.load(AR + oo[:, None].to(tl.int64) * s_ao + gg[None, :] * s_ag,
+                 mask=om[:, None] & gm[None, :], other=0.0).to(ACC)
+    dB = tl.dot(dP, Bc, input_precision="ieee", out_dtype=ACC) \
+        + tl.dot(dQ, tl.trans(Ac), input_precision="ieee", out_dtype=ACC)
+    tl.store(DB + c[:, None].to(tl.int64) * out + oo[None, :], dB, mask=cm[:, None] & om[None, :])
+    dA = tl.dot(tl.trans(Bc), dQ, input_precision="ieee", out_dtype=ACC)
+    tl.store(DAR + oo[:, None].to(tl.int64) * rg + gg[None, :], dA,
+             mask=om[:, None] & gm[None, :])
