@@ -10,8 +10,10 @@ One streaming pass over the output features then recomputes ``v`` chunk by chunk
 
 Saved for backward: x, weights, ids and the parameters -- nothing per (token, slot) of size
 ``out``, and not even ``s`` (recomputed by one GEMM in backward). Backends:
-- ``triton`` (CUDA, or TRITON_INTERPRET=1): relation part in PyTorch from s (chunked over tokens),
-  streaming part in the kernels of ``kernels/lora_stream.py``;
+- ``triton`` (CUDA, or TRITON_INTERPRET=1): every step in Triton kernels: the down projection
+  (``kernels/lora_down.py``), P and Q and the relation part from s (``kernels/lora_relation.py``,
+  while K <= 32 and E r <= 64, its backward while K <= 8; beyond, that part in PyTorch, chunked
+  over tokens) and the streaming part (``kernels/lora_stream.py``);
 - ``torch`` (any device, the CPU path): chunks of tokens; each chunk's expert outputs exist only
   while that chunk is computed, and backward recomputes them chunk by chunk.
 Without ``rot_down``/``rot_up`` the op is plain weighted-sum LoRA-MoE gating, ``sum_k g_k v_k``,
