@@ -31,13 +31,14 @@ DTYPES = ("float16", "bfloat16", "float32")
 # of pick_config; E is the number of experts in angle_bias.
 FULL_K = (1, 2, 3, 4, 8, 13, 32)      # MAX_K = 32 (launch.py)
 FULL_D = (2, 64, 130, 512, 4096, 16384)  # 512: the widest single-pass forward tile (16 x 256)
-FULL_R = (1, 8, 17, 32)               # MAX_RANK = 32
+FULL_R = (1, 8, 17, 32, 64)           # MAX_RANK = 64 (32 for K > 16: MAX_RANK_WIDE_K)
 FULL_E = (None, 16, 128)              # None: no angle_bias (and no expert_ids); MAX_E = 128
 QUICK = [  # (K, D, r, E): the benchmark shape and the extremes of the supported range
     (8, 4096, 8, 8),
     (8, 512, 8, 16),  # the widest single-pass forward
     (1, 2, 1, None),
     (32, 16384, 32, 128),
+    (16, 4096, 64, 128),  # the widest rank (r <= 64 at K <= 16)
 ]
 PARTIAL_NEEDS = ((True, False, False), (False, True, False), (False, False, True),
                  (False, True, True))
@@ -84,6 +85,8 @@ def shape_classes(quick: bool):
     for K in FULL_K:
         for D in FULL_D:
             for r in FULL_R:
+                if K > 16 and r > 32:
+                    continue  # beyond kernel_limits_ok
                 for E in FULL_E:
                     out.append((K, D, r, None if E is None else max(E, K)))
     return out

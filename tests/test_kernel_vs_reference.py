@@ -39,6 +39,8 @@ EXTRA_CASES = [
     (9, 5, 258, 2, False, True),    # D/2 = 129: single-pass forward, ragged 256-wide tile
     (3, 2, 1030, 2, True, True),    # D/2 = 515: too wide for one pass: the two-pass forward
     (2, 13, 600, 3, True, False),   # K = 13 at D/2 = 300: two-pass (16 x 512 > 4096)
+    (3, 4, 34, 64, True, True),     # r = 64 (RP = 64, allowed at K <= 16)
+    (2, 16, 6, 33, False, False),   # r = 33 at K = 16: the widest K with RP = 64
 ]
 CASES = _grid() + EXTRA_CASES
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)

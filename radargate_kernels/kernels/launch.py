@@ -22,7 +22,9 @@ from .forward import radargate_fwd_kernel
 # Limits of the fused kernels (see docs/launch_config.md). Beyond them radar_gate(backend="auto")
 # uses the PyTorch reference and backend="triton" raises ValueError.
 MAX_K = 32      # K = 33..64 needs R = 64 rows per program, which spills (compile report)
-MAX_RANK = 32   # r = 33..64 (RP = 64) spills in the backward row kernel (compile report)
+MAX_RANK = 64   # r <= 64 at K <= 16 (RP = 64: 0 spills, compile report) ...
+MAX_RANK_WIDE_K = 32  # ... and r <= 32 at K = 17..32, where RP = 64 spilled 24-808 bytes
+#                       (one 32-row token per program: row, forward and parameter kernels)
 MAX_E = 128
 ROWS_TARGET = 32  # R = BT * KP rows per program: tokens are packed until R reaches this
 ROWS_TARGET_WIDE = 16  # ... for rank > 16, where the [R, r] state tiles are wider
@@ -64,6 +66,9 @@ def kernel_limits_ok(K: int, r: int, E: int, has_beta: bool) -> str | None:
         return f"K = {K} experts per token exceeds the fused kernels' limit of {MAX_K}"
     if r > MAX_RANK:
         return f"rank r = {r} exceeds the fused kernels' limit of {MAX_RANK}"
+    if K > 16 and r > MAX_RANK_WIDE_K:
+        return (f"rank r = {r} with K = {K} experts per token exceeds the fused kernels' limit "
+                f"of r <= {MAX_RANK_WIDE_K} for K > 16 (r <= {MAX_RANK} for K <= 16)")
     if has_beta and E > MAX_E:
         return f"E = {E} experts in angle_bias exceeds the fused kernels' limit of {MAX_E}"
     return None
@@ -84,6 +89,8 @@ def pick_config(K: int, h: int, r: int, E: int, has_beta: bool,
     bh_fwd = min(cap, 64 if small_rank and itemsize <= 2 else 32)
     bh_bwd = min(cap, 32 if small_rank else 16)
     bh_params = min(cap, 64 if small_rank and EP <= 32 else 32)
+    if RP > 32 and EP > 32:  # r > 32 with a wide angle_bias tile: 32 pairs spilled 12-76 B
+        bh_params = min(cap, 16)
     # single-pass forward: when a program's whole rows fit a [R, D/2] tile of at most
     # ONE_PASS_ELEMS elements per half, with R as small as tl.dot allows (16 rows, or K padded),
     # expert_out is loaded once (Gram, z, relation, rotation from registers); wider rows keep
