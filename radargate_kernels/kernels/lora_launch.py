@@ -96,7 +96,8 @@ def plan_down_forward(x, lora_A, scaling, ct):
     prec = _v_prec(x.dtype) if lora_A.dtype == x.dtype else "ieee"
     launches = []
     if T > 0 and n_in > 0:
-        launches.append(Launch(lora_down_fwd_kernel, (triton.cdiv(T, DOWN_TILE), triton.cdiv(E * RP, BN)),
+        grid = (triton.cdiv(T, DOWN_TILE), triton.cdiv(E * RP, BN))
+        launches.append(Launch(lora_down_fwd_kernel, grid,
                                (x, lora_A, s_all, T, n_in, E, r, float(scaling), *x.stride(),
                                 *lora_A.stride()),
                                dict(BM=DOWN_TILE, BN=BN, RP=RP, ACC=_acc(ct), PREC=prec,
@@ -114,13 +115,14 @@ def plan_down_backward(ds_all, x, lora_A, need_dx, need_dA):
     RP, BN = _down_blocks(E, r)
     meta = dict(RP=RP, ACC=_acc(ds_all.dtype), num_warps=8)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
-    dA = ((torch.empty_like if n_in else torch.zeros_like)(lora_A, memory_format=torch.contiguous_format)
-          if need_dA else None)
+    new_dA = torch.empty_like if n_in else torch.zeros_like
+    dA = new_dA(lora_A, memory_format=torch.contiguous_format) if need_dA else None
     launches = []
     if need_dx and T > 0 and n_in > 0:
         BK = min(BN, DOWN_K)
         launches.append(Launch(lora_down_dx_kernel, (triton.cdiv(T, DOWN_K),),
-                               (ds_all, lora_A, dx, T, n_in, E, r, *lora_A.stride(), *dx.stride()),
+                               (ds_all, lora_A, dx, T, n_in, E, r, *lora_A.stride(),
+                                *dx.stride()),
                                dict(meta, BM=DOWN_K, BN=DOWN_TILE, BK=BK, ONE_K=E * RP <= BK)))
     if need_dA and n_in > 0:  # also at T = 0: dA = 0 (the loop over tokens is empty)
         # ds_all (fp32, small) is re-read once per input block, x once per column block

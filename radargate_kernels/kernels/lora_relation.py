@@ -1,14 +1,20 @@
-"""Triton kernel of the fused layer's relation part: SPEC steps 1-3 from the low-rank s.
+"""Triton kernels of the fused layer's relation part: SPEC steps 1-3 from the low-rank s.
 
-``lora_relation_kernel`` (grid: token blocks): s [T, K, r] -> d [T, K, rg], reading s once.
+- ``lora_relation_kernel`` (grid: token blocks): s [T, K, r] -> d [T, K, rg].
+- ``lora_relation_bwd_kernel`` (grid: token groups): dd -> ds (added in place) and per-group
+  partials of dP, dQ.
+- ``lora_factors_kernel`` / ``lora_factors_bwd_kernel``: P = B B^T, Q = B rot_down (one
+  program) and their gradients dB, drot_down (grid: out chunks).
+
 A program owns BT tokens as R = BT * KP rows (the layout of common.py). Row (t, k) of expert
 e = ids[t, k] (or k) is placed in its expert's columns of an [R, F] tile (F = EP * RP, column
 c = e * RP + a holds s[t, k, a]), so with ``P_flat [F, F] = (B_e B_f^T)`` and
 ``Q_flat [F, rg] = (B_e rot_down)`` every per-token product is one plain ``tl.dot``:
-``Gram = W P_flat W^T`` (W = the rows scaled by their max |s|, so no square overflows),
-``z = S Q_flat`` (above 32 columns P_flat is walked in column chunks of FC = 32, re-loading
-those columns of s, so s is read three times: a [64, 64] fp32 tile of P spilled); then the radar_gate forward's relation (n, C, rho) and ``d = rho z - z``.
-Used while K <= 32 and F <= 64 (lora_launch.relation_fits; beyond, the tiles spilled); larger E * r use the PyTorch part.
+``Gram = W P_flat W^T`` (W = the rows scaled by their max |s|, so no square overflows) and
+``z = S Q_flat``; then the radar_gate forward's relation (n, C, rho) and ``d = rho z - z``.
+Above 32 columns P_flat is walked in column chunks of FC, re-loading those columns of s (s is
+then read three times: a whole [64, 64] fp32 tile of P spilled). Used while K <= 32 and
+F <= 64 (the backward: K <= 8), lora_launch.relation_fits; beyond, the PyTorch part.
 """
 import triton
 import triton.language as tl
@@ -45,6 +51,15 @@ def expert_columns(S, IDS, tok, slot, valid, K, E, r, s_it, s_ik, cc, RP: tl.con
 
 
 @triton.jit
+def _p_chunk(PF, flat_c, cm, c2, E, r, RP: tl.constexpr, ACC: tl.constexpr):
+    """Columns c2 of P_flat [F, len(c2)] (P [E r, E r] at the padded column layout)."""
+    f2 = ((c2 // RP) * r + c2 % RP).to(tl.int64)
+    m2 = (c2 // RP < E) & (c2 % RP < r)
+    return tl.load(PF + flat_c[:, None] * (E * r) + f2[None, :], mask=cm[:, None] & m2[None, :],
+                   other=0.0).to(ACC), f2, m2
+
+
+@triton.jit
 def lora_relation_kernel(S, IDS, PF, QF, DD, T, K, E, r, rg, s_it, s_ik, tau_inv, eps,
                          KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, FC: tl.constexpr,
                          RP: tl.constexpr, RGP: tl.constexpr, HAS_IDS: tl.constexpr,
@@ -70,11 +85,8 @@ def lora_relation_kernel(S, IDS, PF, QF, DD, T, K, E, r, rg, s_it, s_ik, tau_inv
         gram = tl.zeros((BT * KP, BT * KP), dtype=ACC)
         z = tl.zeros((BT * KP, RGP), dtype=ACC)
         for c0 in range(0, F, FC):
+            P, _, _ = _p_chunk(PF, flat, cm, c0 + tl.arange(0, FC), E, r, RP, ACC)
             c2 = c0 + tl.arange(0, FC)
-            f2 = ((c2 // RP) * r + c2 % RP).to(tl.int64)
-            m2 = (c2 // RP < E) & (c2 % RP < r)
-            P = tl.load(PF + flat[:, None] * (E * r) + f2[None, :],
-                        mask=cm[:, None] & m2[None, :], other=0.0).to(ACC)
             S2 = expert_columns(S, IDS, tok, slot, valid, K, E, r, s_it, s_ik, c2, RP, HAS_IDS,
                                 ACC)
             gram += tl.dot(tl.dot(W, P, input_precision="ieee", out_dtype=ACC),
@@ -117,15 +129,6 @@ def lora_factors_kernel(LB, AR, PF, QF, E, r, out, rg, s_le, s_lr, s_lo, s_ao, s
         Q += tl.dot(Bc, Ac, input_precision=PREC, out_dtype=ACC)
     tl.store(PF + c[:, None] * (E * r) + c[None, :], P, mask=cm[:, None] & cm[None, :])
     tl.store(QF + c[:, None] * rg + gg[None, :], Q, mask=cm[:, None] & (gg < rg)[None, :])
-
-
-@triton.jit
-def _p_chunk(PF, flat_c, cm, c2, E, r, RP: tl.constexpr, ACC: tl.constexpr):
-    """Columns c2 of P_flat [F, len(c2)] (P [E r, E r] at the padded column layout)."""
-    f2 = ((c2 // RP) * r + c2 % RP).to(tl.int64)
-    m2 = (c2 // RP < E) & (c2 % RP < r)
-    return tl.load(PF + flat_c[:, None] * (E * r) + f2[None, :], mask=cm[:, None] & m2[None, :],
-                   other=0.0).to(ACC), f2, m2
 
 
 @triton.jit
