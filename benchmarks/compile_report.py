@@ -144,6 +144,14 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
                             continue  # relation_backward_fits: K <= 8
                         jobs.append(dict(arch=arch, dtype="float32", kernel=kern, K=K, D=0, r=r,
                                          E=E if ids else None, rg=rg))
+            # the packed backward row kernel: the relation points with K <= 16, with angle_bias
+            # where there are ids, at out = 2 and 4096
+            for (K, E, r, rg, ids) in (RELATION_QUICK if quick else RELATION_FULL):
+                if K > 16:
+                    continue
+                for out in ((4096,) if quick else (2, 4096)):
+                    jobs.append(dict(arch=arch, dtype=dtype, kernel="lora_bwd_rows_packed_kernel",
+                                     K=K, D=out, r=r, E=E if ids else None, rg=rg))
             for (E, r, rg) in (FACTORS_QUICK if quick else FACTORS_FULL):
                 for kern in FACTORS_KERNELS:
                     jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=E, D=4096, r=r, E=E,
@@ -248,7 +256,9 @@ def _plan_lora(job, dt):
         _, launches = LL.plan_stream_forward(s, g, d, ids, B, U, beta, dt)
         return launches[0], LL.pick_lora_config(r, rg, out // 2)
     dy = torch.empty((T, out), dtype=dt)
-    if job["kernel"] == "lora_bwd_rows_kernel":
+    if job["kernel"].startswith("lora_bwd_rows"):
+        packed = LL.rows_packed_fits(K, E, r, flags)
+        assert packed == (job["kernel"] == "lora_bwd_rows_packed_kernel"), job
         _, launches = LL.plan_rows_backward(dy, s, g, d, ids, B, U, beta)
     else:
         dB = torch.empty((E, r, out), dtype=torch.float32)
@@ -263,6 +273,9 @@ def _lora_config(job, launch, lc):
                 + (" ids" if m["HAS_IDS"] else ""))
     if job["kernel"].startswith("lora_factors"):
         return f"FP={m['FP']} RGP={m['RGP']} BO={m['BO']} E={job['E']} r={job['r']}"
+    if job["kernel"] == "lora_bwd_rows_packed_kernel":
+        return (f"KP={m['KP']} BT={m['BT']} F={m['F']} BH={m['BH']} RGP={m['RGP']}"
+                + (" ids+bias" if job["E"] is not None else ""))
     if job["kernel"].startswith("lora_down_"):
         return f"BM={m['BM']} BN={m['BN']} BK={m['BK']} RP={m['RP']} E={job['E']}"
     return (f"BT={lc.BT} BH={m['BH']} RP={lc.RP} RGP={lc.RGP} rg={job['rg']}"

@@ -21,7 +21,7 @@ def test_compile_report_quick_compiles_every_kernel_for_sm80_and_sm90_without_sp
     kernels = {"radargate_fwd_kernel", "radargate_bwd_rows_kernel", "radargate_bwd_params_kernel",
                "lora_fwd_kernel", "lora_bwd_rows_kernel", "lora_bwd_params_kernel",
                "lora_down_fwd_kernel", "lora_down_dx_kernel", "lora_down_da_kernel",
-               "lora_factors_kernel", "lora_factors_bwd_kernel"}
+               "lora_factors_kernel", "lora_factors_bwd_kernel", "lora_bwd_rows_packed_kernel"}
     for arch in ("80", "90"):
         for dtype in ("float16", "bfloat16", "float32"):
             seen = {l.split()[2] for l in rows if l.split()[:2] == [arch, dtype]}
@@ -106,12 +106,14 @@ def test_gpu_check_lane_runs_its_checks_in_the_interpreter(tmp_path):
 
 
 @pytest.mark.parametrize("ids", [False, True])
-def test_fused_layer_kernels_load_b_once_per_slot_without_ids(ids):
+def test_fused_layer_kernels_load_b_once_per_slot_and_dy_once_per_token(ids):
     # benchmarks/lora_cost.py's counter on a small shape (one column program, one token block):
-    # without ids every row of slot k has expert k, so the forward and the backward row kernel
-    # load one [r, out] tile of B_k per slot; with ids each (token, slot) row gathers its B_e
+    # without ids every row of slot k has expert k, so the forward loads one [r, out] tile of
+    # B_k per slot; with ids each (token, slot) row gathers its B_e. The packed backward row
+    # kernel (all slots of a token in one program) loads B_cat [E r, out] once per program and
+    # reads dy once per token, not once per slot
     from benchmarks import lora_cost
-    from radargate_kernels.kernels.lora_launch import pick_lora_config
+    from radargate_kernels.kernels import lora_launch as LL
     T, K, d, r = 16, 3, 32, 4
     E = 4 if ids else K  # dense: one slot per expert
     res = lora_cost.measure(T=T, K=K, E=E, d=d, r=r, rg=4, dtype=torch.bfloat16, ids=ids)
@@ -119,6 +121,8 @@ def test_fused_layer_kernels_load_b_once_per_slot_without_ids(ids):
     one_tile = K * r * d * 2  # r x out bf16 per slot
     want = T * one_tile if ids else one_tile
     assert fwd["lora_fwd_kernel.LB"] == [want, 0]
-    assert pick_lora_config(r, 4, d // 2).BH >= d // 2  # one chunk: the row kernel loads B once
-    assert bwd["lora_bwd_rows_kernel.LB"] == [want, 0]
+    assert LL.rows_packed_fits(K, E, r, ids)
+    programs = -(-T // max(1, LL.PACKED_ROWS // 4))  # K = 3 padded to 4 rows per token
+    assert bwd["lora_bwd_rows_packed_kernel.LB"] == [programs * E * r * d * 2, 0]
+    assert bwd["lora_bwd_rows_packed_kernel.DY"] == [T * d * 2, 0]
     assert fwd["lora_fwd_kernel.Y"] == [0, T * d * 2]

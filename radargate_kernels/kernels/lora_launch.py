@@ -14,7 +14,8 @@ from .launch import Launch, _acc, _pow2, _v_prec, param_groups
 from .lora_down import lora_down_da_kernel, lora_down_dx_kernel, lora_down_fwd_kernel
 from .lora_relation import (lora_factors_bwd_kernel, lora_factors_kernel, lora_relation_bwd_kernel,
                             lora_relation_kernel)
-from .lora_stream import lora_bwd_params_kernel, lora_bwd_rows_kernel, lora_fwd_kernel
+from .lora_stream import (lora_bwd_params_kernel, lora_bwd_rows_kernel, lora_bwd_rows_packed_kernel,
+                          lora_fwd_kernel)
 
 
 @dataclass(frozen=True)
@@ -277,16 +278,34 @@ def expert_order(ids, T, K, E, device):
     return order, offs
 
 
+PACKED_ROWS = 16  # R of lora_bwd_rows_packed_kernel: K <= 16 slots of BT tokens
+PACKED_BH = 16    # its feature pairs per chunk (32 spilled 8-72 bytes at F = 64)
+
+
+def rows_packed_fits(K, E, r, has_ids) -> bool:
+    """True when the backward row kernel can hold all slots of a token ([R, F] layout)."""
+    return K <= PACKED_ROWS and relation_fits(K, E, r, has_ids)
+
+
 def plan_rows_backward(dy, s, g, d, ids, lora_B, rot_up, angle_bias):
     """-> ((ds [T, K, r], dg [T, K], dd [T, K, rg]), [Launch]), in the compute dtype of s."""
     T, K, r, E, out, h, rg, cfg, ids_t, beta_t, s_ids, s_beta, meta = _prep(
         s, ids, lora_B, rot_up, angle_bias)
     ct = s.dtype
-    ds = torch.empty((T, K, r), dtype=ct, device=s.device)
+    packed = rows_packed_fits(K, E, r, ids is not None)
+    ds = (torch.zeros if packed else torch.empty)((T, K, r), dtype=ct, device=s.device)
     dg = torch.empty((T, K), dtype=ct, device=s.device)
     dd = torch.empty((T, K, rg), dtype=ct, device=s.device)
     launches = []
-    if T > 0:
+    if T > 0 and packed:  # ds zeroed: the kernel stores each row's own expert lanes only
+        KP = _pow2(K)
+        BT = max(1, PACKED_ROWS // KP)
+        launches.append(Launch(lora_bwd_rows_packed_kernel, (triton.cdiv(T, BT),), (
+            s, g, d, ids_t, lora_B, rot_up, beta_t, dy, ds, dg, dd, T, K, h, r, rg, E,
+            *g.stride(), *s_ids, *lora_B.stride(), *rot_up.stride(), *s_beta, *dy.stride()),
+            dict(meta, KP=KP, BT=BT, F=relation_columns(K, E, r, ids is not None), RP=_pow2(r),
+                 BH=PACKED_BH, HAS_IDS=ids is not None, num_warps=8)))
+    elif T > 0:
         launches.append(Launch(lora_bwd_rows_kernel, (triton.cdiv(T, cfg.BT),), (
             s, g, d, ids_t, lora_B, rot_up, beta_t, dy, ds, dg, dd, T, K, h, r, rg, E,
             *g.stride(), *s_ids, *lora_B.stride(), *rot_up.stride(), *s_beta, *dy.stride()),

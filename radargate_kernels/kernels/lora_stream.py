@@ -8,6 +8,9 @@ part, computed from s alone) as ``alpha = d U + beta[e]`` with ``U = rot_up [rg,
 - ``lora_fwd_kernel`` (grid: col chunks x token blocks): ``y = sum_k g_k R(alpha_k) v_k``.
 - ``lora_bwd_rows_kernel`` (grid: token blocks): per (token, slot) row, one pass over all
   columns: ``dg = <dy, u>``, ``dd = dalpha U^T``, ``ds = dv B_e^T`` with ``dv = g R(-alpha) dy``.
+- ``lora_bwd_rows_packed_kernel`` (grid: token blocks): the same, with all slots of a token in
+  one program (lora_relation.py's [R, F] layout): dy read once per token, not once per slot.
+  Used where that layout fits (K <= 16, E r <= 64); the slot loop elsewhere.
 - ``lora_bwd_params_kernel`` (grid: col chunks x experts): rows sorted by expert on the host,
   so each program owns ``dB[e, :, chunk]`` (adding to the relation part it holds on entry) and
   ``dbeta[e, chunk]`` (no atomics) and writes one partial of ``drot_up`` per expert, summed on
@@ -16,7 +19,9 @@ part, computed from s alone) as ``alpha = d U + beta[e]`` with ``U = rot_up [rg,
 import triton
 import triton.language as tl
 
-from .common import load_param_chunk, pair_offsets, rotate
+from .common import (angles, expert_of_row, load_param_chunk, load_rows, load_token_halves,
+                     pair_offsets, rotate, row_ids, store_rows)
+from .lora_relation import expert_column_offsets
 
 
 @triton.jit
@@ -238,3 +243,56 @@ def lora_bwd_params_kernel(
         tl.store(DBETA + e64 * h + cols, acc_beta, mask=cmask)
     tl.store(PU + e64 * rg * h + gg[:, None] * h + cols[None, :], acc_u,
              mask=(gg[:, None] < rg) & cmask[None, :])
+
+
+@triton.jit
+def lora_bwd_rows_packed_kernel(
+    S, G, D, IDS, LB, U, BETA, DY,
+    DS, DG, DDD,                           # outputs: ds [T,K,r] (zeroed), dg [T,K], dd [T,K,rg]
+    T, K, h, r, rg, E,
+    s_gt, s_gk, s_it, s_ik, s_le, s_lr, s_lo, s_ug, s_uh, s_be, s_bh, s_dyt, s_dyd,
+    KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr,
+    BH: tl.constexpr, HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr,
+):
+    """lora_bwd_rows_kernel with every slot of a token in one program (grid: token blocks):
+    the R = BT * KP rows of lora_relation.py's layout, each row's s in its expert's columns of
+    an [R, F] tile, so v = S_x B_cat and ds = dv B_cat^T are one dot each for all slots and dy
+    is loaded once per token and chunk (broadcast to the token's rows), not once per slot."""
+    blk = tl.program_id(0)
+    tok, slot, valid = row_ids(blk, T, K, KP, BT)
+    cc = tl.arange(0, F)
+    off_s, own = expert_column_offsets(IDS, tok, slot, valid, K, E, r, s_it, s_ik, cc, RP,
+                                       HAS_IDS)
+    Sx = tl.load(S + off_s, mask=own, other=0.0).to(ACC)
+    eid = expert_of_row(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
+    flat = tok * K + slot
+    gg = tl.arange(0, RGP)
+    d = load_rows(D, flat, valid, rg, RGP, ACC)
+    g = tl.load(G + tok * s_gt + slot.to(tl.int64) * s_gk, mask=valid, other=0.0).to(ACC)
+    cb = (cc // RP < E) & (cc % RP < r)
+    boff = (cc // RP).to(tl.int64) * s_le + (cc % RP) * s_lr  # row c of B_cat [E RP, out]
+    dSx = tl.zeros((BT * KP, F), dtype=ACC)
+    dd = tl.zeros((BT * KP, RGP), dtype=ACC)
+    dg = tl.zeros((BT * KP,), dtype=ACC)
+    for c0 in range(0, h, BH):
+        cols = c0 + tl.arange(0, BH)
+        cmask = cols < h
+        o1, o2 = pair_offsets(boff, cols, h, s_lo)
+        bm = cb[:, None] & cmask[None, :]
+        B1 = tl.load(LB + o1, mask=bm, other=0.0).to(ACC)
+        B2 = tl.load(LB + o2, mask=bm, other=0.0).to(ACC)
+        Uc = load_param_chunk(U, gg, cols, rg, h, s_ug, s_uh, ACC)
+        alpha = angles(d, Uc, BETA, eid, valid, cols, cmask, s_be, s_bh, HAS_BETA, ACC)
+        c, sn = tl.cos(alpha), tl.sin(alpha)
+        dy1, dy2 = load_token_halves(DY, blk, T, cols, h, s_dyt, s_dyd, cmask, KP, BT, BH, ACC)
+        u1, u2 = rotate(tl.dot(Sx, B1, input_precision="ieee", out_dtype=ACC),
+                        tl.dot(Sx, B2, input_precision="ieee", out_dtype=ACC), c, sn)
+        dg += tl.sum(dy1 * u1 + dy2 * u2, axis=1)
+        dalpha = g[:, None] * (dy2 * u1 - dy1 * u2)
+        dd += tl.dot(dalpha, tl.trans(Uc), input_precision="ieee", out_dtype=ACC)
+        dv1, dv2 = rotate(dy1, dy2, c, -sn)  # R(-alpha) dy; times g
+        dSx += tl.dot(g[:, None] * dv1, tl.trans(B1), input_precision="ieee", out_dtype=ACC)
+        dSx += tl.dot(g[:, None] * dv2, tl.trans(B2), input_precision="ieee", out_dtype=ACC)
+    tl.store(DG + flat, dg, mask=valid)
+    store_rows(DDD, dd, flat, valid, rg, RGP)
+    tl.store(DS + off_s, dSx, mask=own)
