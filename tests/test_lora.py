@@ -208,3 +208,27 @@ def test_torch_path_expert_outputs_by_gather_and_by_one_hot_gemm(one_hot_max, mo
     prob = make_lora_problem(7, 3, 10, 12, 4, 3, ids=True, bias=True, E_extra=9, seed=21)
     dy = torch.randn(7, 12, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
     check_lora_against_reference(prob, dy.float(), backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("ids", [False, True], ids=["dense", "topk"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_stays_in_its_token(bad, ids, backend):
+    # tokens share tiles in every kernel (packed rows, Gram tiles, GEMM blocks): a non-finite
+    # x of token 2 must leave the other tokens' outputs and input gradients as the reference's
+    prob = make_lora_problem(6, 3, 8, 10, 4, 3, ids=ids, bias=True, seed=21)
+    prob["x"] = prob["x"].clone()
+    prob["x"][2, 1] = bad
+    x_k = prob["x"].clone().requires_grad_(True)
+    x_r = prob["x"].clone().requires_grad_(True)
+    y_k = radar_gate_lora(**dict(prob, x=x_k), backend=backend)
+    y_r = radar_gate_lora_reference(**dict(prob, x=x_r))
+    good = [0, 1, 3, 4, 5]
+    assert not torch.isfinite(y_k[2]).all() and not torch.isfinite(y_r[2]).all()
+    assert torch.isfinite(y_k[good]).all()
+    torch.testing.assert_close(y_k[good], y_r[good], rtol=1e-5, atol=1e-5)
+    dy = torch.randn(y_r.shape, generator=torch.Generator().manual_seed(3))
+    (dx_k,) = torch.autograd.grad(y_k, x_k, dy)
+    (dx_r,) = torch.autograd.grad(y_r, x_r, dy)
+    assert torch.isfinite(dx_k[good]).all()
+    torch.testing.assert_close(dx_k[good], dx_r[good], rtol=1e-4, atol=1e-5)
