@@ -120,7 +120,8 @@ def plan_down_backward(ds_all, x, lora_A, need_dx, need_dA):
     dA = new_dA(lora_A, memory_format=torch.contiguous_format) if need_dA else None
     launches = []
     if need_dx and T > 0 and n_in > 0:
-        BK = min(BN, DOWN_K)
+        # the whole E * RP <= 64 columns as one reduction step: ds loaded once per program
+        BK = BN if E * RP <= DOWN_TILE else DOWN_K
         launches.append(Launch(lora_down_dx_kernel, (triton.cdiv(T, DOWN_K),),
                                (ds_all, lora_A, dx, T, n_in, E, r, *lora_A.stride(),
                                 *dx.stride()),
