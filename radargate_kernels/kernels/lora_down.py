@@ -63,8 +63,9 @@ def lora_down_dx_kernel(DS, LA, DX, T, n_in, E, r, s_ae, s_ai, s_ar, s_dxt, s_dx
     ds_all tile is loaded once for all of them (else once per input block)."""
     tok = tl.program_id(0) * BM + tl.arange(0, BM)
     cc0 = tl.arange(0, BK)
-    off0, m0 = s_all_offsets(tok, cc0, T, E, r, RP)
-    ds0 = tl.load(DS + off0, mask=m0, other=0.0).to(ACC)
+    if ONE_K:
+        off0, m0 = s_all_offsets(tok, cc0, T, E, r, RP)
+        ds0 = tl.load(DS + off0, mask=m0, other=0.0).to(ACC)
     for i0 in range(0, n_in, BN):
         ii = i0 + tl.arange(0, BN)
         if ONE_K:
