@@ -227,21 +227,26 @@ def _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA, backend):
     return dx, dA
 
 
-def _factors(lora_B, rot_down, ct, ids, K, backend):
-    """(P, Q) of lowrank_factors; on the Triton backend, where the relation kernel runs, one
-    kernel reads lora_B once for both (the einsums read a compute-dtype copy of it twice)."""
-    E, r, _ = lora_B.shape
-    if backend == "triton" and _launch().relation_fits(K, E, r, ids is not None):
+def _relation_kernels(backend, K, E, r, ids):
+    """True when the relation part (P, Q, d and their gradients) runs in Triton kernels: the
+    Triton backend while their [E r]-column tiles fit (lora_launch.relation_fits)."""
+    return backend == "triton" and _launch().relation_fits(K, E, r, ids is not None)
+
+
+def _factors(lora_B, rot_down, ct, kernels):
+    """(P, Q) of lowrank_factors; with the relation kernels, one kernel reads lora_B once for
+    both (the einsums read a compute-dtype copy of it twice)."""
+    if kernels:
         return _launch().factors(lora_B, rot_down, ct)
     return lowrank_factors(lora_B, rot_down, ct)
 
 
-def _relation(s, ids, P, Q, tau, eps, chunks, backend):
-    """d [T, K, rg] from s (no autograd): the relation kernel on the Triton backend while its
-    [E r, E r] tile fits (lora_launch.relation_fits), else relation_lowrank chunk by chunk."""
-    T, K, r = s.shape
-    if backend == "triton" and _launch().relation_fits(K, P.shape[0], r, ids is not None):
-        return _launch().relation(s, ids, P.contiguous(), Q.contiguous(), tau, eps)
+def _relation(s, ids, P, Q, tau, eps, chunks, kernels):
+    """d [T, K, rg] from s (no autograd): the relation kernel, or relation_lowrank chunk by
+    chunk."""
+    if kernels:
+        return _launch().relation(s, ids, P, Q, tau, eps)
+    T, K, _ = s.shape
     return _chunked_eval(lambda s_, i_: relation_lowrank(s_, i_, P, Q, tau, eps), chunks,
                          (s, ids), (), s.new_empty((T, K, Q.shape[2])))
 
@@ -264,8 +269,9 @@ def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, ep
     if rot_down is None:
         return _chunked_eval(weighted_sum_lowrank, chunks, (s, g.to(ct), ids),
                              (lora_B.to(ct),), s.new_empty((T, out))).to(x.dtype)
-    P, Q = _factors(lora_B, rot_down, ct, ids, K, backend)
-    d = _relation(s, ids, P, Q, tau, eps, chunks, backend)
+    kernels = _relation_kernels(backend, K, E, s.shape[2], ids)
+    P, Q = _factors(lora_B, rot_down, ct, kernels)
+    d = _relation(s, ids, P, Q, tau, eps, chunks, kernels)
     if backend == "triton":
         return _launch().stream_forward(s, g, d, ids, lora_B, rot_up, beta, x.dtype)
     params = (lora_B.to(ct), rot_up.to(ct), beta.to(ct) if beta is not None else None)
@@ -283,9 +289,10 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
         (ds, dg), (dB,) = _chunked_grads(weighted_sum_lowrank, chunks, (s, g.to(ct), ids), 2,
                                          (lora_B.to(ct),), dyc)
     else:
-        P, Q = _factors(lora_B, rot_down, ct, ids, K, backend)
+        kernels = _relation_kernels(backend, K, E, s.shape[2], ids)
+        P, Q = _factors(lora_B, rot_down, ct, kernels)
         rel = lambda s_, i_, P_, Q_: relation_lowrank(s_, i_, P_, Q_, tau, eps)  # noqa: E731
-        d = _relation(s, ids, P, Q, tau, eps, chunks, backend)
+        d = _relation(s, ids, P, Q, tau, eps, chunks, kernels)
         if backend == "triton":
             LL, dyk = _launch(), dy.contiguous()
             ds, dg, dd = LL.stream_backward_rows(dyk, s, g, d, ids, lora_B, rot_up, beta)
@@ -293,12 +300,12 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
             params = (lora_B.to(ct), rot_up.to(ct), beta.to(ct) if beta is not None else None)
             (ds, dg, dd), (dB, dU, dbeta) = _chunked_grads(stream_torch, chunks,
                                                            (s, g.to(ct), d, ids), 3, params, dyc)
-        if backend == "triton" and LL.relation_backward_fits(K, E, s.shape[2], ids is not None):
+        if kernels and LL.relation_backward_fits(K, E, s.shape[2], ids is not None):
             dP, dQ = LL.relation_backward(s, ids, P, Q, dd, ds, tau, eps)  # ds updated
         else:
             (ds2,), (dP, dQ) = _chunked_grads(rel, chunks, (s, ids), 1, (P, Q), dd)
             ds += ds2
-        if backend == "triton" and LL.relation_fits(K, E, s.shape[2], ids is not None):
+        if kernels:
             dB_rel, dA_rot = LL.factors_backward(dP.contiguous(), dQ.contiguous(), lora_B,
                                                  rot_down, ct)
         else:

@@ -256,9 +256,7 @@ def plan_relation_backward(s, ids, P, Q, dd, ds, tau, eps):
 
 def relation_backward(s, ids, P, Q, dd, ds, tau, eps):
     """-> (dP [E, r, E, r], dQ [E, r, rg]); ds += the relation part of its gradient."""
-    (PP, PQ), launches = plan_relation_backward(s, ids, P, Q, dd, ds, tau, eps)
-    for launch in launches:
-        launch.run()
+    PP, PQ = _run(plan_relation_backward(s, ids, P, Q, dd, ds, tau, eps))
     E, r, rg = P.shape[0], P.shape[1], Q.shape[2]
     RP = _pow2(r)
     F = PP.shape[1]
@@ -335,24 +333,15 @@ def plan_params_backward(dy, s, g, d, ids, lora_B, rot_up, angle_bias, dB):
 
 
 def stream_forward(s, g, d, ids, lora_B, rot_up, angle_bias, out_dtype):
-    y, launches = plan_stream_forward(s, g, d, ids, lora_B, rot_up, angle_bias, out_dtype)
-    for launch in launches:
-        launch.run()
-    return y
+    return _run(plan_stream_forward(s, g, d, ids, lora_B, rot_up, angle_bias, out_dtype))
 
 
 def stream_backward_rows(dy, s, g, d, ids, lora_B, rot_up, angle_bias):
     """-> (ds, dg, dd): the per-(token, slot) gradients, in the compute dtype of s."""
-    out, launches = plan_rows_backward(dy, s, g, d, ids, lora_B, rot_up, angle_bias)
-    for launch in launches:
-        launch.run()
-    return out
+    return _run(plan_rows_backward(dy, s, g, d, ids, lora_B, rot_up, angle_bias))
 
 
 def stream_backward_params(dy, s, g, d, ids, lora_B, rot_up, angle_bias, dB):
     """-> (dB, drot_up, dbeta or None); dB is updated in place (see plan_params_backward)."""
-    (dB, pU, dbeta), launches = plan_params_backward(dy, s, g, d, ids, lora_B, rot_up,
-                                                     angle_bias, dB)
-    for launch in launches:
-        launch.run()
+    dB, pU, dbeta = _run(plan_params_backward(dy, s, g, d, ids, lora_B, rot_up, angle_bias, dB))
     return dB, pU.sum(0), dbeta

@@ -19,44 +19,76 @@ F <= 64 (the backward: K <= 8), lora_launch.relation_fits; beyond, the PyTorch p
 import triton
 import triton.language as tl
 
-from .common import block_dot, load_rows, row_ids, store_rows
+from .common import block_dot, expert_of_row, load_rows, row_ids, store_rows
 from .forward import relation
 
 
 @triton.jit
-def expert_column_offsets(IDS, tok, slot, valid, K, E, r, s_it, s_ik, cc, RP: tl.constexpr,
-                          HAS_IDS: tl.constexpr):
+def expert_column_offsets(e, tok, slot, valid, K, r, cc, RP: tl.constexpr):
     """Offsets into a contiguous [T, K, r] tensor (s, ds) of the rows placed in their experts'
-    columns cc (column c = e * RP + a holds element a of a row of expert e) and the mask of
-    each row's own lanes -> ([R, len(cc)], [R, len(cc)]). An out-of-range id (unchecked under
-    torch.compile) masks its whole row. Only own lanes are on, so a walk over all column chunks
-    touches each element once."""
-    if HAS_IDS:
-        e = tl.load(IDS + tok * s_it + slot.to(tl.int64) * s_ik, mask=valid, other=-1)
-        e = e.to(tl.int32)
-    else:
-        e = slot
+    columns cc (column c = e * RP + a holds element a of a row of expert e; e from
+    common.expert_of_row, -1 for an out-of-range id, which masks its whole row) and the mask of
+    each row's own lanes -> ([R, len(cc)], [R, len(cc)]). Only own lanes are on, so a walk over
+    all column chunks touches each element once."""
     a = cc % RP
-    m = (valid & (e >= 0) & (e < E))[:, None] & ((cc // RP)[None, :] == e[:, None]) \
-        & (a < r)[None, :]
+    m = (valid & (e >= 0))[:, None] & ((cc // RP)[None, :] == e[:, None]) & (a < r)[None, :]
     return (tok * K + slot)[:, None] * r + a[None, :], m
 
 
 @triton.jit
-def expert_columns(S, IDS, tok, slot, valid, K, E, r, s_it, s_ik, cc, RP: tl.constexpr,
-                   HAS_IDS: tl.constexpr, ACC: tl.constexpr):
+def expert_columns(S, e, tok, slot, valid, K, r, cc, RP: tl.constexpr, ACC: tl.constexpr):
     """The rows' s placed in their experts' columns cc -> [R, len(cc)] (0 elsewhere)."""
-    off, m = expert_column_offsets(IDS, tok, slot, valid, K, E, r, s_it, s_ik, cc, RP, HAS_IDS)
+    off, m = expert_column_offsets(e, tok, slot, valid, K, r, cc, RP)
     return tl.load(S + off, mask=m, other=0.0).to(ACC)
 
 
 @triton.jit
-def _p_chunk(PF, flat_c, cm, c2, E, r, RP: tl.constexpr, ACC: tl.constexpr):
-    """Columns c2 of P_flat [F, len(c2)] (P [E r, E r] at the padded column layout)."""
-    f2 = ((c2 // RP) * r + c2 % RP).to(tl.int64)
-    m2 = (c2 // RP < E) & (c2 % RP < r)
-    return tl.load(PF + flat_c[:, None] * (E * r) + f2[None, :], mask=cm[:, None] & m2[None, :],
+def scaled_expert_rows(S, e, tok, slot, valid, K, r, cc, RP: tl.constexpr, ACC: tl.constexpr):
+    """-> (S_x [R, F], m [R], W = S_x / m): each row's max |s| as its scale (1 for a zero row,
+    as reference.row_scale), so the Gram matrix of W has no overflowing square."""
+    Sx = expert_columns(S, e, tok, slot, valid, K, r, cc, RP, ACC)
+    mx = tl.max(tl.abs(Sx), axis=1)
+    m = tl.where(mx > 0, mx, 1.0)
+    return Sx, m, Sx / m[:, None]
+
+
+@triton.jit
+def factor_rows(c, E, r, RP: tl.constexpr):
+    """Row of P_flat [E r, E r] / Q_flat [E r, rg] holding padded column c, and its mask."""
+    return ((c // RP) * r + c % RP).to(tl.int64), (c // RP < E) & (c % RP < r)
+
+
+@triton.jit
+def p_columns(PF, flat, cm, c2, E, r, RP: tl.constexpr, ACC: tl.constexpr):
+    """Columns c2 of P_flat -> ([F, len(c2)] tile, their rows of Q_flat, their mask)."""
+    f2, m2 = factor_rows(c2, E, r, RP)
+    return tl.load(PF + flat[:, None] * (E * r) + f2[None, :], mask=cm[:, None] & m2[None, :],
                    other=0.0).to(ACC), f2, m2
+
+
+@triton.jit
+def gram_and_z(S, PF, QF, e, tok, slot, valid, W, m, flat, cm, gg, K, E, r, rg,
+               F: tl.constexpr, FC: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+               RGP: tl.constexpr, ACC: tl.constexpr):
+    """Gram = W P_flat W^T [R, R] and z = S_x Q_flat [R, RGP], with P_flat walked in column
+    chunks of FC (a whole [64, 64] fp32 tile of it spilled); each chunk's columns of s are
+    re-loaded (own lanes only), and z takes a loop of its own (fewer live registers)."""
+    gram = tl.zeros((R, R), dtype=ACC)
+    z = tl.zeros((R, RGP), dtype=ACC)
+    for c0 in range(0, F, FC):
+        c2 = c0 + tl.arange(0, FC)
+        P, _, _ = p_columns(PF, flat, cm, c2, E, r, RP, ACC)
+        S2 = expert_columns(S, e, tok, slot, valid, K, r, c2, RP, ACC)
+        gram += tl.dot(tl.dot(W, P, input_precision="ieee", out_dtype=ACC),
+                       tl.trans(S2 / m[:, None]), input_precision="ieee", out_dtype=ACC)
+    for c0 in range(0, F, FC):
+        c2 = c0 + tl.arange(0, FC)
+        f2, m2 = factor_rows(c2, E, r, RP)
+        S2 = expert_columns(S, e, tok, slot, valid, K, r, c2, RP, ACC)
+        Q = tl.load(QF + f2[:, None] * rg + gg[None, :], mask=m2[:, None] & (gg < rg)[None, :],
+                    other=0.0).to(ACC)
+        z += tl.dot(S2, Q, input_precision="ieee", out_dtype=ACC)
+    return gram, z
 
 
 @triton.jit
@@ -65,13 +97,10 @@ def lora_relation_kernel(S, IDS, PF, QF, DD, T, K, E, r, rg, s_it, s_ik, tau_inv
                          RP: tl.constexpr, RGP: tl.constexpr, HAS_IDS: tl.constexpr,
                          ACC: tl.constexpr):
     tok, slot, valid = row_ids(tl.program_id(0), T, K, KP, BT)
+    e = expert_of_row(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
     cc = tl.arange(0, F)
-    Sx = expert_columns(S, IDS, tok, slot, valid, K, E, r, s_it, s_ik, cc, RP, HAS_IDS, ACC)
-    mx = tl.max(tl.abs(Sx), axis=1)
-    m = tl.where(mx > 0, mx, 1.0)  # row scale (1 for a zero row), as reference.row_scale
-    W = Sx / m[:, None]
-    flat = ((cc // RP) * r + cc % RP).to(tl.int64)  # row of P [E r, E r] and Q [E r, rg]
-    cm = (cc // RP < E) & (cc % RP < r)
+    Sx, m, W = scaled_expert_rows(S, e, tok, slot, valid, K, r, cc, RP, ACC)
+    flat, cm = factor_rows(cc, E, r, RP)
     gg = tl.arange(0, RGP)
     if FC == F:  # one chunk (F <= 32): P_flat [F, F] and Q_flat [F, rg] whole, s read once
         P = tl.load(PF + flat[:, None] * (E * r) + flat[None, :], mask=cm[:, None] & cm[None, :],
@@ -81,25 +110,9 @@ def lora_relation_kernel(S, IDS, PF, QF, DD, T, K, E, r, rg, s_it, s_ik, tau_inv
         Q = tl.load(QF + flat[:, None] * rg + gg[None, :], mask=cm[:, None] & (gg < rg)[None, :],
                     other=0.0).to(ACC)
         z = tl.dot(Sx, Q, input_precision="ieee", out_dtype=ACC)
-    else:  # P_flat in column chunks (its [F, F] tile would spill); the chunks' s re-loaded
-        gram = tl.zeros((BT * KP, BT * KP), dtype=ACC)
-        z = tl.zeros((BT * KP, RGP), dtype=ACC)
-        for c0 in range(0, F, FC):
-            P, _, _ = _p_chunk(PF, flat, cm, c0 + tl.arange(0, FC), E, r, RP, ACC)
-            c2 = c0 + tl.arange(0, FC)
-            S2 = expert_columns(S, IDS, tok, slot, valid, K, E, r, s_it, s_ik, c2, RP, HAS_IDS,
-                                ACC)
-            gram += tl.dot(tl.dot(W, P, input_precision="ieee", out_dtype=ACC),
-                           tl.trans(S2 / m[:, None]), input_precision="ieee", out_dtype=ACC)
-        for c0 in range(0, F, FC):  # z = S Q_flat in a loop of its own (fewer live registers)
-            c2 = c0 + tl.arange(0, FC)
-            f2 = ((c2 // RP) * r + c2 % RP).to(tl.int64)
-            m2 = (c2 // RP < E) & (c2 % RP < r)
-            S2 = expert_columns(S, IDS, tok, slot, valid, K, E, r, s_it, s_ik, c2, RP, HAS_IDS,
-                                ACC)
-            Q = tl.load(QF + f2[:, None] * rg + gg[None, :],
-                        mask=m2[:, None] & (gg < rg)[None, :], other=0.0).to(ACC)
-            z += tl.dot(S2, Q, input_precision="ieee", out_dtype=ACC)
+    else:
+        gram, z = gram_and_z(S, PF, QF, e, tok, slot, valid, W, m, flat, cm, gg, K, E, r, rg, F,
+                             FC, BT * KP, RP, RGP, ACC)
     n, C, rho, same = relation(gram, m, valid, K, tau_inv, eps, KP, BT)
     d = block_dot(rho, z, same, ACC) - z
     d = tl.where(K > 1, d, z * 0.0)  # SPEC: with K = 1, d = 0 (NaN stays NaN, as the reference)
@@ -143,8 +156,7 @@ def lora_relation_bwd_kernel(S, IDS, PF, QF, DDD, DS, PP, PQ, T, K, E, r, rg, s_
     matrix, rho and z from s; P_flat is walked in column chunks of FC (as in the forward)."""
     pid = tl.program_id(0)
     cc = tl.arange(0, F)
-    flat_c = ((cc // RP) * r + cc % RP).to(tl.int64)
-    cm = (cc // RP < E) & (cc % RP < r)
+    flat_c, cm = factor_rows(cc, E, r, RP)
     gg = tl.arange(0, RGP)
     ri = tl.arange(0, BT * KP)
     diag = ri[:, None] == ri[None, :]
@@ -152,22 +164,10 @@ def lora_relation_bwd_kernel(S, IDS, PF, QF, DDD, DS, PP, PQ, T, K, E, r, rg, s_
     acc_q = tl.zeros((F, RGP), dtype=ACC)
     for blk in range(pid, n_blocks, tl.num_programs(0)):
         tok, slot, valid = row_ids(blk, T, K, KP, BT)
-        Sx = expert_columns(S, IDS, tok, slot, valid, K, E, r, s_it, s_ik, cc, RP, HAS_IDS, ACC)
-        mx = tl.max(tl.abs(Sx), axis=1)
-        m = tl.where(mx > 0, mx, 1.0)
-        W = Sx / m[:, None]
-        gram = tl.zeros((BT * KP, BT * KP), dtype=ACC)
-        z = tl.zeros((BT * KP, RGP), dtype=ACC)
-        for c0 in range(0, F, FC):  # the forward's Gram matrix and z, recomputed
-            c2 = c0 + tl.arange(0, FC)
-            P, f2, m2 = _p_chunk(PF, flat_c, cm, c2, E, r, RP, ACC)
-            S2 = expert_columns(S, IDS, tok, slot, valid, K, E, r, s_it, s_ik, c2, RP, HAS_IDS,
-                                ACC)
-            gram += tl.dot(tl.dot(W, P, input_precision="ieee", out_dtype=ACC),
-                           tl.trans(S2 / m[:, None]), input_precision="ieee", out_dtype=ACC)
-            Q = tl.load(QF + f2[:, None] * rg + gg[None, :],
-                        mask=m2[:, None] & (gg < rg)[None, :], other=0.0).to(ACC)
-            z += tl.dot(S2, Q, input_precision="ieee", out_dtype=ACC)
+        e = expert_of_row(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
+        Sx, m, W = scaled_expert_rows(S, e, tok, slot, valid, K, r, cc, RP, ACC)
+        gram, z = gram_and_z(S, PF, QF, e, tok, slot, valid, W, m, flat_c, cm, gg, K, E, r, rg,
+                             F, FC, BT * KP, RP, RGP, ACC)  # the forward's, recomputed
         n, C, rho, same = relation(gram, m, valid, K, tau_inv, eps, KP, BT)
         off = same & (ri[:, None] != ri[None, :])
         dd = load_rows(DDD, tok * K + slot, valid, rg, RGP, ACC)
@@ -188,13 +188,12 @@ def lora_relation_bwd_kernel(S, IDS, PF, QF, DDD, DS, PP, PQ, T, K, E, r, rg, s_
         dGW = (dGW + block_dot(tl.trans(dG), W, same, ACC)) / m[:, None]  # dS = dGW P + dz Q^T
         for c0 in range(0, F, FC):
             c2 = c0 + tl.arange(0, FC)
-            P, f2, m2 = _p_chunk(PF, flat_c, cm, c2, E, r, RP, ACC)
+            P, f2, m2 = p_columns(PF, flat_c, cm, c2, E, r, RP, ACC)
             Q = tl.load(QF + f2[:, None] * rg + gg[None, :],
                         mask=m2[:, None] & (gg < rg)[None, :], other=0.0).to(ACC)
             dS = tl.dot(dGW, P, input_precision="ieee", out_dtype=ACC) \
                 + tl.dot(dz, tl.trans(Q), input_precision="ieee", out_dtype=ACC)
-            off_s, own = expert_column_offsets(IDS, tok, slot, valid, K, E, r, s_it, s_ik, c2,
-                                               RP, HAS_IDS)
+            off_s, own = expert_column_offsets(e, tok, slot, valid, K, r, c2, RP)
             ds = tl.load(DS + off_s, mask=own, other=0.0)
             tl.store(DS + off_s, ds + dS.to(ds.dtype), mask=own)
     tl.store(PP + pid.to(tl.int64) * F * F + cc[:, None] * F + cc[None, :], acc_p)

@@ -261,10 +261,9 @@ def lora_bwd_rows_packed_kernel(
     blk = tl.program_id(0)
     tok, slot, valid = row_ids(blk, T, K, KP, BT)
     cc = tl.arange(0, F)
-    off_s, own = expert_column_offsets(IDS, tok, slot, valid, K, E, r, s_it, s_ik, cc, RP,
-                                       HAS_IDS)
-    Sx = tl.load(S + off_s, mask=own, other=0.0).to(ACC)
     eid = expert_of_row(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
+    off_s, own = expert_column_offsets(eid, tok, slot, valid, K, r, cc, RP)
+    Sx = tl.load(S + off_s, mask=own, other=0.0).to(ACC)
     flat = tok * K + slot
     gg = tl.arange(0, RGP)
     d = load_rows(D, flat, valid, rg, RGP, ACC)
