@@ -146,12 +146,17 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
                                          E=E if ids else None, rg=rg))
             # the packed backward row kernel: the relation points with K <= 16, with angle_bias
             # where there are ids, at out = 2 and 4096
+            # and the packed parameter kernel, with and without angle_bias (its dbeta tile)
             for (K, E, r, rg, ids) in (RELATION_QUICK if quick else RELATION_FULL):
                 if K > 16:
                     continue
                 for out in ((4096,) if quick else (2, 4096)):
                     jobs.append(dict(arch=arch, dtype=dtype, kernel="lora_bwd_rows_packed_kernel",
                                      K=K, D=out, r=r, E=E if ids else None, rg=rg))
+                    for beta in ((True,) if quick else (True, False)) if r <= 32 else ():
+                        jobs.append(dict(arch=arch, dtype=dtype, K=K, D=out, r=r, rg=rg,
+                                         kernel="lora_bwd_params_packed_kernel",
+                                         E=E if ids else None, beta=beta))
             for (E, r, rg) in (FACTORS_QUICK if quick else FACTORS_FULL):
                 for kern in FACTORS_KERNELS:
                     jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=E, D=4096, r=r, E=E,
@@ -236,7 +241,8 @@ def _plan_lora(job, dt):
             _, launches = LL.plan_factors(B, A_rot, torch.float32)
         else:
             dP = torch.empty((E, r, E, r), dtype=torch.float32)
-            _, launches = LL.plan_factors_backward(dP, torch.empty((E, r, rg)), B, A_rot,
+            bad = torch.zeros(LL.relation_columns(E, E, r, True), dtype=torch.int32)
+            _, launches = LL.plan_factors_backward(dP, torch.empty((E, r, rg)), bad, B, A_rot,
                                                    torch.float32)
         return launches[0], None
     if job["kernel"].startswith("lora_down_"):
@@ -251,7 +257,16 @@ def _plan_lora(job, dt):
         return launches[0], None
     B = torch.empty((E, r, out), dtype=dt)
     U = torch.empty((rg, out // 2), dtype=dt)
-    beta = torch.empty((E, out // 2), dtype=dt) if flags else None
+    beta = torch.empty((E, out // 2), dtype=dt) if job.get("beta", flags) else None
+    if job["kernel"] == "lora_bwd_params_packed_kernel":
+        assert LL.packed_params_fits(K, E, r, flags), job
+        dP = torch.empty((E, r, E, r), dtype=torch.float32)
+        _, launches = LL.plan_params_backward_packed(
+            torch.empty((T, out), dtype=dt), s, g, d, ids, B, U, beta, dP,
+            torch.empty((E, r, rg)), torch.zeros(LL.relation_columns(K, E, r, flags),
+                                                 dtype=torch.int32),
+            torch.empty((out, rg), dtype=dt))
+        return launches[0], None
     if job["kernel"] == "lora_fwd_kernel":
         _, launches = LL.plan_stream_forward(s, g, d, ids, B, U, beta, dt)
         return launches[0], LL.pick_lora_config(r, rg, out // 2)
@@ -272,10 +287,15 @@ def _lora_config(job, launch, lc):
         return (f"KP={m['KP']} BT={m['BT']} F={m['F']} RP={m['RP']} RGP={m['RGP']}"
                 + (" ids" if m["HAS_IDS"] else ""))
     if job["kernel"].startswith("lora_factors"):
-        return f"FP={m['FP']} RGP={m['RGP']} BO={m['BO']} E={job['E']} r={job['r']}"
+        return (f"F={m.get('FP', m.get('F'))} RGP={m['RGP']} BO={m['BO']} E={job['E']} "
+                f"r={job['r']}")
     if job["kernel"] == "lora_bwd_rows_packed_kernel":
         return (f"KP={m['KP']} BT={m['BT']} F={m['F']} BH={m['BH']} RGP={m['RGP']}"
                 + (" ids+bias" if job["E"] is not None else ""))
+    if job["kernel"] == "lora_bwd_params_packed_kernel":
+        return (f"KP={m['KP']} BT={m['BT']} F={m['F']} EB={m['EB']} BH={m['BH']} "
+                f"RGP={m['RGP']}" + (" ids" if m["HAS_IDS"] else "")
+                + (" bias" if m["HAS_BETA"] else ""))
     if job["kernel"].startswith("lora_down_"):
         return f"BM={m['BM']} BN={m['BN']} BK={m['BK']} RP={m['RP']} E={job['E']}"
     return (f"BT={lc.BT} BH={m['BH']} RP={lc.RP} RGP={lc.RGP} rg={job['rg']}"

@@ -38,9 +38,10 @@ def _nbytes(t):
 
 # Kernel arguments shared by every program (parameters, a few MB at most): on a GPU their
 # re-reads by each program are L2 hits, so the DRAM model counts them once per launch.
-# parameters (and the fused layer's parameter products P_flat = PF, Q_flat = QF), shared by all
-# programs of a launch: LB, U, LA (lora_A), PF, QF are the fused-layer kernels' names
-SHARED_PARAMS = ("A", "B", "BETA", "LB", "U", "LA", "PF", "QF")
+# parameters (and the fused layer's parameter products P_flat = PF, Q_flat = QF and their
+# host-summed gradients DPF, DQF: E r x E r at most 16 KiB), shared by all programs of a launch:
+# LB, U, LA (lora_A), AR (rot_down), PF, QF, DPF, DQF are the fused-layer kernels' names
+SHARED_PARAMS = ("A", "B", "BETA", "LB", "U", "LA", "AR", "PF", "QF", "DPF", "DQF")
 
 
 class _Counter:

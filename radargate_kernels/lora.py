@@ -92,12 +92,26 @@ def relation_lowrank(s, ids, P, Q, tau: float, eps: float):
     return torch.baddbmm(z, rho, z, beta=-1)
 
 
+def slots_to_experts(v, ids, E):
+    """v [t, K, r] -> [t, E, r]: each slot's row added to its expert's row (ids [t, K]).
+
+    A one-hot product: exact and deterministic with repeated ids (no atomics). It would carry a
+    non-finite row to every expert through 0 * nan, so non-finite entries are zeroed for the
+    product and put back as NaN only where the row's own expert has them (a second one-hot
+    product of the non-finite mask, no host sync)."""
+    oh = F.one_hot(ids.long(), E).to(v.dtype)
+    bad = ~torch.isfinite(v)
+    out = torch.einsum("tke,tkr->ter", oh, v.masked_fill(bad, 0))
+    hit = torch.einsum("tke,tkr->ter", oh, bad.to(v.dtype))
+    return out.masked_fill(hit > 0, float("nan"))
+
+
 def weighted_sum_lowrank(s, g, ids, lora_B):
     """``sum_k g_k s_k B_e`` as one GEMM over the E r low-rank columns: s [t, K, r] -> [t, out]."""
     E, r, out = lora_B.shape
     gs = g.unsqueeze(-1) * s
-    if ids is not None:  # slots to experts; one-hot keeps repeated ids exact and deterministic
-        gs = torch.einsum("tke,tkr->ter", F.one_hot(ids.long(), E).to(s.dtype), gs)
+    if ids is not None:  # slots to experts
+        gs = slots_to_experts(gs, ids, E)
     return gs.reshape(-1, E * r) @ lora_B.to(s.dtype).reshape(E * r, out)
 
 
@@ -106,10 +120,38 @@ ONE_HOT_MAX = 512  # E * r up to which selected experts' outputs are one GEMM (C
 
 def _one_hot_up(s, ids, E):
     """Top-k expert outputs as one GEMM: s [t, K, r] -> [t K, E r], each slot's r values in
-    its expert's columns (a one-hot mask), so ``@ B.reshape(E r, out)`` gives v = s B_e."""
+    its expert's columns (0 elsewhere, also for a non-finite s), so ``@ B.reshape(E r, out)``
+    gives v = s B_e."""
     t, K, r = s.shape
-    return (F.one_hot(ids.long(), E).to(s.dtype).unsqueeze(-1) * s.unsqueeze(2)).reshape(t * K,
-                                                                                       E * r)
+    own = F.one_hot(ids.long(), E).bool().unsqueeze(-1)
+    return torch.where(own, s.unsqueeze(2), 0).reshape(t * K, E * r)
+
+
+class _OneHotUp(torch.autograd.Function):
+    """v = _one_hot_up(s) @ B_flat with a backward that keeps a non-finite dv row to its own
+    expert's rows of dB (the GEMM ``S^T dv`` would spread it through 0 * nan to every expert,
+    where the reference's gather does not). s [t, K, r], B [E, r, out] -> v [t, K, out]."""
+
+    @staticmethod
+    def forward(ctx, s, ids, B):
+        E, r, out = B.shape
+        ctx.save_for_backward(s, ids, B)
+        return (_one_hot_up(s, ids, E) @ B.reshape(E * r, out)).view(*ids.shape, out)
+
+    @staticmethod
+    def backward(ctx, dv):
+        s, ids, B = ctx.saved_tensors
+        E, r, out = B.shape
+        dv = dv.reshape(-1, out)
+        S = _one_hot_up(s, ids, E)
+        bad = ~torch.isfinite(dv)
+        dB = S.t() @ dv.masked_fill(bad, 0)
+        if bad.any():  # only then: which (expert row, column) has a term through a bad dv
+            lanes = _one_hot_up(torch.ones_like(s), ids, E)
+            dB = dB.masked_fill(lanes.t() @ bad.to(dB.dtype) > 0, float("nan"))
+        dS = (dv @ B.reshape(E * r, out).t()).view(*ids.shape, E, r)
+        ds = torch.gather(dS, 2, ids.long()[..., None, None].expand(-1, -1, 1, r)).squeeze(2)
+        return ds, None, dB.view(E, r, out)
 
 
 def _expert_outputs(s, ids, lora_B):
@@ -120,7 +162,7 @@ def _expert_outputs(s, ids, lora_B):
     E, r, out = lora_B.shape
     if ids is None or E * r > ONE_HOT_MAX:
         return lora_up(s, lora_B, ids)
-    return (_one_hot_up(s, ids, E) @ lora_B.reshape(E * r, out)).view(*ids.shape, out)
+    return _OneHotUp.apply(s, ids, lora_B)
 
 
 def stream_torch(s, g, d, ids, lora_B, rot_up, beta):
@@ -215,8 +257,8 @@ def _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA, backend):
     E, fin, r = lora_A.shape
     ct = ds.dtype
     dS = ds * scaling
-    if ids is not None:  # slots to experts; one-hot keeps repeated ids exact and deterministic
-        dS = torch.einsum("tke,tkr->ter", F.one_hot(ids.long(), E).to(ct), dS)
+    if ids is not None:  # slots to experts
+        dS = slots_to_experts(dS, ids, E)
     if backend == "triton":
         return _launch().down_backward(dS.contiguous(), x, lora_A, need_dx, need_dA)
     dS = dS.reshape(-1, E * r)
@@ -301,20 +343,28 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
             (ds, dg, dd), (dB, dU, dbeta) = _chunked_grads(stream_torch, chunks,
                                                            (s, g.to(ct), d, ids), 3, params, dyc)
         if kernels and LL.relation_backward_fits(K, E, s.shape[2], ids is not None):
-            dP, dQ = LL.relation_backward(s, ids, P, Q, dd, ds, tau, eps)  # ds updated
-        else:
+            dP, dQ, bad = LL.relation_backward(s, ids, P, Q, dd, ds, tau, eps)  # ds updated
+        else:  # (its non-finite terms stay where they belong: no flags needed)
             (ds2,), (dP, dQ) = _chunked_grads(rel, chunks, (s, ids), 1, (P, Q), dd)
             ds += ds2
-        if kernels:
-            dB_rel, dA_rot = LL.factors_backward(dP.contiguous(), dQ.contiguous(), lora_B,
-                                                 rot_down, ct)
+            bad = torch.zeros(LL.relation_columns(K, E, s.shape[2], ids is not None),
+                              dtype=torch.int32, device=s.device) if kernels else None
+        if backend == "triton" and LL.packed_params_fits(K, E, s.shape[2], ids is not None):
+            # one kernel: the streaming part and the relation part (through P and Q)
+            dB, dU, dbeta, dA_rot = LL.params_backward_packed(
+                dyk, s, g, d, ids, lora_B, rot_up, beta, dP.contiguous(), dQ.contiguous(), bad,
+                rot_down)
         else:
-            dB_rel, dA_rot = factors_backward(dP, dQ, lora_B.to(ct), rot_down.to(ct))
-        if backend == "triton":  # the parameter kernel adds the streaming part to dB_rel
-            dB, dU, dbeta = LL.stream_backward_params(dyk, s, g, d, ids, lora_B, rot_up, beta,
-                                                      dB_rel)
-        else:
-            dB += dB_rel
+            if kernels:
+                dB_rel, dA_rot = LL.factors_backward(dP.contiguous(), dQ.contiguous(), bad,
+                                                     lora_B, rot_down, ct)
+            else:
+                dB_rel, dA_rot = factors_backward(dP, dQ, lora_B.to(ct), rot_down.to(ct))
+            if backend == "triton":  # the parameter kernel adds the streaming part to dB_rel
+                dB, dU, dbeta = LL.stream_backward_params(dyk, s, g, d, ids, lora_B, rot_up,
+                                                          beta, dB_rel)
+            else:
+                dB += dB_rel
     dx, dA = _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA, backend)
 
     def cast(t, like):  # contiguous, as the fake implementation promises

@@ -232,3 +232,32 @@ def test_non_finite_input_stays_in_its_token(bad, ids, backend):
     (dx_r,) = torch.autograd.grad(y_r, x_r, dy)
     assert torch.isfinite(dx_k[good]).all()
     torch.testing.assert_close(dx_k[good], dx_r[good], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("where", ["dy", "x"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_token_reaches_only_the_experts_it_uses(bad, where, backend):
+    # top-3 of 9 experts: token 2's non-finite dy (or x) must make exactly the reference's
+    # gradients non-finite (the experts it selected, and the sums over all tokens), nothing
+    # else: the kernels reduce all slots of a tile in one dot, where 0 * nan would leak
+    prob = make_lora_problem(6, 3, 8, 10, 4, 3, ids=True, bias=True, E_extra=6, seed=23)
+    dy = torch.randn(6, 10, generator=torch.Generator().manual_seed(4))
+    if where == "dy":
+        dy[2, 7] = bad
+    else:
+        prob["x"] = prob["x"].clone()
+        prob["x"][2, 1] = bad
+    _, g_k = lora_run(lambda **kw: radar_gate_lora(**kw, backend=backend), prob, dy)
+    _, g_r = lora_run(radar_gate_lora_reference, prob, dy)
+    unused = sorted(set(range(9)) - set(prob["expert_ids"][2].tolist()))
+    assert unused and torch.isfinite(g_r["lora_B"][unused]).all()
+    bad = []
+    for name, ref in g_r.items():
+        got = g_k[name]
+        fin = torch.isfinite(ref)
+        if not torch.equal(torch.isfinite(got), fin):
+            bad.append((name, int((~torch.isfinite(got)).sum()), int((~fin).sum()), fin.numel()))
+            continue
+        torch.testing.assert_close(got[fin], ref[fin], rtol=1e-4, atol=1e-5, msg=name)
+    assert not bad, bad

@@ -126,7 +126,8 @@ def test_relation_backward_kernel_matches_autograd_of_relation_lowrank(case, dty
     P, Q = lora.lowrank_factors(B, A_rot, dtype)
     ds = ds0.clone()
     s0 = s.clone()
-    dP, dQ = LL.relation_backward(s, e, P.contiguous(), Q.contiguous(), dd, ds, tau, 1e-6)
+    dP, dQ, bad = LL.relation_backward(s, e, P.contiguous(), Q.contiguous(), dd, ds, tau, 1e-6)
+    assert not bad.any()  # every input finite
     assert torch.equal(s, s0)
     refs = _relation_grads(s, e, P, Q, tau, dd)
     P64, Q64 = lora.lowrank_factors(B.double(), A_rot.double(), torch.float64)
@@ -181,7 +182,8 @@ def test_factor_kernels_match_lowrank_factors_and_their_gradients(E, r, out, rg,
     dP = torch.randn(E, r, E, r, generator=gen, dtype=torch.float64).to(ct)
     dQ = torch.randn(E, r, rg, generator=gen, dtype=torch.float64).to(ct)
     P, Q = LL.factors(B, A_rot, ct)
-    dB, dA = LL.factors_backward(dP, dQ, B, A_rot, ct)
+    bad = torch.zeros(LL.relation_columns(E, E, r, True), dtype=torch.int32)
+    dB, dA = LL.factors_backward(dP, dQ, bad, B, A_rot, ct)
     P_ref, Q_ref = lora.lowrank_factors(B, A_rot, ct)
     dB_ref, dA_ref = lora.factors_backward(dP, dQ, B.to(ct), A_rot.to(ct))
     P64, Q64 = lora.lowrank_factors(B.double(), A_rot.double(), torch.float64)
@@ -190,3 +192,102 @@ def test_factor_kernels_match_lowrank_factors_and_their_gradients(E, r, out, rg,
                                   ("dB", dB, dB_ref, dB64), ("drot_down", dA, dA_ref, dA64)):
         assert got.shape == truth.shape and got.is_contiguous()
         assert_matches(name, got, ref, truth, ct)
+
+
+PARAMS_CASES = [
+    # T, K, E, out, r, rg, ids, angle_bias
+    (5, 3, 3, 70, 5, 7, False, True),    # odd K and ranks; 35 pairs: two chunks, ragged tail
+    (7, 2, 8, 16, 8, 8, True, True),     # top-2 of 8: F = 64, the widest tile
+    (4, 6, 5, 2, 1, 1, True, False),     # r = 1, D = 2, K > E (repeated ids), no angle bias
+    (1, 1, 1, 4, 3, 2, False, True),     # one token, K = 1
+    (0, 4, 4, 8, 2, 2, False, True),     # T = 0: only the relation part
+    (3, 16, 16, 12, 4, 4, False, True),  # K = 16: one token per program
+]
+
+
+def _params_problem(case, dtype, gen):
+    """Inputs of the parameter gradients: s, d (compute dtype), g, dy, lora_B (non-contiguous),
+    rot_up, angle_bias (dtype) and the relation part's dP, dQ, rot_down."""
+    T, K, E, out, r, rg, ids, has_beta = case
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    h = out // 2
+
+    def rnd(*shape, scale=1.0, to=dtype):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(to)
+    p = dict(s=rnd(T, K, r, to=ct), d=rnd(T, K, rg, to=ct), g=rnd(T, K),
+             ids=torch.randint(0, E, (T, K), generator=gen) if ids else None,
+             B=rnd(E, out, r).transpose(1, 2), U=rnd(rg, h), beta=rnd(E, h) if has_beta else None,
+             dy=rnd(T, out), dP=rnd(E, r, E, r, to=ct), dQ=rnd(E, r, rg, to=ct),
+             A_rot=rnd(out, rg, scale=out ** -0.5))
+    if T > 1:
+        p["s"][1, 0] = 0.0  # a zero row
+    return p, ct
+
+
+def _params_grads(p, ct):
+    """(dB, drot_up, dangle_bias, drot_down) in ct: autograd through lora.stream_torch plus
+    lora.factors_backward (the relation part)."""
+    leaves = [t.detach().to(ct).requires_grad_(True) if t is not None else None
+              for t in (p["B"], p["U"], p["beta"])]
+    y = lora.stream_torch(p["s"].to(ct), p["g"].to(ct), p["d"].to(ct), p["ids"], *leaves)
+    live = [t for t in leaves if t is not None]
+    grads = list(torch.autograd.grad(y, live, p["dy"].to(ct), materialize_grads=True))
+    dB_rel, dA_rot = lora.factors_backward(p["dP"].to(ct), p["dQ"].to(ct), p["B"].to(ct),
+                                           p["A_rot"].to(ct))
+    grads[0] = grads[0] + dB_rel
+    return grads[0], grads[1], grads[2] if p["beta"] is not None else None, dA_rot
+
+
+def _params_abs_scale(p):
+    """max of sum_t |token t's contribution| per gradient (tolerances.py: sums over tokens)."""
+    zero = dict(p, dP=torch.zeros_like(p["dP"]), dQ=torch.zeros_like(p["dQ"]))
+    acc = [g.abs() if g is not None else None for g in _params_grads(
+        dict(p, s=p["s"][:0], d=p["d"][:0], g=p["g"][:0], dy=p["dy"][:0],
+             ids=p["ids"][:0] if p["ids"] is not None else None), torch.float64)]
+    for t in range(p["s"].shape[0]):
+        sub = dict(zero, s=p["s"][t:t + 1], d=p["d"][t:t + 1], g=p["g"][t:t + 1],
+                   dy=p["dy"][t:t + 1], ids=p["ids"][t:t + 1] if p["ids"] is not None else None)
+        acc = [a + g.abs() if a is not None else None
+               for a, g in zip(acc, _params_grads(sub, torch.float64))]
+    return [float(a.max()) if a is not None and a.numel() else None for a in acc]
+
+
+@pytest.mark.parametrize("groups", ["one", "many"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", PARAMS_CASES, ids=lambda c: "T{}-K{}-E{}-D{}-r{}-rg{}".format(
+    *c) + ("-ids" if c[6] else "") + ("" if c[7] else "-nobias"))
+def test_packed_parameter_kernel_matches_autograd_of_stream_torch(case, dtype, groups,
+                                                                 monkeypatch):
+    """lora_bwd_params_packed_kernel: dB (streaming + relation part), drot_up, dangle_bias and
+    drot_down against autograd through the PyTorch streaming part and factors_backward; with
+    "many", every token block is its own group (partials summed on the host)."""
+    T, K, E, out, r, rg, ids, _ = case
+    assert LL.packed_params_fits(K, E, r, ids)
+    if groups == "many":
+        monkeypatch.setattr(LL, "PACKED_GROUP_TOKENS", 1)
+        monkeypatch.setattr(LL, "param_groups", lambda n_blocks, n_chunks, device: n_blocks)
+    gen = _gen(case, str(dtype), "params")
+    p, ct = _params_problem(case, dtype, gen)
+    before = {k: v.clone() for k, v in p.items() if v is not None}
+    bad = torch.zeros(LL.relation_columns(K, E, r, ids), dtype=torch.int32)
+    got = LL.params_backward_packed(p["dy"], p["s"], p["g"], p["d"], p["ids"], p["B"], p["U"],
+                                    p["beta"], p["dP"], p["dQ"], bad, p["A_rot"])
+    (pB, *_), _ = LL.plan_params_backward_packed(
+        p["dy"], p["s"], p["g"], p["d"], p["ids"], p["B"], p["U"], p["beta"], p["dP"], p["dQ"],
+        bad, p["A_rot"])
+    n_blocks = -(-T // max(1, LL.PACKED_ROWS // LL._pow2(K)))
+    assert pB.shape[0] == (max(1, n_blocks) if groups == "many" else 1)
+    assert all(torch.equal(v, p[k]) for k, v in before.items())  # inputs not mutated
+    refs = _params_grads(p, ct)
+    truths = _params_grads({k: (v.double() if torch.is_tensor(v) and v.is_floating_point()
+                                else v) for k, v in p.items()}, torch.float64)
+    scales = _params_abs_scale({k: (v.double() if torch.is_tensor(v) and v.is_floating_point()
+                                    else v) for k, v in p.items()})
+    for name, g_, ref, truth, scale in zip(("dB", "drot_up", "dangle_bias", "drot_down"), got,
+                                           refs, truths, scales):
+        if truth is None:
+            assert g_ is None, name
+            continue
+        assert g_.dtype == ct and g_.shape == truth.shape, name
+        assert_matches(name, g_, ref, truth, ct, scale=scale)

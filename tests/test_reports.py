@@ -21,7 +21,8 @@ def test_compile_report_quick_compiles_every_kernel_for_sm80_and_sm90_without_sp
     kernels = {"radargate_fwd_kernel", "radargate_bwd_rows_kernel", "radargate_bwd_params_kernel",
                "lora_fwd_kernel", "lora_bwd_rows_kernel", "lora_bwd_params_kernel",
                "lora_down_fwd_kernel", "lora_down_dx_kernel", "lora_down_da_kernel",
-               "lora_factors_kernel", "lora_factors_bwd_kernel", "lora_bwd_rows_packed_kernel"}
+               "lora_factors_kernel", "lora_factors_bwd_kernel", "lora_bwd_rows_packed_kernel",
+               "lora_bwd_params_packed_kernel"}
     for arch in ("80", "90"):
         for dtype in ("float16", "bfloat16", "float32"):
             seen = {l.split()[2] for l in rows if l.split()[:2] == [arch, dtype]}
@@ -125,4 +126,13 @@ def test_fused_layer_kernels_load_b_once_per_slot_and_dy_once_per_token(ids):
     programs = -(-T // max(1, LL.PACKED_ROWS // 4))  # K = 3 padded to 4 rows per token
     assert bwd["lora_bwd_rows_packed_kernel.LB"] == [programs * E * r * d * 2, 0]
     assert bwd["lora_bwd_rows_packed_kernel.DY"] == [T * d * 2, 0]
+    # the packed parameter kernel: dy once per token and expert group (one group here), s and
+    # d once per column program (one here); the expert-sorted kernel (dy per slot) not launched
+    assert LL.packed_params_fits(K, E, r, ids) and "lora_bwd_params_kernel" not in res[
+        "fused_backward"]["launches"]
+    n_eg = LL.relation_columns(K, E, r, ids) // max(LL.PACKED_PARAMS_FG, r)
+    assert n_eg == 1 and LL.packed_params_blocks(r, 4, d // 2)[0] >= d // 2
+    assert bwd["lora_bwd_params_packed_kernel.DY"] == [T * d * 2, 0]
+    assert bwd["lora_bwd_params_packed_kernel.S"] == [T * K * r * 4, 0]
+    assert bwd["lora_bwd_params_packed_kernel.D"] == [T * K * 4 * 4, 0]
     assert fwd["lora_fwd_kernel.Y"] == [0, T * d * 2]

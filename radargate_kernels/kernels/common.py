@@ -114,6 +114,11 @@ def load_chunk_angles(V, voff, cols, h, stride_v_d, d, Bc, beta_ptr, eid, valid,
 
 
 @triton.jit
+def non_finite(X):
+    return (X != X) | (tl.abs(X) == float("inf"))
+
+
+@triton.jit
 def block_dot(M, X, same, ACC: tl.constexpr):
     """M [R, R] (zero across tokens) @ X [R, C], as independent per-token products.
 
@@ -121,10 +126,29 @@ def block_dot(M, X, same, ACC: tl.constexpr):
     0 * nan. Non-finite entries of X are zeroed for the product and put back as NaN exactly where
     a dense per-token product has them: column c of every row of the token. ``same`` is the
     same-token mask of block_masks."""
-    bad = (X != X) | (tl.abs(X) == float("inf"))
+    bad = non_finite(X)
     out = tl.dot(M, tl.where(bad, 0.0, X), input_precision="ieee", out_dtype=ACC)
     if tl.sum(bad.to(tl.int32)) > 0:  # only tiles holding non-finite values pay for this
         cnt = tl.dot(same.to(ACC), bad.to(ACC), input_precision="ieee", out_dtype=ACC)
+        out = tl.where(cnt > 0, float("nan"), out)
+    return out
+
+
+@triton.jit
+def support_dot(M, X, sup_m, sup_x, ACC: tl.constexpr):
+    """M [A, R] @ X [R, C] where only the entries in sup_m [A, R] / sup_x [R, C] (bool) are terms;
+    the other entries are zeros standing for "no term" (a row's lanes outside its expert, rows
+    of other tokens). A plain dot would carry a non-finite entry to every output of its row or
+    column through 0 * nan: here non-finite entries are zeroed for the product and put back as
+    NaN exactly at the outputs (a, c) with a term through them (M[a, i] non-finite and
+    sup_x[i, c], or X[i, c] non-finite and sup_m[a, i])."""
+    bad_m = non_finite(M)
+    bad_x = non_finite(X)
+    out = tl.dot(tl.where(bad_m, 0.0, M), tl.where(bad_x, 0.0, X), input_precision="ieee",
+                 out_dtype=ACC)
+    if tl.sum(bad_m.to(tl.int32)) + tl.sum(bad_x.to(tl.int32)) > 0:  # only such tiles pay
+        cnt = tl.dot(sup_m.to(ACC), bad_x.to(ACC), input_precision="ieee", out_dtype=ACC) \
+            + tl.dot(bad_m.to(ACC), sup_x.to(ACC), input_precision="ieee", out_dtype=ACC)
         out = tl.where(cnt > 0, float("nan"), out)
     return out
 

@@ -14,8 +14,8 @@ from .launch import Launch, _acc, _pow2, _v_prec, param_groups
 from .lora_down import lora_down_da_kernel, lora_down_dx_kernel, lora_down_fwd_kernel
 from .lora_relation import (lora_factors_bwd_kernel, lora_factors_kernel, lora_relation_bwd_kernel,
                             lora_relation_kernel)
-from .lora_stream import (lora_bwd_params_kernel, lora_bwd_rows_kernel, lora_bwd_rows_packed_kernel,
-                          lora_fwd_kernel)
+from .lora_stream import (lora_bwd_params_kernel, lora_bwd_params_packed_kernel,
+                          lora_bwd_rows_kernel, lora_bwd_rows_packed_kernel, lora_fwd_kernel)
 
 
 @dataclass(frozen=True)
@@ -185,22 +185,23 @@ def factors(lora_B, rot_down, ct):
     return _run(plan_factors(lora_B, rot_down, ct))
 
 
-def plan_factors_backward(dP, dQ, lora_B, rot_down, ct):
-    """Backward of plan_factors: dP [E, r, E, r], dQ [E, r, rg] (contiguous, ct) ->
-    ((dB [E, r, out], drot_down [out, rg]) in ct, contiguous, [Launch])."""
+def plan_factors_backward(dP, dQ, bad, lora_B, rot_down, ct):
+    """Backward of plan_factors (where relation_fits: E r padded <= 64): dP [E, r, E, r],
+    dQ [E, r, rg] (contiguous, ct), bad [F] (relation_backward's flags) -> ((dB [E, r, out],
+    drot_down [out, rg]) in ct, contiguous, [Launch])."""
     E, r, out = lora_B.shape
     rg = rot_down.shape[1]
     dB = torch.empty((E, r, out), dtype=ct, device=lora_B.device)
     dA_rot = torch.empty((out, rg), dtype=ct, device=lora_B.device)
     return (dB, dA_rot), [Launch(lora_factors_bwd_kernel, (triton.cdiv(out, 32),), (
-        lora_B, rot_down, dP, dQ, dB, dA_rot, E, r, out, rg, *lora_B.stride(),
+        lora_B, rot_down, dP, dQ, bad, dB, dA_rot, E, r, out, rg, *lora_B.stride(),
         *rot_down.stride()),
-        dict(FP=max(16, _pow2(E * r)), RGP=max(16, _pow2(rg)), BO=32, ACC=_acc(ct),
-             num_warps=8, maxnreg=255))]
+        dict(F=relation_columns(E, E, r, True), RP=_pow2(r), RGP=max(16, _pow2(rg)), BO=32,
+             ACC=_acc(ct), num_warps=8, maxnreg=255))]
 
 
-def factors_backward(dP, dQ, lora_B, rot_down, ct):
-    return _run(plan_factors_backward(dP, dQ, lora_B, rot_down, ct))
+def factors_backward(dP, dQ, bad, lora_B, rot_down, ct):
+    return _run(plan_factors_backward(dP, dQ, bad, lora_B, rot_down, ct))
 
 
 def plan_relation(s, ids, P, Q, tau, eps):
@@ -244,25 +245,29 @@ def plan_relation_backward(s, ids, P, Q, dd, ds, tau, eps):
     G = param_groups(n_blocks, 1, s.device) if T > 0 else 0
     PP = torch.zeros((max(G, 1), F, F), dtype=s.dtype, device=s.device)
     PQ = torch.zeros((max(G, 1), F, RGP), dtype=s.dtype, device=s.device)
+    PBAD = torch.zeros((max(G, 1), F), dtype=torch.int32, device=s.device)
     launches = []
     if G:
         launches.append(Launch(lora_relation_bwd_kernel, (G,), (
-            s, ids if ids is not None else s, P, Q, dd, ds, PP, PQ, T, K, E, r, rg,
+            s, ids if ids is not None else s, P, Q, dd, ds, PP, PQ, PBAD, T, K, E, r, rg,
             *(ids.stride() if ids is not None else (0, 0)), n_blocks, 1.0 / tau, eps),
             dict(KP=KP, BT=BT, F=F, FC=min(F, 16), RP=_pow2(r), RGP=RGP,
                  HAS_IDS=ids is not None, ACC=_acc(s.dtype), num_warps=8, maxnreg=255)))
-    return (PP, PQ), launches
+    return (PP, PQ, PBAD), launches
 
 
 def relation_backward(s, ids, P, Q, dd, ds, tau, eps):
-    """-> (dP [E, r, E, r], dQ [E, r, rg]); ds += the relation part of its gradient."""
-    PP, PQ = _run(plan_relation_backward(s, ids, P, Q, dd, ds, tau, eps))
+    """-> (dP [E, r, E, r], dQ [E, r, rg], bad [F] int32); ds += the relation part of its
+    gradient. bad flags the padded columns (B_cat rows) of experts used by a token whose
+    gradient is non-finite: their terms are left out of dP and dQ, and the factor kernels make
+    those rows of dB non-finite, as the reference has them."""
+    PP, PQ, PBAD = _run(plan_relation_backward(s, ids, P, Q, dd, ds, tau, eps))
     E, r, rg = P.shape[0], P.shape[1], Q.shape[2]
     RP = _pow2(r)
     F = PP.shape[1]
     dP = PP.sum(0).view(F // RP, RP, F // RP, RP)[:E, :r, :E, :r].contiguous()
     dQ = PQ.sum(0).view(F // RP, RP, -1)[:E, :r, :rg].contiguous()
-    return dP, dQ
+    return dP, dQ, PBAD.amax(0)
 
 
 def expert_order(ids, T, K, E, device):
@@ -330,6 +335,74 @@ def plan_params_backward(dy, s, g, d, ids, lora_B, rot_up, angle_bias, dB):
         *g.stride(), *lora_B.stride(), *rot_up.stride(), *s_beta, *dy.stride()),
         dict(meta, BH=cfg.BH_PARAMS, BR=cfg.BR, RP=cfg.RP, num_warps=cfg.WARPS_PARAMS))
     return (dB, pU, dbeta), [launch]
+
+
+PACKED_PARAMS_FG = 16      # padded expert columns per program of lora_bwd_params_packed_kernel
+PACKED_GROUP_TOKENS = 1024  # fewest tokens per token group: its partials (E r out 4 B) stay small
+
+
+def packed_params_blocks(r, rg, h):
+    """(BH feature pairs, warps) of lora_bwd_params_packed_kernel. 64 pairs while both padded
+    ranks are <= 16; 32 above (64 spilled 8-40 bytes at rg = 64 or r >= 32, fp32, sm_90). A
+    chunk of 16 pairs (h <= 16) at gate rank <= 16 runs on 4 warps (8 spilled 8-16 bytes there,
+    fp32, sm_80; at gate rank 64, 4 spilled) (compile report, --family lora)."""
+    RGP = max(16, _pow2(rg))
+    BH = min(32 if RGP > 16 or _pow2(r) >= 32 else 64, max(16, _pow2(h)))
+    return BH, 4 if BH == 16 and RGP == 16 else 8
+
+
+def packed_params_fits(K, E, r, has_ids) -> bool:
+    """True when lora_bwd_params_packed_kernel runs (else lora_bwd_params_kernel): the packed
+    row layout fits and r <= 32 (r = 64, one expert per tile, spilled 8-164 bytes)."""
+    return rows_packed_fits(K, E, r, has_ids) and r <= 32
+
+
+def plan_params_backward_packed(dy, s, g, d, ids, lora_B, rot_up, angle_bias, dP, dQ, bad,
+                                rot_down):
+    """The parameter gradients where rows_packed_fits, relation part included: dP [E, r, E, r],
+    dQ [E, r, rg] (contiguous, compute dtype), bad [F] (relation_backward's flags) ->
+    ((pB [NG, E r, out], pU [NG n_eg, rg, h],
+    pbeta [NG, E, h] or None, drot_down [out, rg]), [Launch]): partials per token group (NG = 1
+    unless the token count needs more programs to fill a GPU) and, for drot_up, per expert group
+    (n_eg = F / FG); params_backward_packed sums them."""
+    T, K, r, E, out, h, rg, cfg, ids_t, beta_t, s_ids, s_beta, meta = _prep(
+        s, ids, lora_B, rot_up, angle_bias)
+    ct = s.dtype
+    KP = _pow2(K)
+    BT = max(1, PACKED_ROWS // KP)
+    BH, warps = packed_params_blocks(r, rg, h)
+    F = relation_columns(K, E, r, ids is not None)
+    FG = min(F, max(PACKED_PARAMS_FG, _pow2(r)))  # whole experts per program
+    n_eg = F // FG
+    n_blocks, n_chunks = triton.cdiv(T, BT), triton.cdiv(h, BH)
+    NG = max(1, min(param_groups(max(n_blocks, 1), n_chunks * n_eg, s.device),
+                    T // PACKED_GROUP_TOKENS))
+    pB = torch.empty((NG, E * r, out), dtype=ct, device=s.device)  # every element is written
+    pU = torch.empty((NG * n_eg, rg, h), dtype=ct, device=s.device)
+    pbeta = torch.empty((NG, E, h), dtype=ct, device=s.device) if angle_bias is not None \
+        else None
+    dA_rot = torch.empty((out, rg), dtype=ct, device=s.device)
+    launch = Launch(lora_bwd_params_packed_kernel, (n_chunks, NG * n_eg), (
+        s, g, d, ids_t, lora_B, rot_up, beta_t, dy, rot_down, dP, dQ, bad, pB, pU,
+        pbeta if pbeta is not None else pU, dA_rot, T, K, h, r, rg, E, n_blocks, n_eg,
+        *g.stride(), *s_ids, *lora_B.stride(), *rot_up.stride(), *s_beta, *dy.stride(),
+        *rot_down.stride()),
+        dict(meta, KP=KP, BT=BT, F=F, FG=FG, RP=_pow2(r), EB=max(16, F // _pow2(r)), BH=BH,
+             HAS_IDS=ids is not None, num_warps=warps))
+    return (pB, pU, pbeta, dA_rot), [launch]
+
+
+def params_backward_packed(dy, s, g, d, ids, lora_B, rot_up, angle_bias, dP, dQ, bad,
+                           rot_down):
+    """-> (dB [E, r, out], drot_up [rg, h], dbeta [E, h] or None, drot_down [out, rg]),
+    compute dtype; the token groups' partials summed in a fixed order (no atomics)."""
+    pB, pU, pbeta, dA_rot = _run(plan_params_backward_packed(
+        dy, s, g, d, ids, lora_B, rot_up, angle_bias, dP, dQ, bad, rot_down))
+    E, r, out = lora_B.shape
+    dB = (pB[0] if pB.shape[0] == 1 else pB.sum(0)).view(E, r, out)
+    dU = pU[0] if pU.shape[0] == 1 else pU.sum(0)
+    dbeta = None if pbeta is None else (pbeta[0] if pbeta.shape[0] == 1 else pbeta.sum(0))
+    return dB, dU, dbeta, dA_rot
 
 
 def stream_forward(s, g, d, ids, lora_B, rot_up, angle_bias, out_dtype):

@@ -19,7 +19,7 @@ F <= 64 (the backward: K <= 8), lora_launch.relation_fits; beyond, the PyTorch p
 import triton
 import triton.language as tl
 
-from .common import block_dot, expert_of_row, load_rows, row_ids, store_rows
+from .common import block_dot, expert_of_row, load_rows, non_finite, row_ids, store_rows
 from .forward import relation
 
 
@@ -145,14 +145,15 @@ def lora_factors_kernel(LB, AR, PF, QF, E, r, out, rg, s_le, s_lr, s_lo, s_ao, s
 
 
 @triton.jit
-def lora_relation_bwd_kernel(S, IDS, PF, QF, DDD, DS, PP, PQ, T, K, E, r, rg, s_it, s_ik,
-                             n_blocks, tau_inv, eps, KP: tl.constexpr, BT: tl.constexpr,
+def lora_relation_bwd_kernel(S, IDS, PF, QF, DDD, DS, PP, PQ, PBAD, T, K, E, r, rg, s_it,
+                             s_ik, n_blocks, tau_inv, eps, KP: tl.constexpr, BT: tl.constexpr,
                              F: tl.constexpr, FC: tl.constexpr, RP: tl.constexpr,
                              RGP: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr):
     """Backward of lora_relation_kernel (grid: token groups; group p walks the token blocks
     p, p + G, ...): dd [T, K, rg] -> ds [T, K, r] += the relation part (DS holds the streaming
     part on entry), and this group's partials of dP_flat [F, F] and dQ_flat [F, RGP] (PP, PQ
-    [G, ...], summed on the host in a fixed order: no atomics). Recomputes the forward's Gram
+    [G, ...], summed on the host in a fixed order: no atomics) and its flags of the lanes of
+    tokens with non-finite gradients (PBAD [G, F], int32). Recomputes the forward's Gram
     matrix, rho and z from s; P_flat is walked in column chunks of FC (as in the forward)."""
     pid = tl.program_id(0)
     cc = tl.arange(0, F)
@@ -162,6 +163,7 @@ def lora_relation_bwd_kernel(S, IDS, PF, QF, DDD, DS, PP, PQ, T, K, E, r, rg, s_
     diag = ri[:, None] == ri[None, :]
     acc_p = tl.zeros((F, F), dtype=ACC)
     acc_q = tl.zeros((F, RGP), dtype=ACC)
+    acc_bad = tl.zeros((F,), dtype=tl.int32)
     for blk in range(pid, n_blocks, tl.num_programs(0)):
         tok, slot, valid = row_ids(blk, T, K, KP, BT)
         e = expert_of_row(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
@@ -182,9 +184,21 @@ def lora_relation_bwd_kernel(S, IDS, PF, QF, DDD, DS, PP, PQ, T, K, E, r, rg, s_
         qq = m / n
         dG = tl.where(off, dC * (qq[:, None] * qq[None, :]), 0.0)
         dG = tl.where(diag & same, -0.5 * (q * qq * qq)[:, None], dG)
+        # a token with a non-finite dd or s: its terms are left out of dP and dQ (a sum over
+        # the tile's rows would carry them to every expert through 0 * nan) and its experts'
+        # lanes are flagged instead (BAD: their rows of dB are the reference's non-finite
+        # ones); its ds is NaN, as the reference's
+        lanes = expert_column_offsets(e, tok, slot, valid, K, r, cc, RP)[1]
+        rowbad = (tl.max(non_finite(dd).to(tl.int32), axis=1)
+                  + tl.max(non_finite(Sx).to(tl.int32), axis=1)) > 0
+        tokbad = tl.sum(tl.where(same & rowbad[None, :], 1, 0), axis=1) > 0
+        acc_bad = tl.maximum(acc_bad, tl.max(tl.where(tokbad[:, None] & lanes, 1, 0), axis=0))
         dGW = block_dot(dG, W, same, ACC)
-        acc_p += tl.dot(tl.trans(W), dGW, input_precision="ieee", out_dtype=ACC)
-        acc_q += tl.dot(tl.trans(Sx), dz, input_precision="ieee", out_dtype=ACC)
+        ok = ~tokbad[:, None]
+        acc_p += tl.dot(tl.trans(tl.where(ok, W, 0.0)), tl.where(ok, dGW, 0.0),
+                        input_precision="ieee", out_dtype=ACC)
+        acc_q += tl.dot(tl.trans(tl.where(ok, Sx, 0.0)), tl.where(ok, dz, 0.0),
+                        input_precision="ieee", out_dtype=ACC)
         dGW = (dGW + block_dot(tl.trans(dG), W, same, ACC)) / m[:, None]  # dS = dGW P + dz Q^T
         for c0 in range(0, F, FC):
             c2 = c0 + tl.arange(0, FC)
@@ -193,40 +207,71 @@ def lora_relation_bwd_kernel(S, IDS, PF, QF, DDD, DS, PP, PQ, T, K, E, r, rg, s_
                         mask=m2[:, None] & (gg < rg)[None, :], other=0.0).to(ACC)
             dS = tl.dot(dGW, P, input_precision="ieee", out_dtype=ACC) \
                 + tl.dot(dz, tl.trans(Q), input_precision="ieee", out_dtype=ACC)
+            dS = tl.where(tokbad[:, None], float("nan"), dS)
             off_s, own = expert_column_offsets(e, tok, slot, valid, K, r, c2, RP)
             ds = tl.load(DS + off_s, mask=own, other=0.0)
             tl.store(DS + off_s, ds + dS.to(ds.dtype), mask=own)
     tl.store(PP + pid.to(tl.int64) * F * F + cc[:, None] * F + cc[None, :], acc_p)
     tl.store(PQ + pid.to(tl.int64) * F * RGP + cc[:, None] * RGP + gg[None, :], acc_q)
+    tl.store(PBAD + pid.to(tl.int64) * F + cc, acc_bad)
 
 
 @triton.jit
-def lora_factors_bwd_kernel(LB, AR, DPF, DQF, DB, DAR, E, r, out, rg, s_le, s_lr, s_lo, s_ao,
-                            s_ag, FP: tl.constexpr, RGP: tl.constexpr, BO: tl.constexpr,
-                            ACC: tl.constexpr):
-    """Gradients through P_flat = B_cat B_cat^T and Q_flat = B_cat rot_down (grid: chunks of
-    the out features, each program owning its columns: no reduction across programs):
-    dB_cat[:, o] = (dP + dP^T) B_cat[:, o] + dQ rot_down[o]^T -> DB [E, r, out] (contiguous,
-    compute dtype), drot_down[o] = B_cat[:, o]^T dQ -> DAR [out, rg] (contiguous)."""
-    c = tl.arange(0, FP)
-    cm = c < E * r
+def factor_grads(LB, AR, DPF, DQF, BAD, DAR, cc, oo, om, store_dar, E, r, rg, s_le, s_lr,
+                 s_lo, s_ao, s_ag, F: tl.constexpr, RP: tl.constexpr, FC: tl.constexpr,
+                 GC: tl.constexpr, RGP: tl.constexpr, ACC: tl.constexpr):
+    """Gradients through P_flat = B_cat B_cat^T and Q_flat = B_cat rot_down at the out columns
+    oo (mask om): returns dB_cat[cc, oo] = ((dP + dP^T) B_cat + dQ rot_down^T)[cc, oo]
+    [len(cc), len(oo)] for the rows cc (a subset of the F padded columns) and, if store_dar,
+    stores drot_down[oo] = B_cat[:, oo]^T dQ into DAR [out, rg] (contiguous). BAD [F] (int32,
+    lora_relation_bwd_kernel's flags): flagged rows of dB are NaN, and all of drot_down if any. Row c of the tiles
+    is B_cat's row factor_rows(c) (padded rank RP). The reductions are walked in chunks of FC
+    columns / GC gate ranks (whole [64, 64] fp32 tiles spilled)."""
+    flat_c, cm = factor_rows(cc, E, r, RP)
+    ooc = oo.to(tl.int64)
     gg = tl.arange(0, RGP)
-    gm = gg < rg
+    acc = tl.zeros((cc.shape[0], oo.shape[0]), dtype=ACC)
+    dAt = tl.zeros((RGP, oo.shape[0]), dtype=ACC)  # drot_down[oo]^T
+    for c0 in range(0, F, FC):  # every reduction of length FC or GC: FMA dots with a
+        c2 = c0 + tl.arange(0, FC)        # 64-long reduction held too many operands per thread
+        f2, m2 = factor_rows(c2, E, r, RP)
+        pm = cm[:, None] & m2[None, :]
+        dPc = tl.load(DPF + flat_c[:, None] * (E * r) + f2[None, :], mask=pm, other=0.0) \
+            + tl.load(DPF + f2[None, :] * (E * r) + flat_c[:, None], mask=pm, other=0.0)
+        boff = (c2 // RP).to(tl.int64) * s_le + (c2 % RP) * s_lr
+        Bc = tl.load(LB + boff[:, None] + ooc[None, :] * s_lo, mask=m2[:, None] & om[None, :],
+                     other=0.0).to(ACC)
+        acc += tl.dot(dPc.to(ACC), Bc, input_precision="ieee", out_dtype=ACC)
+        dQr = tl.load(DQF + f2[:, None] * rg + gg[None, :], mask=m2[:, None] & (gg < rg)[None, :],
+                      other=0.0).to(ACC)
+        dAt += tl.dot(tl.trans(dQr), Bc, input_precision="ieee", out_dtype=ACC)
+    bad = tl.load(BAD + tl.arange(0, F))
+    dAt = tl.where(tl.max(bad) > 0, float("nan"), dAt)
+    if store_dar:
+        tl.store(DAR + ooc[None, :] * rg + gg[:, None], dAt, mask=(gg < rg)[:, None] & om[None, :])
+    for g0 in range(0, RGP, GC):
+        gq = g0 + tl.arange(0, GC)
+        gm = (gq < rg)[None, :]
+        dQc = tl.load(DQF + flat_c[:, None] * rg + gq[None, :], mask=cm[:, None] & gm,
+                      other=0.0).to(ACC)
+        At = tl.load(AR + ooc[None, :] * s_ao + gq[:, None] * s_ag,
+                     mask=tl.trans(gm) & om[None, :], other=0.0).to(ACC)  # rot_down[oo]^T
+        acc += tl.dot(dQc, At, input_precision="ieee", out_dtype=ACC)
+    return tl.where(tl.load(BAD + cc)[:, None] > 0, float("nan"), acc)
+
+
+@triton.jit
+def lora_factors_bwd_kernel(LB, AR, DPF, DQF, BAD, DB, DAR, E, r, out, rg, s_le, s_lr, s_lo,
+                            s_ao, s_ag, F: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr,
+                            BO: tl.constexpr, ACC: tl.constexpr):
+    """Gradients through P_flat = B_cat B_cat^T and Q_flat = B_cat rot_down (grid: chunks of
+    BO out features, each program owning its columns: no reduction across programs), for the
+    paths without the packed parameter kernel: factor_grads -> DB [E, r, out] (contiguous,
+    compute dtype) and DAR [out, rg]. Rows in the relation kernel's [F] column layout."""
+    cc = tl.arange(0, F)
     oo = tl.program_id(0) * BO + tl.arange(0, BO)
     om = oo < out
-    pm = cm[:, None] & cm[None, :]
-    dP = tl.load(DPF + c[:, None] * (E * r) + c[None, :], mask=pm, other=0.0).to(ACC)
-    dP += tl.trans(dP)
-    dQ = tl.load(DQF + c[:, None] * rg + gg[None, :], mask=cm[:, None] & gm[None, :],
-                 other=0.0).to(ACC)
-    boff = (c // r).to(tl.int64) * s_le + (c % r) * s_lr
-    Bc = tl.load(LB + boff[:, None] + oo[None, :].to(tl.int64) * s_lo,
-                 mask=cm[:, None] & om[None, :], other=0.0).to(ACC)
-    Ac = tl.load(AR + oo[:, None].to(tl.int64) * s_ao + gg[None, :] * s_ag,
-                 mask=om[:, None] & gm[None, :], other=0.0).to(ACC)
-    dB = tl.dot(dP, Bc, input_precision="ieee", out_dtype=ACC) \
-        + tl.dot(dQ, tl.trans(Ac), input_precision="ieee", out_dtype=ACC)
-    tl.store(DB + c[:, None].to(tl.int64) * out + oo[None, :], dB, mask=cm[:, None] & om[None, :])
-    dA = tl.dot(tl.trans(Bc), dQ, input_precision="ieee", out_dtype=ACC)
-    tl.store(DAR + oo[:, None].to(tl.int64) * rg + gg[None, :], dA,
-             mask=om[:, None] & gm[None, :])
+    dB = factor_grads(LB, AR, DPF, DQF, BAD, DAR, cc, oo, om, True, E, r, rg, s_le, s_lr, s_lo,
+                      s_ao, s_ag, F, RP, 16, 16, RGP, ACC)
+    flat_c, cm = factor_rows(cc, E, r, RP)
+    tl.store(DB + flat_c[:, None] * out + oo[None, :], dB, mask=cm[:, None] & om[None, :])

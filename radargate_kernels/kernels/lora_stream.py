@@ -19,9 +19,10 @@ part, computed from s alone) as ``alpha = d U + beta[e]`` with ``U = rot_up [rg,
 import triton
 import triton.language as tl
 
-from .common import (angles, expert_of_row, load_param_chunk, load_rows, load_token_halves,
-                     pair_offsets, rotate, row_ids, store_rows)
-from .lora_relation import expert_column_offsets
+from .common import (angles, expert_of_row, load_param_chunk, load_rows,
+                     load_token_halves, pair_offsets, rotate, row_ids, store_rows,
+                     support_dot)
+from .lora_relation import expert_column_offsets, factor_grads, factor_rows
 
 
 @triton.jit
@@ -295,3 +296,87 @@ def lora_bwd_rows_packed_kernel(
     tl.store(DG + flat, dg, mask=valid)
     store_rows(DDD, dd, flat, valid, rg, RGP)
     tl.store(DS + off_s, dSx, mask=own)
+
+
+@triton.jit
+def lora_bwd_params_packed_kernel(
+    S, G, D, IDS, LB, U, BETA, DY, AR, DPF, DQF, BAD,
+    PB, PU, PBETA, DAR,   # partials dB [NG, E r, out], drot_up [NG * n_eg, rg, h], dbeta [NG, E, h]
+    T, K, h, r, rg, E, n_blocks, n_eg,  # (fp32/64) and drot_down [out, rg]
+    s_gt, s_gk, s_it, s_ik, s_le, s_lr, s_lo, s_ug, s_uh, s_be, s_bh, s_dyt, s_dyd, s_ao, s_ag,
+    KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, FG: tl.constexpr, RP: tl.constexpr,
+    RGP: tl.constexpr, EB: tl.constexpr, BH: tl.constexpr, HAS_BETA: tl.constexpr,
+    HAS_IDS: tl.constexpr, ACC: tl.constexpr,
+):
+    """The parameter gradients in lora_bwd_rows_packed_kernel's [R, F] layout (grid: column
+    chunks x (token groups x expert groups); token group p walks the token blocks p, p + NG,
+    ...; expert group q owns the FG columns q FG .. (q + 1) FG - 1 of the F, i.e. FG / RP
+    experts). All slots of a token are one step, so dy is read once per token, chunk and
+    expert group (the expert-sorted kernel reads it once per slot). Per step:
+    dB_cat[own] += S_x^T dv (rows of slot (t, k) sit in its expert's columns), drot_up +=
+    d^T dalpha, dbeta += onehot(e)^T dalpha. Token group 0 also adds the relation part
+    (lora_relation.factor_grads: the gradients through P and Q), so no kernel of its own
+    re-reads lora_B for it. No atomics: each program owns its partials' chunk (dB, dbeta: its
+    experts' rows; drot_up: one partial per program row), summed on the host in fixed order."""
+    cols = tl.program_id(0) * BH + tl.arange(0, BH)
+    pid1 = tl.program_id(1)
+    grp = pid1 // n_eg
+    eg = pid1 - grp * n_eg
+    cmask = cols < h
+    cc = eg * FG + tl.arange(0, FG)  # this expert group's columns of the F
+    gg = tl.arange(0, RGP)
+    eb = tl.arange(0, EB)
+    acc1 = tl.zeros((FG, BH), dtype=ACC)
+    acc2 = tl.zeros((FG, BH), dtype=ACC)
+    acc_u = tl.zeros((RGP, BH), dtype=ACC)
+    acc_beta = tl.zeros((EB, BH), dtype=ACC)
+    Uc = load_param_chunk(U, gg, cols, rg, h, s_ug, s_uh, ACC)
+    for blk in range(grp, n_blocks, tl.num_programs(1) // n_eg):
+        tok, slot, valid = row_ids(blk, T, K, KP, BT)
+        eid = expert_of_row(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
+        mine = valid & (eid >= 0) & (eid // (FG // RP) == eg)  # rows of this group's experts
+        off_s, own = expert_column_offsets(eid, tok, slot, mine, K, r, cc, RP)
+        Sx = tl.load(S + off_s, mask=own, other=0.0).to(ACC)
+        d = load_rows(D, tok * K + slot, mine, rg, RGP, ACC)
+        g = tl.load(G + tok * s_gt + slot.to(tl.int64) * s_gk, mask=mine, other=0.0).to(ACC)
+        alpha = angles(d, Uc, BETA, eid, mine, cols, cmask, s_be, s_bh, HAS_BETA, ACC)
+        c, sn = tl.cos(alpha), tl.sin(alpha)
+        dy1, dy2 = load_token_halves(DY, blk, T, cols, h, s_dyt, s_dyd, cmask, KP, BT, BH, ACC)
+        # v = s B_e one rank at a time from each row's own B_e rows (a dot over the F columns
+        # holds 64-long operands per thread: spills)
+        m = mine[:, None] & cmask[None, :]
+        v1 = tl.zeros((BT * KP, BH), dtype=ACC)
+        v2 = tl.zeros((BT * KP, BH), dtype=ACC)
+        for a in range(0, r):
+            sa = tl.sum(tl.where(cc[None, :] == eid[:, None] * RP + a, Sx, 0.0), axis=1)
+            b1, b2 = b_rows(LB, eid, a, cols, h, s_le, s_lr, s_lo, m, ACC)
+            v1 += sa[:, None] * b1
+            v2 += sa[:, None] * b2
+        u1, u2 = rotate(v1, v2, c, sn)
+        dalpha = tl.where(m, g[:, None] * (dy2 * u1 - dy1 * u2), 0.0)
+        dv1, dv2 = rotate(dy1, dy2, c, -sn)  # R(-alpha) dy; times g
+        # a row's terms go to its own expert's rows only, also when dy is not finite
+        St, ownT = tl.trans(Sx), tl.trans(own)
+        acc1 += support_dot(St, tl.where(m, g[:, None] * dv1, 0.0), ownT, m, ACC)
+        acc2 += support_dot(St, tl.where(m, g[:, None] * dv2, 0.0), ownT, m, ACC)
+        acc_u += tl.dot(tl.trans(d), dalpha, input_precision="ieee", out_dtype=ACC)
+        if HAS_BETA:
+            onehot = tl.trans((eb[None, :] == eid[:, None]) & mine[:, None])  # [EB, R]
+            acc_beta += support_dot(onehot.to(ACC), dalpha, onehot, m, ACC)
+    if grp == 0:  # the relation part, once per column (chunked: whole dP tiles spilled)
+        acc1 += factor_grads(LB, AR, DPF, DQF, BAD, DAR, cc, cols, cmask, eg == 0, E, r, rg, s_le,
+                             s_lr, s_lo, s_ao, s_ag, F, RP, 16, 16, RGP, ACC)
+        acc2 += factor_grads(LB, AR, DPF, DQF, BAD, DAR, cc, cols + h, cmask, eg == 0, E, r, rg,
+                             s_le, s_lr, s_lo, s_ao, s_ag, F, RP, 16, 16, RGP, ACC)
+    flat_c, cm = factor_rows(cc, E, r, RP)  # row of B_cat [E r, out] holding column c
+    bm = cm[:, None] & cmask[None, :]
+    g64 = grp.to(tl.int64)
+    p1, p2 = pair_offsets(g64 * E * r * 2 * h + flat_c * 2 * h, cols, h, 1)
+    tl.store(PB + p1, acc1, mask=bm)
+    tl.store(PB + p2, acc2, mask=bm)
+    tl.store(PU + pid1.to(tl.int64) * rg * h + gg[:, None] * h + cols[None, :], acc_u,
+             mask=(gg[:, None] < rg) & cmask[None, :])
+    if HAS_BETA:
+        ebm = (eb < E) & (eb // (FG // RP) == eg)
+        tl.store(PBETA + g64 * E * h + eb[:, None] * h + cols[None, :], acc_beta,
+                 mask=ebm[:, None] & cmask[None, :])
