@@ -163,8 +163,10 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
                                      rg=rg))
             for (E, r) in (DOWN_QUICK if quick else DOWN_FULL):
                 for kern in DOWN_KERNELS:
-                    jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=E, D=4096, r=r, E=E,
-                                     rg=0))
+                    # the dA kernel with and without the dx it writes when both are needed
+                    for with_dx in ((True, False) if kern == "lora_down_da_kernel" else (None,)):
+                        jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=E, D=4096, r=r,
+                                         E=E, rg=0, with_dx=with_dx))
     return jobs
 
 
@@ -252,7 +254,10 @@ def _plan_lora(job, dt):
             _, launches = LL.plan_down_forward(x, lora_A, 1.0, torch.float32)
         else:
             ds_all = torch.empty((T, E, r), dtype=torch.float32)
-            _, launches = LL.plan_down_backward(ds_all, x, lora_A, True, True)
+            # the dx kernel: only dx needed; the dA kernel with dx needed too or not
+            dx_kernel = job["kernel"] == "lora_down_dx_kernel"
+            _, launches = LL.plan_down_backward(ds_all, x, lora_A, 1.0,
+                                                dx_kernel or job["with_dx"], not dx_kernel)
             launches = [la for la in launches if la.kernel.fn.__name__ == job["kernel"]]
         return launches[0], None
     B = torch.empty((E, r, out), dtype=dt)
@@ -297,7 +302,8 @@ def _lora_config(job, launch, lc):
                 f"RGP={m['RGP']}" + (" ids" if m["HAS_IDS"] else "")
                 + (" bias" if m["HAS_BETA"] else ""))
     if job["kernel"].startswith("lora_down_"):
-        return f"BM={m['BM']} BN={m['BN']} BK={m['BK']} RP={m['RP']} E={job['E']}"
+        return (f"BM={m['BM']} BN={m['BN']} BK={m['BK']} RP={m['RP']} E={job['E']}"
+                + (" +dx" if m.get("WITH_DX") else ""))
     return (f"BT={lc.BT} BH={m['BH']} RP={lc.RP} RGP={lc.RGP} rg={job['rg']}"
             + (" ids+bias" if job["E"] is not None else ""))
 

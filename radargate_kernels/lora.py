@@ -256,12 +256,10 @@ def _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA, backend):
     """Gradients of s = scaling * gather(x A): ds [T, K, r] -> (dx [T, in], dA [E, in, r])."""
     E, fin, r = lora_A.shape
     ct = ds.dtype
-    dS = ds * scaling
-    if ids is not None:  # slots to experts
-        dS = slots_to_experts(dS, ids, E)
-    if backend == "triton":
-        return _launch().down_backward(dS.contiguous(), x, lora_A, need_dx, need_dA)
-    dS = dS.reshape(-1, E * r)
+    dS = slots_to_experts(ds, ids, E) if ids is not None else ds  # slots to experts
+    if backend == "triton":  # the kernels apply scaling
+        return _launch().down_backward(dS.contiguous(), x, lora_A, scaling, need_dx, need_dA)
+    dS = (dS * scaling).reshape(-1, E * r)
     A_cat = lora_A.to(ct).permute(1, 0, 2).reshape(fin, E * r)
     dx = (dS @ A_cat.t()).to(x.dtype) if need_dx else None
     dA = (x.to(ct).t() @ dS).reshape(fin, E, r).permute(1, 0, 2).to(lora_A.dtype).contiguous() \

@@ -49,7 +49,10 @@ def _down_ref(x, A, scaling, ct, dy):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
                          ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", DOWN_CASES, ids=lambda c: "T{}-E{}-in{}-r{}".format(*c))
-def test_down_projection_kernels_match_lora_down_and_its_gradients(case, dtype):
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)],
+                         ids=["dx+dA", "dx", "dA"])
+def test_down_projection_kernels_match_lora_down_and_its_gradients(case, dtype, need):
+    """s, dx and dA; with both gradients and E r <= 64 the dA kernel also writes dx."""
     T, E, fin, r = case
     gen = _gen(case, str(dtype))
     # non-contiguous x (every other column of a wider tensor) and lora_A stored [E, r, in]
@@ -61,15 +64,28 @@ def test_down_projection_kernels_match_lora_down_and_its_gradients(case, dtype):
     ct = torch.float64 if dtype == torch.float64 else torch.float32
     x0, A0 = x.clone(), A.clone()
     s = LL.down_forward(x, A, scaling, ct)
-    dx, dA = LL.down_backward((dS * scaling).to(ct).contiguous(), x, A, True, True)
+    (dx, dA), launches = LL.plan_down_backward(dS.to(ct).contiguous(), x, A, scaling, *need)
+    for launch in launches:
+        launch.run()
+    names = [la.kernel.fn.__name__ for la in launches]
+    merged = all(need) and E * LL._pow2(r) <= 64
+    if T and fin:
+        assert ("lora_down_dx_kernel" in names) == (need[0] and not merged), names
     assert torch.equal(x, x0) and torch.equal(A, A0)  # inputs never mutated
     s_ref, dx_ref, dA_ref = _down_ref(x, A, scaling, ct, dS)
     s_true, dx_true, dA_true = _down_ref(x, A, scaling, torch.float64, dS)
-    assert s.dtype == ct and dx.dtype == dtype and dA.dtype == dtype
-    assert dA.shape == A.shape and dx.shape == x.shape
+    assert s.dtype == ct
     assert_matches("s", s, s_ref, s_true, ct)
-    assert_matches("dx", dx, dx_ref.to(dtype), dx_true, dtype)
-    assert_matches("dA", dA, dA_ref.to(dtype), dA_true, dtype)
+    if need[0]:
+        assert dx.dtype == dtype and dx.shape == x.shape
+        assert_matches("dx", dx, dx_ref.to(dtype), dx_true, dtype)
+    else:
+        assert dx is None
+    if need[1]:
+        assert dA.dtype == dtype and dA.shape == A.shape
+        assert_matches("dA", dA, dA_ref.to(dtype), dA_true, dtype)
+    else:
+        assert dA is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32],

@@ -12,8 +12,10 @@ fp64 inputs); no upcast copy of x is ever written.
   ``dx[t, i] = sum_{e, a} ds_all[t, e, a] A[e, i, a]`` (dtype of dx).
 - ``lora_down_da_kernel`` (grid: input blocks x column blocks):
   ``dA[e, i, a] = sum_t x[t, i] ds_all[t, e, a]``, the tokens walked in a fixed order by one
-  program per tile: deterministic, no atomics.
-``ds_all [T, E, r]`` (contiguous, compute dtype) already includes ``scaling``.
+  program per tile: deterministic, no atomics. With WITH_DX (one column block: E * RP <= BN)
+  it also writes dx for its input block from the ds_all tiles it loads anyway (no dx kernel).
+``ds_all [T, E, r]`` (contiguous, compute dtype) is the gradient of s; both backward kernels
+multiply by ``scaling``.
 """
 import triton
 import triton.language as tl
@@ -56,7 +58,7 @@ def lora_down_fwd_kernel(X, LA, S, T, n_in, E, r, scaling, s_xt, s_xi, s_ae, s_a
 
 
 @triton.jit
-def lora_down_dx_kernel(DS, LA, DX, T, n_in, E, r, s_ae, s_ai, s_ar, s_dxt, s_dxi,
+def lora_down_dx_kernel(DS, LA, DX, T, n_in, E, r, scaling, s_ae, s_ai, s_ar, s_dxt, s_dxi,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
                         ONE_K: tl.constexpr, ACC: tl.constexpr):
     """Grid: token blocks; the program walks all input blocks. With ONE_K (E * RP <= BK) its
@@ -79,17 +81,26 @@ def lora_down_dx_kernel(DS, LA, DX, T, n_in, E, r, s_ae, s_ai, s_ar, s_dxt, s_dx
                 ds = tl.load(DS + off, mask=m, other=0.0).to(ACC)
                 a = a_cat_tile(LA, ii, cc, n_in, E, r, s_ae, s_ai, s_ar, RP, ACC)
                 acc += tl.dot(ds, tl.trans(a), input_precision="ieee", out_dtype=ACC)
-        tl.store(DX + tok.to(tl.int64)[:, None] * s_dxt + ii[None, :] * s_dxi,
-                 acc.to(DX.dtype.element_ty), mask=(tok < T)[:, None] & (ii < n_in)[None, :])
+        store_dx(DX, acc * scaling, tok, ii, T, n_in, s_dxt, s_dxi)
 
 
 @triton.jit
-def lora_down_da_kernel(X, DS, DA, T, n_in, E, r, s_xt, s_xi, s_dae, s_dai, s_dar,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
-                   ACC: tl.constexpr):
+def store_dx(DX, dx, tok, ii, T, n_in, s_dxt, s_dxi):
+    """dx [len(tok), len(ii)] at tokens tok, input features ii, in DX's dtype."""
+    tl.store(DX + tok.to(tl.int64)[:, None] * s_dxt + ii[None, :] * s_dxi,
+             dx.to(DX.dtype.element_ty), mask=(tok < T)[:, None] & (ii < n_in)[None, :])
+
+
+@triton.jit
+def lora_down_da_kernel(X, DS, DA, LA, DX, T, n_in, E, r, scaling, s_xt, s_xi, s_dae, s_dai,
+                        s_dar, s_ae, s_ai, s_ar, s_dxt, s_dxi, BM: tl.constexpr,
+                        BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
+                        WITH_DX: tl.constexpr, ACC: tl.constexpr):
     ii = tl.program_id(0) * BM + tl.arange(0, BM)
     cc = tl.program_id(1) * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=ACC)
+    if WITH_DX:  # this input block of A_cat, all its columns: dx = ds A_cat^T per token block
+        a_t = tl.trans(a_cat_tile(LA, ii, cc, n_in, E, r, s_ae, s_ai, s_ar, RP, ACC)) * scaling
     for t0 in range(0, T, BK):
         tt = t0 + tl.arange(0, BK)
         x = tl.load(X + tt.to(tl.int64)[None, :] * s_xt + ii[:, None] * s_xi,
@@ -97,8 +108,11 @@ def lora_down_da_kernel(X, DS, DA, T, n_in, E, r, s_xt, s_xi, s_dae, s_dai, s_da
         off, m = s_all_offsets(tt, cc, T, E, r, RP)
         ds = tl.load(DS + off, mask=m, other=0.0).to(ACC)
         acc += tl.dot(x, ds, input_precision="ieee", out_dtype=ACC)
+        if WITH_DX:
+            store_dx(DX, tl.dot(ds, a_t, input_precision="ieee", out_dtype=ACC), tt, ii, T, n_in,
+                     s_dxt, s_dxi)
     e = cc // RP
     a = cc % RP
     off = ii[:, None].to(tl.int64) * s_dai + (e.to(tl.int64) * s_dae + a * s_dar)[None, :]
-    tl.store(DA + off, acc.to(DA.dtype.element_ty),
+    tl.store(DA + off, (acc * scaling).to(DA.dtype.element_ty),
              mask=(ii < n_in)[:, None] & ((e < E) & (a < r))[None, :])
