@@ -50,8 +50,15 @@ def load_token_halves(ptr, blk, T, cols, h, s_t, s_d, cmask, KP: tl.constexpr,
                       BT: tl.constexpr, BH: tl.constexpr, ACC: tl.constexpr):
     """Load a per-token [T, D] tensor (``dy``) once per token and broadcast it to the R rows."""
     tb = blk * BT + tl.arange(0, BT)
+    return load_tokens_where(ptr, tb, tb < T, cols, h, s_t, s_d, cmask, KP, BT, BH, ACC)
+
+
+@triton.jit
+def load_tokens_where(ptr, tb, on, cols, h, s_t, s_d, cmask, KP: tl.constexpr,
+                      BT: tl.constexpr, BH: tl.constexpr, ACC: tl.constexpr):
+    """load_token_halves for the tokens tb [BT] where ``on`` (others read nothing, give 0)."""
     off1, off2 = pair_offsets(tb.to(tl.int64) * s_t, cols, h, s_d)
-    m = (tb < T)[:, None] & cmask[None, :]
+    m = on[:, None] & cmask[None, :]
     x1 = tl.load(ptr + off1, mask=m, other=0.0).to(ACC)
     x2 = tl.load(ptr + off2, mask=m, other=0.0).to(ACC)
     x1 = tl.reshape(tl.broadcast_to(x1[:, None, :], (BT, KP, BH)), (BT * KP, BH))

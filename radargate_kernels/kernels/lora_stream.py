@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from .common import (angles, expert_of_row, load_param_chunk, load_rows,
-                     load_token_halves, pair_offsets, rotate, row_ids, store_rows,
-                     support_dot)
+                     load_token_halves, load_tokens_where, pair_offsets, rotate, row_ids,
+                     store_rows, support_dot)
 from .lora_relation import expert_column_offsets, factor_grads, factor_rows
 
 
@@ -341,7 +341,10 @@ def lora_bwd_params_packed_kernel(
         g = tl.load(G + tok * s_gt + slot.to(tl.int64) * s_gk, mask=mine, other=0.0).to(ACC)
         alpha = angles(d, Uc, BETA, eid, mine, cols, cmask, s_be, s_bh, HAS_BETA, ACC)
         c, sn = tl.cos(alpha), tl.sin(alpha)
-        dy1, dy2 = load_token_halves(DY, blk, T, cols, h, s_dyt, s_dyd, cmask, KP, BT, BH, ACC)
+        # dy of the tokens with a slot in this expert group only (top-k: the others have none)
+        tb = blk * BT + tl.arange(0, BT)
+        on = (tb < T) & (tl.max(tl.reshape(mine.to(tl.int32), (BT, KP)), axis=1) > 0)
+        dy1, dy2 = load_tokens_where(DY, tb, on, cols, h, s_dyt, s_dyd, cmask, KP, BT, BH, ACC)
         # v = s B_e one rank at a time from each row's own B_e rows (a dot over the F columns
         # holds 64-long operands per thread: spills)
         m = mine[:, None] & cmask[None, :]
