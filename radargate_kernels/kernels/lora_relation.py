@@ -224,9 +224,9 @@ def factor_grads(LB, AR, DPF, DQF, BAD, DAR, cc, oo, om, store_dar, E, r, rg, s_
     oo (mask om): returns dB_cat[cc, oo] = ((dP + dP^T) B_cat + dQ rot_down^T)[cc, oo]
     [len(cc), len(oo)] for the rows cc (a subset of the F padded columns) and, if store_dar,
     stores drot_down[oo] = B_cat[:, oo]^T dQ into DAR [out, rg] (contiguous). BAD [F] (int32,
-    lora_relation_bwd_kernel's flags): flagged rows of dB are NaN, and all of drot_down if any. Row c of the tiles
-    is B_cat's row factor_rows(c) (padded rank RP). The reductions are walked in chunks of FC
-    columns / GC gate ranks (whole [64, 64] fp32 tiles spilled)."""
+    lora_relation_bwd_kernel's flags): flagged rows of dB are NaN, and all of drot_down if any.
+    Row c of the tiles is B_cat's row factor_rows(c) (padded rank RP). The reductions are walked
+    in chunks of FC columns / GC gate ranks (whole [64, 64] fp32 tiles spilled)."""
     flat_c, cm = factor_rows(cc, E, r, RP)
     ooc = oo.to(tl.int64)
     gg = tl.arange(0, RGP)
