@@ -2,9 +2,10 @@
 
 - ``lora_relation_kernel`` (grid: token blocks): s [T, K, r] -> d [T, K, rg].
 - ``lora_relation_bwd_kernel`` (grid: token groups): dd -> ds (added in place) and per-group
-  partials of dP, dQ.
+  partials of dP, dQ, and flags of the experts of tokens with non-finite gradients.
 - ``lora_factors_kernel`` / ``lora_factors_bwd_kernel``: P = B B^T, Q = B rot_down (one
-  program) and their gradients dB, drot_down (grid: out chunks).
+  program) and their gradients dB, drot_down (grid: out chunks; ``factor_grads``, which the
+  packed parameter kernel of lora_stream.py calls too).
 
 A program owns BT tokens as R = BT * KP rows (the layout of common.py). Row (t, k) of expert
 e = ids[t, k] (or k) is placed in its expert's columns of an [R, F] tile (F = EP * RP, column

@@ -14,7 +14,12 @@ part, computed from s alone) as ``alpha = d U + beta[e]`` with ``U = rot_up [rg,
 - ``lora_bwd_params_kernel`` (grid: col chunks x experts): rows sorted by expert on the host,
   so each program owns ``dB[e, :, chunk]`` (adding to the relation part it holds on entry) and
   ``dbeta[e, chunk]`` (no atomics) and writes one partial of ``drot_up`` per expert, summed on
-  the host in fixed order.
+  the host in fixed order. Used where the packed kernel below is not.
+- ``lora_bwd_params_packed_kernel`` (grid: col chunks x (token groups x expert groups)): the
+  same gradients in the packed [R, F] layout, all slots of a token per step (dy read once per
+  token and group of 16 expert columns), with the gradients through P and Q
+  (lora_relation.factor_grads) added, so no relation-part dB is written and read back. Used
+  where the packed row kernel runs and r <= 32.
 """
 import triton
 import triton.language as tl
