@@ -9,7 +9,10 @@ One streaming pass over the output features then recomputes ``v`` chunk by chunk
 ``B``, rotates, stretches and sums into ``y``.
 
 Saved for backward: x, weights, ids and the parameters -- nothing per (token, slot) of size
-``out``, and not even ``s`` (recomputed by one GEMM in backward). Backends:
+``out`` -- and, while they cost at most a quarter of x's bytes (``save_lowrank``; the
+``recompute`` argument overrides it), s [T, K, r], d [T, K, rg] and the small P, Q, so that
+backward need not recompute them (the down projection reads x again, the relation part s).
+Backends:
 - ``triton`` (CUDA, or TRITON_INTERPRET=1): every step in Triton kernels: the down projection
   (``kernels/lora_down.py``), P and Q and the relation part from s (``kernels/lora_relation.py``,
   while K <= 32 and E r <= 64, its backward while K <= 8; beyond, that part in PyTorch, chunked
@@ -291,11 +294,13 @@ def _relation(s, ids, P, Q, tau, eps, chunks, kernels):
                          (s, ids), (), s.new_empty((T, K, Q.shape[2])))
 
 
-def _setup(x, lora_A, lora_B, rot_down, ids, scaling, backend):
+def _setup(x, lora_A, lora_B, rot_down, ids, scaling, backend, s=None):
     """What forward and backward both start from: the compute dtype, s = scaling * x A_e
-    [T, K, r] (contiguous), the sizes and the token chunks of the PyTorch parts."""
+    [T, K, r] (contiguous; the saved one when given), the sizes and the token chunks of the
+    PyTorch parts."""
     ct = compute_dtype(x.dtype)
-    s = _down(x, lora_A, ids, scaling, backend)
+    if s is None:
+        s = _down(x, lora_A, ids, scaling, backend)
     T, K, r = s.shape
     E, _, out = lora_B.shape
     rg = rot_down.shape[1] if rot_down is not None else 0
@@ -303,26 +308,63 @@ def _setup(x, lora_A, lora_B, rot_down, ids, scaling, backend):
     return ct, s, T, K, E, out, rg, chunks
 
 
-def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend):
+SAVE_LOWRANK_FRACTION = 0.25  # auto: save s, d while they cost <= this share of x's bytes
+SAVE_FACTORS_MAX = 64         # ... and P, Q with them while E r <= this (P: <= 16 KiB in fp32)
+
+
+def save_lowrank(recompute, x, lora_A, K, rg):
+    """Whether forward keeps ``s [T, K, r]`` and ``d [T, K, rg]`` (compute dtype) for backward
+    instead of backward recomputing them (s: the down projection again, reading x and lora_A;
+    d: the relation part). ``recompute=None`` (auto) saves them while they cost at most
+    SAVE_LOWRANK_FRACTION of the bytes of x that backward keeps anyway: per token
+    ``K (r + rg)`` compute-dtype values vs ``in`` values of x. Depends on shapes and dtypes
+    only (not on T), so the fake implementation and torch.compile agree with it."""
+    if recompute is not None:
+        return not recompute
+    per_token = K * (lora_A.shape[2] + rg) * compute_dtype(x.dtype).itemsize
+    return per_token <= SAVE_LOWRANK_FRACTION * x.shape[-1] * x.element_size()
+
+
+def _saved_shapes(x, lora_A, K, rg, rotation):
+    """Shapes of what forward returns for backward besides y: s, d, P, Q (None: not saved)."""
+    E, _, r = lora_A.shape
+    T = x.shape[0]
+    return ((T, K, r), (T, K, rg) if rotation else None,
+            (E, r, E, r) if rotation and E * r <= SAVE_FACTORS_MAX else None,
+            (E, r, rg) if rotation and E * r <= SAVE_FACTORS_MAX else None)
+
+
+def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend,
+             save):
+    """-> (y [T, out] in x's dtype, s, d, P, Q): the last four are what backward may reuse
+    (``save``: s and d, and P and Q where _saved_shapes has them), else empty tensors."""
     ct, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids, scaling,
                                                        backend)
+    P = Q = d = None
     if rot_down is None:
-        return _chunked_eval(weighted_sum_lowrank, chunks, (s, g.to(ct), ids),
-                             (lora_B.to(ct),), s.new_empty((T, out))).to(x.dtype)
-    kernels = _relation_kernels(backend, K, E, s.shape[2], ids)
-    P, Q = _factors(lora_B, rot_down, ct, kernels)
-    d = _relation(s, ids, P, Q, tau, eps, chunks, kernels)
-    if backend == "triton":
-        return _launch().stream_forward(s, g, d, ids, lora_B, rot_up, beta, x.dtype)
-    params = (lora_B.to(ct), rot_up.to(ct), beta.to(ct) if beta is not None else None)
-    y = _chunked_eval(stream_torch, chunks, (s, g.to(ct), d, ids), params, s.new_empty((T, out)))
-    return y.to(x.dtype)
+        y = _chunked_eval(weighted_sum_lowrank, chunks, (s, g.to(ct), ids),
+                          (lora_B.to(ct),), s.new_empty((T, out))).to(x.dtype)
+    else:
+        kernels = _relation_kernels(backend, K, E, s.shape[2], ids)
+        P, Q = _factors(lora_B, rot_down, ct, kernels)
+        d = _relation(s, ids, P, Q, tau, eps, chunks, kernels)
+        if backend == "triton":
+            y = _launch().stream_forward(s, g, d, ids, lora_B, rot_up, beta, x.dtype)
+        else:
+            params = (lora_B.to(ct), rot_up.to(ct), beta.to(ct) if beta is not None else None)
+            y = _chunked_eval(stream_torch, chunks, (s, g.to(ct), d, ids), params,
+                              s.new_empty((T, out))).to(x.dtype)
+    shapes = _saved_shapes(x, lora_A, K, rg, rot_down is not None) if save else (None,) * 4
+    return (y, *(t.reshape(shp).contiguous() if shp is not None else x.new_empty(0)
+                 for t, shp in zip((s, d, P, Q), shapes)))
 
 
 def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend,
-              need_dx, need_dA):
+              need_dx, need_dA, s=None, d=None, P=None, Q=None):
+    """-> (dx, dA, dB, dg, drot_down, drot_up, dbeta); s, d, P, Q: forward's, where it saved
+    them (else recomputed here)."""
     ct, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids, scaling,
-                                                       backend)
+                                                       backend, s)
     dyc = dy.to(ct)
     dA_rot = dU = dbeta = None
     if rot_down is None:
@@ -330,9 +372,11 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
                                          (lora_B.to(ct),), dyc)
     else:
         kernels = _relation_kernels(backend, K, E, s.shape[2], ids)
-        P, Q = _factors(lora_B, rot_down, ct, kernels)
+        if P is None:
+            P, Q = _factors(lora_B, rot_down, ct, kernels)
         rel = lambda s_, i_, P_, Q_: relation_lowrank(s_, i_, P_, Q_, tau, eps)  # noqa: E731
-        d = _relation(s, ids, P, Q, tau, eps, chunks, kernels)
+        if d is None:
+            d = _relation(s, ids, P, Q, tau, eps, chunks, kernels)
         if backend == "triton":
             LL, dyk = _launch(), dy.contiguous()
             ds, dg, dd = LL.stream_backward_rows(dyk, s, g, d, ids, lora_B, rot_up, beta)
@@ -378,14 +422,23 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
 def _lora_fwd_op(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, g: torch.Tensor,
                  rot_down: Optional[torch.Tensor], rot_up: Optional[torch.Tensor],
                  beta: Optional[torch.Tensor], ids: Optional[torch.Tensor], scaling: float,
-                 tau: float, eps: float, backend: str) -> torch.Tensor:
-    """x [T, in] ... -> y [T, out] (dtype of x)."""
-    return _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend)
+                 tau: float, eps: float, backend: str, save: bool) -> tuple[
+                     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, in] ... -> (y [T, out] in the dtype of x, s [T, K, r], d [T, K, rg], P, Q): the
+    last four for backward (save_lowrank), empty when not saved."""
+    return _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend,
+                    save)
 
 
 @_lora_fwd_op.register_fake
-def _lora_fwd_fake(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend):
-    return x.new_empty((x.shape[0], lora_B.shape[2]))
+def _lora_fwd_fake(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend,
+                   save):
+    ct = compute_dtype(x.dtype)
+    rg = rot_down.shape[1] if rot_down is not None else 0
+    shapes = _saved_shapes(x, lora_A, g.shape[1], rg, rot_down is not None) if save \
+        else (None,) * 4
+    return (x.new_empty((x.shape[0], lora_B.shape[2])),
+            *(x.new_empty(shp, dtype=ct) if shp is not None else x.new_empty(0) for shp in shapes))
 
 
 @torch.library.custom_op("radargate::lora_bwd", mutates_args=())
@@ -393,17 +446,20 @@ def _lora_bwd_op(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B
                  g: torch.Tensor, rot_down: Optional[torch.Tensor],
                  rot_up: Optional[torch.Tensor], beta: Optional[torch.Tensor],
                  ids: Optional[torch.Tensor], scaling: float, tau: float, eps: float,
-                 backend: str, need_dx: bool, need_dA: bool) -> tuple[
+                 backend: str, need_dx: bool, need_dA: bool, s: Optional[torch.Tensor],
+                 d: Optional[torch.Tensor], P: Optional[torch.Tensor],
+                 Q: Optional[torch.Tensor]) -> tuple[
                      torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                      torch.Tensor, torch.Tensor]:
-    """-> (dx, dlora_A, dlora_B, dg, drot_down, drot_up, dbeta); empty where not computed."""
+    """-> (dx, dlora_A, dlora_B, dg, drot_down, drot_up, dbeta); empty where not computed.
+    s, d, P, Q: forward's (None: recomputed)."""
     return _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps,
-                     backend, need_dx, need_dA)
+                     backend, need_dx, need_dA, s, d, P, Q)
 
 
 @_lora_bwd_op.register_fake
 def _lora_bwd_fake(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps,
-                   backend, need_dx, need_dA):
+                   backend, need_dx, need_dA, s, d, P, Q):
     def like(t, on=True):
         return t.new_empty(t.shape) if t is not None and on else x.new_empty(0)
     return (like(x, need_dx), like(lora_A, need_dA), like(lora_B), like(g), like(rot_down),
@@ -411,20 +467,25 @@ def _lora_bwd_fake(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scalin
 
 
 def _setup_context(ctx, inputs, output):
-    x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend = inputs
-    ctx.save_for_backward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids)
+    x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend, save = inputs
+    rg = rot_down.shape[1] if rot_down is not None else 0
+    shapes = _saved_shapes(x, lora_A, g.shape[1], rg, rot_down is not None) if save \
+        else (None,) * 4
+    kept = [t if shp is not None else None for t, shp in zip(output[1:], shapes)]
+    ctx.save_for_backward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, *kept)
     ctx.args = (scaling, tau, eps, backend)
+    ctx.mark_non_differentiable(*output[1:])
 
 
-def _backward_fn(ctx, dy):
+def _backward_fn(ctx, dy, *_):
     no_double_backward("radar_gate_lora")
-    x, lora_A, lora_B, g, rot_down, rot_up, beta, ids = ctx.saved_tensors
+    x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, s, d, P, Q = ctx.saved_tensors
     need = ctx.needs_input_grad
     grads = torch.ops.radargate.lora_bwd(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids,
-                                         *ctx.args, need[0], need[1])
+                                         *ctx.args, need[0], need[1], s, d, P, Q)
     present = (True, True, True, True, rot_down is not None, rot_up is not None, beta is not None)
     out = [gr if (p and n) else None for gr, p, n in zip(grads, present, need[:7])]
-    return (*out, None, None, None, None, None)
+    return (*out, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("radargate::lora_fwd", _backward_fn, setup_context=_setup_context)
@@ -444,7 +505,7 @@ def _resolve_backend(backend, x, rotation):
 
 def radar_gate_lora(x, lora_A, lora_B, weights, rot_down=None, rot_up=None, angle_bias=None,
                     expert_ids=None, scaling=1.0, dropout_p=0.0, training=True, tau=1.0,
-                    eps=1e-6, backend="auto"):
+                    eps=1e-6, backend="auto", recompute=None):
     """RadarGate over K LoRA experts, fused: ``y = sum_k g_k R(alpha_k) (scaling x' A_e B_e)``.
 
     x [..., in], lora_A [E, in, r], lora_B [E, r, out], weights [..., K],
@@ -457,7 +518,13 @@ def radar_gate_lora(x, lora_A, lora_B, weights, rot_down=None, rot_up=None, angl
     backend: "auto" (the tensors' device decides: Triton kernels on CUDA, the chunked PyTorch
     path elsewhere), "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "torch". First-order
     gradients only (create_graph=True raises).
+    recompute: what backward does with the low-rank activations s [..., K, r] and the context
+    d [..., K, rg]: True recomputes them (least memory: nothing per (token, slot) is saved),
+    False saves them, None (auto, save_lowrank) saves them while they cost at most a quarter of
+    x's bytes (K (r + rg) 4 <= in * itemsize / 4 in fp32 compute).
     """
+    if recompute is not None and not isinstance(recompute, bool):
+        raise TypeError(f"recompute: expected None, True or False, got {recompute!r}")
     check_lora_inputs(x, lora_A, lora_B, weights, rot_down, rot_up, angle_bias, expert_ids,
                       scaling, tau, eps)
     which = _resolve_backend(backend, x, rot_down is not None)
@@ -466,7 +533,11 @@ def radar_gate_lora(x, lora_A, lora_B, weights, rot_down=None, rot_up=None, angl
         x = F.dropout(x, dropout_p, training)
     x2 = x.reshape(-1, x.shape[-1])
     ids = expert_ids.reshape(-1, K).long() if expert_ids is not None else None  # any int dtype
+    rg = rot_down.shape[1] if rot_down is not None else 0
+    save = (torch.is_grad_enabled() and save_lowrank(recompute, x2, lora_A, K, rg)
+            and any(t is not None and t.requires_grad
+                    for t in (x2, lora_A, lora_B, weights, rot_down, rot_up, angle_bias)))
     y = torch.ops.radargate.lora_fwd(x2, lora_A, lora_B, weights.reshape(-1, K), rot_down,
                                      rot_up, angle_bias, ids, float(scaling), float(tau),
-                                     float(eps), which)
+                                     float(eps), which, save)[0]
     return y.reshape(*lead, lora_B.shape[2])

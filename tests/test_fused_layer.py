@@ -86,7 +86,8 @@ def test_fused_layer_saves_at_most_1_3x_one_plain_lora(top_k, E):
         lora_mod._resolve_backend = orig
     assert plain["total"] > 12 * 2 ** 20  # x, W, and the two small LoRA tensors: 12.1 MiB
     assert fused["total"] <= 1.3 * plain["total"], (fused, plain)
-    # nothing of size T x K x out, and nothing of size T x K x r either (s is recomputed)
+    # nothing of size T x K x out (s [T, K, r] and d [T, K, rg] are kept only while small:
+    # E = 8 dense and top-2 here, not E = 40: lora.save_lowrank)
     assert fused["largest"] <= T * d * 4
 
 

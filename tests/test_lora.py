@@ -160,7 +160,7 @@ def test_torch_compile_fullgraph_and_opcheck(backend):
              else v) for k, v in prob.items()}
     torch.library.opcheck(torch.ops.radargate.lora_fwd, (
         p["x"], p["lora_A"], p["lora_B"], p["weights"], p["rot_down"], p["rot_up"],
-        p["angle_bias"], p["expert_ids"], p["scaling"], p["tau"], 1e-6, backend))
+        p["angle_bias"], p["expert_ids"], p["scaling"], p["tau"], 1e-6, backend, True))
 
 
 @pytest.mark.parametrize("over, exc, words", [
@@ -182,6 +182,7 @@ def test_torch_compile_fullgraph_and_opcheck(backend):
     (dict(tau=0.0), ValueError, ["tau"]),
     (dict(scaling=float("nan")), ValueError, ["scaling"]),
     (dict(backend="cuda"), ValueError, ["backend"]),
+    (dict(recompute="yes"), TypeError, ["recompute", "None, True or False"]),
 ])
 def test_bad_input_raises_clear_error(over, exc, words):
     prob = make_lora_problem(5, 3, 6, 8, 2, 2, bias=True, seed=1)
@@ -261,3 +262,60 @@ def test_non_finite_token_reaches_only_the_experts_it_uses(bad, where, backend):
             continue
         torch.testing.assert_close(got[fin], ref[fin], rtol=1e-4, atol=1e-5, msg=name)
     assert not bad, bad
+
+
+SAVE_CASES = [CASES[0], CASES[3], CASES[4], CASES[6], CASES[7], CASES[9], CASES[10]]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", SAVE_CASES, ids=_id)
+def test_saved_and_recomputed_low_rank_activations_give_identical_results(case, backend):
+    # recompute=False keeps s, d (and P, Q) from forward; recompute=True recomputes them in
+    # backward with the same code: every output and gradient is bitwise the same
+    prob, dy = _problem(case, torch.float32, "save")
+    y1, g1 = lora_run(radar_gate_lora, prob, dy, backend=backend, recompute=True)
+    y2, g2 = lora_run(radar_gate_lora, prob, dy, backend=backend, recompute=False)
+    assert torch.equal(y1, y2)
+    for n in g1:
+        assert torch.equal(g1[n], g2[n]), n
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
+def test_saved_low_rank_activations_match_reference(dtype, backend):
+    prob, dy = _problem(CASES[4], dtype, "saved")
+    check_lora_against_reference(prob, dy, backend=backend, recompute=False)
+
+
+@pytest.mark.parametrize("ids, rotation", [(False, True), (True, True), (True, False)],
+                         ids=["dense", "topk", "norot"])
+def test_recompute_decides_what_is_saved_for_backward(ids, rotation):
+    from radargate_kernels.memory import saved_bytes
+    T, K, fin, out, r, rg = 32, 3, 128, 16, 4, 2
+    prob = make_lora_problem(T, K, fin, out, r, rg, ids=ids, bias=True, rotation=rotation,
+                             seed=11)
+    leaves = {k: (v.requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                  else v) for k, v in prob.items()}
+    kept = {rc: saved_bytes(lambda: radar_gate_lora(**leaves, backend="torch", recompute=rc))
+            for rc in (True, False, None)}
+    E = prob["lora_A"].shape[0]
+    rgs = rg if rotation else 0
+    extra = T * K * (r + rgs) * 4 + ((E * r) ** 2 + E * r * rg) * 4 * rotation  # s, d, P, Q
+    assert kept[False]["total"] - kept[True]["total"] == extra
+    # auto: K (r + rg) 4 = 72 bytes (or 48) per token <= a quarter of x's 512: saved
+    assert kept[None]["total"] == kept[False]["total"]
+    with torch.no_grad():  # nothing to differentiate: nothing kept, whatever recompute says
+        y = radar_gate_lora(**prob, backend="torch", recompute=False)
+    assert y.grad_fn is None
+
+
+def test_auto_recompute_threshold_is_a_quarter_of_x():
+    from radargate_kernels.lora import save_lowrank
+    A = torch.zeros(4, 64, 8)  # E, in, r
+    x32, x16 = torch.zeros(1, 64), torch.zeros(1, 64, dtype=torch.bfloat16)
+    # fp32 compute: K (r + rg) 4 bytes per token vs in * itemsize / 4
+    assert save_lowrank(None, x32, A, 1, 0)        # 32 <= 64
+    assert save_lowrank(None, x32, A, 2, 0)        # 64 <= 64
+    assert not save_lowrank(None, x32, A, 2, 1)    # 72 > 64
+    assert not save_lowrank(None, x16, A, 2, 0)    # 64 > 32 (bf16 x, fp32 s)
+    assert save_lowrank(False, x16, A, 64, 64) and not save_lowrank(True, x32, A, 1, 0)
