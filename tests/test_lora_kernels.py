@@ -167,22 +167,34 @@ def test_relation_kernel_limit_and_fallback():
         9, 2, 1, True)
 
 
-def test_down_and_relation_kernels_read_their_inputs_once():
+@pytest.mark.parametrize("K, E", [(4, 4), (4, 8)], ids=["one-chunk", "two-chunks"])
+def test_down_and_relation_kernels_read_their_inputs_once(K, E):
     from benchmarks.cost_report import count_triton
-    # E * r = 32: one column block of the GEMM and one column chunk of the relation kernel
-    T, E, fin, r, rg = 40, 4, 96, 8, 8
+    # E * r = 32: one column block of the GEMM and one column chunk of the relation kernel;
+    # E * r = 64 (top-4 of 8): two chunks of P_flat (forward), four (backward), s read once
+    T, fin, r, rg = 40, 96, 8, 8
+    ids = None if K == E else torch.randint(0, E, (T, K), generator=_gen("ids"))
+    assert LL.relation_s_in_registers(False, K, E * r, rg)
+    assert LL.relation_s_in_registers(True, K, E * r, rg)
     gen = _gen("bytes")
     x = torch.randn(T, fin, generator=gen).to(torch.bfloat16)
     A = torch.randn(E, fin, r, generator=gen).to(torch.bfloat16)
     B = torch.randn(E, r, 16, generator=gen)
     P, Q = lora.lowrank_factors(B, torch.randn(16, rg, generator=gen), torch.float32)
     with count_triton() as kc:
-        s = LL.down_forward(x, A, 1.0, torch.float32)
-        LL.relation(s, None, P.contiguous(), Q.contiguous(), 1.0, 1e-6)
+        s_all = LL.down_forward(x, A, 1.0, torch.float32)
+    s = s_all if ids is None else torch.gather(s_all, 1, ids[..., None].expand(-1, -1, r))
+    with count_triton() as kr:
+        d = LL.relation(s.contiguous(), ids, P.contiguous(), Q.contiguous(), 1.0, 1e-6)
+        LL.relation_backward(s.contiguous(), ids, P.contiguous(), Q.contiguous(),
+                             torch.randn_like(d), torch.zeros_like(s), 1.0, 1e-6)
+    sb = T * K * r * 4
     assert kc.by_arg[("lora_down_fwd_kernel", "X")] == [T * fin * 2, 0]
     assert kc.by_arg[("lora_down_fwd_kernel", "S")] == [0, T * E * r * 4]
-    assert kc.by_arg[("lora_relation_kernel", "S")] == [T * E * r * 4, 0]
-    assert kc.by_arg[("lora_relation_kernel", "DD")] == [0, T * E * rg * 4]
+    assert kr.by_arg[("lora_relation_kernel", "S")] == [sb, 0]
+    assert kr.by_arg[("lora_relation_kernel", "DD")] == [0, T * K * rg * 4]
+    assert kr.by_arg[("lora_relation_bwd_kernel", "S")] == [sb, 0]
+    assert kr.by_arg[("lora_relation_bwd_kernel", "DS")] == [sb, sb]  # += the relation part
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],

@@ -173,6 +173,15 @@ def relation_fits(K, E, r, has_ids) -> bool:
     return K <= RELATION_ROWS and relation_columns(K, E, r, has_ids) <= RELATION_MAX_F
 
 
+def relation_s_in_registers(backward, KP, F, rg) -> bool:
+    """Whether the relation kernels take the column chunks of s from registers (s read once)
+    rather than re-loading them per chunk (three reads). Registers spilled (fp32, sm_90; compile
+    report, --family lora) at F = 64 with gate rank 64 in the forward (288 bytes at K = 16) and
+    at F = 64 with 8 slots per token in the backward (12-20 bytes); every other configuration
+    of the report compiles without spills either way."""
+    return F < 64 or not (KP >= 8 if backward else _pow2(rg) >= 64)
+
+
 def plan_factors(lora_B, rot_down, ct):
     """lora_B [E, r, out], rot_down [out, rg] (E r <= RELATION_MAX_F) -> ((P [E, r, E, r],
     Q [E, r, rg]) in ct, [Launch]): one program reads lora_B and rot_down once."""
@@ -224,7 +233,8 @@ def plan_relation(s, ids, P, Q, tau, eps):
             s, ids if ids is not None else s, P, Q, d, T, K, E, r, rg,
             *(ids.stride() if ids is not None else (0, 0)), 1.0 / tau, eps),
             dict(KP=KP, BT=BT, F=F, FC=F if F <= 32 else 32, RP=_pow2(r), RGP=max(16, _pow2(rg)),
-                 HAS_IDS=ids is not None, ACC=_acc(s.dtype), num_warps=8, maxnreg=255)))
+                 HAS_IDS=ids is not None, S_REGS=relation_s_in_registers(False, KP, F, rg),
+                 ACC=_acc(s.dtype), num_warps=8, maxnreg=255)))
     return d, launches
 
 
@@ -258,7 +268,8 @@ def plan_relation_backward(s, ids, P, Q, dd, ds, tau, eps):
             s, ids if ids is not None else s, P, Q, dd, ds, PP, PQ, PBAD, T, K, E, r, rg,
             *(ids.stride() if ids is not None else (0, 0)), n_blocks, 1.0 / tau, eps),
             dict(KP=KP, BT=BT, F=F, FC=min(F, 16), RP=_pow2(r), RGP=RGP,
-                 HAS_IDS=ids is not None, ACC=_acc(s.dtype), num_warps=8, maxnreg=255)))
+                 HAS_IDS=ids is not None, S_REGS=relation_s_in_registers(True, KP, F, rg),
+                 ACC=_acc(s.dtype), num_warps=8, maxnreg=255)))
     return (PP, PQ, PBAD), launches
 
 

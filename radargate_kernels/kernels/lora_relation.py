@@ -13,9 +13,11 @@ c = e * RP + a holds s[t, k, a]), so with ``P_flat [F, F] = (B_e B_f^T)`` and
 ``Q_flat [F, rg] = (B_e rot_down)`` every per-token product is one plain ``tl.dot``:
 ``Gram = W P_flat W^T`` (W = the rows scaled by their max |s|, so no square overflows) and
 ``z = S Q_flat``; then the radar_gate forward's relation (n, C, rho) and ``d = rho z - z``.
-Above 32 columns P_flat is walked in column chunks of FC, re-loading those columns of s (s is
-then read three times: a whole [64, 64] fp32 tile of P spilled). Used while K <= 32 and
-F <= 64 (the backward: K <= 8), lora_launch.relation_fits; beyond, the PyTorch part.
+Above 32 columns P_flat is walked in column chunks of FC (a whole [64, 64] fp32 tile of P
+spilled), taking the matching columns of the rows' s from registers (s is read once) where that
+compiles without spills (lora_launch.relation_s_in_registers), else re-loading them. Used
+while K <= 32 and F <= 64 (the backward: K <= 8), lora_launch.relation_fits; beyond, the
+PyTorch part.
 """
 import triton
 import triton.language as tl
@@ -68,52 +70,89 @@ def p_columns(PF, flat, cm, c2, E, r, RP: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def gram_and_z(S, PF, QF, e, tok, slot, valid, W, m, flat, cm, gg, K, E, r, rg,
+def halves(X, R: tl.constexpr, F: tl.constexpr):
+    """X [R, F] -> (X[:, :F/2], X[:, F/2:]) in registers."""
+    return tl.split(tl.permute(tl.reshape(X, (R, 2, F // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def column_chunk(X, j: tl.constexpr, R: tl.constexpr, F: tl.constexpr, FC: tl.constexpr):
+    """Columns j FC .. (j + 1) FC - 1 of X [R, F] (F / FC in 1, 2, 4) -> [R, FC], taken from
+    registers (no reload)."""
+    if FC == F:
+        out = X
+    else:
+        lo, hi = halves(X, R, F)
+        half = lo if j < F // FC // 2 else hi
+        if F // FC == 2:
+            out = half
+        else:
+            q0, q1 = halves(half, R, F // 2)
+            out = q0 if j % 2 == 0 else q1
+    return out
+
+
+@triton.jit
+def gram_and_z(S, Sx, W, m, e, tok, slot, valid, K, PF, QF, flat, cm, gg, E, r, rg,
                F: tl.constexpr, FC: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
-               RGP: tl.constexpr, ACC: tl.constexpr):
-    """Gram = W P_flat W^T [R, R] and z = S_x Q_flat [R, RGP], with P_flat walked in column
-    chunks of FC (a whole [64, 64] fp32 tile of it spilled); each chunk's columns of s are
-    re-loaded (own lanes only), and z takes a loop of its own (fewer live registers)."""
+               RGP: tl.constexpr, S_REGS: tl.constexpr, ACC: tl.constexpr):
+    """Gram = W P_flat W^T [R, R] and z = S_x Q_flat [R, RGP] from the rows' s in their
+    experts' columns (Sx [R, F], W = Sx / m), with P_flat walked in column chunks of FC (a
+    whole [64, 64] fp32 tile of it spilled); z takes a loop of its own (fewer live registers).
+    Each chunk's columns of W and Sx are taken from registers (S_REGS, an unrolled walk: s is
+    read once) or re-loaded from S in a loop (own lanes only: where the former spilled)."""
     gram = tl.zeros((R, R), dtype=ACC)
     z = tl.zeros((R, RGP), dtype=ACC)
-    for c0 in range(0, F, FC):
-        c2 = c0 + tl.arange(0, FC)
-        P, _, _ = p_columns(PF, flat, cm, c2, E, r, RP, ACC)
-        S2 = expert_columns(S, e, tok, slot, valid, K, r, c2, RP, ACC)
-        gram += tl.dot(tl.dot(W, P, input_precision="ieee", out_dtype=ACC),
-                       tl.trans(S2 / m[:, None]), input_precision="ieee", out_dtype=ACC)
-    for c0 in range(0, F, FC):
-        c2 = c0 + tl.arange(0, FC)
-        f2, m2 = factor_rows(c2, E, r, RP)
-        S2 = expert_columns(S, e, tok, slot, valid, K, r, c2, RP, ACC)
-        Q = tl.load(QF + f2[:, None] * rg + gg[None, :], mask=m2[:, None] & (gg < rg)[None, :],
-                    other=0.0).to(ACC)
-        z += tl.dot(S2, Q, input_precision="ieee", out_dtype=ACC)
+    if S_REGS:
+        for c0 in tl.static_range(0, F, FC):
+            P, _, _ = p_columns(PF, flat, cm, c0 + tl.arange(0, FC), E, r, RP, ACC)
+            gram = gram_chunk(gram, W, P, column_chunk(W, c0 // FC, R, F, FC), ACC)
+        for c0 in tl.static_range(0, F, FC):
+            Q = q_rows(QF, c0 + tl.arange(0, FC), gg, E, r, rg, RP, ACC)
+            z += tl.dot(column_chunk(Sx, c0 // FC, R, F, FC), Q, input_precision="ieee",
+                        out_dtype=ACC)
+    else:
+        for c0 in range(0, F, FC):
+            c2 = c0 + tl.arange(0, FC)
+            P, _, _ = p_columns(PF, flat, cm, c2, E, r, RP, ACC)
+            Wc = expert_columns(S, e, tok, slot, valid, K, r, c2, RP, ACC) / m[:, None]
+            gram = gram_chunk(gram, W, P, Wc, ACC)
+        for c0 in range(0, F, FC):
+            c2 = c0 + tl.arange(0, FC)
+            z += tl.dot(expert_columns(S, e, tok, slot, valid, K, r, c2, RP, ACC),
+                        q_rows(QF, c2, gg, E, r, rg, RP, ACC), input_precision="ieee",
+                        out_dtype=ACC)
     return gram, z
+
+
+@triton.jit
+def gram_chunk(gram, W, P, Wc, ACC: tl.constexpr):
+    """gram + (W P_flat[:, chunk]) W[:, chunk]^T."""
+    return gram + tl.dot(tl.dot(W, P, input_precision="ieee", out_dtype=ACC), tl.trans(Wc),
+                         input_precision="ieee", out_dtype=ACC)
+
+
+@triton.jit
+def q_rows(QF, c2, gg, E, r, rg, RP: tl.constexpr, ACC: tl.constexpr):
+    """Rows of Q_flat [E r, rg] holding the padded columns c2 -> [len(c2), RGP] (0 padding)."""
+    f2, m2 = factor_rows(c2, E, r, RP)
+    return tl.load(QF + f2[:, None] * rg + gg[None, :], mask=m2[:, None] & (gg < rg)[None, :],
+                   other=0.0).to(ACC)
 
 
 @triton.jit
 def lora_relation_kernel(S, IDS, PF, QF, DD, T, K, E, r, rg, s_it, s_ik, tau_inv, eps,
                          KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, FC: tl.constexpr,
                          RP: tl.constexpr, RGP: tl.constexpr, HAS_IDS: tl.constexpr,
-                         ACC: tl.constexpr):
+                         S_REGS: tl.constexpr, ACC: tl.constexpr):
     tok, slot, valid = row_ids(tl.program_id(0), T, K, KP, BT)
     e = expert_of_row(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
     cc = tl.arange(0, F)
     Sx, m, W = scaled_expert_rows(S, e, tok, slot, valid, K, r, cc, RP, ACC)
     flat, cm = factor_rows(cc, E, r, RP)
     gg = tl.arange(0, RGP)
-    if FC == F:  # one chunk (F <= 32): P_flat [F, F] and Q_flat [F, rg] whole, s read once
-        P = tl.load(PF + flat[:, None] * (E * r) + flat[None, :], mask=cm[:, None] & cm[None, :],
-                    other=0.0).to(ACC)
-        gram = tl.dot(tl.dot(W, P, input_precision="ieee", out_dtype=ACC), tl.trans(W),
-                      input_precision="ieee", out_dtype=ACC)
-        Q = tl.load(QF + flat[:, None] * rg + gg[None, :], mask=cm[:, None] & (gg < rg)[None, :],
-                    other=0.0).to(ACC)
-        z = tl.dot(Sx, Q, input_precision="ieee", out_dtype=ACC)
-    else:
-        gram, z = gram_and_z(S, PF, QF, e, tok, slot, valid, W, m, flat, cm, gg, K, E, r, rg, F,
-                             FC, BT * KP, RP, RGP, ACC)
+    gram, z = gram_and_z(S, Sx, W, m, e, tok, slot, valid, K, PF, QF, flat, cm, gg, E, r, rg, F,
+                         FC, BT * KP, RP, RGP, S_REGS, ACC)
     n, C, rho, same = relation(gram, m, valid, K, tau_inv, eps, KP, BT)
     d = block_dot(rho, z, same, ACC) - z
     d = tl.where(K > 1, d, z * 0.0)  # SPEC: with K = 1, d = 0 (NaN stays NaN, as the reference)
@@ -149,7 +188,8 @@ def lora_factors_kernel(LB, AR, PF, QF, E, r, out, rg, s_le, s_lr, s_lo, s_ao, s
 def lora_relation_bwd_kernel(S, IDS, PF, QF, DDD, DS, PP, PQ, PBAD, T, K, E, r, rg, s_it,
                              s_ik, n_blocks, tau_inv, eps, KP: tl.constexpr, BT: tl.constexpr,
                              F: tl.constexpr, FC: tl.constexpr, RP: tl.constexpr,
-                             RGP: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr):
+                             RGP: tl.constexpr, HAS_IDS: tl.constexpr, S_REGS: tl.constexpr,
+                             ACC: tl.constexpr):
     """Backward of lora_relation_kernel (grid: token groups; group p walks the token blocks
     p, p + G, ...): dd [T, K, rg] -> ds [T, K, r] += the relation part (DS holds the streaming
     part on entry), and this group's partials of dP_flat [F, F] and dQ_flat [F, RGP] (PP, PQ
@@ -169,8 +209,8 @@ def lora_relation_bwd_kernel(S, IDS, PF, QF, DDD, DS, PP, PQ, PBAD, T, K, E, r, 
         tok, slot, valid = row_ids(blk, T, K, KP, BT)
         e = expert_of_row(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
         Sx, m, W = scaled_expert_rows(S, e, tok, slot, valid, K, r, cc, RP, ACC)
-        gram, z = gram_and_z(S, PF, QF, e, tok, slot, valid, W, m, flat_c, cm, gg, K, E, r, rg,
-                             F, FC, BT * KP, RP, RGP, ACC)  # the forward's, recomputed
+        gram, z = gram_and_z(S, Sx, W, m, e, tok, slot, valid, K, PF, QF, flat_c, cm, gg, E, r,
+                             rg, F, FC, BT * KP, RP, RGP, S_REGS, ACC)  # the forward's, again
         n, C, rho, same = relation(gram, m, valid, K, tau_inv, eps, KP, BT)
         off = same & (ri[:, None] != ri[None, :])
         dd = load_rows(DDD, tok * K + slot, valid, rg, RGP, ACC)
