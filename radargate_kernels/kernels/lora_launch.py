@@ -21,7 +21,7 @@ from .lora_stream import (lora_bwd_params_kernel, lora_bwd_params_packed_kernel,
 @dataclass(frozen=True)
 class LoraConfig:
     BT: int        # tokens per program (forward, backward rows)
-    BH_FWD: int    # feature pairs per program (forward)
+    BH_FWD: int    # feature pairs per chunk (forward: two chunks per program)
     BH: int        # feature pairs per chunk (backward rows)
     BH_PARAMS: int  # feature pairs per program (parameter kernel)
     BR: int        # expert-sorted rows per step (parameter kernel)
@@ -44,8 +44,7 @@ def pick_lora_config(r: int, rg: int, h: int) -> LoraConfig:
     cap = max(16, _pow2(h))
     bh_params = {16: 64, 32: 32, 64: 16}[max(RP, RGP)]
     bh_rows = 32 if max(RP, RGP) == 16 else 16
-    bh_fwd = 128 if max(RP, RGP) == 16 else 64
-    return LoraConfig(BT=16, BH_FWD=min(bh_fwd, cap), BH=min(bh_rows, cap),
+    return LoraConfig(BT=16, BH_FWD=min(128, cap), BH=min(bh_rows, cap),
                       BH_PARAMS=min(bh_params, cap), BR=16, RP=RP, RGP=RGP, WARPS_FWD=8,
                       WARPS_ROWS=8, WARPS_PARAMS=8)
 
@@ -70,10 +69,13 @@ def plan_stream_forward(s, g, d, ids, lora_B, rot_up, angle_bias, out_dtype):
     y = torch.empty((T, out), dtype=out_dtype, device=s.device)
     launches = []
     if T > 0:
-        launches.append(Launch(lora_fwd_kernel, (triton.cdiv(h, cfg.BH_FWD), triton.cdiv(T, cfg.BT)), (
+        nch = 2 if h > cfg.BH_FWD else 1  # two chunks per program: s, d read half as often
+        fmeta = {k: v for k, v in meta.items() if k != "RGP"}
+        launches.append(Launch(lora_fwd_kernel, (
+            triton.cdiv(h, nch * cfg.BH_FWD), triton.cdiv(T, cfg.BT)), (
             s, g, d, ids_t, lora_B, rot_up, beta_t, y, T, K, h, r, rg, E,
             *g.stride(), *s_ids, *lora_B.stride(), *rot_up.stride(), *s_beta, *y.stride()),
-            dict(meta, BT=cfg.BT, BH=cfg.BH_FWD, RP=cfg.RP, HAS_IDS=ids is not None,
+            dict(fmeta, BT=cfg.BT, BH=cfg.BH_FWD, NCH=nch, HAS_IDS=ids is not None,
                  num_warps=cfg.WARPS_FWD)))
     return y, launches
 

@@ -5,7 +5,8 @@ Expert k of token t outputs ``v = s[t, k] B_e`` (e = ids[t, k], or k without ids
 chunk by chunk from s and B and never stored. The angles come from ``d [T, K, rg]`` (the relation
 part, computed from s alone) as ``alpha = d U + beta[e]`` with ``U = rot_up [rg, out/2]``.
 
-- ``lora_fwd_kernel`` (grid: col chunks x token blocks): ``y = sum_k g_k R(alpha_k) v_k``.
+- ``lora_fwd_kernel`` (grid: col blocks x token blocks): ``y = sum_k g_k R(alpha_k) v_k``, v and
+  alpha one rank at a time, two chunks of column pairs per program (s, d read once for both).
 - ``lora_bwd_rows_kernel`` (grid: token blocks): per (token, slot) row, one pass over all
   columns: ``dg = <dy, u>``, ``dd = dalpha U^T``, ``ds = dv B_e^T`` with ``dv = g R(-alpha) dy``.
 - ``lora_bwd_rows_packed_kernel`` (grid: token blocks): the same, with all slots of a token in
@@ -85,47 +86,105 @@ def slot_rows_tile(S, row, valid, rr, r, ACC: tl.constexpr):
 
 
 @triton.jit
+def rank_rows(LB, eid, k, a, cols, h, s_le, s_lr, s_lo, m, HAS_IDS: tl.constexpr,
+              ACC: tl.constexpr):
+    """Row a of each row's B_e at columns cols and cols + h: gathered per row with ids
+    (2 x [BT, BH]); without ids every row has expert k: one row, 2 x [1, BH]."""
+    if HAS_IDS:
+        b1, b2 = b_rows(LB, eid, a, cols, h, s_le, s_lr, s_lo, m, ACC)
+    else:
+        o1, o2 = pair_offsets(tl.zeros((1,), dtype=tl.int64) + (tl.cast(k, tl.int64) * s_le
+                                                              + a * s_lr), cols, h, s_lo)
+        cm = (cols < h)[None, :]
+        b1 = tl.load(LB + o1, mask=cm, other=0.0).to(ACC)
+        b2 = tl.load(LB + o2, mask=cm, other=0.0).to(ACC)
+    return b1, b2
+
+
+@triton.jit
+def gate_row(U, gi, cols, h, s_ug, s_uh, ACC: tl.constexpr):
+    """Row gi of rot_up at columns cols -> [1, BH]."""
+    return tl.load(U + gi * s_ug + cols[None, :].to(tl.int64) * s_uh, mask=(cols < h)[None, :],
+                   other=0.0).to(ACC)
+
+
+@triton.jit
+def stretch_rotate(y1, y2, v1, v2, alpha, g, BETA, eid, valid, k, cols, h, s_be, s_bh,
+                   HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr):
+    """(y1, y2) + g R(alpha + beta[e]) (v1, v2) for one chunk of column pairs."""
+    cmask = cols < h
+    if HAS_BETA:
+        if HAS_IDS:
+            off = eid.to(tl.int64)[:, None] * s_be + cols[None, :].to(tl.int64) * s_bh
+            alpha += tl.load(BETA + off, mask=valid[:, None] & cmask[None, :],
+                             other=0.0).to(ACC)
+        else:
+            alpha += tl.load(BETA + tl.cast(k, tl.int64) * s_be + cols[None, :].to(tl.int64)
+                             * s_bh, mask=cmask[None, :], other=0.0).to(ACC)
+    u1, u2 = rotate(v1, v2, tl.cos(alpha), tl.sin(alpha))
+    return y1 + g[:, None] * u1, y2 + g[:, None] * u2
+
+
+@triton.jit
+def store_y(Y, tok, T, cols, h, s_yt, s_yd, y1, y2):
+    o1, o2 = pair_offsets(tok * s_yt, cols, h, s_yd)
+    ym = (tok < T)[:, None] & (cols < h)[None, :]
+    tl.store(Y + o1, y1.to(Y.dtype.element_ty), mask=ym)
+    tl.store(Y + o2, y2.to(Y.dtype.element_ty), mask=ym)
+
+
+@triton.jit
 def lora_fwd_kernel(
     S, G, D, IDS, LB, U, BETA, Y,
     T, K, h, r, rg, E,
     s_gt, s_gk, s_it, s_ik, s_le, s_lr, s_lo, s_ug, s_uh, s_be, s_bh, s_yt, s_yd,
-    BT: tl.constexpr, BH: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr,
-    HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr,
+    BT: tl.constexpr, BH: tl.constexpr, NCH: tl.constexpr, HAS_BETA: tl.constexpr,
+    HAS_IDS: tl.constexpr, ACC: tl.constexpr,
 ):
-    cols = tl.program_id(0) * BH + tl.arange(0, BH)
-    rr = tl.arange(0, RP)
+    """Grid: (column blocks of NCH chunks of BH pairs) x token blocks. Per slot k, v = s B_e
+    and alpha = d U are built one rank at a time (outer products of a [BT] column of s or d
+    with a row of B_e or U: no padding of r, rg to 16 and no dot operand tiles), each s and d
+    value loaded once per program and used for its NCH (1 or 2) chunks."""
+    cols = tl.program_id(0) * (NCH * BH) + tl.arange(0, BH)
+    cols2 = cols + BH
     tok = (tl.program_id(1) * BT + tl.arange(0, BT)).to(tl.int64)
-    cmask = cols < h
-    Uc = load_param_chunk(U, tl.arange(0, RGP), cols, rg, h, s_ug, s_uh, ACC)
     y1 = tl.zeros((BT, BH), dtype=ACC)
     y2 = tl.zeros((BT, BH), dtype=ACC)
+    w1 = tl.zeros((BT, BH), dtype=ACC)
+    w2 = tl.zeros((BT, BH), dtype=ACC)
     for k in range(0, K):
         row, eid, valid = slot_rows(tok, k, K, T, IDS, s_it, s_ik, E, HAS_IDS)
-        if HAS_IDS:  # v = s[row] B_e, one rank at a time (B_e differs per row)
-            m = valid[:, None] & cmask[None, :]
-            v1 = tl.zeros((BT, BH), dtype=ACC)
-            v2 = tl.zeros((BT, BH), dtype=ACC)
-            for a in range(0, r):
-                sa = tl.load(S + row * r + a, mask=valid, other=0.0).to(ACC)
-                b1, b2 = b_rows(LB, eid, a, cols, h, s_le, s_lr, s_lo, m, ACC)
-                v1 += sa[:, None] * b1
-                v2 += sa[:, None] * b2
-        else:  # every row of slot k has expert k: one B_k tile, v = s B_k as a dot
-            sk = slot_rows_tile(S, row, valid, rr, r, ACC)
-            Bk1, Bk2 = expert_b_chunk(LB, k, rr, cols, r, h, s_le, s_lr, s_lo, ACC)
-            v1 = tl.dot(sk, Bk1, input_precision="ieee", out_dtype=ACC)
-            v2 = tl.dot(sk, Bk2, input_precision="ieee", out_dtype=ACC)
-        dk = slot_rows_tile(D, row, valid, tl.arange(0, RGP), rg, ACC)
-        c, sn = chunk_angles(dk, valid, Uc, BETA, eid, k, cols, cmask, s_be, s_bh, HAS_BETA,
-                             HAS_IDS, ACC)
-        u1, u2 = rotate(v1, v2, c, sn)
+        m1 = valid[:, None] & (cols < h)[None, :]
+        m2 = valid[:, None] & (cols2 < h)[None, :]
+        v1 = tl.zeros((BT, BH), dtype=ACC)
+        v2 = tl.zeros((BT, BH), dtype=ACC)
+        x1 = tl.zeros((BT, BH), dtype=ACC)
+        x2 = tl.zeros((BT, BH), dtype=ACC)
+        for a in range(0, r):
+            sa = tl.load(S + row * r + a, mask=valid, other=0.0).to(ACC)[:, None]
+            b1, b2 = rank_rows(LB, eid, k, a, cols, h, s_le, s_lr, s_lo, m1, HAS_IDS, ACC)
+            v1 += sa * b1
+            v2 += sa * b2
+            if NCH == 2:
+                b1, b2 = rank_rows(LB, eid, k, a, cols2, h, s_le, s_lr, s_lo, m2, HAS_IDS, ACC)
+                x1 += sa * b1
+                x2 += sa * b2
+        al = tl.zeros((BT, BH), dtype=ACC)
+        al2 = tl.zeros((BT, BH), dtype=ACC)
+        for gi in range(0, rg):
+            dg = tl.load(D + row * rg + gi, mask=valid, other=0.0).to(ACC)[:, None]
+            al += dg * gate_row(U, gi, cols, h, s_ug, s_uh, ACC)
+            if NCH == 2:
+                al2 += dg * gate_row(U, gi, cols2, h, s_ug, s_uh, ACC)
         g = tl.load(G + tok * s_gt + k * s_gk, mask=valid, other=0.0).to(ACC)
-        y1 += g[:, None] * u1
-        y2 += g[:, None] * u2
-    o1, o2 = pair_offsets(tok * s_yt, cols, h, s_yd)
-    ym = (tok < T)[:, None] & cmask[None, :]
-    tl.store(Y + o1, y1.to(Y.dtype.element_ty), mask=ym)
-    tl.store(Y + o2, y2.to(Y.dtype.element_ty), mask=ym)
+        y1, y2 = stretch_rotate(y1, y2, v1, v2, al, g, BETA, eid, valid, k, cols, h, s_be, s_bh,
+                                HAS_BETA, HAS_IDS, ACC)
+        if NCH == 2:
+            w1, w2 = stretch_rotate(w1, w2, x1, x2, al2, g, BETA, eid, valid, k, cols2, h, s_be,
+                                    s_bh, HAS_BETA, HAS_IDS, ACC)
+    store_y(Y, tok, T, cols, h, s_yt, s_yd, y1, y2)
+    if NCH == 2:
+        store_y(Y, tok, T, cols2, h, s_yt, s_yd, w1, w2)
 
 
 @triton.jit
