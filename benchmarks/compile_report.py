@@ -163,10 +163,12 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
                                      rg=rg))
             for (E, r) in (DOWN_QUICK if quick else DOWN_FULL):
                 for kern in DOWN_KERNELS:
-                    # the dA kernel with and without the dx it writes when both are needed
+                    # the dA kernel with and without the dx it writes when both are needed;
+                    # the backward kernels dense and top-2 (ds_all built from ds and ids)
                     for with_dx in ((True, False) if kern == "lora_down_da_kernel" else (None,)):
-                        jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=E, D=4096, r=r,
-                                         E=E, rg=0, with_dx=with_dx))
+                        for topk in (None, 2) if kern != "lora_down_fwd_kernel" else (None,):
+                            jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=E, D=4096,
+                                             r=r, E=E, rg=0, with_dx=with_dx, topk=topk))
     return jobs
 
 
@@ -253,10 +255,13 @@ def _plan_lora(job, dt):
         if job["kernel"] == "lora_down_fwd_kernel":
             _, launches = LL.plan_down_forward(x, lora_A, 1.0, torch.float32)
         else:
-            ds_all = torch.empty((T, E, r), dtype=torch.float32)
+            # dense: ds_all [T, E, r]; top-k (job["topk"]): ds [T, k, r] and ids
+            k = job.get("topk") or E
+            ds = torch.empty((T, k, r), dtype=torch.float32)
+            ids_d = torch.zeros((T, k), dtype=torch.int64) if job.get("topk") else None
             # the dx kernel: only dx needed; the dA kernel with dx needed too or not
             dx_kernel = job["kernel"] == "lora_down_dx_kernel"
-            _, launches = LL.plan_down_backward(ds_all, x, lora_A, 1.0,
+            _, launches = LL.plan_down_backward(ds, ids_d, x, lora_A, 1.0,
                                                 dx_kernel or job["with_dx"], not dx_kernel)
             launches = [la for la in launches if la.kernel.fn.__name__ == job["kernel"]]
         return launches[0], None
@@ -303,8 +308,9 @@ def _lora_config(job, launch, lc):
                 + (" bias" if m["HAS_BETA"] else ""))
     if job["kernel"].startswith("lora_down_"):
         return (f"BM={m['BM']} BN={m['BN']} BK={m['BK']} RP={m['RP']} E={job['E']}"
-                + (" +dx" if m.get("WITH_DX") else ""))
-    return (f"BT={lc.BT} BH={m['BH']} RP={lc.RP} RGP={lc.RGP} rg={job['rg']}"
+                + (" +dx" if m.get("WITH_DX") else "") + (" top-k" if m.get("HAS_IDS") else ""))
+    return (f"BT={lc.BT} BH={m['BH']}" + (f" NCH={m['NCH']}" if "NCH" in m else "")
+            + f" RP={lc.RP} RGP={lc.RGP} rg={job['rg']}"
             + (" ids+bias" if job["E"] is not None else ""))
 
 

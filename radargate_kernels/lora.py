@@ -259,9 +259,10 @@ def _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA, backend):
     """Gradients of s = scaling * gather(x A): ds [T, K, r] -> (dx [T, in], dA [E, in, r])."""
     E, fin, r = lora_A.shape
     ct = ds.dtype
+    if backend == "triton":  # the kernels add slots to experts and apply scaling
+        return _launch().down_backward(ds.contiguous(), ids, x, lora_A, scaling, need_dx,
+                                       need_dA)
     dS = slots_to_experts(ds, ids, E) if ids is not None else ds  # slots to experts
-    if backend == "triton":  # the kernels apply scaling
-        return _launch().down_backward(dS.contiguous(), x, lora_A, scaling, need_dx, need_dA)
     dS = (dS * scaling).reshape(-1, E * r)
     A_cat = lora_A.to(ct).permute(1, 0, 2).reshape(fin, E * r)
     dx = (dS @ A_cat.t()).to(x.dtype) if need_dx else None

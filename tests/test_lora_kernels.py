@@ -51,24 +51,30 @@ def _down_ref(x, A, scaling, ct, dy):
 @pytest.mark.parametrize("case", DOWN_CASES, ids=lambda c: "T{}-E{}-in{}-r{}".format(*c))
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)],
                          ids=["dx+dA", "dx", "dA"])
-def test_down_projection_kernels_match_lora_down_and_its_gradients(case, dtype, need):
-    """s, dx and dA; with both gradients and E r <= 64 the dA kernel also writes dx."""
+@pytest.mark.parametrize("topk", [None, 3], ids=["dense", "top3"])
+def test_down_projection_kernels_match_lora_down_and_its_gradients(case, dtype, need, topk):
+    """s, dx and dA; with both gradients and E r <= 64 the dA kernel also writes dx. Top-k:
+    the kernels take the slots' ds [T, K, r] and ids (repeats included) and add each slot to
+    its expert's columns themselves."""
     T, E, fin, r = case
-    gen = _gen(case, str(dtype))
+    gen = _gen(case, str(dtype), topk)
     # non-contiguous x (every other column of a wider tensor) and lora_A stored [E, r, in]
     x = torch.randn(T, 2 * fin, generator=gen, dtype=torch.float64)[:, ::2].to(dtype)
     A = (torch.randn(E, r, fin, generator=gen, dtype=torch.float64) * fin ** -0.5).to(dtype)
     A = A.transpose(1, 2)
-    dS = torch.randn(T, E, r, generator=gen, dtype=torch.float64)
+    ids = None if topk is None else torch.randint(0, E, (T, topk), generator=gen)
+    ds = torch.randn(T, E if topk is None else topk, r, generator=gen, dtype=torch.float64)
+    dS = ds if ids is None else lora.slots_to_experts(ds, ids, E)  # exact in float64
     scaling = 0.75
     ct = torch.float64 if dtype == torch.float64 else torch.float32
     x0, A0 = x.clone(), A.clone()
     s = LL.down_forward(x, A, scaling, ct)
-    (dx, dA), launches = LL.plan_down_backward(dS.to(ct).contiguous(), x, A, scaling, *need)
+    (dx, dA), launches = LL.plan_down_backward(ds.to(ct).contiguous(), ids, x, A, scaling,
+                                               *need)
     for launch in launches:
         launch.run()
     names = [la.kernel.fn.__name__ for la in launches]
-    merged = all(need) and E * LL._pow2(r) <= 64
+    merged = all(need) and E * LL._pow2(r) <= 64 and ids is None
     if T and fin:
         assert ("lora_down_dx_kernel" in names) == (need[0] and not merged), names
     assert torch.equal(x, x0) and torch.equal(A, A0)  # inputs never mutated

@@ -14,8 +14,10 @@ fp64 inputs); no upcast copy of x is ever written.
   ``dA[e, i, a] = sum_t x[t, i] ds_all[t, e, a]``, the tokens walked in a fixed order by one
   program per tile: deterministic, no atomics. With WITH_DX (one column block: E * RP <= BN)
   it also writes dx for its input block from the ds_all tiles it loads anyway (no dx kernel).
-``ds_all [T, E, r]`` (contiguous, compute dtype) is the gradient of s; both backward kernels
-multiply by ``scaling``.
+``ds_all [T, E, r]`` (compute dtype) is the gradient of s_all; both backward kernels
+multiply by ``scaling``. With top-k ids they read the slots' gradient ``ds [T, K, r]``
+(contiguous) and ids instead and build ds_all tiles in registers (``ds_all_tile``): no
+[T, E, r] tensor, and each program reads K r values per token rather than E r.
 """
 import triton
 import triton.language as tl
@@ -41,6 +43,44 @@ def s_all_offsets(tok, cc, T, E, r, RP: tl.constexpr):
 
 
 @triton.jit
+def ds_all_tile(DS, IDS, tok, c0, T, K, E, r, s_it, s_ik, BN: tl.constexpr, RP: tl.constexpr,
+                HAS_IDS: tl.constexpr, ACC: tl.constexpr):
+    """ds_all [len(tok), BN] at tokens tok, columns c0 .. c0 + BN - 1 (c = e * RP + a).
+    Without ids, DS is ds_all [T, E, r] itself. With ids, DS is ds [T, K, r] and each slot's
+    row is added to its expert's columns here: per slot one [len(tok), RP] row load (only rows
+    whose expert lies in these columns: each ds value read once) widened in registers to the
+    block's columns and kept where the expert matches (a non-finite value reaches only its own
+    expert's columns; repeated ids add up)."""
+    cc = c0 + tl.arange(0, BN)
+    if HAS_IDS:
+        e = cc // RP
+        tm = tok < T
+        acc = tl.zeros((tok.shape[0], BN), dtype=ACC)
+        if BN % RP == 0:  # whole experts: widen each slot's row
+            aa = tl.arange(0, RP)
+            e_lo = c0 // RP
+            for k in range(0, K):
+                ek = tl.load(IDS + tok.to(tl.int64) * s_it + k * s_ik, mask=tm, other=-1)
+                rm = tm & (ek >= e_lo) & (ek < e_lo + BN // RP)
+                row = tl.load(DS + (tok.to(tl.int64) * K + k)[:, None] * r + aa[None, :],
+                              mask=rm[:, None] & (aa < r)[None, :], other=0.0).to(ACC)
+                wide = tl.reshape(tl.broadcast_to(row[:, None, :], (tok.shape[0], BN // RP, RP)),
+                                  (tok.shape[0], BN))
+                acc += tl.where(ek[:, None] == e[None, :], wide, 0.0)
+        else:  # part of one expert: the matching lanes of [len(tok), BN]
+            a = cc % RP
+            for k in range(0, K):
+                ek = tl.load(IDS + tok.to(tl.int64) * s_it + k * s_ik, mask=tm, other=-1)
+                m = tm[:, None] & (ek[:, None] == e[None, :]) & (a < r)[None, :]
+                acc += tl.load(DS + (tok.to(tl.int64) * K + k)[:, None] * r + a[None, :],
+                               mask=m, other=0.0).to(ACC)
+    else:
+        off, m = s_all_offsets(tok, cc, T, E, r, RP)
+        acc = tl.load(DS + off, mask=m, other=0.0).to(ACC)
+    return acc
+
+
+@triton.jit
 def lora_down_fwd_kernel(X, LA, S, T, n_in, E, r, scaling, s_xt, s_xi, s_ae, s_ai, s_ar,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
                     ACC: tl.constexpr, PREC: tl.constexpr):
@@ -58,16 +98,16 @@ def lora_down_fwd_kernel(X, LA, S, T, n_in, E, r, scaling, s_xt, s_xi, s_ae, s_a
 
 
 @triton.jit
-def lora_down_dx_kernel(DS, LA, DX, T, n_in, E, r, scaling, s_ae, s_ai, s_ar, s_dxt, s_dxi,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
-                        ONE_K: tl.constexpr, ACC: tl.constexpr):
+def lora_down_dx_kernel(DS, IDS, LA, DX, T, K, n_in, E, r, scaling, s_it, s_ik, s_ae, s_ai,
+                        s_ar, s_dxt, s_dxi, BM: tl.constexpr, BN: tl.constexpr,
+                        BK: tl.constexpr, RP: tl.constexpr, ONE_K: tl.constexpr,
+                        HAS_IDS: tl.constexpr, ACC: tl.constexpr):
     """Grid: token blocks; the program walks all input blocks. With ONE_K (E * RP <= BK) its
     ds_all tile is loaded once for all of them (else once per input block)."""
     tok = tl.program_id(0) * BM + tl.arange(0, BM)
     cc0 = tl.arange(0, BK)
     if ONE_K:
-        off0, m0 = s_all_offsets(tok, cc0, T, E, r, RP)
-        ds0 = tl.load(DS + off0, mask=m0, other=0.0).to(ACC)
+        ds0 = ds_all_tile(DS, IDS, tok, 0, T, K, E, r, s_it, s_ik, BK, RP, HAS_IDS, ACC)
     for i0 in range(0, n_in, BN):
         ii = i0 + tl.arange(0, BN)
         if ONE_K:
@@ -77,8 +117,7 @@ def lora_down_dx_kernel(DS, LA, DX, T, n_in, E, r, scaling, s_ae, s_ai, s_ar, s_
             acc = tl.zeros((BM, BN), dtype=ACC)
             for c0 in range(0, E * RP, BK):
                 cc = c0 + tl.arange(0, BK)
-                off, m = s_all_offsets(tok, cc, T, E, r, RP)
-                ds = tl.load(DS + off, mask=m, other=0.0).to(ACC)
+                ds = ds_all_tile(DS, IDS, tok, c0, T, K, E, r, s_it, s_ik, BK, RP, HAS_IDS, ACC)
                 a = a_cat_tile(LA, ii, cc, n_in, E, r, s_ae, s_ai, s_ar, RP, ACC)
                 acc += tl.dot(ds, tl.trans(a), input_precision="ieee", out_dtype=ACC)
         store_dx(DX, acc * scaling, tok, ii, T, n_in, s_dxt, s_dxi)
@@ -92,10 +131,10 @@ def store_dx(DX, dx, tok, ii, T, n_in, s_dxt, s_dxi):
 
 
 @triton.jit
-def lora_down_da_kernel(X, DS, DA, LA, DX, T, n_in, E, r, scaling, s_xt, s_xi, s_dae, s_dai,
-                        s_dar, s_ae, s_ai, s_ar, s_dxt, s_dxi, BM: tl.constexpr,
-                        BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
-                        WITH_DX: tl.constexpr, ACC: tl.constexpr):
+def lora_down_da_kernel(X, DS, IDS, DA, LA, DX, T, K, n_in, E, r, scaling, s_xt, s_xi, s_it,
+                        s_ik, s_dae, s_dai, s_dar, s_ae, s_ai, s_ar, s_dxt, s_dxi,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
+                        WITH_DX: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr):
     ii = tl.program_id(0) * BM + tl.arange(0, BM)
     cc = tl.program_id(1) * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=ACC)
@@ -105,8 +144,8 @@ def lora_down_da_kernel(X, DS, DA, LA, DX, T, n_in, E, r, scaling, s_xt, s_xi, s
         tt = t0 + tl.arange(0, BK)
         x = tl.load(X + tt.to(tl.int64)[None, :] * s_xt + ii[:, None] * s_xi,
                     mask=(ii < n_in)[:, None] & (tt < T)[None, :], other=0.0).to(ACC)
-        off, m = s_all_offsets(tt, cc, T, E, r, RP)
-        ds = tl.load(DS + off, mask=m, other=0.0).to(ACC)
+        ds = ds_all_tile(DS, IDS, tt, tl.program_id(1) * BN, T, K, E, r, s_it, s_ik, BN, RP,
+                         HAS_IDS, ACC)
         acc += tl.dot(x, ds, input_precision="ieee", out_dtype=ACC)
         if WITH_DX:
             store_dx(DX, tl.dot(ds, a_t, input_precision="ieee", out_dtype=ACC), tt, ii, T, n_in,

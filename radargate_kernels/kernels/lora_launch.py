@@ -110,36 +110,45 @@ def plan_down_forward(x, lora_A, scaling, ct):
     return s_all, launches
 
 
-def plan_down_backward(ds_all, x, lora_A, scaling, need_dx, need_dA):
-    """ds_all [T, E, r] (contiguous, the gradient of s_all / scaling) -> ((dx [T, in] in x's
-    dtype or None, dA [E, in, r] in lora_A's dtype or None), [Launch])."""
+def plan_down_backward(ds, ids, x, lora_A, scaling, need_dx, need_dA):
+    """ds [T, K, r] (contiguous, compute dtype: the gradient of s / scaling; K = E and ds =
+    ds_all without ids), ids [T, K] or None -> ((dx [T, in] in x's dtype or None, dA [E, in, r]
+    in lora_A's dtype or None), [Launch])."""
     T, n_in = x.shape
     E, _, r = lora_A.shape
+    K = ds.shape[1]
     RP, BN = _down_blocks(E, r)
-    meta = dict(RP=RP, ACC=_acc(ds_all.dtype), num_warps=8)
+    ids_t, s_ids = (ids, ids.stride()) if ids is not None else (ds, (0, 0))
+    meta = dict(RP=RP, ACC=_acc(ds.dtype), HAS_IDS=ids is not None, num_warps=8)
+    if ids is not None:  # ptxas' own register target spilled 12-44 bytes there (64-128 regs)
+        meta["maxnreg"] = 255
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
     new_dA = torch.empty_like if n_in else torch.zeros_like
     dA = new_dA(lora_A, memory_format=torch.contiguous_format) if need_dA else None
     # one column block: the dA kernel writes dx too, from the ds_all tiles it loads anyway
-    with_dx = need_dx and need_dA and E * RP <= BN
+    # (dense only: building the tiles from top-k slots there spilled 28-44 bytes, sm_80)
+    with_dx = need_dx and need_dA and E * RP <= BN and ids is None
     launches = []
     if need_dx and not with_dx and T > 0 and n_in > 0:
-        # the whole E * RP <= 64 columns as one reduction step: ds loaded once per program
-        BK = BN if E * RP <= DOWN_TILE else DOWN_K
+        # the whole E * RP <= 64 columns as one reduction step: ds loaded once per program;
+        # top-k: whole experts per step (part of one, r = 64 in steps of 32, spilled 32 bytes)
+        BK = BN if E * RP <= DOWN_TILE else (DOWN_K if ids is None else max(DOWN_K, RP))
         launches.append(Launch(lora_down_dx_kernel, (triton.cdiv(T, DOWN_K),),
-                               (ds_all, lora_A, dx, T, n_in, E, r, float(scaling),
+                               (ds, ids_t, lora_A, dx, T, K, n_in, E, r, float(scaling), *s_ids,
                                 *lora_A.stride(), *dx.stride()),
                                dict(meta, BM=DOWN_K, BN=DOWN_TILE, BK=BK, ONE_K=E * RP <= BK)))
     if need_dA and n_in > 0:  # also at T = 0: dA = 0 (the loop over tokens is empty)
-        # ds_all (fp32, small) is re-read once per input block, x once per column block
-        # (128 input rows per program spilled 28 bytes: bf16, sm_90)
+        # ds (fp32, small) is re-read once per input block, x once per column block
+        # (128 input rows per program spilled 28 bytes: bf16, sm_90); 16-token steps with
+        # dx or top-k slots (32 spilled 24-60 bytes: fp32, sm_80/sm_90)
         dx_t = dx if with_dx else dA
         launches.append(Launch(lora_down_da_kernel, (triton.cdiv(n_in, DOWN_TILE),
                                                      triton.cdiv(E * RP, BN)),
-                               (x, ds_all, dA, lora_A, dx_t, T, n_in, E, r, float(scaling),
-                                *x.stride(), *dA.stride(), *lora_A.stride(),
+                               (x, ds, ids_t, dA, lora_A, dx_t, T, K, n_in, E, r, float(scaling),
+                                *x.stride(), *s_ids, *dA.stride(), *lora_A.stride(),
                                 *(dx.stride() if with_dx else (0, 0))),
-                               dict(meta, BM=DOWN_TILE, BN=BN, BK=16 if with_dx else DOWN_K,
+                               dict(meta, BM=DOWN_TILE, BN=BN,
+                                    BK=16 if with_dx or ids is not None else DOWN_K,
                                     WITH_DX=with_dx)))
     return (dx, dA), launches
 
@@ -155,8 +164,8 @@ def down_forward(x, lora_A, scaling, ct):
     return _run(plan_down_forward(x, lora_A, scaling, ct))
 
 
-def down_backward(ds_all, x, lora_A, scaling, need_dx, need_dA):
-    return _run(plan_down_backward(ds_all, x, lora_A, scaling, need_dx, need_dA))
+def down_backward(ds, ids, x, lora_A, scaling, need_dx, need_dA):
+    return _run(plan_down_backward(ds, ids, x, lora_A, scaling, need_dx, need_dA))
 
 
 RELATION_MAX_F = 64  # largest E * r (padded) of the relation kernel's expert columns: 128
