@@ -82,6 +82,7 @@ def plan_stream_forward(s, g, d, ids, lora_B, rot_up, angle_bias, out_dtype):
 
 DOWN_TILE = 64  # the down-projection GEMMs' tile edge (tokens, input features, E * RP columns)
 DOWN_K = 32     # ... and their reduction step
+DA_ROWS = 64    # input rows per program of the dA kernel
 
 
 def _down_blocks(E, r):
@@ -139,15 +140,15 @@ def plan_down_backward(ds, ids, x, lora_A, scaling, need_dx, need_dA):
                                dict(meta, BM=DOWN_K, BN=DOWN_TILE, BK=BK, ONE_K=E * RP <= BK)))
     if need_dA and n_in > 0:  # also at T = 0: dA = 0 (the loop over tokens is empty)
         # ds (fp32, small) is re-read once per input block, x once per column block
-        # (128 input rows per program spilled 28 bytes: bf16, sm_90); 16-token steps with
+        # (DA_ROWS = 128 spilled 36-1108 bytes: fp16/bf16, sm_90); 16-token steps with
         # dx or top-k slots (32 spilled 24-60 bytes: fp32, sm_80/sm_90)
         dx_t = dx if with_dx else dA
-        launches.append(Launch(lora_down_da_kernel, (triton.cdiv(n_in, DOWN_TILE),
+        launches.append(Launch(lora_down_da_kernel, (triton.cdiv(n_in, DA_ROWS),
                                                      triton.cdiv(E * RP, BN)),
                                (x, ds, ids_t, dA, lora_A, dx_t, T, K, n_in, E, r, float(scaling),
                                 *x.stride(), *s_ids, *dA.stride(), *lora_A.stride(),
                                 *(dx.stride() if with_dx else (0, 0))),
-                               dict(meta, BM=DOWN_TILE, BN=BN,
+                               dict(meta, BM=DA_ROWS, BN=BN,
                                     BK=16 if with_dx or ids is not None else DOWN_K,
                                     WITH_DX=with_dx)))
     return (dx, dA), launches
@@ -392,7 +393,8 @@ def plan_params_backward_packed(dy, s, g, d, ids, lora_B, rot_up, angle_bias, dP
     ((pB [NG, E r, out], pU [NG n_eg, rg, h],
     pbeta [NG, E, h] or None, drot_down [out, rg]), [Launch]): partials per token group (NG = 1
     unless the token count needs more programs to fill a GPU) and, for drot_up, per expert group
-    (n_eg = F / FG); params_backward_packed sums them."""
+    (n_eg = F / FG), in the compute dtype; a lone partial (and drot_down) in its parameter's
+    dtype; params_backward_packed sums them."""
     T, K, r, E, out, h, rg, cfg, ids_t, beta_t, s_ids, s_beta, meta = _prep(
         s, ids, lora_B, rot_up, angle_bias)
     ct = s.dtype
@@ -405,11 +407,15 @@ def plan_params_backward_packed(dy, s, g, d, ids, lora_B, rot_up, angle_bias, dP
     n_blocks, n_chunks = triton.cdiv(T, BT), triton.cdiv(h, BH)
     NG = max(1, min(param_groups(max(n_blocks, 1), n_chunks * n_eg, s.device),
                     T // PACKED_GROUP_TOKENS))
-    pB = torch.empty((NG, E * r, out), dtype=ct, device=s.device)  # every element is written
-    pU = torch.empty((NG * n_eg, rg, h), dtype=ct, device=s.device)
-    pbeta = torch.empty((NG, E, h), dtype=ct, device=s.device) if angle_bias is not None \
-        else None
-    dA_rot = torch.empty((out, rg), dtype=ct, device=s.device)
+    # a single partial is the gradient itself: stored in its parameter's dtype (the kernel's
+    # store rounds once, as the host cast would, and no cast pass follows)
+    def final(n, like):
+        return like.dtype if n == 1 else ct
+    pB = torch.empty((NG, E * r, out), dtype=final(NG, lora_B), device=s.device)  # all written
+    pU = torch.empty((NG * n_eg, rg, h), dtype=final(NG * n_eg, rot_up), device=s.device)
+    pbeta = torch.empty((NG, E, h), dtype=final(NG, angle_bias), device=s.device) \
+        if angle_bias is not None else None
+    dA_rot = torch.empty((out, rg), dtype=rot_down.dtype, device=s.device)
     launch = Launch(lora_bwd_params_packed_kernel, (n_chunks, NG * n_eg), (
         s, g, d, ids_t, lora_B, rot_up, beta_t, dy, rot_down, dP, dQ, bad, pB, pU,
         pbeta if pbeta is not None else pU, dA_rot, T, K, h, r, rg, E, n_blocks, n_eg,
@@ -422,8 +428,9 @@ def plan_params_backward_packed(dy, s, g, d, ids, lora_B, rot_up, angle_bias, dP
 
 def params_backward_packed(dy, s, g, d, ids, lora_B, rot_up, angle_bias, dP, dQ, bad,
                            rot_down):
-    """-> (dB [E, r, out], drot_up [rg, h], dbeta [E, h] or None, drot_down [out, rg]),
-    compute dtype; the token groups' partials summed in a fixed order (no atomics)."""
+    """-> (dB [E, r, out], drot_up [rg, h], dbeta [E, h] or None, drot_down [out, rg]): the
+    token groups' partials summed in a fixed order (no atomics; compute dtype), or the single
+    partial, already in its parameter's dtype."""
     pB, pU, pbeta, dA_rot = _run(plan_params_backward_packed(
         dy, s, g, d, ids, lora_B, rot_up, angle_bias, dP, dQ, bad, rot_down))
     E, r, out = lora_B.shape
