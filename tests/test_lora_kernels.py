@@ -318,19 +318,10 @@ def test_packed_parameter_kernel_matches_autograd_of_stream_torch(case, dtype, g
                                 else v) for k, v in p.items()}, torch.float64)
     scales = _params_abs_scale({k: (v.double() if torch.is_tensor(v) and v.is_floating_point()
                                     else v) for k, v in p.items()})
-    # a gradient that is a single partial comes in its parameter's dtype (the kernel rounds
-    # it), sums of partials in the compute dtype; drot_down is always final
-    NG = pB.shape[0]
-    F = LL.relation_columns(K, E, r, ids)
-    n_eg = F // min(F, max(LL.PACKED_PARAMS_FG, LL._pow2(r)))
-    lone = {"dB": (NG == 1, "B"), "drot_up": (NG * n_eg == 1, "U"),
-            "dangle_bias": (NG == 1, "beta"), "drot_down": (True, "A_rot")}
     for name, g_, ref, truth, scale in zip(("dB", "drot_up", "dangle_bias", "drot_down"), got,
                                            refs, truths, scales):
         if truth is None:
             assert g_ is None, name
             continue
-        one, param = lone[name]
-        want = p[param].dtype if one else ct
-        assert g_.dtype == want and g_.shape == truth.shape, name
-        assert_matches(name, g_, ref.to(want), truth, want, scale=scale)
+        assert g_.dtype == ct and g_.shape == truth.shape, name
+        assert_matches(name, g_, ref, truth, ct, scale=scale)

@@ -393,8 +393,8 @@ def plan_params_backward_packed(dy, s, g, d, ids, lora_B, rot_up, angle_bias, dP
     ((pB [NG, E r, out], pU [NG n_eg, rg, h],
     pbeta [NG, E, h] or None, drot_down [out, rg]), [Launch]): partials per token group (NG = 1
     unless the token count needs more programs to fill a GPU) and, for drot_up, per expert group
-    (n_eg = F / FG), in the compute dtype; a lone partial (and drot_down) in its parameter's
-    dtype; params_backward_packed sums them."""
+    (n_eg = F / FG); params_backward_packed sums them. Compute dtype (storing a lone partial
+    in its parameter's dtype spilled 8 bytes at BH = 32, fp16/bf16, sm_90)."""
     T, K, r, E, out, h, rg, cfg, ids_t, beta_t, s_ids, s_beta, meta = _prep(
         s, ids, lora_B, rot_up, angle_bias)
     ct = s.dtype
@@ -407,15 +407,11 @@ def plan_params_backward_packed(dy, s, g, d, ids, lora_B, rot_up, angle_bias, dP
     n_blocks, n_chunks = triton.cdiv(T, BT), triton.cdiv(h, BH)
     NG = max(1, min(param_groups(max(n_blocks, 1), n_chunks * n_eg, s.device),
                     T // PACKED_GROUP_TOKENS))
-    # a single partial is the gradient itself: stored in its parameter's dtype (the kernel's
-    # store rounds once, as the host cast would, and no cast pass follows)
-    def final(n, like):
-        return like.dtype if n == 1 else ct
-    pB = torch.empty((NG, E * r, out), dtype=final(NG, lora_B), device=s.device)  # all written
-    pU = torch.empty((NG * n_eg, rg, h), dtype=final(NG * n_eg, rot_up), device=s.device)
-    pbeta = torch.empty((NG, E, h), dtype=final(NG, angle_bias), device=s.device) \
-        if angle_bias is not None else None
-    dA_rot = torch.empty((out, rg), dtype=rot_down.dtype, device=s.device)
+    pB = torch.empty((NG, E * r, out), dtype=ct, device=s.device)  # every element is written
+    pU = torch.empty((NG * n_eg, rg, h), dtype=ct, device=s.device)
+    pbeta = torch.empty((NG, E, h), dtype=ct, device=s.device) if angle_bias is not None \
+        else None
+    dA_rot = torch.empty((out, rg), dtype=ct, device=s.device)
     launch = Launch(lora_bwd_params_packed_kernel, (n_chunks, NG * n_eg), (
         s, g, d, ids_t, lora_B, rot_up, beta_t, dy, rot_down, dP, dQ, bad, pB, pU,
         pbeta if pbeta is not None else pU, dA_rot, T, K, h, r, rg, E, n_blocks, n_eg,
@@ -428,9 +424,8 @@ def plan_params_backward_packed(dy, s, g, d, ids, lora_B, rot_up, angle_bias, dP
 
 def params_backward_packed(dy, s, g, d, ids, lora_B, rot_up, angle_bias, dP, dQ, bad,
                            rot_down):
-    """-> (dB [E, r, out], drot_up [rg, h], dbeta [E, h] or None, drot_down [out, rg]): the
-    token groups' partials summed in a fixed order (no atomics; compute dtype), or the single
-    partial, already in its parameter's dtype."""
+    """-> (dB [E, r, out], drot_up [rg, h], dbeta [E, h] or None, drot_down [out, rg]),
+    compute dtype; the token groups' partials summed in a fixed order (no atomics)."""
     pB, pU, pbeta, dA_rot = _run(plan_params_backward_packed(
         dy, s, g, d, ids, lora_B, rot_up, angle_bias, dP, dQ, bad, rot_down))
     E, r, out = lora_B.shape
