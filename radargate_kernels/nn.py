@@ -83,8 +83,9 @@ class RadarGateLoRALinear(nn.Module):
     uniform ones, ``1/K`` over the (selected) experts (top-k selection still uses the router).
 
     ``fused=True`` (default): the layer calls ``radar_gate_lora``, which never forms the expert
-    outputs ``[T, K, out]`` (forward or backward) and saves only x, the router weights and ids
-    for backward: about the memory of one LoRA, for any number of experts. ``fused=False`` keeps
+    outputs ``[T, K, out]`` (forward or backward) and saves x, the router weights and ids for
+    backward (and the low-rank s, d while they cost at most a quarter of x: radar_gate_lora's
+    ``recompute``): about the memory of one LoRA, for any number of experts. ``fused=False`` keeps
     the materialized path (expert outputs, then ``radar_gate``); both give the same result.
     """
 
