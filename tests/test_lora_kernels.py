@@ -325,3 +325,31 @@ def test_packed_parameter_kernel_matches_autograd_of_stream_torch(case, dtype, g
             continue
         assert g_.dtype == ct and g_.shape == truth.shape, name
         assert_matches(name, g_, ref, truth, ct, scale=scale)
+
+
+@pytest.mark.parametrize("ids", [False, True], ids=["dense", "topk"])
+def test_forward_kernel_reads_s_and_d_once_per_program_of_two_chunks(ids):
+    from benchmarks.cost_report import count_triton
+    # out / 2 = 300 pairs: chunks of 128, two per program -> 2 column programs (the second
+    # one's second chunk lies past the end: masked); s and d read once per program, y once
+    T, K, E, r, rg, out = 20, 3, 5, 5, 3, 600
+    gen = _gen("fwd-bytes", ids)
+    s = torch.randn(T, K, r, generator=gen)
+    d = torch.randn(T, K, rg, generator=gen)
+    g = torch.randn(T, K, generator=gen).to(torch.bfloat16)
+    e = torch.randint(0, E, (T, K), generator=gen) if ids else None
+    B = torch.randn(E if ids else K, r, out, generator=gen).to(torch.bfloat16)
+    U = torch.randn(rg, out // 2, generator=gen).to(torch.bfloat16)
+    beta = torch.randn(E if ids else K, out // 2, generator=gen).to(torch.bfloat16)
+    cfg = LL.pick_lora_config(r, rg, out // 2)
+    assert cfg.BH_FWD == 128
+    with count_triton() as kc:
+        y = LL.stream_forward(s, g, d, e, B, U, beta, torch.bfloat16)
+    assert kc.launches["lora_fwd_kernel"] == 1
+    assert kc.by_arg[("lora_fwd_kernel", "S")] == [2 * T * K * r * 4, 0]
+    assert kc.by_arg[("lora_fwd_kernel", "D")] == [2 * T * K * rg * 4, 0]
+    assert kc.by_arg[("lora_fwd_kernel", "Y")] == [0, T * out * 2]
+    ref = lora.stream_torch(s, g.float(), d, e, B.float(), U.float(), beta.float())
+    truth = lora.stream_torch(s.double(), g.double(), d.double(), e, B.double(), U.double(),
+                              beta.double())
+    assert_matches("y", y, ref.to(torch.bfloat16), truth, torch.bfloat16)
