@@ -73,7 +73,7 @@ FACTORS_FULL = [(1, 1, 1), (8, 8, 8), (8, 8, 64), (2, 32, 64), (4, 16, 8)]
 FACTORS_QUICK = [(8, 8, 8), (2, 32, 64)]
 FACTORS_KERNELS = ("lora_factors_kernel", "lora_factors_bwd_kernel")
 # The down-projection GEMMs (kernels/lora_down.py): (E, r) -> RP and the column block.
-DOWN_FULL = [(1, 1), (8, 8), (3, 17), (128, 64)]
+DOWN_FULL = [(1, 1), (8, 8), (3, 17), (2, 32), (128, 64)]  # (2, 32): dA kernel with dx
 DOWN_QUICK = [(8, 8), (128, 64)]
 DOWN_KERNELS = ("lora_down_fwd_kernel", "lora_down_dx_kernel", "lora_down_da_kernel")
 

@@ -21,6 +21,7 @@ DOWN_CASES = [
     (70, 8, 130, 8),   # several token / input blocks, ragged tails (64 + 64 + 2)
     (9, 40, 16, 8),    # E * RP = 320: five column blocks (the paper's 40 experts)
     (6, 5, 9, 17),     # r = 17 padded to 32
+    (140, 2, 200, 20),  # E * RP = 64 with RP = 32: the dA kernel writes dx too (64-row blocks)
 ]
 RELATION_CASES = [
     # T, K, E, r, rg, ids
@@ -53,7 +54,8 @@ def _down_ref(x, A, scaling, ct, dy):
                          ids=["dx+dA", "dx", "dA"])
 @pytest.mark.parametrize("topk", [None, 3], ids=["dense", "top3"])
 def test_down_projection_kernels_match_lora_down_and_its_gradients(case, dtype, need, topk):
-    """s, dx and dA; with both gradients and E r <= 64 the dA kernel also writes dx. Top-k:
+    """s, dx and dA; with both gradients, E r <= 64 and r padded > 16 (64-row input blocks) the
+    dA kernel also writes dx. Top-k:
     the kernels take the slots' ds [T, K, r] and ids (repeats included) and add each slot to
     its expert's columns themselves."""
     T, E, fin, r = case
@@ -74,7 +76,7 @@ def test_down_projection_kernels_match_lora_down_and_its_gradients(case, dtype, 
     for launch in launches:
         launch.run()
     names = [la.kernel.fn.__name__ for la in launches]
-    merged = all(need) and E * LL._pow2(r) <= 64 and ids is None
+    merged = all(need) and E * LL._pow2(r) <= 64 and LL._pow2(r) > 16 and ids is None
     if T and fin:
         assert ("lora_down_dx_kernel" in names) == (need[0] and not merged), names
     assert torch.equal(x, x0) and torch.equal(A, A0)  # inputs never mutated

@@ -82,7 +82,8 @@ def plan_stream_forward(s, g, d, ids, lora_B, rot_up, angle_bias, out_dtype):
 
 DOWN_TILE = 64  # the down-projection GEMMs' tile edge (tokens, input features, E * RP columns)
 DOWN_K = 32     # ... and their reduction step
-DA_ROWS = 64    # input rows per program of the dA kernel
+DA_ROWS = 64    # input rows per program of the dA kernel (128 while r padded <= 16)
+DA_ROWS_WIDE = 128
 
 
 def _down_blocks(E, r):
@@ -126,29 +127,38 @@ def plan_down_backward(ds, ids, x, lora_A, scaling, need_dx, need_dA):
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
     new_dA = torch.empty_like if n_in else torch.zeros_like
     dA = new_dA(lora_A, memory_format=torch.contiguous_format) if need_dA else None
-    # one column block: the dA kernel writes dx too, from the ds_all tiles it loads anyway
+    # the dA kernel takes 128 input rows per program while RP <= 16 (ds, re-read once per
+    # input block, then half as often: cheaper than the separate dx kernel's single read of it),
+    # else 64 and, with one column block, writes dx too from the ds tiles it loads anyway
     # (dense only: building the tiles from top-k slots there spilled 28-44 bytes, sm_80)
-    with_dx = need_dx and need_dA and E * RP <= BN and ids is None
+    da_rows = DA_ROWS_WIDE if RP <= 16 else DA_ROWS
+    with_dx = need_dx and need_dA and E * RP <= BN and ids is None and da_rows == DA_ROWS
     launches = []
     if need_dx and not with_dx and T > 0 and n_in > 0:
-        # the whole E * RP <= 64 columns as one reduction step: ds loaded once per program;
-        # top-k: whole experts per step (part of one, r = 64 in steps of 32, spilled 32 bytes)
-        BK = BN if E * RP <= DOWN_TILE else (DOWN_K if ids is None else max(DOWN_K, RP))
+        # the whole E * RP <= 64 columns as one reduction step while RP <= 16: ds loaded once
+        # per program (at RP = 32 that [32, 64] tile held across the input blocks spilled
+        # 184-240 bytes, fp16/bf16); else steps of 32, top-k: whole experts per step (part of
+        # one, r = 64 in steps of 32, spilled 32 bytes)
+        one_k = E * RP <= DOWN_TILE and RP <= 16
+        BK = BN if one_k else (DOWN_K if ids is None else max(DOWN_K, RP))
         launches.append(Launch(lora_down_dx_kernel, (triton.cdiv(T, DOWN_K),),
                                (ds, ids_t, lora_A, dx, T, K, n_in, E, r, float(scaling), *s_ids,
                                 *lora_A.stride(), *dx.stride()),
-                               dict(meta, BM=DOWN_K, BN=DOWN_TILE, BK=BK, ONE_K=E * RP <= BK)))
+                               dict(meta, BM=DOWN_K, BN=DOWN_TILE, BK=BK, ONE_K=one_k,
+                                    # ptxas' own target spilled 8-16 bytes at E RP = 64, RP >= 32
+                                    # (fp32); with maxnreg, 64 bytes at E RP = 96 (fp32)
+                                    **({"maxnreg": 255} if E * RP <= DOWN_TILE else {}))))
     if need_dA and n_in > 0:  # also at T = 0: dA = 0 (the loop over tokens is empty)
         # ds (fp32, small) is re-read once per input block, x once per column block
-        # (DA_ROWS = 128 spilled 36-1108 bytes: fp16/bf16, sm_90); 16-token steps with
-        # dx or top-k slots (32 spilled 24-60 bytes: fp32, sm_80/sm_90)
+        # (128 rows spilled 36 bytes at RP = 32 / 64 and 1108 with dx: fp16/bf16, sm_90);
+        # 16-token steps with dx or top-k slots (32 spilled 24-60 bytes: fp32, sm_80/sm_90)
         dx_t = dx if with_dx else dA
-        launches.append(Launch(lora_down_da_kernel, (triton.cdiv(n_in, DA_ROWS),
+        launches.append(Launch(lora_down_da_kernel, (triton.cdiv(n_in, da_rows),
                                                      triton.cdiv(E * RP, BN)),
                                (x, ds, ids_t, dA, lora_A, dx_t, T, K, n_in, E, r, float(scaling),
                                 *x.stride(), *s_ids, *dA.stride(), *lora_A.stride(),
                                 *(dx.stride() if with_dx else (0, 0))),
-                               dict(meta, BM=DA_ROWS, BN=BN,
+                               dict(meta, BM=da_rows, BN=BN,
                                     BK=16 if with_dx or ids is not None else DOWN_K,
                                     WITH_DX=with_dx)))
     return (dx, dA), launches
