@@ -61,7 +61,9 @@ def ds_all_tile(DS, IDS, tok, c0, T, K, E, r, s_it, s_ik, BN: tl.constexpr, RP: 
             e_lo = c0 // RP
             for k in range(0, K):
                 ek = tl.load(IDS + tok.to(tl.int64) * s_it + k * s_ik, mask=tm, other=-1)
-                rm = tm & (ek >= e_lo) & (ek < e_lo + BN // RP)
+                # rows whose expert lies in this block (an out-of-range id, unchecked under
+                # torch.compile, adds nothing)
+                rm = tm & (ek >= e_lo) & (ek < e_lo + BN // RP) & (ek < E)
                 row = tl.load(DS + (tok.to(tl.int64) * K + k)[:, None] * r + aa[None, :],
                               mask=rm[:, None] & (aa < r)[None, :], other=0.0).to(ACC)
                 wide = tl.reshape(tl.broadcast_to(row[:, None, :], (tok.shape[0], BN // RP, RP)),
@@ -71,7 +73,7 @@ def ds_all_tile(DS, IDS, tok, c0, T, K, E, r, s_it, s_ik, BN: tl.constexpr, RP: 
             a = cc % RP
             for k in range(0, K):
                 ek = tl.load(IDS + tok.to(tl.int64) * s_it + k * s_ik, mask=tm, other=-1)
-                m = tm[:, None] & (ek[:, None] == e[None, :]) & (a < r)[None, :]
+                m = tm[:, None] & (ek[:, None] == e[None, :]) & ((e < E) & (a < r))[None, :]
                 acc += tl.load(DS + (tok.to(tl.int64) * K + k)[:, None] * r + a[None, :],
                                mask=m, other=0.0).to(ACC)
     else:
