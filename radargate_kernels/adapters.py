@@ -58,6 +58,7 @@ class RadarGateConfig:
     fused: bool = True
     adapter_dtype: str = "float32"
     modules_to_save: Optional[list] = None
+    recompute: Optional[bool] = None
 
     def __post_init__(self):
         if isinstance(self.target_modules, (list, tuple)):

@@ -84,8 +84,9 @@ class RadarGateLoRALinear(nn.Module):
 
     ``fused=True`` (default): the layer calls ``radar_gate_lora``, which never forms the expert
     outputs ``[T, K, out]`` (forward or backward) and saves x, the router weights and ids for
-    backward (and the low-rank s, d while they cost at most a quarter of x: radar_gate_lora's
-    ``recompute``): about the memory of one LoRA, for any number of experts. ``fused=False`` keeps
+    backward (and the low-rank s, d while they cost at most a quarter of x; ``recompute=True``
+    never keeps them, ``False`` always: radar_gate_lora's argument): about the memory of one
+    LoRA, for any number of experts. ``fused=False`` keeps
     the materialized path (expert outputs, then ``radar_gate``); both give the same result.
     """
 
@@ -93,7 +94,8 @@ class RadarGateLoRALinear(nn.Module):
                  dropout: float = 0.0, top_k: Optional[int] = None,
                  router_temperature: float = 1.0, gate_rank: int = 8, tau: float = 1.0,
                  freeze_experts: bool = False, rotation: bool = True, stretch: bool = True,
-                 fused: bool = True, adapter_dtype: torch.dtype = torch.float32):
+                 fused: bool = True, adapter_dtype: torch.dtype = torch.float32,
+                 recompute: Optional[bool] = None):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
@@ -113,6 +115,8 @@ class RadarGateLoRALinear(nn.Module):
         check_positive("tau", tau)
         if not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
             raise TypeError(f"adapter_dtype: expected a floating torch.dtype, got {adapter_dtype!r}")
+        if recompute is not None and not isinstance(recompute, bool):
+            raise TypeError(f"recompute: expected None, True or False, got {recompute!r}")
         if rotation and base.out_features % 2:
             raise ValueError(f"base: RadarGate rotates pairs of features and needs an even "
                              f"out_features, got {base.out_features} (or pass rotation=False)")
@@ -124,6 +128,7 @@ class RadarGateLoRALinear(nn.Module):
         self.scaling = alpha / rank
         self.router_temperature = router_temperature
         self.rotation, self.stretch, self.fused = rotation, stretch, fused
+        self.recompute = recompute
         # added parameters in adapter_dtype (fp32 by default, as PEFT), whatever the base's dtype
         # (bf16, or an integer dtype of a quantized base); the forward computes in x's dtype
         dev, dt = base.weight.device, adapter_dtype
@@ -220,7 +225,7 @@ class RadarGateLoRALinear(nn.Module):
         kw = dict(tau=gate.tau, eps=gate.eps) if gate is not None else {}
         return radar_gate_lora(x2, self.lora_A.to(dt), self.lora_B.to(dt), weights.to(dt), *rot,
                                expert_ids=ids, scaling=self.scaling, dropout_p=p,
-                               training=self.training, **kw)
+                               training=self.training, recompute=self.recompute, **kw)
 
     def _materialized(self, x2, weights, ids):
         """Expert outputs [T, K, out], then radar_gate (or the weighted sum)."""

@@ -194,6 +194,7 @@ def test_inject_errors_and_shared_linears():
     ("gate_rank", dict(gate_rank=0)), ("router_temperature", dict(router_temperature=0.0)),
     ("dropout", dict(dropout=1.0)), ("top_k", dict(top_k=0)), ("tau", dict(tau=-1.0)),
     ("alpha", dict(alpha=float("nan"))), ("adapter_dtype", dict(adapter_dtype=torch.int8)),
+    ("recompute", dict(recompute="auto")),
 ])
 def test_constructor_errors_name_the_argument(name, kwargs):
     args = {"num_experts": 2, **kwargs}
@@ -212,10 +213,14 @@ def test_constructor_errors_name_the_argument(name, kwargs):
 
 
 def test_config_json_round_trip_and_version(tmp_path):
-    cfg = RadarGateConfig(target_modules=["q"], num_experts=4, top_k=2, modules_to_save=["h"])
+    cfg = RadarGateConfig(target_modules=["q"], num_experts=4, top_k=2, modules_to_save=["h"],
+                          recompute=True)
     cfg.save(str(tmp_path))
     assert RadarGateConfig.load(str(tmp_path)) == cfg
     d = cfg.to_dict()
+    # a config written before the recompute field existed still loads (default: auto)
+    old = {k: v for k, v in d.items() if k != "recompute"}
+    assert RadarGateConfig.from_dict(old).recompute is None
     with pytest.raises(ValueError, match="format_version"):
         RadarGateConfig.from_dict(dict(d, format_version=99))
     with pytest.raises(ValueError, match="unknown fields"):

@@ -101,3 +101,29 @@ def test_empty_batch_works(fused, top_k):
     assert layer.aux_loss == 0  # nothing to balance (was NaN: the mean of no probabilities)
     (y.sum() + layer.aux_loss).backward()
     assert x.grad.shape == x.shape
+
+
+def test_layer_recompute_switch_controls_what_backward_keeps():
+    # a small layer where auto keeps s, d (K (r + rg) 4 = 3 * 4 * 4 = 48 bytes per token <= a
+    # quarter of x's 64 * 4): recompute=True keeps exactly s [T, K, r], d [T, K, rg] and the
+    # small P, Q less; gradients are bitwise the same
+    from radargate_kernels.memory import saved_bytes
+    torch.manual_seed(0)
+    T, d, E, r, rg = 16, 64, 3, 2, 2
+    x = torch.randn(T, d, requires_grad=True)
+    base = nn.Linear(d, d)
+    runs = {}
+    for rc in (None, True, False):
+        torch.manual_seed(1)
+        layer = RadarGateLoRALinear(base, num_experts=E, rank=r, gate_rank=rg, recompute=rc)
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        kept = saved_bytes(lambda: layer(x))["total"]
+        y = layer(x)
+        grads = torch.autograd.grad(y.square().sum(), [x, layer.lora_A, layer.lora_B])
+        runs[rc] = (kept, grads)
+    assert runs[None][0] == runs[False][0]
+    P_Q = ((E * r) ** 2 + E * r * rg) * 4
+    assert runs[False][0] - runs[True][0] == T * E * (r + rg) * 4 + P_Q
+    for a, b in zip(runs[True][1], runs[False][1]):
+        assert torch.equal(a, b)
