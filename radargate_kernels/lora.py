@@ -326,8 +326,10 @@ def save_lowrank(recompute, x, lora_A, K, rg):
     return per_token <= SAVE_LOWRANK_FRACTION * x.shape[-1] * x.element_size()
 
 
-def _saved_shapes(x, lora_A, K, rg, rotation):
+def _saved_shapes(save, x, lora_A, K, rg, rotation):
     """Shapes of what forward returns for backward besides y: s, d, P, Q (None: not saved)."""
+    if not save:
+        return (None,) * 4
     E, _, r = lora_A.shape
     T = x.shape[0]
     return ((T, K, r), (T, K, rg) if rotation else None,
@@ -355,7 +357,7 @@ def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, ep
             params = (lora_B.to(ct), rot_up.to(ct), beta.to(ct) if beta is not None else None)
             y = _chunked_eval(stream_torch, chunks, (s, g.to(ct), d, ids), params,
                               s.new_empty((T, out))).to(x.dtype)
-    shapes = _saved_shapes(x, lora_A, K, rg, rot_down is not None) if save else (None,) * 4
+    shapes = _saved_shapes(save, x, lora_A, K, rg, rot_down is not None)
     return (y, *(t.reshape(shp).contiguous() if shp is not None else x.new_empty(0)
                  for t, shp in zip((s, d, P, Q), shapes)))
 
@@ -436,8 +438,7 @@ def _lora_fwd_fake(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, t
                    save):
     ct = compute_dtype(x.dtype)
     rg = rot_down.shape[1] if rot_down is not None else 0
-    shapes = _saved_shapes(x, lora_A, g.shape[1], rg, rot_down is not None) if save \
-        else (None,) * 4
+    shapes = _saved_shapes(save, x, lora_A, g.shape[1], rg, rot_down is not None)
     return (x.new_empty((x.shape[0], lora_B.shape[2])),
             *(x.new_empty(shp, dtype=ct) if shp is not None else x.new_empty(0) for shp in shapes))
 
@@ -470,8 +471,7 @@ def _lora_bwd_fake(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scalin
 def _setup_context(ctx, inputs, output):
     x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend, save = inputs
     rg = rot_down.shape[1] if rot_down is not None else 0
-    shapes = _saved_shapes(x, lora_A, g.shape[1], rg, rot_down is not None) if save \
-        else (None,) * 4
+    shapes = _saved_shapes(save, x, lora_A, g.shape[1], rg, rot_down is not None)
     kept = [t if shp is not None else None for t, shp in zip(output[1:], shapes)]
     ctx.save_for_backward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, *kept)
     ctx.args = (scaling, tau, eps, backend)

@@ -49,33 +49,26 @@ def ds_all_tile(DS, IDS, tok, c0, T, K, E, r, s_it, s_ik, BN: tl.constexpr, RP: 
     Without ids, DS is ds_all [T, E, r] itself. With ids, DS is ds [T, K, r] and each slot's
     row is added to its expert's columns here: per slot one [len(tok), RP] row load (only rows
     whose expert lies in these columns: each ds value read once) widened in registers to the
-    block's columns and kept where the expert matches (a non-finite value reaches only its own
-    expert's columns; repeated ids add up)."""
+    block's columns (whole experts) and kept where the expert matches (a non-finite value
+    reaches only its own expert's columns; repeated ids add up)."""
     cc = c0 + tl.arange(0, BN)
-    if HAS_IDS:
+    if HAS_IDS:  # the block holds whole experts (BN >= RP, both powers of two, c0 % RP == 0)
+        tl.static_assert(BN % RP == 0)
         e = cc // RP
         tm = tok < T
+        aa = tl.arange(0, RP)
+        e_lo = c0 // RP
         acc = tl.zeros((tok.shape[0], BN), dtype=ACC)
-        if BN % RP == 0:  # whole experts: widen each slot's row
-            aa = tl.arange(0, RP)
-            e_lo = c0 // RP
-            for k in range(0, K):
-                ek = tl.load(IDS + tok.to(tl.int64) * s_it + k * s_ik, mask=tm, other=-1)
-                # rows whose expert lies in this block (an out-of-range id, unchecked under
-                # torch.compile, adds nothing)
-                rm = tm & (ek >= e_lo) & (ek < e_lo + BN // RP) & (ek < E)
-                row = tl.load(DS + (tok.to(tl.int64) * K + k)[:, None] * r + aa[None, :],
-                              mask=rm[:, None] & (aa < r)[None, :], other=0.0).to(ACC)
-                wide = tl.reshape(tl.broadcast_to(row[:, None, :], (tok.shape[0], BN // RP, RP)),
-                                  (tok.shape[0], BN))
-                acc += tl.where(ek[:, None] == e[None, :], wide, 0.0)
-        else:  # part of one expert: the matching lanes of [len(tok), BN]
-            a = cc % RP
-            for k in range(0, K):
-                ek = tl.load(IDS + tok.to(tl.int64) * s_it + k * s_ik, mask=tm, other=-1)
-                m = tm[:, None] & (ek[:, None] == e[None, :]) & ((e < E) & (a < r))[None, :]
-                acc += tl.load(DS + (tok.to(tl.int64) * K + k)[:, None] * r + a[None, :],
-                               mask=m, other=0.0).to(ACC)
+        for k in range(0, K):
+            ek = tl.load(IDS + tok.to(tl.int64) * s_it + k * s_ik, mask=tm, other=-1)
+            # rows whose expert lies in this block (an out-of-range id, unchecked under
+            # torch.compile, adds nothing)
+            rm = tm & (ek >= e_lo) & (ek < e_lo + BN // RP) & (ek < E)
+            row = tl.load(DS + (tok.to(tl.int64) * K + k)[:, None] * r + aa[None, :],
+                          mask=rm[:, None] & (aa < r)[None, :], other=0.0).to(ACC)
+            wide = tl.reshape(tl.broadcast_to(row[:, None, :], (tok.shape[0], BN // RP, RP)),
+                              (tok.shape[0], BN))
+            acc += tl.where(ek[:, None] == e[None, :], wide, 0.0)
     else:
         off, m = s_all_offsets(tok, cc, T, E, r, RP)
         acc = tl.load(DS + off, mask=m, other=0.0).to(ACC)
@@ -104,8 +97,9 @@ def lora_down_dx_kernel(DS, IDS, LA, DX, T, K, n_in, E, r, scaling, s_it, s_ik, 
                         s_ar, s_dxt, s_dxi, BM: tl.constexpr, BN: tl.constexpr,
                         BK: tl.constexpr, RP: tl.constexpr, ONE_K: tl.constexpr,
                         HAS_IDS: tl.constexpr, ACC: tl.constexpr):
-    """Grid: token blocks; the program walks all input blocks. With ONE_K (E * RP <= BK) its
-    ds_all tile is loaded once for all of them (else once per input block)."""
+    """Grid: token blocks; the program walks all input blocks. With ONE_K (all E * RP columns
+    in one step of BK) its ds_all tile is loaded once for all of them (else once per input
+    block)."""
     tok = tl.program_id(0) * BM + tl.arange(0, BM)
     cc0 = tl.arange(0, BK)
     if ONE_K:

@@ -243,9 +243,8 @@ def lora_relation_bwd_kernel(S, IDS, PF, QF, DDD, DS, PP, PQ, PBAD, T, K, E, r, 
         dGW = (dGW + block_dot(tl.trans(dG), W, same, ACC)) / m[:, None]  # dS = dGW P + dz Q^T
         for c0 in range(0, F, FC):
             c2 = c0 + tl.arange(0, FC)
-            P, f2, m2 = p_columns(PF, flat_c, cm, c2, E, r, RP, ACC)
-            Q = tl.load(QF + f2[:, None] * rg + gg[None, :],
-                        mask=m2[:, None] & (gg < rg)[None, :], other=0.0).to(ACC)
+            P, _, _ = p_columns(PF, flat_c, cm, c2, E, r, RP, ACC)
+            Q = q_rows(QF, c2, gg, E, r, rg, RP, ACC)
             dS = tl.dot(dGW, P, input_precision="ieee", out_dtype=ACC) \
                 + tl.dot(dz, tl.trans(Q), input_precision="ieee", out_dtype=ACC)
             dS = tl.where(tokbad[:, None], float("nan"), dS)

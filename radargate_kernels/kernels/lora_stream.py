@@ -44,11 +44,10 @@ def slot_rows(tok, k, K, T, IDS, s_it, s_ik, E, HAS_IDS: tl.constexpr):
 
 
 @triton.jit
-def chunk_angles(d, valid, Uc, BETA, eid, k, cols, cmask, s_be, s_bh, HAS_BETA: tl.constexpr,
-                 HAS_IDS: tl.constexpr, ACC: tl.constexpr):
-    """alpha [BT, BH] = d U[:, cols] (+ beta[e, cols]) -> (cos, sin); d [BT, RGP] of the rows.
-    Without ids every row of slot k has expert k: its beta chunk is one [BH] row, loaded once."""
-    alpha = tl.dot(d, Uc, input_precision="ieee", out_dtype=ACC)
+def add_slot_bias(alpha, BETA, eid, valid, k, cols, cmask, s_be, s_bh, HAS_BETA: tl.constexpr,
+                  HAS_IDS: tl.constexpr, ACC: tl.constexpr):
+    """alpha [BT, BH] + beta[e, cols] of each row's expert (without ids every row of slot k has
+    expert k: one [BH] row of beta, loaded once)."""
     if HAS_BETA:
         if HAS_IDS:
             m = valid[:, None] & cmask[None, :]
@@ -58,6 +57,16 @@ def chunk_angles(d, valid, Uc, BETA, eid, k, cols, cmask, s_be, s_bh, HAS_BETA: 
             bk = tl.load(BETA + tl.cast(k, tl.int64) * s_be + cols.to(tl.int64) * s_bh,
                          mask=cmask, other=0.0).to(ACC)
             alpha += bk[None, :]
+    return alpha
+
+
+@triton.jit
+def chunk_angles(d, valid, Uc, BETA, eid, k, cols, cmask, s_be, s_bh, HAS_BETA: tl.constexpr,
+                 HAS_IDS: tl.constexpr, ACC: tl.constexpr):
+    """alpha [BT, BH] = d U[:, cols] (+ beta[e, cols]) -> (cos, sin); d [BT, RGP] of the rows."""
+    alpha = tl.dot(d, Uc, input_precision="ieee", out_dtype=ACC)
+    alpha = add_slot_bias(alpha, BETA, eid, valid, k, cols, cmask, s_be, s_bh, HAS_BETA, HAS_IDS,
+                          ACC)
     return tl.cos(alpha), tl.sin(alpha)
 
 
@@ -112,15 +121,8 @@ def gate_row(U, gi, cols, h, s_ug, s_uh, ACC: tl.constexpr):
 def stretch_rotate(y1, y2, v1, v2, alpha, g, BETA, eid, valid, k, cols, h, s_be, s_bh,
                    HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr):
     """(y1, y2) + g R(alpha + beta[e]) (v1, v2) for one chunk of column pairs."""
-    cmask = cols < h
-    if HAS_BETA:
-        if HAS_IDS:
-            off = eid.to(tl.int64)[:, None] * s_be + cols[None, :].to(tl.int64) * s_bh
-            alpha += tl.load(BETA + off, mask=valid[:, None] & cmask[None, :],
-                             other=0.0).to(ACC)
-        else:
-            alpha += tl.load(BETA + tl.cast(k, tl.int64) * s_be + cols[None, :].to(tl.int64)
-                             * s_bh, mask=cmask[None, :], other=0.0).to(ACC)
+    alpha = add_slot_bias(alpha, BETA, eid, valid, k, cols, cols < h, s_be, s_bh, HAS_BETA,
+                          HAS_IDS, ACC)
     u1, u2 = rotate(v1, v2, tl.cos(alpha), tl.sin(alpha))
     return y1 + g[:, None] * u1, y2 + g[:, None] * u2
 
