@@ -236,13 +236,17 @@ def test_non_finite_input_stays_in_its_token(bad, ids, backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("ids", [True, False], ids=["topk", "dense"])
 @pytest.mark.parametrize("where", ["dy", "x"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_token_reaches_only_the_experts_it_uses(bad, where, backend):
+def test_non_finite_token_reaches_only_the_experts_it_uses(bad, where, ids, backend):
     # top-3 of 9 experts: token 2's non-finite dy (or x) must make exactly the reference's
     # gradients non-finite (the experts it selected, and the sums over all tokens), nothing
-    # else: the kernels reduce all slots of a tile in one dot, where 0 * nan would leak
-    prob = make_lora_problem(6, 3, 8, 10, 4, 3, ids=True, bias=True, E_extra=6, seed=23)
+    # else: the kernels reduce all slots of a tile in one dot, where 0 * nan would leak. Dense
+    # (4 experts, r = 4: the parameter kernel's per-slot reduction): every expert is used, so
+    # the pattern is the reference's over all of them
+    prob = make_lora_problem(6, 3 if ids else 4, 8, 10, 4, 3, ids=ids, bias=True, E_extra=6,
+                             seed=23)
     dy = torch.randn(6, 10, generator=torch.Generator().manual_seed(4))
     if where == "dy":
         dy[2, 7] = bad
@@ -251,8 +255,9 @@ def test_non_finite_token_reaches_only_the_experts_it_uses(bad, where, backend):
         prob["x"][2, 1] = bad
     _, g_k = lora_run(lambda **kw: radar_gate_lora(**kw, backend=backend), prob, dy)
     _, g_r = lora_run(radar_gate_lora_reference, prob, dy)
-    unused = sorted(set(range(9)) - set(prob["expert_ids"][2].tolist()))
-    assert unused and torch.isfinite(g_r["lora_B"][unused]).all()
+    if ids:
+        unused = sorted(set(range(9)) - set(prob["expert_ids"][2].tolist()))
+        assert unused and torch.isfinite(g_r["lora_B"][unused]).all()
     bad = []
     for name, ref in g_r.items():
         got = g_k[name]

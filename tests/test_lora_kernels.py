@@ -238,6 +238,8 @@ PARAMS_CASES = [
     (1, 1, 1, 4, 3, 2, False, True),     # one token, K = 1
     (0, 4, 4, 8, 2, 2, False, True),     # T = 0: only the relation part
     (3, 16, 16, 12, 4, 4, False, True),  # K = 16: one token per program
+    (5, 8, 8, 40, 8, 8, False, True),    # dense F = 64: all 8 experts in one program, per slot
+    (3, 2, 2, 20, 32, 3, False, False),  # dense r = 32: per slot, half the F in each slot
 ]
 
 

@@ -136,3 +136,21 @@ def test_fused_layer_kernels_load_b_once_per_slot_and_dy_once_per_token(ids):
     assert bwd["lora_bwd_params_packed_kernel.S"] == [T * K * r * 4, 0]
     assert bwd["lora_bwd_params_packed_kernel.D"] == [T * K * 4 * 4, 0]
     assert fwd["lora_fwd_kernel.Y"] == [0, T * d * 2]
+
+
+def test_dense_parameter_kernel_reads_dy_once_per_token_at_the_widest_tile():
+    # dense K = 8, r = 8: F = 64 expert columns. Slot k is expert k, so the packed parameter
+    # kernel reduces dB slot by slot and one program holds all 8 experts: dy once per token
+    # and column (groups of 16 expert columns read it 4 times), s and d once per column
+    # program, and one drot_up partial (no expert groups to sum on the host)
+    from benchmarks import lora_cost
+    from radargate_kernels.kernels import lora_launch as LL
+    T, K, d, r, rg = 4, 8, 32, 8, 4
+    assert LL.packed_params_fits(K, K, r, False) and LL.relation_columns(K, K, r, False) == 64
+    res = lora_cost.measure(T=T, K=K, E=K, d=d, r=r, rg=rg, dtype=torch.bfloat16, ids=False)
+    bwd = res["fused_backward"]["by_arg"]
+    assert LL.packed_params_blocks(r, rg, d // 2)[0] >= d // 2  # one column program
+    assert bwd["lora_bwd_params_packed_kernel.DY"] == [T * d * 2, 0]
+    assert bwd["lora_bwd_params_packed_kernel.S"] == [T * K * r * 4, 0]
+    assert bwd["lora_bwd_params_packed_kernel.D"] == [T * K * rg * 4, 0]
+    assert bwd["lora_bwd_params_packed_kernel.PU"] == [0, rg * (d // 2) * 4]

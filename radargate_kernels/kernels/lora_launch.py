@@ -412,7 +412,8 @@ def plan_params_backward_packed(dy, s, g, d, ids, lora_B, rot_up, angle_bias, dP
     BT = max(1, PACKED_ROWS // KP)
     BH, warps = packed_params_blocks(r, rg, h)
     F = relation_columns(K, E, r, ids is not None)
-    FG = min(F, max(PACKED_PARAMS_FG, _pow2(r)))  # whole experts per program
+    per_slot = ids is None and KP * _pow2(r) == F  # slot k is expert k: no F-wide dot
+    FG = F if per_slot else min(F, max(PACKED_PARAMS_FG, _pow2(r)))  # whole experts per program
     n_eg = F // FG
     n_blocks, n_chunks = triton.cdiv(T, BT), triton.cdiv(h, BH)
     NG = max(1, min(param_groups(max(n_blocks, 1), n_chunks * n_eg, s.device),
@@ -428,7 +429,7 @@ def plan_params_backward_packed(dy, s, g, d, ids, lora_B, rot_up, angle_bias, dP
         *g.stride(), *s_ids, *lora_B.stride(), *rot_up.stride(), *s_beta, *dy.stride(),
         *rot_down.stride()),
         dict(meta, KP=KP, BT=BT, F=F, FG=FG, RP=_pow2(r), EB=max(16, F // _pow2(r)), BH=BH,
-             HAS_IDS=ids is not None, num_warps=warps))
+             PER_SLOT=per_slot, HAS_IDS=ids is not None, num_warps=warps))
     return (pB, pU, pbeta, dA_rot), [launch]
 
 

@@ -258,46 +258,39 @@ def lora_relation_bwd_kernel(S, IDS, PF, QF, DDD, DS, PP, PQ, PBAD, T, K, E, r, 
 
 @triton.jit
 def factor_grads(LB, AR, DPF, DQF, BAD, DAR, cc, oo, om, store_dar, E, r, rg, s_le, s_lr,
-                 s_lo, s_ao, s_ag, F: tl.constexpr, RP: tl.constexpr, FC: tl.constexpr,
-                 GC: tl.constexpr, RGP: tl.constexpr, ACC: tl.constexpr):
+                 s_lo, s_ao, s_ag, F: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr,
+                 ACC: tl.constexpr):
     """Gradients through P_flat = B_cat B_cat^T and Q_flat = B_cat rot_down at the out columns
-    oo (mask om): returns dB_cat[cc, oo] = ((dP + dP^T) B_cat + dQ rot_down^T)[cc, oo]
-    [len(cc), len(oo)] for the rows cc (a subset of the F padded columns) and, if store_dar,
-    stores drot_down[oo] = B_cat[:, oo]^T dQ into DAR [out, rg] (contiguous). BAD [F] (int32,
+    oo [BO] (mask om): returns dB_cat[cc, oo] = ((dP + dP^T) B_cat + dQ rot_down^T)[cc, oo],
+    shape cc.shape + [BO], for padded columns cc of any shape ending in a broadcast axis ([FG, 1]
+    or [KP, RP, 1]: the caller's accumulator layout) and, if store_dar, stores
+    drot_down[oo] = B_cat[:, oo]^T dQ into DAR [out, rg] (contiguous). BAD [F] (int32,
     lora_relation_bwd_kernel's flags): flagged rows of dB are NaN, and all of drot_down if any.
-    Row c of the tiles is B_cat's row factor_rows(c) (padded rank RP). The reductions are walked
-    in chunks of FC columns / GC gate ranks (whole [64, 64] fp32 tiles spilled)."""
+    Column c is B_cat's row factor_rows(c). Both reductions run one index at a time (outer
+    products of a column of dP or dQ with a row of B_cat or rot_down): the FMA dots of whole
+    tiles held replicated operands and spilled at 64 rows."""
     flat_c, cm = factor_rows(cc, E, r, RP)
     ooc = oo.to(tl.int64)
     gg = tl.arange(0, RGP)
-    acc = tl.zeros((cc.shape[0], oo.shape[0]), dtype=ACC)
+    n = E * r
+    acc = tl.zeros(cc.shape, dtype=ACC) * tl.zeros((oo.shape[0],), dtype=ACC)
     dAt = tl.zeros((RGP, oo.shape[0]), dtype=ACC)  # drot_down[oo]^T
-    for c0 in range(0, F, FC):  # every reduction of length FC or GC: FMA dots with a
-        c2 = c0 + tl.arange(0, FC)        # 64-long reduction held too many operands per thread
-        f2, m2 = factor_rows(c2, E, r, RP)
-        pm = cm[:, None] & m2[None, :]
-        dPc = tl.load(DPF + flat_c[:, None] * (E * r) + f2[None, :], mask=pm, other=0.0) \
-            + tl.load(DPF + f2[None, :] * (E * r) + flat_c[:, None], mask=pm, other=0.0)
-        boff = (c2 // RP).to(tl.int64) * s_le + (c2 % RP) * s_lr
-        Bc = tl.load(LB + boff[:, None] + ooc[None, :] * s_lo, mask=m2[:, None] & om[None, :],
-                     other=0.0).to(ACC)
-        acc += tl.dot(dPc.to(ACC), Bc, input_precision="ieee", out_dtype=ACC)
-        dQr = tl.load(DQF + f2[:, None] * rg + gg[None, :], mask=m2[:, None] & (gg < rg)[None, :],
-                      other=0.0).to(ACC)
-        dAt += tl.dot(tl.trans(dQr), Bc, input_precision="ieee", out_dtype=ACC)
+    for j in range(0, n):
+        brow = tl.load(LB + (j // r).to(tl.int64) * s_le + (j % r) * s_lr + ooc * s_lo, mask=om,
+                       other=0.0).to(ACC)  # row j of B_cat [E r, out]
+        dpc = tl.load(DPF + flat_c * n + j, mask=cm, other=0.0) \
+            + tl.load(DPF + j * n + flat_c, mask=cm, other=0.0)  # column j of dP + dP^T
+        acc += dpc.to(ACC) * brow
+        dq = tl.load(DQF + j * rg + gg, mask=gg < rg, other=0.0).to(ACC)
+        dAt += dq[:, None] * brow[None, :]
     bad = tl.load(BAD + tl.arange(0, F))
     dAt = tl.where(tl.max(bad) > 0, float("nan"), dAt)
     if store_dar:
         tl.store(DAR + ooc[None, :] * rg + gg[:, None], dAt, mask=(gg < rg)[:, None] & om[None, :])
-    for g0 in range(0, RGP, GC):
-        gq = g0 + tl.arange(0, GC)
-        gm = (gq < rg)[None, :]
-        dQc = tl.load(DQF + flat_c[:, None] * rg + gq[None, :], mask=cm[:, None] & gm,
-                      other=0.0).to(ACC)
-        At = tl.load(AR + ooc[None, :] * s_ao + gq[:, None] * s_ag,
-                     mask=tl.trans(gm) & om[None, :], other=0.0).to(ACC)  # rot_down[oo]^T
-        acc += tl.dot(dQc, At, input_precision="ieee", out_dtype=ACC)
-    return tl.where(tl.load(BAD + cc)[:, None] > 0, float("nan"), acc)
+    for gi in range(0, rg):
+        arow = tl.load(AR + ooc * s_ao + gi * s_ag, mask=om, other=0.0).to(ACC)  # rot_down[oo, gi]
+        acc += tl.load(DQF + flat_c * rg + gi, mask=cm, other=0.0).to(ACC) * arow
+    return tl.where(tl.load(BAD + cc) > 0, float("nan"), acc)
 
 
 @triton.jit
@@ -311,7 +304,7 @@ def lora_factors_bwd_kernel(LB, AR, DPF, DQF, BAD, DB, DAR, E, r, out, rg, s_le,
     cc = tl.arange(0, F)
     oo = tl.program_id(0) * BO + tl.arange(0, BO)
     om = oo < out
-    dB = factor_grads(LB, AR, DPF, DQF, BAD, DAR, cc, oo, om, True, E, r, rg, s_le, s_lr, s_lo,
-                      s_ao, s_ag, F, RP, 16, 16, RGP, ACC)
+    dB = factor_grads(LB, AR, DPF, DQF, BAD, DAR, cc[:, None], oo, om, True, E, r, rg, s_le, s_lr,
+                      s_lo, s_ao, s_ag, F, RP, RGP, ACC)
     flat_c, cm = factor_rows(cc, E, r, RP)
     tl.store(DB + flat_c[:, None] * out + oo[None, :], dB, mask=cm[:, None] & om[None, :])

@@ -95,6 +95,17 @@ def slot_rows_tile(S, row, valid, rr, r, ACC: tl.constexpr):
 
 
 @triton.jit
+def slot_outer(s_rows, X, BT: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr,
+               BH: tl.constexpr):
+    """sum over the block's tokens t of s[t, k, a] X[t, k, :] -> [KP, RP, BH]; s_rows [BT KP, RP]
+    and X [BT KP, BH] in the packed row order (row t KP + k). Products stay within a slot, so a
+    non-finite entry reaches only its own slot's outputs."""
+    s3 = tl.reshape(s_rows, (BT, KP, RP))
+    x3 = tl.reshape(X, (BT, KP, BH))
+    return tl.sum(s3[:, :, :, None] * x3[:, :, None, :], axis=0)
+
+
+@triton.jit
 def rank_rows(LB, eid, k, a, cols, h, s_le, s_lr, s_lo, m, HAS_IDS: tl.constexpr,
               ACC: tl.constexpr):
     """Row a of each row's B_e at columns cols and cols + h: gathered per row with ids
@@ -371,8 +382,8 @@ def lora_bwd_params_packed_kernel(
     T, K, h, r, rg, E, n_blocks, n_eg,  # (fp32/64) and drot_down [out, rg]
     s_gt, s_gk, s_it, s_ik, s_le, s_lr, s_lo, s_ug, s_uh, s_be, s_bh, s_dyt, s_dyd, s_ao, s_ag,
     KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, FG: tl.constexpr, RP: tl.constexpr,
-    RGP: tl.constexpr, EB: tl.constexpr, BH: tl.constexpr, HAS_BETA: tl.constexpr,
-    HAS_IDS: tl.constexpr, ACC: tl.constexpr,
+    RGP: tl.constexpr, EB: tl.constexpr, BH: tl.constexpr, PER_SLOT: tl.constexpr,
+    HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr,
 ):
     """The parameter gradients in lora_bwd_rows_packed_kernel's [R, F] layout (grid: column
     chunks x (token groups x expert groups); token group p walks the token blocks p, p + NG,
@@ -392,17 +403,31 @@ def lora_bwd_params_packed_kernel(
     cc = eg * FG + tl.arange(0, FG)  # this expert group's columns of the F
     gg = tl.arange(0, RGP)
     eb = tl.arange(0, EB)
-    acc1 = tl.zeros((FG, BH), dtype=ACC)
-    acc2 = tl.zeros((FG, BH), dtype=ACC)
+    if PER_SLOT:  # without ids slot k is expert k: dB [KP, RP, BH] and dbeta [KP, BH] per slot
+        rows = (tl.arange(0, KP)[:, None] * RP + tl.arange(0, RP)[None, :])[:, :, None]
+        acc_beta = tl.zeros((KP, BH), dtype=ACC)
+    else:
+        rows = cc[:, None]
+        acc_beta = tl.zeros((EB, BH), dtype=ACC)
+    acc1 = tl.zeros(rows.shape, dtype=ACC) * tl.zeros((BH,), dtype=ACC)
+    acc2 = tl.zeros(rows.shape, dtype=ACC) * tl.zeros((BH,), dtype=ACC)
+    if grp == 0:  # the relation part, once per column
+        acc1 = factor_grads(LB, AR, DPF, DQF, BAD, DAR, rows, cols, cmask, eg == 0, E, r, rg,
+                            s_le, s_lr, s_lo, s_ao, s_ag, F, RP, RGP, ACC)
+        acc2 = factor_grads(LB, AR, DPF, DQF, BAD, DAR, rows, cols + h, cmask, eg == 0, E, r, rg,
+                            s_le, s_lr, s_lo, s_ao, s_ag, F, RP, RGP, ACC)
     acc_u = tl.zeros((RGP, BH), dtype=ACC)
-    acc_beta = tl.zeros((EB, BH), dtype=ACC)
     Uc = load_param_chunk(U, gg, cols, rg, h, s_ug, s_uh, ACC)
+    rr = tl.arange(0, RP)
     for blk in range(grp, n_blocks, tl.num_programs(1) // n_eg):
         tok, slot, valid = row_ids(blk, T, K, KP, BT)
         eid = expert_of_row(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
         mine = valid & (eid >= 0) & (eid // (FG // RP) == eg)  # rows of this group's experts
-        off_s, own = expert_column_offsets(eid, tok, slot, mine, K, r, cc, RP)
-        Sx = tl.load(S + off_s, mask=own, other=0.0).to(ACC)
+        if PER_SLOT:
+            s_rows = load_rows(S, tok * K + slot, mine, r, RP, ACC)  # [R, RP]
+        else:
+            off_s, own = expert_column_offsets(eid, tok, slot, mine, K, r, cc, RP)
+            Sx = tl.load(S + off_s, mask=own, other=0.0).to(ACC)
         d = load_rows(D, tok * K + slot, mine, rg, RGP, ACC)
         g = tl.load(G + tok * s_gt + slot.to(tl.int64) * s_gk, mask=mine, other=0.0).to(ACC)
         alpha = angles(d, Uc, BETA, eid, mine, cols, cmask, s_be, s_bh, HAS_BETA, ACC)
@@ -417,26 +442,34 @@ def lora_bwd_params_packed_kernel(
         v1 = tl.zeros((BT * KP, BH), dtype=ACC)
         v2 = tl.zeros((BT * KP, BH), dtype=ACC)
         for a in range(0, r):
-            sa = tl.sum(tl.where(cc[None, :] == eid[:, None] * RP + a, Sx, 0.0), axis=1)
+            if PER_SLOT:
+                sa = tl.sum(tl.where(rr[None, :] == a, s_rows, 0.0), axis=1)
+            else:
+                sa = tl.sum(tl.where(cc[None, :] == eid[:, None] * RP + a, Sx, 0.0), axis=1)
             b1, b2 = b_rows(LB, eid, a, cols, h, s_le, s_lr, s_lo, m, ACC)
             v1 += sa[:, None] * b1
             v2 += sa[:, None] * b2
         u1, u2 = rotate(v1, v2, c, sn)
         dalpha = tl.where(m, g[:, None] * (dy2 * u1 - dy1 * u2), 0.0)
         dv1, dv2 = rotate(dy1, dy2, c, -sn)  # R(-alpha) dy; times g
-        # a row's terms go to its own expert's rows only, also when dy is not finite
-        St, ownT = tl.trans(Sx), tl.trans(own)
-        acc1 += support_dot(St, tl.where(m, g[:, None] * dv1, 0.0), ownT, m, ACC)
-        acc2 += support_dot(St, tl.where(m, g[:, None] * dv2, 0.0), ownT, m, ACC)
+        gdv1 = tl.where(m, g[:, None] * dv1, 0.0)
+        gdv2 = tl.where(m, g[:, None] * dv2, 0.0)
+        if PER_SLOT:  # dB_k += s_k^T g dv_k over the block's tokens: no F-wide dot, no groups
+            acc1 += slot_outer(s_rows, gdv1, BT, KP, RP, BH)
+            acc2 += slot_outer(s_rows, gdv2, BT, KP, RP, BH)
+            if HAS_BETA:
+                acc_beta += tl.sum(tl.reshape(dalpha, (BT, KP, BH)), axis=0)
+        else:  # a row's terms go to its own expert's rows only, also when dy is not finite
+            St, ownT = tl.trans(Sx), tl.trans(own)
+            acc1 += support_dot(St, gdv1, ownT, m, ACC)
+            acc2 += support_dot(St, gdv2, ownT, m, ACC)
+            if HAS_BETA:
+                onehot = tl.trans((eb[None, :] == eid[:, None]) & mine[:, None])  # [EB, R]
+                acc_beta += support_dot(onehot.to(ACC), dalpha, onehot, m, ACC)
         acc_u += tl.dot(tl.trans(d), dalpha, input_precision="ieee", out_dtype=ACC)
-        if HAS_BETA:
-            onehot = tl.trans((eb[None, :] == eid[:, None]) & mine[:, None])  # [EB, R]
-            acc_beta += support_dot(onehot.to(ACC), dalpha, onehot, m, ACC)
-    if grp == 0:  # the relation part, once per column (chunked: whole dP tiles spilled)
-        acc1 += factor_grads(LB, AR, DPF, DQF, BAD, DAR, cc, cols, cmask, eg == 0, E, r, rg, s_le,
-                             s_lr, s_lo, s_ao, s_ag, F, RP, 16, 16, RGP, ACC)
-        acc2 += factor_grads(LB, AR, DPF, DQF, BAD, DAR, cc, cols + h, cmask, eg == 0, E, r, rg,
-                             s_le, s_lr, s_lo, s_ao, s_ag, F, RP, 16, 16, RGP, ACC)
+    if PER_SLOT:
+        acc1 = tl.reshape(acc1, (FG, BH))
+        acc2 = tl.reshape(acc2, (FG, BH))
     flat_c, cm = factor_rows(cc, E, r, RP)  # row of B_cat [E r, out] holding column c
     bm = cm[:, None] & cmask[None, :]
     g64 = grp.to(tl.int64)
@@ -446,6 +479,11 @@ def lora_bwd_params_packed_kernel(
     tl.store(PU + pid1.to(tl.int64) * rg * h + gg[:, None] * h + cols[None, :], acc_u,
              mask=(gg[:, None] < rg) & cmask[None, :])
     if HAS_BETA:
-        ebm = (eb < E) & (eb // (FG // RP) == eg)
-        tl.store(PBETA + g64 * E * h + eb[:, None] * h + cols[None, :], acc_beta,
-                 mask=ebm[:, None] & cmask[None, :])
+        if PER_SLOT:
+            kb = tl.arange(0, KP)
+            tl.store(PBETA + g64 * E * h + kb[:, None] * h + cols[None, :], acc_beta,
+                     mask=(kb < E)[:, None] & cmask[None, :])
+        else:
+            ebm = (eb < E) & (eb // (FG // RP) == eg)
+            tl.store(PBETA + g64 * E * h + eb[:, None] * h + cols[None, :], acc_beta,
+                     mask=ebm[:, None] & cmask[None, :])
