@@ -476,10 +476,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, *kept)
     ctx.args = (scaling, tau, eps, backend)
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero tensors for s, d, P, Q's (absent) gradients
 
 
 def _backward_fn(ctx, dy, *_):
     no_double_backward("radar_gate_lora")
+    if dy is None:  # y's gradient undefined (gradients are not materialized): none flows back
+        return (None,) * 13
     x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, s, d, P, Q = ctx.saved_tensors
     need = ctx.needs_input_grad
     grads = torch.ops.radargate.lora_bwd(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids,

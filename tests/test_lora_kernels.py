@@ -129,12 +129,19 @@ def _relation_grads(s, e, P, Q, tau, dd):
     return torch.autograd.grad(d, leaves, dd, allow_unused=True, materialize_grads=True)
 
 
+@pytest.mark.parametrize("groups", ["one", "many"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32],
                          ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", [c for c in RELATION_CASES if c[1] <= 8],
                          ids=lambda c: "T{}-K{}-E{}-r{}-rg{}".format(*c) + ("-ids" if c[5] else ""))
-def test_relation_backward_kernel_matches_autograd_of_relation_lowrank(case, dtype):
+def test_relation_backward_kernel_matches_autograd_of_relation_lowrank(case, dtype, groups,
+                                                                      monkeypatch):
+    """With "many", every token block is its own program (partials of dP, dQ summed on the
+    host); with "one", the shape's own rule (a program per 256 tokens: one here)."""
     T, K, E, r, rg, ids = case
+    if groups == "many":
+        monkeypatch.setattr(LL, "RELATION_GROUP_TOKENS", 1)
+        monkeypatch.setattr(LL, "param_groups", lambda n_blocks, n_chunks, device: n_blocks)
     gen = _gen(case, str(dtype), "bwd")
     s = torch.randn(T, K, r, generator=gen, dtype=torch.float64)
     if T > 1:
@@ -150,6 +157,10 @@ def test_relation_backward_kernel_matches_autograd_of_relation_lowrank(case, dty
     P, Q = lora.lowrank_factors(B, A_rot, dtype)
     ds = ds0.clone()
     s0 = s.clone()
+    (PP, *_), _ = LL.plan_relation_backward(s, e, P.contiguous(), Q.contiguous(), dd, ds.clone(),
+                                            tau, 1e-6)
+    n_blocks = -(-T // max(1, LL.RELATION_ROWS_BWD // LL._pow2(K)))
+    assert PP.shape[0] == (max(1, n_blocks) if groups == "many" else 1)
     dP, dQ, bad = LL.relation_backward(s, e, P.contiguous(), Q.contiguous(), dd, ds, tau, 1e-6)
     assert not bad.any()  # every input finite
     assert torch.equal(s, s0)

@@ -183,6 +183,11 @@ RELATION_MAX_F = 64  # largest E * r (padded) of the relation kernel's expert co
 # spilled 8-32 bytes (fp32, sm_80/sm_90) at several (K, r) (compile report, --family lora)
 RELATION_ROWS = 32   # R = BT * KP rows per program; so K <= 32 (R x R tiles, as radar_gate's)
 RELATION_ROWS_BWD = 16  # ... in the backward kernel, which holds more tiles
+# fewest tokens per program of the relation backward: each program writes an [F, F + RGP]
+# fp32 partial that the host sums (20 KiB at F = 64, K = 8, r = rg = 8, where 256 tokens'
+# s and dd are 128 KiB); a program per 2 tokens (4 per SM on a GPU) moved more in partials
+# than the kernel's own reads
+RELATION_GROUP_TOKENS = 256
 
 
 def relation_columns(K, E, r, has_ids):
@@ -280,10 +285,12 @@ def plan_relation_backward(s, ids, P, Q, dd, ds, tau, eps):
     KP, F, RGP = _pow2(K), relation_columns(K, E, r, ids is not None), max(16, _pow2(rg))
     BT = max(1, RELATION_ROWS_BWD // KP)
     n_blocks = triton.cdiv(T, BT)
-    G = param_groups(n_blocks, 1, s.device) if T > 0 else 0
-    PP = torch.zeros((max(G, 1), F, F), dtype=s.dtype, device=s.device)
-    PQ = torch.zeros((max(G, 1), F, RGP), dtype=s.dtype, device=s.device)
-    PBAD = torch.zeros((max(G, 1), F), dtype=torch.int32, device=s.device)
+    G = max(1, min(param_groups(n_blocks, 1, s.device), T // RELATION_GROUP_TOKENS)) \
+        if T > 0 else 0
+    new = torch.empty if G else torch.zeros  # each program stores its whole partial
+    PP = new((max(G, 1), F, F), dtype=s.dtype, device=s.device)
+    PQ = new((max(G, 1), F, RGP), dtype=s.dtype, device=s.device)
+    PBAD = new((max(G, 1), F), dtype=torch.int32, device=s.device)
     launches = []
     if G:
         launches.append(Launch(lora_relation_bwd_kernel, (G,), (
@@ -304,9 +311,10 @@ def relation_backward(s, ids, P, Q, dd, ds, tau, eps):
     E, r, rg = P.shape[0], P.shape[1], Q.shape[2]
     RP = _pow2(r)
     F = PP.shape[1]
-    dP = PP.sum(0).view(F // RP, RP, F // RP, RP)[:E, :r, :E, :r].contiguous()
-    dQ = PQ.sum(0).view(F // RP, RP, -1)[:E, :r, :rg].contiguous()
-    return dP, dQ, PBAD.amax(0)
+    one = PP.shape[0] == 1
+    dP = (PP[0] if one else PP.sum(0)).view(F // RP, RP, F // RP, RP)[:E, :r, :E, :r]
+    dQ = (PQ[0] if one else PQ.sum(0)).view(F // RP, RP, -1)[:E, :r, :rg]
+    return dP.contiguous(), dQ.contiguous(), PBAD[0] if one else PBAD.amax(0)
 
 
 def expert_order(ids, T, K, E, device):
@@ -336,11 +344,14 @@ def plan_rows_backward(dy, s, g, d, ids, lora_B, rot_up, angle_bias):
         s, ids, lora_B, rot_up, angle_bias)
     ct = s.dtype
     packed = rows_packed_fits(K, E, r, ids is not None)
-    ds = (torch.zeros if packed else torch.empty)((T, K, r), dtype=ct, device=s.device)
+    # packed with ids: zeroed, rows with an out-of-range id (unchecked under compile) store
+    # nothing; every other row stores its own expert's r lanes
+    ds = (torch.zeros if packed and ids is not None else torch.empty)((T, K, r), dtype=ct,
+                                                                      device=s.device)
     dg = torch.empty((T, K), dtype=ct, device=s.device)
     dd = torch.empty((T, K, rg), dtype=ct, device=s.device)
     launches = []
-    if T > 0 and packed:  # ds zeroed: the kernel stores each row's own expert lanes only
+    if T > 0 and packed:
         KP = _pow2(K)
         BT = max(1, PACKED_ROWS // KP)
         launches.append(Launch(lora_bwd_rows_packed_kernel, (triton.cdiv(T, BT),), (
