@@ -109,7 +109,11 @@ def _count(fn, backward_of=None):
     req = sum(a + b for a, b in kc.kernel_bytes.values())
     dram = sum(kc.dram_model(k) for k in kc.launches)
     uniq = sum(v[1] for v in seen.values())
+    per_kernel = {k: dict(requested=sum(kc.kernel_bytes.get(k, (0, 0))),
+                          dram_model=kc.dram_model(k), unique=seen.get(k, (None, 0))[1])
+                  for k in kc.launches}
     return out, dict(requested=req + ab.bytes, dram_model=dram + ab.bytes, unique=uniq + ab.bytes,
+                     per_kernel=per_kernel,
                      kernels=req, aten=ab.bytes, aten_ops=ab.ops, launches=dict(kc.launches),
                      by_arg={f"{k}.{a}": v for (k, a), v in sorted(kc.by_arg.items())},
                      aten_op_names=dict(ab.op_names), aten_op_bytes=dict(ab.op_bytes))
@@ -134,6 +138,16 @@ def measure(T=64, K=8, E=8, d=1024, r=8, rg=8, dtype=torch.bfloat16, ids=False):
     res["fused_backward"] = {k: (v - res["fused_forward"][k] if k in ("requested", "dram_model",
                                                                       "unique", "kernels", "aten")
                                  else v) for k, v in res["fused_backward"].items()}
+    fwd_k, bwd_k = res["fused_forward"]["per_kernel"], res["fused_backward"]["per_kernel"]
+    res["fused_backward"]["per_kernel"] = {  # the backward's own launches only
+        k: {view: n - fwd_k.get(k, {}).get(view, 0) for view, n in v.items()}
+        for k, v in bwd_k.items() if res["fused_backward"]["launches"][k]
+        > res["fused_forward"]["launches"].get(k, 0)}
+    for mode in ("fused_forward", "fused_backward"):  # the "from s" numerator
+        f = res[mode]
+        f["without_down"] = {view: f[view] - sum(v[view] for k, v in f["per_kernel"].items()
+                                                 if k.startswith("lora_down_"))
+                             for view in ("requested", "dram_model", "unique")}
 
     def materialized(a):
         # what RadarGateLoRALinear(fused=False) runs: expert outputs in the input dtype (dense:
@@ -185,6 +199,11 @@ def report(res):
                        f"{f[view] / mn[mode + '_full']:5.2f}x full-op minimum "
                        f"({f[view] / mn[mode + '_from_s']:5.2f}x from-s minimum); materialized "
                        f"{m[view] / 1024:9.0f} KiB = {m[view] / f[view]:5.2f}x fused")
+        wd = f["without_down"]
+        out.append("  without the down projection's kernels (the from-s floor's scope): "
+                   + ", ".join(f"{view} {wd[view] / 1024:.0f} KiB = "
+                               f"{wd[view] / mn[mode + '_from_s']:.2f}x"
+                               for view in ("requested", "dram_model", "unique")))
         out.append(f"  fused: kernels {f['kernels'] / 1024:.0f} KiB, aten {f['aten'] / 1024:.0f} "
                    f"KiB in {f['aten_ops']} ops, launches {f['launches']}")
     return "\n".join(out)

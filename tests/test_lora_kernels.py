@@ -137,11 +137,10 @@ def _relation_grads(s, e, P, Q, tau, dd):
 def test_relation_backward_kernel_matches_autograd_of_relation_lowrank(case, dtype, groups,
                                                                       monkeypatch):
     """With "many", every token block is its own program (partials of dP, dQ summed on the
-    host); with "one", the shape's own rule (a program per 256 tokens: one here)."""
+    host); with "one", a single program (its partial is the result)."""
     T, K, E, r, rg, ids = case
-    if groups == "many":
-        monkeypatch.setattr(LL, "RELATION_GROUP_TOKENS", 1)
-        monkeypatch.setattr(LL, "param_groups", lambda n_blocks, n_chunks, device: n_blocks)
+    monkeypatch.setattr(LL, "param_groups", lambda n_blocks, n_chunks, device: (
+        n_blocks if groups == "many" else 1))
     gen = _gen(case, str(dtype), "bwd")
     s = torch.randn(T, K, r, generator=gen, dtype=torch.float64)
     if T > 1:
@@ -345,9 +344,10 @@ def test_packed_parameter_kernel_matches_autograd_of_stream_torch(case, dtype, g
 @pytest.mark.parametrize("ids", [False, True], ids=["dense", "topk"])
 def test_forward_kernel_reads_s_and_d_once_per_program_of_two_chunks(ids):
     from benchmarks.cost_report import count_triton
-    # out / 2 = 300 pairs: chunks of 128, two per program -> 2 column programs (the second
-    # one's second chunk lies past the end: masked); s and d read once per program, y once
-    T, K, E, r, rg, out = 20, 3, 5, 5, 3, 600
+    # out / 2 = 600 pairs: chunks of 256, two per program -> 2 column programs (the second
+    # one's first chunk runs past the end and its second lies beyond it: masked); s and d read
+    # once per program, y once; 20 tokens: blocks of 8, the last one partial
+    T, K, E, r, rg, out = 20, 3, 5, 5, 3, 1200
     gen = _gen("fwd-bytes", ids)
     s = torch.randn(T, K, r, generator=gen)
     d = torch.randn(T, K, rg, generator=gen)
@@ -357,7 +357,7 @@ def test_forward_kernel_reads_s_and_d_once_per_program_of_two_chunks(ids):
     U = torch.randn(rg, out // 2, generator=gen).to(torch.bfloat16)
     beta = torch.randn(E if ids else K, out // 2, generator=gen).to(torch.bfloat16)
     cfg = LL.pick_lora_config(r, rg, out // 2)
-    assert cfg.BH_FWD == 128
+    assert cfg.BH_FWD == 256 and cfg.BT_FWD == 8
     with count_triton() as kc:
         y = LL.stream_forward(s, g, d, e, B, U, beta, torch.bfloat16)
     assert kc.launches["lora_fwd_kernel"] == 1

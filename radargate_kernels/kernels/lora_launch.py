@@ -20,7 +20,8 @@ from .lora_stream import (lora_bwd_params_kernel, lora_bwd_params_packed_kernel,
 
 @dataclass(frozen=True)
 class LoraConfig:
-    BT: int        # tokens per program (forward, backward rows)
+    BT: int        # tokens per program (backward rows)
+    BT_FWD: int    # tokens per program (forward)
     BH_FWD: int    # feature pairs per chunk (forward: two chunks per program)
     BH: int        # feature pairs per chunk (backward rows)
     BH_PARAMS: int  # feature pairs per program (parameter kernel)
@@ -30,6 +31,13 @@ class LoraConfig:
     WARPS_FWD: int
     WARPS_ROWS: int
     WARPS_PARAMS: int
+
+
+# The forward stream kernel's tile: 8 tokens x 256 column pairs per chunk, two chunks per
+# program (same registers as 16 x 128: no dot operands, v and alpha one rank at a time), so s
+# and d are read once per 512 pairs (out = 1024: once per token)
+FWD_TOKENS = 8
+FWD_PAIRS = 256
 
 
 def pick_lora_config(r: int, rg: int, h: int) -> LoraConfig:
@@ -44,7 +52,7 @@ def pick_lora_config(r: int, rg: int, h: int) -> LoraConfig:
     cap = max(16, _pow2(h))
     bh_params = {16: 64, 32: 32, 64: 16}[max(RP, RGP)]
     bh_rows = 32 if max(RP, RGP) == 16 else 16
-    return LoraConfig(BT=16, BH_FWD=min(128, cap), BH=min(bh_rows, cap),
+    return LoraConfig(BT=16, BT_FWD=FWD_TOKENS, BH_FWD=min(FWD_PAIRS, cap), BH=min(bh_rows, cap),
                       BH_PARAMS=min(bh_params, cap), BR=16, RP=RP, RGP=RGP, WARPS_FWD=8,
                       WARPS_ROWS=8, WARPS_PARAMS=8)
 
@@ -72,10 +80,10 @@ def plan_stream_forward(s, g, d, ids, lora_B, rot_up, angle_bias, out_dtype):
         nch = 2 if h > cfg.BH_FWD else 1  # two chunks per program: s, d read half as often
         fmeta = {k: v for k, v in meta.items() if k != "RGP"}
         launches.append(Launch(lora_fwd_kernel, (
-            triton.cdiv(h, nch * cfg.BH_FWD), triton.cdiv(T, cfg.BT)), (
+            triton.cdiv(h, nch * cfg.BH_FWD), triton.cdiv(T, cfg.BT_FWD)), (
             s, g, d, ids_t, lora_B, rot_up, beta_t, y, T, K, h, r, rg, E,
             *g.stride(), *s_ids, *lora_B.stride(), *rot_up.stride(), *s_beta, *y.stride()),
-            dict(fmeta, BT=cfg.BT, BH=cfg.BH_FWD, NCH=nch, HAS_IDS=ids is not None,
+            dict(fmeta, BT=cfg.BT_FWD, BH=cfg.BH_FWD, NCH=nch, HAS_IDS=ids is not None,
                  num_warps=cfg.WARPS_FWD)))
     return y, launches
 
@@ -183,11 +191,6 @@ RELATION_MAX_F = 64  # largest E * r (padded) of the relation kernel's expert co
 # spilled 8-32 bytes (fp32, sm_80/sm_90) at several (K, r) (compile report, --family lora)
 RELATION_ROWS = 32   # R = BT * KP rows per program; so K <= 32 (R x R tiles, as radar_gate's)
 RELATION_ROWS_BWD = 16  # ... in the backward kernel, which holds more tiles
-# fewest tokens per program of the relation backward: each program writes an [F, F + RGP]
-# fp32 partial that the host sums (20 KiB at F = 64, K = 8, r = rg = 8, where 256 tokens'
-# s and dd are 128 KiB); a program per 2 tokens (4 per SM on a GPU) moved more in partials
-# than the kernel's own reads
-RELATION_GROUP_TOKENS = 256
 
 
 def relation_columns(K, E, r, has_ids):
@@ -285,9 +288,10 @@ def plan_relation_backward(s, ids, P, Q, dd, ds, tau, eps):
     KP, F, RGP = _pow2(K), relation_columns(K, E, r, ids is not None), max(16, _pow2(rg))
     BT = max(1, RELATION_ROWS_BWD // KP)
     n_blocks = triton.cdiv(T, BT)
-    G = max(1, min(param_groups(n_blocks, 1, s.device), T // RELATION_GROUP_TOKENS)) \
-        if T > 0 else 0
-    new = torch.empty if G else torch.zeros  # each program stores its whole partial
+    # token groups: as many as fill the GPU (the kernel is compute-bound: R x R and F x F tiles
+    # per 16 rows); each stores a whole [F, F + RGP] fp32 partial, summed on the host
+    G = param_groups(n_blocks, 1, s.device) if T > 0 else 0
+    new = torch.empty if G else torch.zeros
     PP = new((max(G, 1), F, F), dtype=s.dtype, device=s.device)
     PQ = new((max(G, 1), F, RGP), dtype=s.dtype, device=s.device)
     PBAD = new((max(G, 1), F), dtype=torch.int32, device=s.device)
