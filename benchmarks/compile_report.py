@@ -305,11 +305,11 @@ def _lora_config(job, launch, lc):
     if job["kernel"] == "lora_bwd_params_packed_kernel":
         return (f"KP={m['KP']} BT={m['BT']} F={m['F']} EB={m['EB']} BH={m['BH']} "
                 f"RGP={m['RGP']}" + (" ids" if m["HAS_IDS"] else "")
-                + (" bias" if m["HAS_BETA"] else ""))
+                + (" per-slot" if m.get("PER_SLOT") else "") + (" bias" if m["HAS_BETA"] else ""))
     if job["kernel"].startswith("lora_down_"):
         return (f"BM={m['BM']} BN={m['BN']} BK={m['BK']} RP={m['RP']} E={job['E']}"
                 + (" +dx" if m.get("WITH_DX") else "") + (" top-k" if m.get("HAS_IDS") else ""))
-    return (f"BT={lc.BT} BH={m['BH']}" + (f" NCH={m['NCH']}" if "NCH" in m else "")
+    return (f"BT={m.get('BT', lc.BT)} BH={m['BH']}" + (f" NCH={m['NCH']}" if "NCH" in m else "")
             + f" RP={lc.RP} RGP={lc.RGP} rg={job['rg']}"
             + (" ids+bias" if job["E"] is not None else ""))
 

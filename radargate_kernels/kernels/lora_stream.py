@@ -17,10 +17,11 @@ part, computed from s alone) as ``alpha = d U + beta[e]`` with ``U = rot_up [rg,
   ``dbeta[e, chunk]`` (no atomics) and writes one partial of ``drot_up`` per expert, summed on
   the host in fixed order. Used where the packed kernel below is not.
 - ``lora_bwd_params_packed_kernel`` (grid: col chunks x (token groups x expert groups)): the
-  same gradients in the packed [R, F] layout, all slots of a token per step (dy read once per
-  token and group of 16 expert columns), with the gradients through P and Q
-  (lora_relation.factor_grads) added, so no relation-part dB is written and read back. Used
-  where the packed row kernel runs and r <= 32.
+  same gradients in the packed [R, F] layout, all slots of a token per step, with the gradients
+  through P and Q (lora_relation.factor_grads) added, so no relation-part dB is written and
+  read back. Dense (slot k is expert k): dB reduced slot by slot, all experts in one program,
+  dy read once per token; with ids: groups of 16 expert columns, dy read once per token and
+  group. Used where the packed row kernel runs and r <= 32.
 """
 import triton
 import triton.language as tl
@@ -390,7 +391,8 @@ def lora_bwd_params_packed_kernel(
     ...; expert group q owns the FG columns q FG .. (q + 1) FG - 1 of the F, i.e. FG / RP
     experts). All slots of a token are one step, so dy is read once per token, chunk and
     expert group (the expert-sorted kernel reads it once per slot). Per step:
-    dB_cat[own] += S_x^T dv (rows of slot (t, k) sit in its expert's columns), drot_up +=
+    dB_cat[own] += S_x^T dv (rows of slot (t, k) sit in its expert's columns; PER_SLOT, i.e.
+    dense with K padded x r padded = F: dB_k += s_k^T dv_k by slot_outer, FG = F), drot_up +=
     d^T dalpha, dbeta += onehot(e)^T dalpha. Token group 0 also adds the relation part
     (lora_relation.factor_grads: the gradients through P and Q), so no kernel of its own
     re-reads lora_B for it. No atomics: each program owns its partials' chunk (dB, dbeta: its
