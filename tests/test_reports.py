@@ -108,9 +108,9 @@ def test_gpu_check_lane_runs_its_checks_in_the_interpreter(tmp_path):
 
 @pytest.mark.parametrize("ids", [False, True])
 def test_fused_layer_kernels_load_b_once_per_slot_and_dy_once_per_token(ids):
-    # benchmarks/lora_cost.py's counter on a small shape (one column program, one token block):
-    # without ids every row of slot k has expert k, so the forward loads one [r, out] tile of
-    # B_k per slot; with ids each (token, slot) row gathers its B_e. The packed backward row
+    # benchmarks/lora_cost.py's counter on a small shape (one column program, two token
+    # blocks): without ids every row of slot k has expert k, so the forward loads one [r, out]
+    # tile of B_k per slot and program; with ids each (token, slot) row gathers its B_e. The packed backward row
     # kernel (all slots of a token in one program) loads B_cat [E r, out] once per program and
     # reads dy once per token, not once per slot
     from benchmarks import lora_cost
@@ -120,7 +120,9 @@ def test_fused_layer_kernels_load_b_once_per_slot_and_dy_once_per_token(ids):
     res = lora_cost.measure(T=T, K=K, E=E, d=d, r=r, rg=4, dtype=torch.bfloat16, ids=ids)
     fwd, bwd = res["fused_forward"]["by_arg"], res["fused_backward"]["by_arg"]
     one_tile = K * r * d * 2  # r x out bf16 per slot
-    want = T * one_tile if ids else one_tile
+    blocks = -(-T // LL.pick_lora_config(r, 4, d // 2).BT_FWD)  # token blocks of the forward
+    assert blocks > 1 and LL.pick_lora_config(r, 4, d // 2).BH_FWD >= d // 2  # one column block
+    want = T * one_tile if ids else blocks * one_tile  # once per slot and program
     assert fwd["lora_fwd_kernel.LB"] == [want, 0]
     assert LL.rows_packed_fits(K, E, r, ids)
     programs = -(-T // max(1, LL.PACKED_ROWS // 4))  # K = 3 padded to 4 rows per token
