@@ -482,7 +482,7 @@ def _setup_context(ctx, inputs, output):
 def _backward_fn(ctx, dy, *_):
     no_double_backward("radar_gate_lora")
     if dy is None:  # y's gradient undefined (gradients are not materialized): none flows back
-        return (None,) * 13
+        return (None,) * len(ctx.needs_input_grad)
     x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, s, d, P, Q = ctx.saved_tensors
     need = ctx.needs_input_grad
     grads = torch.ops.radargate.lora_bwd(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids,
