@@ -94,8 +94,8 @@ def shape_classes(quick: bool):
 
 def _config_key(kernel, cfg, has_beta):
     # the fields each kernel's compilation depends on (others do not reach it)
-    if kernel == "radargate_bwd_params_kernel":
-        return (cfg.KP, cfg.BT, cfg.RP, cfg.BH_PARAMS, cfg.EP if has_beta else 0, cfg.WARPS_PARAMS)
+    if kernel == "radargate_bwd_columns_kernel":
+        return (cfg.KP, cfg.BT_COLS, cfg.RP, cfg.BH_COLS, cfg.EP if has_beta else 0, cfg.WARPS_COLS)
     if kernel == "radargate_bwd_rows_kernel":
         return (cfg.KP, cfg.BT, cfg.RP, cfg.BH_BWD, cfg.WARPS_BWD)
     return (cfg.KP, cfg.BT_FORWARD, cfg.RP, cfg.BH_FWD, cfg.WARPS_FWD, cfg.ONE_PASS)
@@ -105,7 +105,7 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
     """Distinct (arch, dtype, kernel, config) jobs, each with its representative shape."""
     from radargate_kernels.kernels.launch import pick_config
     from radargate_kernels.kernels.lora_launch import pick_lora_config
-    kernels = ("radargate_fwd_kernel", "radargate_bwd_rows_kernel", "radargate_bwd_params_kernel")
+    kernels = ("radargate_fwd_kernel", "radargate_bwd_rows_kernel", "radargate_bwd_columns_kernel")
     jobs, seen = [], set()
     for arch in archs:
         for dtype in dtypes:
@@ -126,7 +126,7 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
                                  large=True))
             # the parameter kernel computing only some of dA, dB, dbeta (frozen gate parts)
             for need in PARTIAL_NEEDS:
-                jobs.append(dict(arch=arch, dtype=dtype, kernel="radargate_bwd_params_kernel",
+                jobs.append(dict(arch=arch, dtype=dtype, kernel="radargate_bwd_columns_kernel",
                                  K=8, D=4096, r=8, E=16, need=need))
             for (r, rg, out, flags) in (LORA_QUICK if quick else LORA_FULL):
                 cfg = pick_lora_config(r, rg, out // 2)

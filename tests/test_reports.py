@@ -18,7 +18,7 @@ def test_compile_report_quick_compiles_every_kernel_for_sm80_and_sm90_without_sp
     out = res.stdout
     assert res.returncode == 0, out[-3000:] + res.stderr[-3000:]
     rows = [l for l in out.splitlines() if l.strip().startswith(("80 ", "90 "))]
-    kernels = {"radargate_fwd_kernel", "radargate_bwd_rows_kernel", "radargate_bwd_params_kernel",
+    kernels = {"radargate_fwd_kernel", "radargate_bwd_rows_kernel", "radargate_bwd_columns_kernel",
                "lora_fwd_kernel", "lora_bwd_rows_kernel", "lora_bwd_params_kernel",
                "lora_down_fwd_kernel", "lora_down_dx_kernel", "lora_down_da_kernel",
                "lora_factors_kernel", "lora_factors_bwd_kernel", "lora_bwd_rows_packed_kernel",
@@ -46,7 +46,7 @@ def test_fused_forward_reads_expert_out_once_when_rows_fit_and_writes_y_once(cou
     assert by_arg["radargate_fwd_kernel.Y"] == [0, 32 * 256 * 2]
     assert counted["fused"]["forward"]["launches"] == {"radargate_fwd_kernel": 1}
     assert counted["fused"]["backward"]["launches"] == {"radargate_bwd_rows_kernel": 1,
-                                                        "radargate_bwd_params_kernel": 1}
+                                                        "radargate_bwd_columns_kernel": 1}
 
 
 def test_two_pass_forward_reads_expert_out_exactly_twice():

@@ -101,15 +101,15 @@ def test_importing_the_package_and_report_tools_sets_no_environment():
     assert out.stdout.strip() == "None"
 
 
-def test_parameter_kernel_is_skipped_when_the_gate_needs_no_gradient(monkeypatch):
+def test_parameter_gradients_are_skipped_when_the_gate_needs_no_gradient(monkeypatch):
+    # the column kernel always writes dV; with the gate frozen it computes no parameter partial
     import radargate_kernels.kernels.launch as L
     planned = []
     orig = L.plan_backward
 
     def spy(*args):
         out = orig(*args)
-        planned.append([ln.kernel.__name__ if hasattr(ln.kernel, "__name__") else
-                        ln.kernel.fn.__name__ for ln in out[1]])
+        planned.append(out)
         return out
     monkeypatch.setattr(L, "plan_backward", spy)
     p = make_problem(6, 3, 10, 2, bias=True, ids=True, seed=4)
@@ -119,7 +119,12 @@ def test_parameter_kernel_is_skipped_when_the_gate_needs_no_gradient(monkeypatch
     g = p["weights"].clone().requires_grad_(True)
     y = radar_gate(**dict(p, expert_out=V, weights=g), backend="triton")  # gate frozen
     dV, dg = torch.autograd.grad(y, (V, g), dy)
-    assert len(planned[0]) == 2 and len(planned[1]) == 1  # rows kernel only
+    flags = [{k: ln.meta[k] for k in ("NEED_A", "NEED_B", "NEED_BETA")}
+             for _, launches in planned for ln in launches if "NEED_A" in ln.meta]
+    assert flags == [dict(NEED_A=True, NEED_B=True, NEED_BETA=True),
+                     dict(NEED_A=False, NEED_B=False, NEED_BETA=False)]
+    (_, _, pA, pB, pbeta), _ = planned[1]
+    assert pA.numel() == pB.numel() == pbeta.numel() == 0  # no partial buffers either
     assert torch.equal(dV, g_all["expert_out"]) and torch.equal(dg, g_all["weights"])
 
 

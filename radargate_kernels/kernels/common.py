@@ -57,13 +57,15 @@ def load_token_halves(ptr, blk, T, cols, h, s_t, s_d, cmask, KP: tl.constexpr,
 def load_tokens_where(ptr, tb, on, cols, h, s_t, s_d, cmask, KP: tl.constexpr,
                       BT: tl.constexpr, BH: tl.constexpr, ACC: tl.constexpr):
     """load_token_halves for the tokens tb [BT] where ``on`` (others read nothing, give 0)."""
-    off1, off2 = pair_offsets(tb.to(tl.int64) * s_t, cols, h, s_d)
-    m = on[:, None] & cmask[None, :]
-    x1 = tl.load(ptr + off1, mask=m, other=0.0).to(ACC)
-    x2 = tl.load(ptr + off2, mask=m, other=0.0).to(ACC)
-    x1 = tl.reshape(tl.broadcast_to(x1[:, None, :], (BT, KP, BH)), (BT * KP, BH))
-    x2 = tl.reshape(tl.broadcast_to(x2[:, None, :], (BT, KP, BH)), (BT * KP, BH))
-    return x1, x2
+    x1, x2 = load_halves(ptr, tb.to(tl.int64) * s_t, cols, h, s_d, on[:, None] & cmask[None, :],
+                         ACC)
+    return to_rows(x1, KP, BT, BH), to_rows(x2, KP, BT, BH)
+
+
+@triton.jit
+def to_rows(x, KP: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr):
+    """Broadcast a per-token tile [BT, BH] to the program's R = BT * KP rows -> [R, BH]."""
+    return tl.reshape(tl.broadcast_to(x[:, None, :], (BT, KP, BH)), (BT * KP, BH))
 
 
 @triton.jit
@@ -97,10 +99,13 @@ def load_param_chunk(ptr, rows, cols, nrows, ncols, s_r, s_c, ACC: tl.constexpr)
 
 @triton.jit
 def angles(d, Bc, beta_ptr, eid, valid, cols, cmask, stride_beta_e, stride_beta_h,
-           HAS_BETA: tl.constexpr,
-           ACC: tl.constexpr):
-    """SPEC step 4 for one chunk: alpha = d B (+ beta[ids]) -> [R, BH]."""
-    alpha = tl.dot(d, Bc, input_precision="ieee", out_dtype=ACC)
+           HAS_BETA: tl.constexpr, ACC: tl.constexpr, TC: tl.constexpr = False):
+    """SPEC step 4 for one chunk: alpha = d B (+ beta[ids]) -> [R, BH]. TC: d B on tensor cores
+    (dot_tf32x2: B's values must be exact in tf32)."""
+    if TC:
+        alpha = dot_tf32x2(d, Bc, ACC)
+    else:
+        alpha = tl.dot(d, Bc, input_precision="ieee", out_dtype=ACC)
     if HAS_BETA:
         m = (valid & (eid >= 0))[:, None] & cmask[None, :]
         off = eid.to(tl.int64)[:, None] * stride_beta_e + cols[None, :].to(tl.int64) * stride_beta_h
@@ -110,14 +115,38 @@ def angles(d, Bc, beta_ptr, eid, valid, cols, cmask, stride_beta_e, stride_beta_
 
 @triton.jit
 def load_chunk_angles(V, voff, cols, h, stride_v_d, d, Bc, beta_ptr, eid, valid, cmask,
-                      stride_beta_e, stride_beta_h, HAS_BETA: tl.constexpr, ACC: tl.constexpr):
+                      stride_beta_e, stride_beta_h, HAS_BETA: tl.constexpr, ACC: tl.constexpr,
+                      TC: tl.constexpr = False):
     """The per-chunk sequence of every pass that rotates: load v's column pairs (cols, cols + h)
     of the rows at ``voff``, angles alpha = d Bc (+ beta[ids]) -> (v1, v2, cos alpha, sin alpha),
     each [R, BH]."""
     v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :], ACC)
     alpha = angles(d, Bc, beta_ptr, eid, valid, cols, cmask, stride_beta_e, stride_beta_h,
-                   HAS_BETA, ACC)
+                   HAS_BETA, ACC, TC)
     return v1, v2, tl.cos(alpha), tl.sin(alpha)
+
+
+@triton.jit
+def tf32_parts(x):
+    """Split fp32 x into hi + lo, both exactly representable in tf32 (10 explicit mantissa bits,
+    lower bits cleared): hi + lo = x to 2^-20 relative."""
+    hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)  # -8192: 0xFFFFE000
+    lo = x - hi  # exact
+    lo = (lo.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    return hi, lo
+
+
+@triton.jit
+def dot_tf32x2(a, b, ACC: tl.constexpr):
+    """a @ b on tensor cores where b's values are exact in tf32 (fp16/bf16 inputs, parameters)
+    and a is a computed fp32 tile: two tf32 products of a's tf32 parts with b. Every product of
+    tf32 values is exact in fp32, so the Triton interpreter computes what the GPU does (up to
+    the order of the fp32 sums). Unlike an ieee (FMA) dot, whose threads each hold whole rows and
+    columns of the reduction, the operands go through shared memory: a reduction over 256 feature
+    pairs needs no more registers than one over 16."""
+    hi, lo = tf32_parts(a)
+    return (tl.dot(hi, b, input_precision="tf32", out_dtype=ACC)
+            + tl.dot(lo, b, input_precision="tf32", out_dtype=ACC))
 
 
 @triton.jit
@@ -126,15 +155,19 @@ def non_finite(X):
 
 
 @triton.jit
-def block_dot(M, X, same, ACC: tl.constexpr):
-    """M [R, R] (zero across tokens) @ X [R, C], as independent per-token products.
+def block_dot(M, X, same, ACC: tl.constexpr, TC: tl.constexpr = False):
+    """M [R, R] (zero across tokens) @ X [R, C], as independent per-token products (TC: on
+    tensor cores, dot_tf32x2, for X exact in tf32).
 
     A plain dot would leak a token's NaN/Inf into the other tokens of the tile through
     0 * nan. Non-finite entries of X are zeroed for the product and put back as NaN exactly where
     a dense per-token product has them: column c of every row of the token. ``same`` is the
     same-token mask of block_masks."""
     bad = non_finite(X)
-    out = tl.dot(M, tl.where(bad, 0.0, X), input_precision="ieee", out_dtype=ACC)
+    if TC:
+        out = dot_tf32x2(M, tl.where(bad, 0.0, X), ACC)
+    else:
+        out = tl.dot(M, tl.where(bad, 0.0, X), input_precision="ieee", out_dtype=ACC)
     if tl.sum(bad.to(tl.int32)) > 0:  # only tiles holding non-finite values pay for this
         cnt = tl.dot(same.to(ACC), bad.to(ACC), input_precision="ieee", out_dtype=ACC)
         out = tl.where(cnt > 0, float("nan"), out)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backward import radargate_bwd_params_kernel, radargate_bwd_rows_kernel
+from .backward import radargate_bwd_columns_kernel, radargate_bwd_rows_kernel
 from ..reference import compute_dtype
 from .forward import radargate_fwd_kernel
 
@@ -39,13 +39,14 @@ class LaunchConfig:
     EP: int            # experts padded (angle_bias gradient tile)
     BH_FWD: int        # feature pairs per chunk: forward kernel
     BH_BWD: int        #   backward row kernel
-    BH_PARAMS: int     #   parameter-gradient kernel (pairs per program)
+    BH_COLS: int       #   backward column kernel (dV and parameter gradients; pairs per program)
     WARPS_FWD: int
     WARPS_BWD: int
-    WARPS_PARAMS: int
+    WARPS_COLS: int
     num_stages: int = 1
     ONE_PASS: bool = False  # forward: whole rows in one chunk, expert_out read once
     BT_FWD: int = 0          # forward's tokens per program (0: BT)
+    BT_COLS: int = 0         # backward column kernel's tokens per step (0: BT)
 
     @property
     def BT_FORWARD(self) -> int:
@@ -88,9 +89,14 @@ def pick_config(K: int, h: int, r: int, E: int, has_beta: bool,
     # spilled in the forward, compile report)
     bh_fwd = min(cap, 64 if small_rank and itemsize <= 2 else 32)
     bh_bwd = min(cap, 32 if small_rank else 16)
-    bh_params = min(cap, 64 if small_rank and EP <= 32 else 32)
-    if RP > 32 and EP > 32:  # r > 32 with a wide angle_bias tile: 32 pairs spilled 12-76 B
-        bh_params = min(cap, 16)
+    # backward column kernel (R = 16 rows, or one token at K > 16): 64 pairs where its dV, dA,
+    # dB and dbeta tiles fit, half that per step up in rank or angle_bias width, 16 at K > 16
+    # or r > 32 (each wider choice spilled 8-2200 bytes, compile report)
+    if KP > 16 or RP > 32:
+        bh_cols = 16
+    else:
+        bh_cols = (64 if RP <= 16 else 32) // (2 if EP > 32 else 1)
+    bh_cols = min(cap, bh_cols)
     # single-pass forward: when a program's whole rows fit a [R, D/2] tile of at most
     # ONE_PASS_ELEMS elements per half, with R as small as tl.dot allows (16 rows, or K padded),
     # expert_out is loaded once (Gram, z, relation, rotation from registers); wider rows keep
@@ -101,11 +107,12 @@ def pick_config(K: int, h: int, r: int, E: int, has_beta: bool,
     one_pass = small_rank and itemsize <= 2 and one_rows * cap <= ONE_PASS_ELEMS
     return LaunchConfig(
         KP=KP, BT=BT, RP=RP, EP=EP, BH_FWD=cap if one_pass else bh_fwd, BH_BWD=bh_bwd,
-        BH_PARAMS=bh_params,
+        BH_COLS=bh_cols,
         WARPS_FWD=8,
         WARPS_BWD=8,
-        WARPS_PARAMS=8 if bh_params == 64 else 4,
+        WARPS_COLS=8,
         ONE_PASS=one_pass, BT_FWD=one_rows // KP if one_pass else BT,
+        BT_COLS=max(1, 16 // KP),
     )
 
 
@@ -118,6 +125,12 @@ def _v_prec(dtype):
     # fp16/bf16 values are exact in tf32, so the V x V and V x A products are exact on tensor
     # cores; fp32 needs full-precision ("ieee") products.
     return "tf32" if dtype in (torch.float16, torch.bfloat16) else "ieee"
+
+
+def _tensor_cores(dtype) -> bool:
+    # products of a computed fp32 tile with fp16/bf16 values (inputs and parameters, exact in
+    # tf32) on tensor cores as two tf32 products (common.dot_tf32x2); fp32/fp64 inputs: ieee
+    return dtype in (torch.float16, torch.bfloat16)
 
 
 def interpreting() -> bool:
@@ -223,8 +236,8 @@ def param_groups(n_blocks: int, n_chunks: int, device) -> int:
 def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: float,
                   need=(True, True, True)):
     """Allocate dV, dg and the partial buffers and plan the two backward launches. ``need`` =
-    which of (dA, dB, dbeta) autograd asks for: the parameter kernel computes only those, and
-    is not launched when none is needed.
+    which of (dA, dB, dbeta) autograd asks for: the column kernel computes only those (dV
+    always).
 
     -> ((dV, dg, pA, pB, pbeta), [Launch]); pA [NB, D, r], pB [NB, r, h], pbeta [NB, E, h]
     (or None) are fp32 partials of dA, dB, dbeta, one per token group.
@@ -234,11 +247,12 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
     dV = torch.empty((T, K, D), dtype=V.dtype, device=V.device)
     dg = torch.empty((T, K), dtype=g.dtype, device=V.device)
     dZ = torch.empty((T, K, r), dtype=sd, device=V.device)
+    M = torch.empty((T, K, K), dtype=sd, device=V.device)  # normalisation backward, per token
     n_blocks = triton.cdiv(T, cfg.BT)
-    n_chunks = triton.cdiv(h, cfg.BH_PARAMS)
+    n_col_blocks = triton.cdiv(T, cfg.BT_COLS or cfg.BT)
+    n_chunks = triton.cdiv(h, cfg.BH_COLS)
     need_a, need_b, need_beta = bool(need[0]), bool(need[1]), bool(need[2]) and beta is not None
-    need_params = need_a or need_b or need_beta
-    NB = param_groups(n_blocks, n_chunks, V.device) if T > 0 and need_params else 0
+    NB = param_groups(n_col_blocks, n_chunks, V.device) if T > 0 else 0
     # partials of what is not needed have no rows (their sums are zeros); the kernel gets a
     # valid pointer it never writes in their place
     pB = torch.empty((NB if need_b else 0, r, h), dtype=sd, device=V.device)
@@ -248,18 +262,18 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
     launches = []
     if T > 0:
         launches.append(Launch(radargate_bwd_rows_kernel, (n_blocks,), (
-            V, g, A, B, beta_t, ids_t, dy, n, C, rho, z, d, dV, dg, dZ,
+            V, g, B, beta_t, ids_t, dy, n, C, rho, z, d, dg, dZ, M,
             T, K, h, r, E,
-            *strides, *A.stride(), *B.stride(), *s_beta, *s_ids, *dy.stride(), *dV.stride(),
-            1.0 / tau, eps), dict(meta, BH=cfg.BH_BWD, num_warps=cfg.WARPS_BWD)))
-    if T > 0 and need_params:
-        launches.append(Launch(radargate_bwd_params_kernel, (n_chunks, NB), (
-            V, g, B, beta_t, ids_t, dy, d, dZ, pB if need_b else dZ,
+            *strides, *B.stride(), *s_beta, *s_ids, *dy.stride(),
+            1.0 / tau, eps), dict(meta, BH=cfg.BH_BWD, TC=_tensor_cores(V.dtype),
+                                  num_warps=cfg.WARPS_BWD)))
+        launches.append(Launch(radargate_bwd_columns_kernel, (n_chunks, NB), (
+            V, g, A, B, beta_t, ids_t, dy, d, dZ, M, dV, pB if need_b else dZ,
             pbeta if need_beta else dZ, pA if need_a else dZ,
-            T, K, h, r, E, n_blocks,
-            *strides, *B.stride(), *s_beta, *s_ids, *dy.stride()),
-            dict(meta, BH=cfg.BH_PARAMS, EP=cfg.EP, num_warps=cfg.WARPS_PARAMS, NEED_A=need_a,
-                 NEED_B=need_b, NEED_BETA=need_beta)))
+            T, K, h, r, E, n_col_blocks,
+            *strides, *A.stride(), *B.stride(), *s_beta, *s_ids, *dy.stride(), *dV.stride()),
+            dict(meta, BT=cfg.BT_COLS or cfg.BT, BH=cfg.BH_COLS, EP=cfg.EP,
+                 num_warps=cfg.WARPS_COLS, NEED_A=need_a, NEED_B=need_b, NEED_BETA=need_beta)))
     return (dV, dg, pA, pB, pbeta), launches
 
 
