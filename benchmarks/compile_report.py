@@ -85,7 +85,7 @@ def shape_classes(quick: bool):
     for K in FULL_K:
         for D in FULL_D:
             for r in FULL_R:
-                if K > 16 and r > 32:
+                if (K > 16 and r > 32) or (K > 16 and r > 16 and D == 2):
                     continue  # beyond kernel_limits_ok
                 for E in FULL_E:
                     out.append((K, D, r, None if E is None else max(E, K)))

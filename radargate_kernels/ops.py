@@ -120,7 +120,7 @@ def _resolve_backend(backend: str, V: torch.Tensor, K: int, r: int, E: int, has_
         raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
-    limit = _launch().kernel_limits_ok(K, r, E, has_beta)
+    limit = _launch().kernel_limits_ok(K, r, E, has_beta, V.shape[-1])
     if backend == "auto":
         return "triton" if V.device.type == "cuda" and limit is None else "torch"
     if limit is not None:

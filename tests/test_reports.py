@@ -56,15 +56,42 @@ def test_two_pass_forward_reads_expert_out_exactly_twice():
     assert res["fused"]["forward"]["by_arg"]["radargate_fwd_kernel.V"] == [2 * V, 0]
 
 
-def test_issue_11_forward_shape_reads_expert_out_once():
+@pytest.fixture(scope="module")
+def issue_11():
     # the issue's counting shape: T = 32, K = 8, D = 512, r = 8, fp16, angle bias (and ids)
-    res = cost_report.measure(T=32, K=8, D=512, r=8, dtype=torch.float16, bias=True, ids=True)
-    fwd, mn = res["fused"]["forward"], res["minimum"]["forward"]
+    return cost_report.measure(T=32, K=8, D=512, r=8, dtype=torch.float16, bias=True, ids=True)
+
+
+def test_issue_11_forward_shape_reads_expert_out_once(issue_11):
+    fwd, mn = issue_11["fused"]["forward"], issue_11["minimum"]["forward"]
     assert fwd["by_arg"]["radargate_fwd_kernel.V"] == [32 * 8 * 512 * 2, 0]
     # measured 2.09x requested / 1.12x on the DRAM model (2026-11-28); the issue's 1.3x on
-    # requested bytes is not met: angle_bias rows are gathered per slot and A, B read per program
+    # requested bytes is not met: A, B and angle_bias are read per program of 16 rows
     assert fwd["dram_model_bytes"] <= 1.2 * mn
     assert fwd["bytes"] <= 2.2 * mn
+
+
+def test_issue_11_backward_reads_expert_out_and_dy_twice_and_angle_bias_per_tile(issue_11):
+    from radargate_kernels.kernels.launch import param_groups, pick_config
+    T, K, D, r, E = 32, 8, 512, 8, 16
+    h = D // 2
+    bwd, mn = issue_11["fused"]["backward"], issue_11["minimum"]["backward"]
+    by_arg = bwd["by_arg"]
+    for kern in ("radargate_bwd_rows_kernel", "radargate_bwd_columns_kernel"):
+        assert by_arg[f"{kern}.V"] == [T * K * D * 2, 0], kern  # once per kernel
+        assert by_arg[f"{kern}.DY"] == [T * D * 2, 0], kern    # once per token, not per slot
+    assert by_arg["radargate_bwd_columns_kernel.DV"] == [0, T * K * D * 2]
+    cfg = pick_config(K, h, r, E, True, 2)
+    # angle_bias: the row kernel reads all E rows of a chunk once per token block (E = 16 <
+    # 32 rows), the column kernel once per program (hoisted out of its token loop)
+    n_blocks = -(-T // cfg.BT)
+    assert by_arg["radargate_bwd_rows_kernel.BETA"] == [n_blocks * E * h * 2, 0]
+    n_chunks = -(-h // cfg.BH_COLS)
+    groups = param_groups(-(-T // cfg.BT_COLS), n_chunks, torch.device("cpu"))
+    assert by_arg["radargate_bwd_columns_kernel.BETA"] == [groups * E * h * 2, 0]
+    # measured 2.14x requested (was 3.25x with expert_out read three times), 2.00x DRAM model
+    assert bwd["bytes"] <= 2.2 * mn
+    assert bwd["dram_model_bytes"] <= 2.05 * mn
 
 
 def test_byte_targets_of_issue_3(counted):

@@ -14,8 +14,8 @@ token group; the host sums the partials (deterministic, no atomics).
 import triton
 import triton.language as tl
 
-from .common import (block_dot, block_masks, dot_tf32x2, expert_of_row, kk_offsets,
-                     load_chunk_angles, load_param_chunk, load_rows, load_token_halves,
+from .common import (angles, bias_of_rows, block_dot, block_masks, dot_tf32x2, expert_of_row,
+                     kk_offsets, load_halves, load_param_chunk, load_rows, load_token_halves,
                      pair_offsets, rotate, row_ids, store_rows)
 
 
@@ -36,12 +36,15 @@ def radargate_bwd_rows_kernel(
     stride_b_r, stride_b_h, stride_beta_e, stride_beta_h, stride_ids_t, stride_ids_k,
     stride_dy_t, stride_dy_d,
     tau_inv, eps,
-    KP: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BH: tl.constexpr,
+    KP: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BH: tl.constexpr, EP: tl.constexpr,
     HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr, TC: tl.constexpr,
+    BETA_TILE: tl.constexpr,
 ):
     # TC: products with B on tensor cores (dot_tf32x2; fp16/bf16 inputs, whose values are exact
-    # in tf32), else ieee
+    # in tf32), else ieee. BETA_TILE: angle_bias read as a chunk of all E experts (fewer than
+    # the block's rows) and selected per row in registers, instead of one row per row
     blk = tl.program_id(0)
+    er = tl.arange(0, EP)
     tok, slot, valid = row_ids(blk, T, K, KP, BT)
     voff = tok * stride_v_t + slot.to(tl.int64) * stride_v_k
     rr = tl.arange(0, RP)
@@ -62,9 +65,14 @@ def radargate_bwd_rows_kernel(
         dy1, dy2 = load_token_halves(DY, blk, T, cols, h, stride_dy_t, stride_dy_d, cmask, KP, BT,
                                      BH, ACC)
         Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, ACC)
-        v1, v2, cos_a, sin_a = load_chunk_angles(V, voff, cols, h, stride_v_d, d, Bc, BETA, eid,
-                                                 valid, cmask, stride_beta_e, stride_beta_h,
-                                                 HAS_BETA, ACC, TC)
+        v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :], ACC)
+        alpha = angles(d, Bc, BETA, eid, valid, cols, cmask, stride_beta_e, stride_beta_h,
+                       HAS_BETA and not BETA_TILE, ACC, TC)
+        if HAS_BETA and BETA_TILE:
+            alpha += bias_of_rows(load_param_chunk(BETA, er, cols, E, h, stride_beta_e,
+                                                   stride_beta_h, ACC), eid, valid)
+        cos_a = tl.cos(alpha)
+        sin_a = tl.sin(alpha)
         u1, u2, dalpha = _dalpha(dy1, dy2, v1, v2, cos_a, sin_a, g)
         dg += tl.sum(dy1 * u1 + dy2 * u2, axis=1)
         if TC:
@@ -120,6 +128,8 @@ def radargate_bwd_columns_kernel(
     Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, ACC)
     a1 = load_param_chunk(A, cols, rr, h, r, stride_a_d, stride_a_r, ACC)
     a2 = load_param_chunk(A + h * stride_a_d, cols, rr, h, r, stride_a_d, stride_a_r, ACC)
+    if HAS_BETA:
+        beta_c = load_param_chunk(BETA, er, cols, E, h, stride_beta_e, stride_beta_h, ACC)
     acc_b = tl.zeros((RP, BH), dtype=ACC)
     acc_beta = tl.zeros((EP, BH), dtype=ACC)
     acc_a1 = tl.zeros((BH, RP), dtype=ACC)
@@ -137,9 +147,12 @@ def radargate_bwd_columns_kernel(
         dZ = load_rows(DZ, flat, valid, r, RP, ACC)
         Mt = tl.load(M + kk_offsets(tok, slot, K), mask=same, other=0.0).to(ACC)
         eid = expert_of_row(IDS, tok, slot, valid, stride_ids_t, stride_ids_k, E, HAS_IDS)
-        v1, v2, cos_a, sin_a = load_chunk_angles(V, voff, cols, h, stride_v_d, d, Bc, BETA, eid,
-                                                 valid, cmask, stride_beta_e, stride_beta_h,
-                                                 HAS_BETA, ACC)
+        v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :], ACC)
+        alpha = tl.dot(d, Bc, input_precision="ieee", out_dtype=ACC)
+        if HAS_BETA:
+            alpha += bias_of_rows(beta_c, eid, valid)
+        cos_a = tl.cos(alpha)
+        sin_a = tl.sin(alpha)
         # dV = g R(-alpha) dy + M v + dZ A^T
         dv1, dv2 = rotate(dy1, dy2, cos_a, -sin_a)
         dv1 = g[:, None] * dv1 + block_dot(Mt, v1, same, ACC) \

@@ -114,15 +114,24 @@ def angles(d, Bc, beta_ptr, eid, valid, cols, cmask, stride_beta_e, stride_beta_
 
 
 @triton.jit
+def bias_of_rows(tile, eid, valid):
+    """Each row's row of an angle_bias chunk held as a tile [EP, BH] (all experts, rows >= E
+    zero) -> [R, BH]; 0 for rows without an expert (eid -1). Loading the E rows once and
+    selecting in registers reads angle_bias once per tile instead of once per row."""
+    ok = valid & (eid >= 0)
+    idx = tl.broadcast_to(tl.where(ok, eid, 0)[:, None], (eid.shape[0], tile.shape[1]))
+    return tl.where(ok[:, None], tl.gather(tile, idx, 0), 0.0)
+
+
+@triton.jit
 def load_chunk_angles(V, voff, cols, h, stride_v_d, d, Bc, beta_ptr, eid, valid, cmask,
-                      stride_beta_e, stride_beta_h, HAS_BETA: tl.constexpr, ACC: tl.constexpr,
-                      TC: tl.constexpr = False):
+                      stride_beta_e, stride_beta_h, HAS_BETA: tl.constexpr, ACC: tl.constexpr):
     """The per-chunk sequence of every pass that rotates: load v's column pairs (cols, cols + h)
     of the rows at ``voff``, angles alpha = d Bc (+ beta[ids]) -> (v1, v2, cos alpha, sin alpha),
     each [R, BH]."""
     v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :], ACC)
     alpha = angles(d, Bc, beta_ptr, eid, valid, cols, cmask, stride_beta_e, stride_beta_h,
-                   HAS_BETA, ACC, TC)
+                   HAS_BETA, ACC)
     return v1, v2, tl.cos(alpha), tl.sin(alpha)
 
 

@@ -61,7 +61,7 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def kernel_limits_ok(K: int, r: int, E: int, has_beta: bool) -> str | None:
+def kernel_limits_ok(K: int, r: int, E: int, has_beta: bool, D: int | None = None) -> str | None:
     """None if the fused kernels handle this shape, else the reason they do not."""
     if K > MAX_K:
         return f"K = {K} experts per token exceeds the fused kernels' limit of {MAX_K}"
@@ -70,6 +70,11 @@ def kernel_limits_ok(K: int, r: int, E: int, has_beta: bool) -> str | None:
     if K > 16 and r > MAX_RANK_WIDE_K:
         return (f"rank r = {r} with K = {K} experts per token exceeds the fused kernels' limit "
                 f"of r <= {MAX_RANK_WIDE_K} for K > 16 (r <= {MAX_RANK} for K <= 16)")
+    if D == 2 and K > 16 and r > 16:
+        # one Givens pair: Triton specialises D/2 == 1 as a constant, and the backward column
+        # kernel's code for K > 16, r > 16 then spilled 12-24 bytes (sm_90; compile report)
+        return (f"rank r = {r} with K = {K} experts per token and D = 2 exceeds the fused "
+                f"kernels' limit of r <= 16 for K > 16 at D = 2")
     if has_beta and E > MAX_E:
         return f"E = {E} experts in angle_bias exceeds the fused kernels' limit of {MAX_E}"
     return None
@@ -265,8 +270,8 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
             V, g, B, beta_t, ids_t, dy, n, C, rho, z, d, dg, dZ, M,
             T, K, h, r, E,
             *strides, *B.stride(), *s_beta, *s_ids, *dy.stride(),
-            1.0 / tau, eps), dict(meta, BH=cfg.BH_BWD, TC=_tensor_cores(V.dtype),
-                                  num_warps=cfg.WARPS_BWD)))
+            1.0 / tau, eps), dict(meta, BH=cfg.BH_BWD, EP=cfg.EP, TC=_tensor_cores(V.dtype),
+                                  BETA_TILE=E <= cfg.R, num_warps=cfg.WARPS_BWD)))
         launches.append(Launch(radargate_bwd_columns_kernel, (n_chunks, NB), (
             V, g, A, B, beta_t, ids_t, dy, d, dZ, M, dV, pB if need_b else dZ,
             pbeta if need_beta else dZ, pA if need_a else dZ,
