@@ -85,7 +85,7 @@ def shape_classes(quick: bool):
     for K in FULL_K:
         for D in FULL_D:
             for r in FULL_R:
-                if (K > 16 and r > 32) or (K > 16 and r > 16 and D == 2):
+                if K > 16 and r > 32:
                     continue  # beyond kernel_limits_ok
                 for E in FULL_E:
                     out.append((K, D, r, None if E is None else max(E, K)))
@@ -115,12 +115,19 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
                                   2 if dtype != "float32" else 4)
                 for kern in kernels:
                     # r == 1 is a different specialisation (Triton makes integer arguments equal
-                    # to 1 constants): an r = 1 compile does not stand for r = 8 at the same config
-                    key = (arch, dtype, kern, has_beta, r == 1, _config_key(kern, cfg, has_beta))
+                    # to 1 constants): an r = 1 compile does not stand for r = 8 at the same
+                    # config; nor does D = 2 (D/2 == 1) for other D
+                    key = (arch, dtype, kern, has_beta, r == 1, D == 2,
+                           _config_key(kern, cfg, has_beta))
                     if key in seen:
                         continue
                     seen.add(key)
-                    jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=K, D=D, r=r, E=E))
+                    # the column kernel as two launches (dV, then parameter gradients): both
+                    parts = (0, 1) if kern == "radargate_bwd_columns_kernel" and cfg.SPLIT_COLS \
+                        else (0,)
+                    for part in parts:
+                        jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=K, D=D, r=r, E=E,
+                                         part=part))
             for kern in kernels:
                 jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=8, D=4096, r=8, E=16,
                                  large=True))
@@ -350,7 +357,8 @@ def compile_job(job):
             (y, n, C, rho, z, d), _ = L.plan_forward(V, g, A, B, beta, ids, 1.0, 1e-6)
             _, launches = L.plan_backward(y, V, g, A, B, beta, ids, n, C, rho, z, d, 1.0, 1e-6,
                                           job.get("need", (True, True, True)))
-            launch = launches[0 if job["kernel"] == "radargate_bwd_rows_kernel" else 1]
+            launch = [ln for ln in launches
+                      if ln.kernel.fn.__name__ == job["kernel"]][job.get("part", 0)]
         assert launch.kernel.fn.__name__ == job["kernel"]
         args = list(launch.args)
         if job.get("large"):
@@ -367,6 +375,10 @@ def compile_job(job):
                           f"BH={launch.meta['BH']}" + (f" EP={cfg.EP}" if "EP" in launch.meta
                                                        and E is not None else "")
                           + (" 1-pass" if launch.meta.get("ONE_PASS") else "")
+                          + ((" dV-only" if not any(launch.meta[k] for k in
+                                                    ("NEED_A", "NEED_B", "NEED_BETA"))
+                              else " params-only") if launch.meta.get("NEED_DV") is not None
+                             and cfg.SPLIT_COLS else "")
                           + (" need=" + "".join("AB" [i] if i < 2 else "b" for i, f in
                                                 enumerate(job["need"]) if f)
                              if job.get("need") else "")

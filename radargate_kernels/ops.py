@@ -51,8 +51,8 @@ def _bwd_op(dy: torch.Tensor, V: torch.Tensor, g: torch.Tensor, A: torch.Tensor,
             eps: float, need_dA: bool, need_dB: bool, need_dbeta: bool) -> tuple[
                 torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward -> (dV, dg, dA, dB, dbeta); dbeta is empty when beta is None; a parameter
-    gradient whose need_* flag is off is zeros and not computed (no parameter kernel at all
-    when none is needed)."""
+    gradient whose need_* flag is off is zeros and not computed (no partial buffer, no
+    reduction; the column kernel then writes dV only)."""
     return _launch().backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau, eps,
                               (need_dA, need_dB, need_dbeta))
 
@@ -120,7 +120,7 @@ def _resolve_backend(backend: str, V: torch.Tensor, K: int, r: int, E: int, has_
         raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
-    limit = _launch().kernel_limits_ok(K, r, E, has_beta, V.shape[-1])
+    limit = _launch().kernel_limits_ok(K, r, E, has_beta)
     if backend == "auto":
         return "triton" if V.device.type == "cuda" and limit is None else "torch"
     if limit is not None:

@@ -41,6 +41,9 @@ EXTRA_CASES = [
     (2, 13, 600, 3, True, False),   # K = 13 at D/2 = 300: two-pass (16 x 512 > 4096)
     (3, 4, 34, 64, True, True),     # r = 64 (RP = 64, allowed at K <= 16)
     (2, 16, 6, 33, False, False),   # r = 33 at K = 16: the widest K with RP = 64
+    (3, 32, 66, 4, True, False),    # K = 32: one 32-row token per program
+    (2, 17, 6, 17, True, True),     # K > 16 with r > 16: dV and parameter gradients as two
+    (1, 19, 2, 20, False, True),    #   launches (SPLIT_COLS), also at D = 2 (D/2 == 1)
 ]
 CASES = _grid() + EXTRA_CASES
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)

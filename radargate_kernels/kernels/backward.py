@@ -111,12 +111,15 @@ def radargate_bwd_columns_kernel(
     stride_b_r, stride_b_h, stride_beta_e, stride_beta_h, stride_ids_t, stride_ids_k,
     stride_dy_t, stride_dy_d, stride_dv_t, stride_dv_k, stride_dv_d,
     KP: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BH: tl.constexpr, EP: tl.constexpr,
-    HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr,
-    NEED_A: tl.constexpr, NEED_B: tl.constexpr, NEED_BETA: tl.constexpr,
+    HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr, BETA_TILE: tl.constexpr,
+    NEED_DV: tl.constexpr, NEED_A: tl.constexpr, NEED_B: tl.constexpr, NEED_BETA: tl.constexpr,
 ):
-    # NEED_*: which of dA, dB, dbeta autograd asked for; the others are neither computed nor
-    # stored (dV always is). All products ieee: the tensor-core split (dot_tf32x2) doubles the
-    # operand tiles, and with the dV and parameter tiles live it spilled (compile report)
+    # NEED_*: what this launch computes: dV, and which of dA, dB, dbeta autograd asked for; the
+    # others are neither computed nor stored. dV and the parameter gradients come from one
+    # launch except where launch.pick_config splits them (SPLIT_COLS). All products ieee: the tensor-core split (dot_tf32x2) doubles the
+    # operand tiles, and with the dV and parameter tiles live it spilled (compile report).
+    # BETA_TILE: angle_bias's chunk for all experts loaded once per program and selected per
+    # row (E <= 32; a wider tile held across the loop spilled), else one row per (token, slot)
     cid = tl.program_id(0)
     grp = tl.program_id(1)
     n_groups = tl.num_programs(1)
@@ -126,9 +129,10 @@ def radargate_bwd_columns_kernel(
     er = tl.arange(0, EP)
     # the chunk's parameters, loaded once per program
     Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, ACC)
-    a1 = load_param_chunk(A, cols, rr, h, r, stride_a_d, stride_a_r, ACC)
-    a2 = load_param_chunk(A + h * stride_a_d, cols, rr, h, r, stride_a_d, stride_a_r, ACC)
-    if HAS_BETA:
+    if NEED_DV:
+        a1 = load_param_chunk(A, cols, rr, h, r, stride_a_d, stride_a_r, ACC)
+        a2 = load_param_chunk(A + h * stride_a_d, cols, rr, h, r, stride_a_d, stride_a_r, ACC)
+    if HAS_BETA and BETA_TILE:
         beta_c = load_param_chunk(BETA, er, cols, E, h, stride_beta_e, stride_beta_h, ACC)
     acc_b = tl.zeros((RP, BH), dtype=ACC)
     acc_beta = tl.zeros((EP, BH), dtype=ACC)
@@ -136,34 +140,38 @@ def radargate_bwd_columns_kernel(
     acc_a2 = tl.zeros((BH, RP), dtype=ACC)
     for blk in range(grp, n_blocks, n_groups):
         tok, slot, valid = row_ids(blk, T, K, KP, BT)
-        same, off = block_masks(K, KP, BT, valid)
         voff = tok * stride_v_t + slot.to(tl.int64) * stride_v_k
         flat = tok * K + slot
-        dy1, dy2 = load_token_halves(DY, blk, T, cols, h, stride_dy_t, stride_dy_d, cmask, KP, BT,
-                                     BH, ACC)
-        g = tl.load(G + tok * stride_g_t + slot.to(tl.int64) * stride_g_k, mask=valid,
-                    other=0.0).to(ACC)
-        d = load_rows(CTX, flat, valid, r, RP, ACC)
-        dZ = load_rows(DZ, flat, valid, r, RP, ACC)
-        Mt = tl.load(M + kk_offsets(tok, slot, K), mask=same, other=0.0).to(ACC)
-        eid = expert_of_row(IDS, tok, slot, valid, stride_ids_t, stride_ids_k, E, HAS_IDS)
         v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :], ACC)
-        alpha = tl.dot(d, Bc, input_precision="ieee", out_dtype=ACC)
-        if HAS_BETA:
-            alpha += bias_of_rows(beta_c, eid, valid)
-        cos_a = tl.cos(alpha)
-        sin_a = tl.sin(alpha)
-        # dV = g R(-alpha) dy + M v + dZ A^T
-        dv1, dv2 = rotate(dy1, dy2, cos_a, -sin_a)
-        dv1 = g[:, None] * dv1 + block_dot(Mt, v1, same, ACC) \
-            + tl.dot(dZ, tl.trans(a1), input_precision="ieee", out_dtype=ACC)
-        dv2 = g[:, None] * dv2 + block_dot(Mt, v2, same, ACC) \
-            + tl.dot(dZ, tl.trans(a2), input_precision="ieee", out_dtype=ACC)
-        o1, o2 = pair_offsets(tok * stride_dv_t + slot.to(tl.int64) * stride_dv_k, cols, h,
-                              stride_dv_d)
-        m = valid[:, None] & cmask[None, :]
-        tl.store(DV + o1, dv1.to(DV.dtype.element_ty), mask=m)
-        tl.store(DV + o2, dv2.to(DV.dtype.element_ty), mask=m)
+        if NEED_DV or NEED_A:
+            dZ = load_rows(DZ, flat, valid, r, RP, ACC)
+        if NEED_DV or NEED_B or NEED_BETA:
+            dy1, dy2 = load_token_halves(DY, blk, T, cols, h, stride_dy_t, stride_dy_d, cmask, KP,
+                                         BT, BH, ACC)
+            g = tl.load(G + tok * stride_g_t + slot.to(tl.int64) * stride_g_k, mask=valid,
+                        other=0.0).to(ACC)
+            d = load_rows(CTX, flat, valid, r, RP, ACC)
+            eid = expert_of_row(IDS, tok, slot, valid, stride_ids_t, stride_ids_k, E, HAS_IDS)
+            alpha = angles(d, Bc, BETA, eid, valid, cols, cmask, stride_beta_e, stride_beta_h,
+                           HAS_BETA and not BETA_TILE, ACC)
+            if HAS_BETA and BETA_TILE:
+                alpha += bias_of_rows(beta_c, eid, valid)
+            cos_a = tl.cos(alpha)
+            sin_a = tl.sin(alpha)
+        if NEED_DV:
+            # dV = g R(-alpha) dy + M v + dZ A^T
+            same, off = block_masks(K, KP, BT, valid)
+            Mt = tl.load(M + kk_offsets(tok, slot, K), mask=same, other=0.0).to(ACC)
+            dv1, dv2 = rotate(dy1, dy2, cos_a, -sin_a)
+            dv1 = g[:, None] * dv1 + block_dot(Mt, v1, same, ACC) \
+                + tl.dot(dZ, tl.trans(a1), input_precision="ieee", out_dtype=ACC)
+            dv2 = g[:, None] * dv2 + block_dot(Mt, v2, same, ACC) \
+                + tl.dot(dZ, tl.trans(a2), input_precision="ieee", out_dtype=ACC)
+            o1, o2 = pair_offsets(tok * stride_dv_t + slot.to(tl.int64) * stride_dv_k, cols, h,
+                                  stride_dv_d)
+            m = valid[:, None] & cmask[None, :]
+            tl.store(DV + o1, dv1.to(DV.dtype.element_ty), mask=m)
+            tl.store(DV + o2, dv2.to(DV.dtype.element_ty), mask=m)
         if NEED_B or NEED_BETA:
             u1, u2, dalpha = _dalpha(dy1, dy2, v1, v2, cos_a, sin_a, g)
             if NEED_B:

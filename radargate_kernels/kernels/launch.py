@@ -47,6 +47,7 @@ class LaunchConfig:
     ONE_PASS: bool = False  # forward: whole rows in one chunk, expert_out read once
     BT_FWD: int = 0          # forward's tokens per program (0: BT)
     BT_COLS: int = 0         # backward column kernel's tokens per step (0: BT)
+    SPLIT_COLS: bool = False  # backward column kernel: dV and parameter gradients as two launches
 
     @property
     def BT_FORWARD(self) -> int:
@@ -61,7 +62,7 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def kernel_limits_ok(K: int, r: int, E: int, has_beta: bool, D: int | None = None) -> str | None:
+def kernel_limits_ok(K: int, r: int, E: int, has_beta: bool) -> str | None:
     """None if the fused kernels handle this shape, else the reason they do not."""
     if K > MAX_K:
         return f"K = {K} experts per token exceeds the fused kernels' limit of {MAX_K}"
@@ -70,11 +71,6 @@ def kernel_limits_ok(K: int, r: int, E: int, has_beta: bool, D: int | None = Non
     if K > 16 and r > MAX_RANK_WIDE_K:
         return (f"rank r = {r} with K = {K} experts per token exceeds the fused kernels' limit "
                 f"of r <= {MAX_RANK_WIDE_K} for K > 16 (r <= {MAX_RANK} for K <= 16)")
-    if D == 2 and K > 16 and r > 16:
-        # one Givens pair: Triton specialises D/2 == 1 as a constant, and the backward column
-        # kernel's code for K > 16, r > 16 then spilled 12-24 bytes (sm_90; compile report)
-        return (f"rank r = {r} with K = {K} experts per token and D = 2 exceeds the fused "
-                f"kernels' limit of r <= 16 for K > 16 at D = 2")
     if has_beta and E > MAX_E:
         return f"E = {E} experts in angle_bias exceeds the fused kernels' limit of {MAX_E}"
     return None
@@ -118,6 +114,9 @@ def pick_config(K: int, h: int, r: int, E: int, has_beta: bool,
         WARPS_COLS=8,
         ONE_PASS=one_pass, BT_FWD=one_rows // KP if one_pass else BT,
         BT_COLS=max(1, 16 // KP),
+        # one token of K > 16 slots with r > 16: dV and the parameter gradients together spilled
+        # 8-60 bytes (fp32; compile report), so they run as two launches
+        SPLIT_COLS=KP > 16 and RP > 16,
     )
 
 
@@ -272,13 +271,20 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
             *strides, *B.stride(), *s_beta, *s_ids, *dy.stride(),
             1.0 / tau, eps), dict(meta, BH=cfg.BH_BWD, EP=cfg.EP, TC=_tensor_cores(V.dtype),
                                   BETA_TILE=E <= cfg.R, num_warps=cfg.WARPS_BWD)))
-        launches.append(Launch(radargate_bwd_columns_kernel, (n_chunks, NB), (
-            V, g, A, B, beta_t, ids_t, dy, d, dZ, M, dV, pB if need_b else dZ,
-            pbeta if need_beta else dZ, pA if need_a else dZ,
-            T, K, h, r, E, n_col_blocks,
-            *strides, *A.stride(), *B.stride(), *s_beta, *s_ids, *dy.stride(), *dV.stride()),
-            dict(meta, BT=cfg.BT_COLS or cfg.BT, BH=cfg.BH_COLS, EP=cfg.EP,
-                 num_warps=cfg.WARPS_COLS, NEED_A=need_a, NEED_B=need_b, NEED_BETA=need_beta)))
+        # dV and the parameter gradients in one launch, or (SPLIT_COLS) dV first, then the
+        # parameter gradients in a second launch that reads expert_out and dy again
+        needs = ([(True, need_a, need_b, need_beta)] if not cfg.SPLIT_COLS else
+                 [(True, False, False, False)]
+                 + ([(False, need_a, need_b, need_beta)] if need_a or need_b or need_beta else []))
+        for need_dv, na, nb, nbeta in needs:
+            launches.append(Launch(radargate_bwd_columns_kernel, (n_chunks, NB), (
+                V, g, A, B, beta_t, ids_t, dy, d, dZ, M, dV, pB if nb else dZ,
+                pbeta if nbeta else dZ, pA if na else dZ,
+                T, K, h, r, E, n_col_blocks,
+                *strides, *A.stride(), *B.stride(), *s_beta, *s_ids, *dy.stride(), *dV.stride()),
+                dict(meta, BT=cfg.BT_COLS or cfg.BT, BH=cfg.BH_COLS, EP=cfg.EP,
+                     BETA_TILE=cfg.EP <= 32, num_warps=cfg.WARPS_COLS, NEED_DV=need_dv,
+                     NEED_A=na, NEED_B=nb, NEED_BETA=nbeta)))
     return (dV, dg, pA, pB, pbeta), launches
 
 
