@@ -24,7 +24,7 @@ from .forward import radargate_fwd_kernel
 MAX_K = 32      # K = 33..64 needs R = 64 rows per program, which spills (compile report)
 MAX_RANK = 64   # r <= 64 at K <= 16 (RP = 64: 0 spills, compile report) ...
 MAX_RANK_WIDE_K = 32  # ... and r <= 32 at K = 17..32, where RP = 64 spilled 24-808 bytes
-#                       (one 32-row token per program: row, forward and parameter kernels)
+#                       (one 32-row token per program: row, forward and column kernels)
 MAX_E = 128
 ROWS_TARGET = 32  # R = BT * KP rows per program: tokens are packed until R reaches this
 ROWS_TARGET_WIDE = 16  # ... for rank > 16, where the [R, r] state tiles are wider
@@ -229,7 +229,7 @@ def forward(V, g, A, B, beta, ids, tau: float, eps: float):
 
 
 def param_groups(n_blocks: int, n_chunks: int, device) -> int:
-    """Token groups of the parameter kernel: enough programs to fill the GPU, few partials."""
+    """Token groups of the backward column kernel: enough programs to fill the GPU, few partials."""
     if device.type == "cuda" and not interpreting():
         target = 4 * _num_sms(device)
     else:
