@@ -42,7 +42,7 @@ def radargate_bwd_rows_kernel(
 ):
     # TC: products with B on tensor cores (dot_tf32x2; fp16/bf16 inputs, whose values are exact
     # in tf32), else ieee. BETA_TILE: angle_bias read as a chunk of all E experts (fewer than
-    # the block's rows) and selected per row in registers, instead of one row per row
+    # the block's rows) and selected per row in registers, instead of one load per (token, slot)
     blk = tl.program_id(0)
     er = tl.arange(0, EP)
     tok, slot, valid = row_ids(blk, T, K, KP, BT)

@@ -150,9 +150,9 @@ def dot_tf32x2(a, b, ACC: tl.constexpr):
     """a @ b on tensor cores where b's values are exact in tf32 (fp16/bf16 inputs, parameters)
     and a is a computed fp32 tile: two tf32 products of a's tf32 parts with b. Every product of
     tf32 values is exact in fp32, so the Triton interpreter computes what the GPU does (up to
-    the order of the fp32 sums). Unlike an ieee (FMA) dot, whose threads each hold whole rows and
-    columns of the reduction, the operands go through shared memory: a reduction over 256 feature
-    pairs needs no more registers than one over 16."""
+    the order of the fp32 sums). An infinite entry of a gives NaN (its lo part is inf - inf)
+    where an ieee dot may give +-inf; the row kernel's consumers (angles, the K x K chain) turn
+    either into NaN alike."""
     hi, lo = tf32_parts(a)
     return (tl.dot(hi, b, input_precision="tf32", out_dtype=ACC)
             + tl.dot(lo, b, input_precision="tf32", out_dtype=ACC))
@@ -164,19 +164,15 @@ def non_finite(X):
 
 
 @triton.jit
-def block_dot(M, X, same, ACC: tl.constexpr, TC: tl.constexpr = False):
-    """M [R, R] (zero across tokens) @ X [R, C], as independent per-token products (TC: on
-    tensor cores, dot_tf32x2, for X exact in tf32).
+def block_dot(M, X, same, ACC: tl.constexpr):
+    """M [R, R] (zero across tokens) @ X [R, C], as independent per-token products.
 
     A plain dot would leak a token's NaN/Inf into the other tokens of the tile through
     0 * nan. Non-finite entries of X are zeroed for the product and put back as NaN exactly where
     a dense per-token product has them: column c of every row of the token. ``same`` is the
     same-token mask of block_masks."""
     bad = non_finite(X)
-    if TC:
-        out = dot_tf32x2(M, tl.where(bad, 0.0, X), ACC)
-    else:
-        out = tl.dot(M, tl.where(bad, 0.0, X), input_precision="ieee", out_dtype=ACC)
+    out = tl.dot(M, tl.where(bad, 0.0, X), input_precision="ieee", out_dtype=ACC)
     if tl.sum(bad.to(tl.int32)) > 0:  # only tiles holding non-finite values pay for this
         cnt = tl.dot(same.to(ACC), bad.to(ACC), input_precision="ieee", out_dtype=ACC)
         out = tl.where(cnt > 0, float("nan"), out)
