@@ -105,7 +105,7 @@ def radargate_bwd_rows_kernel(
 @triton.jit
 def radargate_bwd_columns_kernel(
     V, G, A, B, BETA, IDS, DY, CTX, DZ, M,  # inputs and state (d, dZ, M)
-    DV, PB, PBETA, PA,                      # dV [T,K,D]; partials [NB, r, h], [NB, E, h], [NB, D, r]
+    DV, PB, PBETA, PA,                      # dV [T,K,D]; partials [NB,r,h], [NB,E,h], [NB,D,r]
     T, K, h, r, E, n_blocks,
     stride_v_t, stride_v_k, stride_v_d, stride_g_t, stride_g_k, stride_a_d, stride_a_r,
     stride_b_r, stride_b_h, stride_beta_e, stride_beta_h, stride_ids_t, stride_ids_k,
@@ -116,8 +116,8 @@ def radargate_bwd_columns_kernel(
 ):
     # NEED_*: what this launch computes: dV, and which of dA, dB, dbeta autograd asked for; the
     # others are neither computed nor stored. dV and the parameter gradients come from one
-    # launch except where launch.pick_config splits them (SPLIT_COLS). All products ieee: the tensor-core split (dot_tf32x2) doubles the
-    # operand tiles, and with the dV and parameter tiles live it spilled (compile report).
+    # launch except where launch.pick_config splits them (SPLIT_COLS). All products ieee: the
+    # tensor-core split (dot_tf32x2) spilled here (docs/launch_config.md).
     # BETA_TILE: angle_bias's chunk for all experts loaded once per program and selected per
     # row (E <= 32; a wider tile held across the loop spilled), else one row per (token, slot)
     cid = tl.program_id(0)
