@@ -27,11 +27,11 @@ SMEM_LIMIT = {80: 166912, 90: 232448}
 REGISTER_FILE = 65536  # 32-bit registers per block (and per SM), sm_80 and sm_90
 DTYPES = ("float16", "bfloat16", "float32")
 
-# Shape classes the kernels support (K 1..32, D 2..16384, r 1..32), chosen to hit every branch
+# Shape classes the kernels support (K 1..64, D 2..16384, r 1..64), chosen to hit every branch
 # of pick_config; E is the number of experts in angle_bias.
-FULL_K = (1, 2, 3, 4, 8, 13, 32)      # MAX_K = 32 (launch.py)
+FULL_K = (1, 2, 3, 4, 8, 13, 32, 40, 64)  # MAX_K = 64 (launch.py); K > 32: the WIDE plan
 FULL_D = (2, 64, 130, 512, 4096, 16384)  # 512: the widest single-pass forward tile (16 x 256)
-FULL_R = (1, 8, 17, 32, 64)           # MAX_RANK = 64 (32 for K > 16: MAX_RANK_WIDE_K)
+FULL_R = (1, 8, 17, 32, 64)           # MAX_RANK = 64
 FULL_E = (None, 16, 128)              # None: no angle_bias (and no expert_ids); MAX_E = 128
 QUICK = [  # (K, D, r, E): the benchmark shape and the extremes of the supported range
     (8, 4096, 8, 8),
@@ -39,6 +39,7 @@ QUICK = [  # (K, D, r, E): the benchmark shape and the extremes of the supported
     (1, 2, 1, None),
     (32, 16384, 32, 128),
     (16, 4096, 64, 128),  # the widest rank (r <= 64 at K <= 16)
+    (40, 130, 17, 64),    # K > 32: the WIDE plan (two forward stages, the chain kernel)
 ]
 PARTIAL_NEEDS = ((True, False, False), (False, True, False), (False, False, True),
                  (False, True, True))
@@ -85,27 +86,31 @@ def shape_classes(quick: bool):
     for K in FULL_K:
         for D in FULL_D:
             for r in FULL_R:
-                if K > 16 and r > 32:
-                    continue  # beyond kernel_limits_ok
                 for E in FULL_E:
                     out.append((K, D, r, None if E is None else max(E, K)))
-    return out
+    # fewer experts than slots (ids repeat experts): the angle_bias tile paths at K > E
+    return out + [(40, 4096, 8, 16), (64, 130, 64, 16), (32, 2, 64, 16)]
 
 
 def _config_key(kernel, cfg, has_beta):
     # the fields each kernel's compilation depends on (others do not reach it)
     if kernel == "radargate_bwd_columns_kernel":
-        return (cfg.KP, cfg.BT_COLS, cfg.RP, cfg.BH_COLS, cfg.EP if has_beta else 0, cfg.WARPS_COLS)
+        return (cfg.KP, cfg.BT_COLS, cfg.RP, cfg.BH_COLS, cfg.BH_DV, cfg.EP if has_beta else 0,
+                cfg.WARPS_COLS)
     if kernel == "radargate_bwd_rows_kernel":
         return (cfg.KP, cfg.BT, cfg.RP, cfg.BH_BWD, cfg.WARPS_BWD)
-    return (cfg.KP, cfg.BT_FORWARD, cfg.RP, cfg.BH_FWD, cfg.WARPS_FWD, cfg.ONE_PASS)
+    if kernel == "radargate_bwd_chain_kernel":
+        return (cfg.KP, cfg.RP, cfg.WARPS_BWD)
+    return (cfg.KP, cfg.BT_FORWARD, cfg.RP, cfg.BH_FWD, cfg.BH_STATE, cfg.WARPS_FWD,
+            cfg.ONE_PASS)
 
 
 def plan_jobs(quick: bool, archs, dtypes=DTYPES):
     """Distinct (arch, dtype, kernel, config) jobs, each with its representative shape."""
     from radargate_kernels.kernels.launch import pick_config
     from radargate_kernels.kernels.lora_launch import pick_lora_config
-    kernels = ("radargate_fwd_kernel", "radargate_bwd_rows_kernel", "radargate_bwd_columns_kernel")
+    kernels = ("radargate_fwd_kernel", "radargate_bwd_rows_kernel", "radargate_bwd_columns_kernel",
+               "radargate_bwd_chain_kernel")
     jobs, seen = [], set()
     for arch in archs:
         for dtype in dtypes:
@@ -114,6 +119,8 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
                 cfg = pick_config(K, D // 2, r, E if has_beta else K, has_beta,
                                   2 if dtype != "float32" else 4)
                 for kern in kernels:
+                    if kern == "radargate_bwd_chain_kernel" and not cfg.WIDE:
+                        continue  # launched only in the WIDE plan
                     # r == 1 is a different specialisation (Triton makes integer arguments equal
                     # to 1 constants): an r = 1 compile does not stand for r = 8 at the same
                     # config; nor does D = 2 (D/2 == 1) for other D
@@ -122,15 +129,22 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
                     if key in seen:
                         continue
                     seen.add(key)
-                    # the column kernel as two launches (dV, then parameter gradients): both
-                    parts = (0, 1) if kern == "radargate_bwd_columns_kernel" and cfg.SPLIT_COLS \
-                        else (0,)
+                    # the column kernel as two launches (dV, then parameter gradients), the
+                    # WIDE forward's two stages: each launch
+                    parts = (0, 1) if (kern == "radargate_bwd_columns_kernel" and cfg.SPLIT_COLS
+                                       or kern == "radargate_fwd_kernel" and cfg.WIDE) else (0,)
                     for part in parts:
                         jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=K, D=D, r=r, E=E,
                                          part=part))
-            for kern in kernels:
-                jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=8, D=4096, r=8, E=16,
-                                 large=True))
+            for (K, E) in ((8, 16), (40, 64)):  # i64 strides, also in the WIDE plan
+                for kern in kernels:
+                    if kern == "radargate_bwd_chain_kernel":
+                        continue  # takes no expert_out strides
+                    wide = K > 32
+                    parts = (0, 1) if wide and kern != "radargate_bwd_rows_kernel" else (0,)
+                    for part in parts:
+                        jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=K, D=4096, r=8,
+                                         E=E, large=True, part=part))
             # the parameter kernel computing only some of dA, dB, dbeta (frozen gate parts)
             for need in PARTIAL_NEEDS:
                 jobs.append(dict(arch=arch, dtype=dtype, kernel="radargate_bwd_columns_kernel",
@@ -352,7 +366,7 @@ def compile_job(job):
             return out
         if job["kernel"] == "radargate_fwd_kernel":
             _, launches = L.plan_forward(V, g, A, B, beta, ids, 1.0, 1e-6)
-            launch = launches[0]
+            launch = launches[job.get("part", 0)]
         else:
             (y, n, C, rho, z, d), _ = L.plan_forward(V, g, A, B, beta, ids, 1.0, 1e-6)
             _, launches = L.plan_backward(y, V, g, A, B, beta, ids, n, C, rho, z, d, 1.0, 1e-6,
@@ -371,10 +385,12 @@ def compile_job(job):
                             V.element_size())
         out.update(regs=regs, spills=spills, shared=int(compiled.metadata.shared),
                    warps=launch.meta["num_warps"], error=None,
-                   config=f"KP={cfg.KP} BT={launch.meta['BT']} RP={cfg.RP} "
-                          f"BH={launch.meta['BH']}" + (f" EP={cfg.EP}" if "EP" in launch.meta
-                                                       and E is not None else "")
+                   config=f"KP={cfg.KP} BT={launch.meta.get('BT', 1)} RP={cfg.RP} "
+                          f"BH={launch.meta.get('BH', 0)}"
+                          + (f" EP={cfg.EP}" if "EP" in launch.meta and E is not None else "")
                           + (" 1-pass" if launch.meta.get("ONE_PASS") else "")
+                          + (f" stage{launch.meta['STAGE']}" if launch.meta.get("STAGE") else "")
+                          + (" M-v-blocks" if launch.meta.get("MV_BLOCKS") else "")
                           + ((" dV-only" if not any(launch.meta[k] for k in
                                                     ("NEED_A", "NEED_B", "NEED_BETA"))
                               else " params-only") if launch.meta.get("NEED_DV") is not None

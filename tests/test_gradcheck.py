@@ -13,6 +13,7 @@ SHAPES = [
     (3, 2, 2, 1, False, False, False),   # D = 2 (one pair), r = 1
     (2, 4, 6, 3, True, True, True),      # an all-zero expert vector (eps floor), sparse ids
     (1, 5, 10, 2, False, True, False),   # single token, K not a power of two
+    (1, 33, 2, 2, True, True, True),     # K > 32: the WIDE launch plan, with a zero expert
 ]
 
 

@@ -44,6 +44,13 @@ EXTRA_CASES = [
     (3, 32, 66, 4, True, False),    # K = 32: one 32-row token per program
     (2, 17, 6, 17, True, True),     # K > 16 with r > 16: dV and parameter gradients as two
     (1, 19, 2, 20, False, True),    #   launches (SPLIT_COLS), also at D = 2 (D/2 == 1)
+    # K > 32, or K > 16 with r > 32: the WIDE plan (two forward stages, the chain kernel, M v
+    # in slot blocks); odd K = 33 and 40 (the paper's expert count), K = 64 at the top
+    (2, 40, 34, 8, True, True),
+    (1, 64, 6, 3, False, False),
+    (2, 33, 2, 17, True, False),    #   D = 2 (the stages compiled without the h == 1 constant)
+    (3, 64, 130, 64, True, True),   #   r = 64, prime D/2
+    (2, 17, 10, 33, True, True),    #   K = 17 with r = 33 (WIDE through the rank)
 ]
 CASES = _grid() + EXTRA_CASES
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)

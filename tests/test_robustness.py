@@ -48,10 +48,11 @@ def test_index_arithmetic_is_64_bit_past_2_pow_31(layout):
     assert int(off2.max()) >= 2 ** 31
 
 
+@pytest.mark.parametrize("K", [3, 40], ids=["K3", "K40-wide"])  # K = 40: the WIDE plan
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("where", ["expert_out", "weights"])
-def test_non_finite_values_propagate_like_the_reference(bad, where):
-    p = make_problem(6, 3, 10, 2, bias=True, ids=True, seed=4)
+def test_non_finite_values_propagate_like_the_reference(bad, where, K):
+    p = make_problem(6, K, 10, 2, bias=True, ids=True, seed=4)
     p[where] = p[where].clone()
     p[where][2, 1] = bad  # token 2 only: tokens are independent
     y_k = radar_gate(**p, backend="triton")

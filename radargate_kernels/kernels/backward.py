@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .common import (angles, bias_of_rows, block_dot, block_masks, dot_tf32x2, expert_of_row,
                      kk_offsets, load_halves, load_param_chunk, load_rows, load_token_halves,
-                     pair_offsets, rotate, row_ids, store_rows)
+                     pair_offsets, rotate, row_ids, store_rows, token_rows)
 
 
 @triton.jit
@@ -24,6 +24,21 @@ def _dalpha(dy1, dy2, v1, v2, cos_a, sin_a, g):
     """u = R(alpha) v and dalpha = g (dy[p+h] u[p] - dy[p] u[p+h]) -> (u1, u2, dalpha)."""
     u1, u2 = rotate(v1, v2, cos_a, sin_a)
     return u1, u2, g[:, None] * (dy2 * u1 - dy1 * u2)
+
+
+@triton.jit
+def normalisation_matrix(drho, rho, C, n, same, tau_inv, eps):
+    """From drho [R, R] through the softmax and the cosines to the per-token matrix M [R, R]
+    with dv_i (relation part) = sum_j M_ij v_j: dC = rho (drho - rowsum(rho drho)) / tau,
+    S = dC + dC^T, q_i = <v^_i, dv^_i> = sum_j S_ij C_ij (0 where the eps floor held) and
+    M = S / (n n^T) - diag(q / n^2): (sum_j S_ij v_j / n_j - q_i v_i / n_i) / n_i."""
+    dC = tl.where(same, rho * (drho - tl.sum(rho * drho, axis=1)[:, None]) * tau_inv, 0.0)
+    S = dC + tl.trans(dC)
+    q = tl.where(n > eps, tl.sum(S * C, axis=1), 0.0)
+    inv_n = 1.0 / n
+    ri = tl.arange(0, n.shape[0])
+    Mt = S * inv_n[:, None] * inv_n[None, :]
+    return tl.where(ri[:, None] == ri[None, :], Mt - (q * inv_n * inv_n)[:, None], Mt)
 
 
 @triton.jit
@@ -38,7 +53,7 @@ def radargate_bwd_rows_kernel(
     tau_inv, eps,
     KP: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BH: tl.constexpr, EP: tl.constexpr,
     HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr, TC: tl.constexpr,
-    BETA_TILE: tl.constexpr,
+    BETA_TILE: tl.constexpr, STAGE: tl.constexpr = 0,
 ):
     # TC: products with B on tensor cores (dot_tf32x2; fp16/bf16 inputs, whose values are exact
     # in tf32), else ieee. BETA_TILE: angle_bias read as a chunk of all E experts (fewer than
@@ -80,26 +95,93 @@ def radargate_bwd_rows_kernel(
         else:
             grad_d += tl.dot(dalpha, tl.trans(Bc), input_precision="ieee", out_dtype=ACC)
 
-    # K x K chain in registers
+    tl.store(DG + flat, dg.to(DG.dtype.element_ty), mask=valid)
+    if STAGE == 1:
+        # K > 32: grad_d goes where dZ would (a scratch buffer); radargate_bwd_chain_kernel
+        # runs the K x K chain from memory in slot blocks
+        store_rows(DZ, grad_d, flat, valid, r, RP)
+    else:
+        # K x K chain in registers
+        n = tl.load(N + flat, mask=valid, other=1.0).to(ACC)
+        C = tl.load(CM + kk, mask=same, other=0.0).to(ACC)
+        rho = tl.load(RHO + kk, mask=same, other=0.0).to(ACC)
+        z = load_rows(Z, flat, valid, r, RP, ACC)
+        drho = tl.where(off, tl.dot(grad_d, tl.trans(z), input_precision="ieee", out_dtype=ACC),
+                        0.0)
+        dZ = block_dot(tl.trans(rho), grad_d, same, ACC) - grad_d
+        dZ = tl.where(K > 1, dZ, 0.0)  # d = 0 when K = 1, so z gets no gradient
+        Mt = normalisation_matrix(drho, rho, C, n, same, tau_inv, eps)
+        store_rows(DZ, dZ, flat, valid, r, RP)
+        tl.store(M + kk, Mt, mask=same)
+
+
+
+# The WIDE plan's first stage (STAGE 1) as its own compilation without Triton's h == 1 (D = 2)
+# specialisation: with it, fp32 at r > 32 with 128 experts spilled 296-528 bytes, without it 0;
+# the one-launch kernel keeps it (without it 8 bytes spilled at K = 32, r = 17, D = 2, fp16).
+radargate_bwd_rows_wide_kernel = triton.jit(radargate_bwd_rows_kernel.fn, do_not_specialize=["h"])
+
+@triton.jit
+def radargate_bwd_chain_kernel(
+    N, CM, RHO, Z, GD,                    # saved state and grad_d [T,K,r] (row kernel, STAGE 1)
+    DZ, M,                                # outputs: dZ [T,K,r], M [T,K,K]
+    K, r, tau_inv, eps,
+    KP: tl.constexpr, RP: tl.constexpr, ACC: tl.constexpr,
+):
+    """The row kernel's K x K chain for K > 32, one token per program, from memory: drho =
+    grad_d z^T over rank blocks of 16 and dZ = rho^T grad_d - grad_d over slot blocks of 16,
+    so no dot operand holds all 64 slots or 64 ranks (in registers that spilled, compile
+    report)."""
+    t = tl.program_id(0)
+    slot = tl.arange(0, KP)
+    valid = slot < K
+    flat = tl.cast(t, tl.int64) * K + slot
+    same = valid[:, None] & valid[None, :]
+    off = same & (slot[:, None] != slot[None, :])
+    kk = tl.cast(t, tl.int64) * K * K + slot[:, None] * K + slot[None, :]
+    drho = tl.zeros((KP, KP), dtype=ACC)
+    for c0 in range(0, r, 16):
+        rc = c0 + tl.arange(0, 16)
+        m = valid[:, None] & (rc < r)[None, :]
+        gd_b = tl.load(GD + flat[:, None] * r + rc[None, :], mask=m, other=0.0).to(ACC)
+        z_b = tl.load(Z + flat[:, None] * r + rc[None, :], mask=m, other=0.0).to(ACC)
+        drho += tl.dot(gd_b, tl.trans(z_b), input_precision="ieee", out_dtype=ACC)
+    dZ = tl.zeros((KP, RP), dtype=ACC)
+    for j0 in range(0, K, 16):
+        kb = j0 + tl.arange(0, 16)
+        # rho^T's columns kb: rho[t, kb, slot]
+        rho_t = tl.load(RHO + tl.cast(t, tl.int64) * K * K + kb[None, :] * K + slot[:, None],
+                        mask=valid[:, None] & (kb < K)[None, :], other=0.0).to(ACC)
+        dZ += tl.dot(rho_t, token_rows(GD, t, kb, K, r, RP, ACC), input_precision="ieee",
+                     out_dtype=ACC)
+    dZ -= load_rows(GD, flat, valid, r, RP, ACC)
     n = tl.load(N + flat, mask=valid, other=1.0).to(ACC)
     C = tl.load(CM + kk, mask=same, other=0.0).to(ACC)
     rho = tl.load(RHO + kk, mask=same, other=0.0).to(ACC)
-    z = load_rows(Z, flat, valid, r, RP, ACC)
-    drho = tl.where(off, tl.dot(grad_d, tl.trans(z), input_precision="ieee", out_dtype=ACC), 0.0)
-    dC = tl.where(same, rho * (drho - tl.sum(rho * drho, axis=1)[:, None]) * tau_inv, 0.0)
-    S = dC + tl.trans(dC)
-    q = tl.where(n > eps, tl.sum(S * C, axis=1), 0.0)  # <v^_i, dv^_i>; 0 where the eps floor held
-    dZ = block_dot(tl.trans(rho), grad_d, same, ACC) - grad_d
-    dZ = tl.where(K > 1, dZ, 0.0)  # d = 0 when K = 1, so z gets no gradient
-    # normalisation backward as one matrix on v: dv_i += (sum_j S_ij v_j / n_j - q_i v_i / n_i)
-    # / n_i = sum_j M_ij v_j
-    inv_n = 1.0 / n
-    ri = tl.arange(0, BT * KP)
-    Mt = S * inv_n[:, None] * inv_n[None, :]
-    Mt = tl.where(ri[:, None] == ri[None, :], Mt - (q * inv_n * inv_n)[:, None], Mt)
-    tl.store(DG + flat, dg.to(DG.dtype.element_ty), mask=valid)
-    store_rows(DZ, dZ, flat, valid, r, RP)
+    Mt = normalisation_matrix(tl.where(off, drho, 0.0), rho, C, n, same, tau_inv, eps)
+    store_rows(DZ, tl.where(K > 1, dZ, 0.0), flat, valid, r, RP)
     tl.store(M + kk, Mt, mask=same)
+
+
+@triton.jit
+def _mv_blocks(M, V, t, slot, valid, cols, cmask, K, h, stride_v_t, stride_v_k, stride_v_d,
+               KP: tl.constexpr, BH: tl.constexpr, ACC: tl.constexpr):
+    """M v for the columns ``cols`` of one token ``t`` (rows = its KP slots), over blocks of 16
+    slots loaded from memory (M [T, K, K], V [T, K, D]) -> two [KP, BH] tiles: K > 32, where
+    the product with the whole [KP, KP] tile in registers spilled (compile report)."""
+    mv1 = tl.zeros((KP, BH), dtype=ACC)
+    mv2 = tl.zeros((KP, BH), dtype=ACC)
+    t64 = tl.cast(t, tl.int64)
+    for j0 in range(0, K, 16):
+        kb = j0 + tl.arange(0, 16)
+        kval = kb < K
+        m_b = tl.load(M + (t64 * K + slot)[:, None] * K + kb[None, :],
+                      mask=valid[:, None] & kval[None, :], other=0.0).to(ACC)
+        vb1, vb2 = load_halves(V, t64 * stride_v_t + kb.to(tl.int64) * stride_v_k, cols, h,
+                               stride_v_d, kval[:, None] & cmask[None, :], ACC)
+        mv1 += tl.dot(m_b, vb1, input_precision="ieee", out_dtype=ACC)
+        mv2 += tl.dot(m_b, vb2, input_precision="ieee", out_dtype=ACC)
+    return mv1, mv2
 
 
 @triton.jit
@@ -113,6 +195,7 @@ def radargate_bwd_columns_kernel(
     KP: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BH: tl.constexpr, EP: tl.constexpr,
     HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr, BETA_TILE: tl.constexpr,
     NEED_DV: tl.constexpr, NEED_A: tl.constexpr, NEED_B: tl.constexpr, NEED_BETA: tl.constexpr,
+    MV_BLOCKS: tl.constexpr = False,
 ):
     # NEED_*: what this launch computes: dV, and which of dA, dB, dbeta autograd asked for; the
     # others are neither computed nor stored. dV and the parameter gradients come from one
@@ -142,7 +225,9 @@ def radargate_bwd_columns_kernel(
         tok, slot, valid = row_ids(blk, T, K, KP, BT)
         voff = tok * stride_v_t + slot.to(tl.int64) * stride_v_k
         flat = tok * K + slot
-        v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :], ACC)
+        if NEED_A or NEED_B or NEED_BETA or not MV_BLOCKS:
+            v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :],
+                                 ACC)
         if NEED_DV or NEED_A:
             dZ = load_rows(DZ, flat, valid, r, RP, ACC)
         if NEED_DV or NEED_B or NEED_BETA:
@@ -160,12 +245,18 @@ def radargate_bwd_columns_kernel(
             sin_a = tl.sin(alpha)
         if NEED_DV:
             # dV = g R(-alpha) dy + M v + dZ A^T
-            same, off = block_masks(K, KP, BT, valid)
-            Mt = tl.load(M + kk_offsets(tok, slot, K), mask=same, other=0.0).to(ACC)
             dv1, dv2 = rotate(dy1, dy2, cos_a, -sin_a)
-            dv1 = g[:, None] * dv1 + block_dot(Mt, v1, same, ACC) \
+            if MV_BLOCKS:
+                mv1, mv2 = _mv_blocks(M, V, blk, slot, valid, cols, cmask, K, h, stride_v_t,
+                                      stride_v_k, stride_v_d, KP, BH, ACC)
+            else:
+                same, off = block_masks(K, KP, BT, valid)
+                Mt = tl.load(M + kk_offsets(tok, slot, K), mask=same, other=0.0).to(ACC)
+                mv1 = block_dot(Mt, v1, same, ACC)
+                mv2 = block_dot(Mt, v2, same, ACC)
+            dv1 = g[:, None] * dv1 + mv1 \
                 + tl.dot(dZ, tl.trans(a1), input_precision="ieee", out_dtype=ACC)
-            dv2 = g[:, None] * dv2 + block_dot(Mt, v2, same, ACC) \
+            dv2 = g[:, None] * dv2 + mv2 \
                 + tl.dot(dZ, tl.trans(a2), input_precision="ieee", out_dtype=ACC)
             o1, o2 = pair_offsets(tok * stride_dv_t + slot.to(tl.int64) * stride_dv_k, cols, h,
                                   stride_dv_d)

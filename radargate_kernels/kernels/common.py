@@ -90,6 +90,33 @@ def kk_offsets(tok, slot, K):
 
 
 @triton.jit
+def token_rows(ptr, t, kb, K, ncols, RP: tl.constexpr, ACC: tl.constexpr):
+    """Rows ``kb`` (slots, masked by kb < K) of token ``t`` of a contiguous [T, K, ncols] state
+    tensor (z, grad_d) -> [len(kb), RP]."""
+    return load_rows(ptr, tl.cast(t, tl.int64) * K + kb, kb < K, ncols, RP, ACC)
+
+
+@triton.jit
+def relational_context(RHO, Z, t, slot, valid, K, r, KP: tl.constexpr, RP: tl.constexpr,
+                       ACC: tl.constexpr):
+    """SPEC step 3 for one token ``t`` (rows = its KP slots) from its stored rho [T, K, K] and
+    z [T, K, r]: d = rho z - z (0 when K = 1) -> [KP, RP]. The product runs over blocks of 16
+    slots loaded from memory, so no operand holds all KP slots (a 64-slot contraction in
+    registers spilled, compile report); one token per program, so a plain dot keeps NaN/Inf
+    inside the token."""
+    base = tl.cast(t, tl.int64) * K
+    d = tl.zeros((KP, RP), dtype=ACC)
+    for j0 in range(0, K, 16):
+        kb = j0 + tl.arange(0, 16)
+        rho_b = tl.load(RHO + (base + slot)[:, None] * K + kb[None, :],
+                        mask=valid[:, None] & (kb < K)[None, :], other=0.0).to(ACC)
+        d += tl.dot(rho_b, token_rows(Z, t, kb, K, r, RP, ACC), input_precision="ieee",
+                    out_dtype=ACC)
+    d -= load_rows(Z, base + slot, valid, r, RP, ACC)
+    return tl.where(K > 1, d, 0.0)
+
+
+@triton.jit
 def load_param_chunk(ptr, rows, cols, nrows, ncols, s_r, s_c, ACC: tl.constexpr):
     """Load a [len(rows), len(cols)] tile of a 2-D parameter (B, A, beta), masked."""
     m = (rows[:, None] < nrows) & (cols[None, :] < ncols)

@@ -10,8 +10,8 @@ import triton
 import triton.language as tl
 
 from .common import (angles, block_dot, block_masks, expert_of_row, kk_offsets,
-                     load_chunk_angles, load_halves, load_param_chunk, pair_offsets, rotate,
-                     row_ids, store_rows)
+                     load_chunk_angles, load_halves, load_param_chunk, pair_offsets,
+                     relational_context, rotate, row_ids, store_rows)
 
 
 @triton.jit
@@ -73,86 +73,103 @@ def radargate_fwd_kernel(
     tau_inv, eps,
     KP: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BH: tl.constexpr,
     HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr, V_PREC: tl.constexpr,
-    ONE_PASS: tl.constexpr,
+    ONE_PASS: tl.constexpr, STAGE: tl.constexpr = 0,
 ):
+    # STAGE 0: the whole forward in one launch. K > 32 (one token of 64 rows per program) runs
+    # it as two launches whose tiles fit: STAGE 1 stores n, C, rho and z (pass 1, relation);
+    # STAGE 2 computes d = rho z - z from them in slot blocks (relational_context), stores d and
+    # rotates (pass 2).
     blk = tl.program_id(0)
     R: tl.constexpr = BT * KP
     tok, slot, valid = row_ids(blk, T, K, KP, BT)
     voff = tok * stride_v_t + slot.to(tl.int64) * stride_v_k
     rr = tl.arange(0, RP)
 
-    if ONE_PASS:
-        # the whole row in one [R, BH >= h] tile: loaded once, kept for the rotation below
-        cols = tl.arange(0, BH)
-        cmask = cols < h
-        v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :], ACC)
-        z = _z_chunk(v1, v2, A, cols, rr, h, r, stride_a_d, stride_a_r, V_PREC, ACC)
-        m = tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1))
-        inv = 1.0 / tl.where(m > 0, m, 1.0)
-        # scaled in place (no second tile): the rotation below turns v / m and the stretch
-        # weight g m puts the scale back, R(a) v = m R(a) (v / m)
-        v1 = v1 * inv[:, None]
-        v2 = v2 * inv[:, None]
-        gram = tl.dot(v1, tl.trans(v1), input_precision=V_PREC, out_dtype=ACC)
-        gram += tl.dot(v2, tl.trans(v2), input_precision=V_PREC, out_dtype=ACC)
+    if STAGE == 2:
+        d = relational_context(RHO, Z, blk, slot, valid, K, r, KP, RP, ACC)
+        store_rows(CTX, d, tok * K + slot, valid, r, RP)
     else:
-        # pass 1 over D: z = V A and the Gram matrix of the rows scaled by their running max
-        # |v| (rescaled when the max grows, as an online softmax does), so no square overflows
-        gram = tl.zeros((R, R), dtype=ACC)
-        z = tl.zeros((R, RP), dtype=ACC)
-        m = tl.zeros((R,), dtype=ACC)
-        for c0 in range(0, h, BH):
-            cols = c0 + tl.arange(0, BH)
+        if ONE_PASS:
+            # the whole row in one [R, BH >= h] tile: loaded once, kept for the rotation below
+            cols = tl.arange(0, BH)
             cmask = cols < h
-            v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :],
-                                 ACC)
-            z += _z_chunk(v1, v2, A, cols, rr, h, r, stride_a_d, stride_a_r, V_PREC, ACC)
-            m_new = tl.maximum(m, tl.maximum(tl.max(tl.abs(v1), axis=1),
-                                             tl.max(tl.abs(v2), axis=1)))
-            inv = 1.0 / tl.where(m_new > 0, m_new, 1.0)
-            f = m * inv
-            gram = gram * (f[:, None] * f[None, :])
-            v1 = v1 * inv[:, None]  # the scaled rows (v is not needed unscaled any more)
+            v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :], ACC)
+            z = _z_chunk(v1, v2, A, cols, rr, h, r, stride_a_d, stride_a_r, V_PREC, ACC)
+            m = tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1))
+            inv = 1.0 / tl.where(m > 0, m, 1.0)
+            # scaled in place (no second tile): the rotation below turns v / m and the stretch
+            # weight g m puts the scale back, R(a) v = m R(a) (v / m)
+            v1 = v1 * inv[:, None]
             v2 = v2 * inv[:, None]
-            gram += tl.dot(v1, tl.trans(v1), input_precision=V_PREC, out_dtype=ACC)
+            gram = tl.dot(v1, tl.trans(v1), input_precision=V_PREC, out_dtype=ACC)
             gram += tl.dot(v2, tl.trans(v2), input_precision=V_PREC, out_dtype=ACC)
-            m = m_new
+        else:
+            # pass 1 over D: z = V A and the Gram matrix of the rows scaled by their running max
+            # |v| (rescaled when the max grows, as an online softmax does), so no square overflows
+            gram = tl.zeros((R, R), dtype=ACC)
+            z = tl.zeros((R, RP), dtype=ACC)
+            m = tl.zeros((R,), dtype=ACC)
+            for c0 in range(0, h, BH):
+                cols = c0 + tl.arange(0, BH)
+                cmask = cols < h
+                v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :],
+                                     ACC)
+                z += _z_chunk(v1, v2, A, cols, rr, h, r, stride_a_d, stride_a_r, V_PREC, ACC)
+                m_new = tl.maximum(m, tl.maximum(tl.max(tl.abs(v1), axis=1),
+                                                 tl.max(tl.abs(v2), axis=1)))
+                inv = 1.0 / tl.where(m_new > 0, m_new, 1.0)
+                f = m * inv
+                gram = gram * (f[:, None] * f[None, :])
+                v1 = v1 * inv[:, None]  # the scaled rows (v is not needed unscaled any more)
+                v2 = v2 * inv[:, None]
+                gram += tl.dot(v1, tl.trans(v1), input_precision=V_PREC, out_dtype=ACC)
+                gram += tl.dot(v2, tl.trans(v2), input_precision=V_PREC, out_dtype=ACC)
+                m = m_new
 
-    # per-token math in registers
-    n, C, rho, same = relation(gram, m, valid, K, tau_inv, eps, KP, BT)
-    d = block_dot(rho, z, same, ACC) - z
-    d = tl.where(K > 1, d, 0.0)  # SPEC: with K = 1, d = 0
+        # per-token math in registers
+        n, C, rho, same = relation(gram, m, valid, K, tau_inv, eps, KP, BT)
+        if STAGE == 0:
+            d = block_dot(rho, z, same, ACC) - z
+            d = tl.where(K > 1, d, 0.0)  # SPEC: with K = 1, d = 0
 
-    flat = tok * K + slot
-    tl.store(N + flat, n, mask=valid)
-    kk = kk_offsets(tok, slot, K)
-    tl.store(CM + kk, C, mask=same)
-    tl.store(RHO + kk, rho, mask=same)
-    store_rows(Z, z, flat, valid, r, RP)
-    store_rows(CTX, d, flat, valid, r, RP)
+        flat = tok * K + slot
+        tl.store(N + flat, n, mask=valid)
+        kk = kk_offsets(tok, slot, K)
+        tl.store(CM + kk, C, mask=same)
+        tl.store(RHO + kk, rho, mask=same)
+        store_rows(Z, z, flat, valid, r, RP)
+        if STAGE == 0:
+            store_rows(CTX, d, flat, valid, r, RP)
 
-    # rotate, stretch, sum over the K slots of each token (pass 2 over D, or the kept tile)
-    g = tl.load(G + tok * stride_g_t + slot.to(tl.int64) * stride_g_k, mask=valid,
-                other=0.0).to(ACC)
-    eid = expert_of_row(IDS, tok, slot, valid, stride_ids_t, stride_ids_k, E, HAS_IDS)
-    tb = blk * BT + tl.arange(0, BT)
-    if ONE_PASS:
-        cols = tl.arange(0, BH)
-        cmask = cols < h
-        Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, ACC)
-        alpha = angles(d, Bc, BETA, eid, valid, cols, cmask, stride_beta_e, stride_beta_h,
-                       HAS_BETA, ACC)
-        u1, u2 = rotate(v1, v2, tl.cos(alpha), tl.sin(alpha))
-        _stretch_sum_store(Y, g * m, u1, u2, tb, T, cols, cmask, h, stride_y_t, stride_y_d, KP,
-                           BT, BH)
-    else:
-        for c0 in range(0, h, BH):
-            cols = c0 + tl.arange(0, BH)
+    if STAGE != 1:
+        # rotate, stretch, sum over the K slots of each token (pass 2 over D, or the kept tile)
+        g = tl.load(G + tok * stride_g_t + slot.to(tl.int64) * stride_g_k, mask=valid,
+                    other=0.0).to(ACC)
+        eid = expert_of_row(IDS, tok, slot, valid, stride_ids_t, stride_ids_k, E, HAS_IDS)
+        tb = blk * BT + tl.arange(0, BT)
+        if ONE_PASS:
+            cols = tl.arange(0, BH)
             cmask = cols < h
             Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, ACC)
-            v1, v2, cos_a, sin_a = load_chunk_angles(V, voff, cols, h, stride_v_d, d, Bc, BETA,
-                                                     eid, valid, cmask, stride_beta_e,
-                                                     stride_beta_h, HAS_BETA, ACC)
-            u1, u2 = rotate(v1, v2, cos_a, sin_a)
-            _stretch_sum_store(Y, g, u1, u2, tb, T, cols, cmask, h, stride_y_t, stride_y_d, KP,
+            alpha = angles(d, Bc, BETA, eid, valid, cols, cmask, stride_beta_e, stride_beta_h,
+                           HAS_BETA, ACC)
+            u1, u2 = rotate(v1, v2, tl.cos(alpha), tl.sin(alpha))
+            _stretch_sum_store(Y, g * m, u1, u2, tb, T, cols, cmask, h, stride_y_t, stride_y_d, KP,
                                BT, BH)
+        else:
+            for c0 in range(0, h, BH):
+                cols = c0 + tl.arange(0, BH)
+                cmask = cols < h
+                Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, ACC)
+                v1, v2, cos_a, sin_a = load_chunk_angles(V, voff, cols, h, stride_v_d, d, Bc, BETA,
+                                                         eid, valid, cmask, stride_beta_e,
+                                                         stride_beta_h, HAS_BETA, ACC)
+                u1, u2 = rotate(v1, v2, cos_a, sin_a)
+                _stretch_sum_store(Y, g, u1, u2, tb, T, cols, cmask, h, stride_y_t, stride_y_d, KP,
+                                   BT, BH)
+
+
+# The WIDE plan's two stages as their own compilation without Triton's h == 1 (D = 2)
+# specialisation: with it, fp32 stage 1 at r = 17..32 spilled 56-72 bytes, without it 0
+# (compile report); the one-launch kernel keeps the compilation its report verified.
+radargate_fwd_wide_kernel = triton.jit(radargate_fwd_kernel.fn, do_not_specialize=["h"])

@@ -15,16 +15,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .backward import radargate_bwd_columns_kernel, radargate_bwd_rows_kernel
+from .backward import (radargate_bwd_chain_kernel, radargate_bwd_columns_kernel,
+                       radargate_bwd_rows_kernel, radargate_bwd_rows_wide_kernel)
 from ..reference import compute_dtype
-from .forward import radargate_fwd_kernel
+from .forward import radargate_fwd_kernel, radargate_fwd_wide_kernel
 
 # Limits of the fused kernels (see docs/launch_config.md). Beyond them radar_gate(backend="auto")
 # uses the PyTorch reference and backend="triton" raises ValueError.
-MAX_K = 32      # K = 33..64 needs R = 64 rows per program, which spills (compile report)
-MAX_RANK = 64   # r <= 64 at K <= 16 (RP = 64: 0 spills, compile report) ...
-MAX_RANK_WIDE_K = 32  # ... and r <= 32 at K = 17..32, where RP = 64 spilled 24-808 bytes
-#                       (one 32-row token per program: row, forward and column kernels)
+MAX_K = 64      # K = 33..64: one token of 64 rows per program, the K x K work from memory in
+#                 slot blocks over more launches (WIDE, docs/launch_config.md)
+WIDE_K = 32     # K above this runs the WIDE launch plan
+MAX_RANK = 64   # RP = 64: 0 spills at every K (K > 16 with r > 32 runs the WIDE plan)
 MAX_E = 128
 ROWS_TARGET = 32  # R = BT * KP rows per program: tokens are packed until R reaches this
 ROWS_TARGET_WIDE = 16  # ... for rank > 16, where the [R, r] state tiles are wider
@@ -48,6 +49,10 @@ class LaunchConfig:
     BT_FWD: int = 0          # forward's tokens per program (0: BT)
     BT_COLS: int = 0         # backward column kernel's tokens per step (0: BT)
     SPLIT_COLS: bool = False  # backward column kernel: dV and parameter gradients as two launches
+    WIDE: bool = False        # K > 32: forward and backward row kernels in two stages, the K x K
+    #                           products in slot blocks from memory
+    BH_STATE: int = 0         # WIDE: the forward's first stage (Gram matrix and z)
+    BH_DV: int = 0            # WIDE: the column kernel's dV launch (pairs per program)
 
     @property
     def BT_FORWARD(self) -> int:
@@ -68,9 +73,6 @@ def kernel_limits_ok(K: int, r: int, E: int, has_beta: bool) -> str | None:
         return f"K = {K} experts per token exceeds the fused kernels' limit of {MAX_K}"
     if r > MAX_RANK:
         return f"rank r = {r} exceeds the fused kernels' limit of {MAX_RANK}"
-    if K > 16 and r > MAX_RANK_WIDE_K:
-        return (f"rank r = {r} with K = {K} experts per token exceeds the fused kernels' limit "
-                f"of r <= {MAX_RANK_WIDE_K} for K > 16 (r <= {MAX_RANK} for K <= 16)")
     if has_beta and E > MAX_E:
         return f"E = {E} experts in angle_bias exceeds the fused kernels' limit of {MAX_E}"
     return None
@@ -105,7 +107,12 @@ def pick_config(K: int, h: int, r: int, E: int, has_beta: bool,
     # (176-1256 B on sm_90, ieee fp32 dots), fp16/bf16 up to 16 x 256 and 32 x 128 did not
     # (compile report; docs/launch_config.md).
     one_rows = max(16, KP)
-    one_pass = small_rank and itemsize <= 2 and one_rows * cap <= ONE_PASS_ELEMS
+    wide = K > WIDE_K or (KP > 16 and RP > 32)
+    one_pass = small_rank and itemsize <= 2 and one_rows * cap <= ONE_PASS_ELEMS and not wide
+    if wide:
+        # one 64-row token per program: 32 pairs in the rotating stage (64 spilled 144 bytes
+        # at D = 130, bf16, sm_80), 16 in the Gram stage (compile report)
+        bh_fwd = min(cap, 32)
     return LaunchConfig(
         KP=KP, BT=BT, RP=RP, EP=EP, BH_FWD=cap if one_pass else bh_fwd, BH_BWD=bh_bwd,
         BH_COLS=bh_cols,
@@ -116,7 +123,12 @@ def pick_config(K: int, h: int, r: int, E: int, has_beta: bool,
         BT_COLS=max(1, 16 // KP),
         # one token of K > 16 slots with r > 16: dV and the parameter gradients together spilled
         # 8-60 bytes (fp32; compile report), so they run as two launches
-        SPLIT_COLS=KP > 16 and RP > 16,
+        SPLIT_COLS=(KP > 16 and RP > 16) or wide,
+        WIDE=wide, BH_STATE=min(cap, 16) if wide else 0,
+        # WIDE dV launch: M v in slot blocks holds no [KP, KP] tile, so its chunk can be wider
+        # (64 / 32 / 16 pairs at r <= 16 / 32 / 64: each wider choice spilled 258-3076 bytes;
+        # compile report); every chunk re-reads the token's M (4 K^2 bytes)
+        BH_DV=min(cap, 64 if RP <= 16 else 32 if RP <= 32 else 16) if wide else 0,
     )
 
 
@@ -210,13 +222,17 @@ def plan_forward(V, g, A, B, beta, ids, tau: float, eps: float):
     z = torch.empty((T, K, r), dtype=sd, device=V.device)
     d = torch.empty((T, K, r), dtype=sd, device=V.device)
     launches = []
-    if T > 0:
-        launches.append(Launch(radargate_fwd_kernel, (triton.cdiv(T, cfg.BT_FORWARD),), (
+    # one launch, or (WIDE) the state stage (n, C, rho, z) and then the rotating stage (d, y)
+    stages = ((1, cfg.BH_STATE), (2, cfg.BH_FWD)) if cfg.WIDE else ((0, cfg.BH_FWD),)
+    for stage, bh in stages if T > 0 else ():
+        kernel = radargate_fwd_wide_kernel if cfg.WIDE else radargate_fwd_kernel
+        launches.append(Launch(kernel, (triton.cdiv(T, cfg.BT_FORWARD),), (
             V, g, A, B, beta_t, ids_t, y, n, C, rho, z, d,
             T, K, h, r, E,
             *strides, *A.stride(), *B.stride(), *s_beta, *s_ids, *y.stride(),
-            1.0 / tau, eps), dict(meta, BT=cfg.BT_FORWARD, BH=cfg.BH_FWD, ONE_PASS=cfg.ONE_PASS,
-                                  V_PREC=_v_prec(V.dtype), num_warps=cfg.WARPS_FWD)))
+            1.0 / tau, eps), dict(meta, BT=cfg.BT_FORWARD, BH=bh, ONE_PASS=cfg.ONE_PASS,
+                                  V_PREC=_v_prec(V.dtype), num_warps=cfg.WARPS_FWD,
+                                  STAGE=stage)))
     return (y, n, C, rho, z, d), launches
 
 
@@ -265,26 +281,41 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
     pA = torch.empty((NB if need_a else 0, D, r), dtype=sd, device=V.device)
     launches = []
     if T > 0:
-        launches.append(Launch(radargate_bwd_rows_kernel, (n_blocks,), (
-            V, g, B, beta_t, ids_t, dy, n, C, rho, z, d, dg, dZ, M,
+        # WIDE: the row kernel stores grad_d = dalpha B^T (scratch), the chain kernel turns it
+        # into dZ and M
+        grad_d = torch.empty((T, K, r), dtype=sd, device=V.device) if cfg.WIDE else dZ
+        rows_kernel = radargate_bwd_rows_wide_kernel if cfg.WIDE else radargate_bwd_rows_kernel
+        launches.append(Launch(rows_kernel, (n_blocks,), (
+            V, g, B, beta_t, ids_t, dy, n, C, rho, z, d, dg, grad_d, M,
             T, K, h, r, E,
             *strides, *B.stride(), *s_beta, *s_ids, *dy.stride(),
             1.0 / tau, eps), dict(meta, BH=cfg.BH_BWD, EP=cfg.EP, TC=_tensor_cores(V.dtype),
-                                  BETA_TILE=E <= cfg.R, num_warps=cfg.WARPS_BWD)))
+                                  BETA_TILE=E <= cfg.R, num_warps=cfg.WARPS_BWD,
+                                  STAGE=1 if cfg.WIDE else 0)))
+        if cfg.WIDE:
+            launches.append(Launch(radargate_bwd_chain_kernel, (T,), (
+                n, C, rho, z, grad_d, dZ, M, K, r, 1.0 / tau, eps),
+                dict(KP=cfg.KP, RP=cfg.RP, ACC=meta["ACC"], num_warps=cfg.WARPS_BWD,
+                     num_stages=cfg.num_stages, maxnreg=255)))
         # dV and the parameter gradients in one launch, or (SPLIT_COLS) dV first, then the
         # parameter gradients in a second launch that reads expert_out and dy again
         needs = ([(True, need_a, need_b, need_beta)] if not cfg.SPLIT_COLS else
                  [(True, False, False, False)]
                  + ([(False, need_a, need_b, need_beta)] if need_a or need_b or need_beta else []))
         for need_dv, na, nb, nbeta in needs:
-            launches.append(Launch(radargate_bwd_columns_kernel, (n_chunks, NB), (
+            dv_only = cfg.WIDE and need_dv  # (WIDE always splits dV from the parameters)
+            bh = cfg.BH_DV if dv_only else cfg.BH_COLS
+            grid = ((triton.cdiv(h, bh), param_groups(n_col_blocks, triton.cdiv(h, bh), V.device))
+                    if dv_only else (n_chunks, NB))
+            launches.append(Launch(radargate_bwd_columns_kernel, grid, (
                 V, g, A, B, beta_t, ids_t, dy, d, dZ, M, dV, pB if nb else dZ,
                 pbeta if nbeta else dZ, pA if na else dZ,
                 T, K, h, r, E, n_col_blocks,
                 *strides, *A.stride(), *B.stride(), *s_beta, *s_ids, *dy.stride(), *dV.stride()),
-                dict(meta, BT=cfg.BT_COLS or cfg.BT, BH=cfg.BH_COLS, EP=cfg.EP,
+                dict(meta, BT=cfg.BT_COLS or cfg.BT, BH=bh, EP=cfg.EP,
                      BETA_TILE=cfg.EP <= 32, num_warps=cfg.WARPS_COLS, NEED_DV=need_dv,
-                     NEED_A=na, NEED_B=nb, NEED_BETA=nbeta)))
+                     NEED_A=na, NEED_B=nb, NEED_BETA=nbeta,
+                     MV_BLOCKS=dv_only)))
     return (dV, dg, pA, pB, pbeta), launches
 
 
