@@ -27,14 +27,19 @@ def _dalpha(dy1, dy2, v1, v2, cos_a, sin_a, g):
 
 
 @triton.jit
-def normalisation_matrix(drho, rho, C, n, same, tau_inv, eps):
-    """From drho [R, R] through the softmax and the cosines to the per-token matrix M [R, R]
-    with dv_i (relation part) = sum_j M_ij v_j: dC = rho (drho - rowsum(rho drho)) / tau,
-    S = dC + dC^T, q_i = <v^_i, dv^_i> = sum_j S_ij C_ij (0 where the eps floor held) and
-    M = S / (n n^T) - diag(q / n^2): (sum_j S_ij v_j / n_j - q_i v_i / n_i) / n_i."""
+def softmax_cosine_backward(drho, rho, C, n, same, tau_inv, eps):
+    """From drho [R, R] through the softmax and the cosines: dC = rho (drho - rowsum(rho drho))
+    / tau, S = dC + dC^T and q_i = <v^_i, dv^_i> = sum_j S_ij C_ij (0 where the eps floor held)
+    -> (S [R, R], q [R])."""
     dC = tl.where(same, rho * (drho - tl.sum(rho * drho, axis=1)[:, None]) * tau_inv, 0.0)
     S = dC + tl.trans(dC)
-    q = tl.where(n > eps, tl.sum(S * C, axis=1), 0.0)
+    return S, tl.where(n > eps, tl.sum(S * C, axis=1), 0.0)
+
+
+@triton.jit
+def normalisation_matrix(S, q, n):
+    """The normalisation's backward as one matrix on v: dv_i += (sum_j S_ij v_j / n_j - q_i v_i
+    / n_i) / n_i = sum_j M_ij v_j, M = S / (n n^T) - diag(q / n^2) -> M [R, R]."""
     inv_n = 1.0 / n
     ri = tl.arange(0, n.shape[0])
     Mt = S * inv_n[:, None] * inv_n[None, :]
@@ -95,10 +100,10 @@ def radargate_bwd_rows_kernel(
         else:
             grad_d += tl.dot(dalpha, tl.trans(Bc), input_precision="ieee", out_dtype=ACC)
 
-    tl.store(DG + flat, dg.to(DG.dtype.element_ty), mask=valid)
     if STAGE == 1:
-        # K > 32: grad_d goes where dZ would (a scratch buffer); radargate_bwd_chain_kernel
+        # WIDE: grad_d goes where dZ would (a scratch buffer); radargate_bwd_chain_kernel
         # runs the K x K chain from memory in slot blocks
+        tl.store(DG + flat, dg.to(DG.dtype.element_ty), mask=valid)
         store_rows(DZ, grad_d, flat, valid, r, RP)
     else:
         # K x K chain in registers
@@ -108,18 +113,20 @@ def radargate_bwd_rows_kernel(
         z = load_rows(Z, flat, valid, r, RP, ACC)
         drho = tl.where(off, tl.dot(grad_d, tl.trans(z), input_precision="ieee", out_dtype=ACC),
                         0.0)
+        S, q = softmax_cosine_backward(drho, rho, C, n, same, tau_inv, eps)
         dZ = block_dot(tl.trans(rho), grad_d, same, ACC) - grad_d
         dZ = tl.where(K > 1, dZ, 0.0)  # d = 0 when K = 1, so z gets no gradient
-        Mt = normalisation_matrix(drho, rho, C, n, same, tau_inv, eps)
+        Mt = normalisation_matrix(S, q, n)
+        tl.store(DG + flat, dg.to(DG.dtype.element_ty), mask=valid)
         store_rows(DZ, dZ, flat, valid, r, RP)
         tl.store(M + kk, Mt, mask=same)
-
 
 
 # The WIDE plan's first stage (STAGE 1) as its own compilation without Triton's h == 1 (D = 2)
 # specialisation: with it, fp32 at r > 32 with 128 experts spilled 296-528 bytes, without it 0;
 # the one-launch kernel keeps it (without it 8 bytes spilled at K = 32, r = 17, D = 2, fp16).
 radargate_bwd_rows_wide_kernel = triton.jit(radargate_bwd_rows_kernel.fn, do_not_specialize=["h"])
+
 
 @triton.jit
 def radargate_bwd_chain_kernel(
@@ -158,7 +165,8 @@ def radargate_bwd_chain_kernel(
     n = tl.load(N + flat, mask=valid, other=1.0).to(ACC)
     C = tl.load(CM + kk, mask=same, other=0.0).to(ACC)
     rho = tl.load(RHO + kk, mask=same, other=0.0).to(ACC)
-    Mt = normalisation_matrix(tl.where(off, drho, 0.0), rho, C, n, same, tau_inv, eps)
+    S, q = softmax_cosine_backward(tl.where(off, drho, 0.0), rho, C, n, same, tau_inv, eps)
+    Mt = normalisation_matrix(S, q, n)
     store_rows(DZ, tl.where(K > 1, dZ, 0.0), flat, valid, r, RP)
     tl.store(M + kk, Mt, mask=same)
 
