@@ -14,7 +14,7 @@ token group; the host sums the partials (deterministic, no atomics).
 import triton
 import triton.language as tl
 
-from .common import (angles, bias_of_rows, block_dot, block_masks, dot_tf32x2, expert_of_row,
+from .common import (block_dot, block_masks, cos_sin_angles, dot_tf32x2, expert_of_row,
                      kk_offsets, load_halves, load_param_chunk, load_rows, load_token_halves,
                      pair_offsets, rotate, row_ids, store_rows, token_rows)
 
@@ -86,13 +86,12 @@ def radargate_bwd_rows_kernel(
                                      BH, ACC)
         Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, ACC)
         v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :], ACC)
-        alpha = angles(d, Bc, BETA, eid, valid, cols, cmask, stride_beta_e, stride_beta_h,
-                       HAS_BETA and not BETA_TILE, ACC, TC)
         if HAS_BETA and BETA_TILE:
-            alpha += bias_of_rows(load_param_chunk(BETA, er, cols, E, h, stride_beta_e,
-                                                   stride_beta_h, ACC), eid, valid)
-        cos_a = tl.cos(alpha)
-        sin_a = tl.sin(alpha)
+            beta_c = load_param_chunk(BETA, er, cols, E, h, stride_beta_e, stride_beta_h, ACC)
+        else:
+            beta_c = Bc  # not read
+        cos_a, sin_a = cos_sin_angles(d, Bc, BETA, beta_c, eid, valid, cols, cmask,
+                                      stride_beta_e, stride_beta_h, HAS_BETA, BETA_TILE, ACC, TC)
         u1, u2, dalpha = _dalpha(dy1, dy2, v1, v2, cos_a, sin_a, g)
         dg += tl.sum(dy1 * u1 + dy2 * u2, axis=1)
         if TC:
@@ -225,6 +224,8 @@ def radargate_bwd_columns_kernel(
         a2 = load_param_chunk(A + h * stride_a_d, cols, rr, h, r, stride_a_d, stride_a_r, ACC)
     if HAS_BETA and BETA_TILE:
         beta_c = load_param_chunk(BETA, er, cols, E, h, stride_beta_e, stride_beta_h, ACC)
+    else:
+        beta_c = Bc  # not read
     acc_b = tl.zeros((RP, BH), dtype=ACC)
     acc_beta = tl.zeros((EP, BH), dtype=ACC)
     acc_a1 = tl.zeros((BH, RP), dtype=ACC)
@@ -245,12 +246,8 @@ def radargate_bwd_columns_kernel(
                         other=0.0).to(ACC)
             d = load_rows(CTX, flat, valid, r, RP, ACC)
             eid = expert_of_row(IDS, tok, slot, valid, stride_ids_t, stride_ids_k, E, HAS_IDS)
-            alpha = angles(d, Bc, BETA, eid, valid, cols, cmask, stride_beta_e, stride_beta_h,
-                           HAS_BETA and not BETA_TILE, ACC)
-            if HAS_BETA and BETA_TILE:
-                alpha += bias_of_rows(beta_c, eid, valid)
-            cos_a = tl.cos(alpha)
-            sin_a = tl.sin(alpha)
+            cos_a, sin_a = cos_sin_angles(d, Bc, BETA, beta_c, eid, valid, cols, cmask,
+                                          stride_beta_e, stride_beta_h, HAS_BETA, BETA_TILE, ACC)
         if NEED_DV:
             # dV = g R(-alpha) dy + M v + dZ A^T
             dv1, dv2 = rotate(dy1, dy2, cos_a, -sin_a)

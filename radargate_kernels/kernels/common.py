@@ -151,15 +151,30 @@ def bias_of_rows(tile, eid, valid):
 
 
 @triton.jit
+def cos_sin_angles(d, Bc, beta_ptr, beta_tile, eid, valid, cols, cmask, stride_beta_e,
+                   stride_beta_h, HAS_BETA: tl.constexpr, BETA_TILE: tl.constexpr,
+                   ACC: tl.constexpr, TC: tl.constexpr = False):
+    """The per-chunk angle sequence of every kernel that rotates: alpha = d Bc + the angle_bias
+    row of each row's expert (gathered per row from ``beta_ptr``, or with BETA_TILE selected in
+    registers from ``beta_tile`` [EP, BH], the chunk of all experts) -> (cos alpha, sin alpha),
+    each [R, BH]. TC: d Bc on tensor cores (angles)."""
+    alpha = angles(d, Bc, beta_ptr, eid, valid, cols, cmask, stride_beta_e, stride_beta_h,
+                   HAS_BETA and not BETA_TILE, ACC, TC)
+    if HAS_BETA and BETA_TILE:
+        alpha += bias_of_rows(beta_tile, eid, valid)
+    return tl.cos(alpha), tl.sin(alpha)
+
+
+@triton.jit
 def load_chunk_angles(V, voff, cols, h, stride_v_d, d, Bc, beta_ptr, eid, valid, cmask,
                       stride_beta_e, stride_beta_h, HAS_BETA: tl.constexpr, ACC: tl.constexpr):
-    """The per-chunk sequence of every pass that rotates: load v's column pairs (cols, cols + h)
-    of the rows at ``voff``, angles alpha = d Bc (+ beta[ids]) -> (v1, v2, cos alpha, sin alpha),
-    each [R, BH]."""
+    """Load v's column pairs (cols, cols + h) of the rows at ``voff`` and the chunk's angles
+    (cos_sin_angles, angle_bias gathered per row) -> (v1, v2, cos alpha, sin alpha), each
+    [R, BH]."""
     v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :], ACC)
-    alpha = angles(d, Bc, beta_ptr, eid, valid, cols, cmask, stride_beta_e, stride_beta_h,
-                   HAS_BETA, ACC)
-    return v1, v2, tl.cos(alpha), tl.sin(alpha)
+    cos_a, sin_a = cos_sin_angles(d, Bc, beta_ptr, Bc, eid, valid, cols, cmask, stride_beta_e,
+                                  stride_beta_h, HAS_BETA, False, ACC)
+    return v1, v2, cos_a, sin_a
 
 
 @triton.jit

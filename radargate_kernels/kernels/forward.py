@@ -9,7 +9,7 @@ expert_out is read once. Saves the small per-token state (n, C, rho, z, d) for t
 import triton
 import triton.language as tl
 
-from .common import (angles, block_dot, block_masks, expert_of_row, kk_offsets,
+from .common import (block_dot, block_masks, cos_sin_angles, expert_of_row, kk_offsets,
                      load_chunk_angles, load_halves, load_param_chunk, pair_offsets,
                      relational_context, rotate, row_ids, store_rows)
 
@@ -151,9 +151,9 @@ def radargate_fwd_kernel(
             cols = tl.arange(0, BH)
             cmask = cols < h
             Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, ACC)
-            alpha = angles(d, Bc, BETA, eid, valid, cols, cmask, stride_beta_e, stride_beta_h,
-                           HAS_BETA, ACC)
-            u1, u2 = rotate(v1, v2, tl.cos(alpha), tl.sin(alpha))
+            cos_a, sin_a = cos_sin_angles(d, Bc, BETA, Bc, eid, valid, cols, cmask,
+                                          stride_beta_e, stride_beta_h, HAS_BETA, False, ACC)
+            u1, u2 = rotate(v1, v2, cos_a, sin_a)
             _stretch_sum_store(Y, g * m, u1, u2, tb, T, cols, cmask, h, stride_y_t, stride_y_d, KP,
                                BT, BH)
         else:
