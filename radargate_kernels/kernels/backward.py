@@ -10,6 +10,11 @@ backward to v: dv_i (relation part) = sum_j M_ij v_j.
 feature chunk: it recomputes the angles and writes dV = g R(-alpha) dy + M v + dZ A^T, and reduces
 the parameter gradients dB, dbeta and dA over its tokens in registers into one fp32 partial per
 token group; the host sums the partials (deterministic, no atomics).
+
+The WIDE plan (K > 32, or K > 16 with r > 32; launch.pick_config) runs one token per program:
+the row kernel's first stage stores grad_d, ``radargate_bwd_chain_kernel`` runs the K x K chain
+from memory over blocks of 16 slots or ranks, and the column kernel runs as a dV launch (M v
+over slot blocks, ``_mv_blocks``) and a parameter launch: expert_out is read three times.
 """
 import triton
 import triton.language as tl
@@ -134,10 +139,10 @@ def radargate_bwd_chain_kernel(
     K, r, tau_inv, eps,
     KP: tl.constexpr, RP: tl.constexpr, ACC: tl.constexpr,
 ):
-    """The row kernel's K x K chain for K > 32, one token per program, from memory: drho =
-    grad_d z^T over rank blocks of 16 and dZ = rho^T grad_d - grad_d over slot blocks of 16,
-    so no dot operand holds all 64 slots or 64 ranks (in registers that spilled, compile
-    report)."""
+    """The row kernel's K x K chain in the WIDE plan (K > 32, or K > 16 with r > 32), one token
+    per program, from memory: drho = grad_d z^T over rank blocks of 16 and dZ = rho^T grad_d -
+    grad_d over slot blocks of 16, so no dot operand holds all 64 slots or 64 ranks (in
+    registers that spilled, compile report)."""
     t = tl.program_id(0)
     slot = tl.arange(0, KP)
     valid = slot < K
@@ -174,8 +179,8 @@ def radargate_bwd_chain_kernel(
 def _mv_blocks(M, V, t, slot, valid, cols, cmask, K, h, stride_v_t, stride_v_k, stride_v_d,
                KP: tl.constexpr, BH: tl.constexpr, ACC: tl.constexpr):
     """M v for the columns ``cols`` of one token ``t`` (rows = its KP slots), over blocks of 16
-    slots loaded from memory (M [T, K, K], V [T, K, D]) -> two [KP, BH] tiles: K > 32, where
-    the product with the whole [KP, KP] tile in registers spilled (compile report)."""
+    slots loaded from memory (M [T, K, K], V [T, K, D]) -> two [KP, BH] tiles: the WIDE plan,
+    where the product with the whole [KP, KP] tile in registers spilled (compile report)."""
     mv1 = tl.zeros((KP, BH), dtype=ACC)
     mv2 = tl.zeros((KP, BH), dtype=ACC)
     t64 = tl.cast(t, tl.int64)

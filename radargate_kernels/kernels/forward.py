@@ -5,6 +5,7 @@ squares never overflow) and z = V A; the relation map, softmax and d = rho z - z
 registers; pass 2 rotates, stretches and sums into y. With ``ONE_PASS`` (rows narrow enough for
 one [R, D/2] tile, launch.pick_config) the tile loaded for the Gram matrix is kept and rotated:
 expert_out is read once. Saves the small per-token state (n, C, rho, z, d) for the backward.
+The WIDE plan (K > 32, or K > 16 with r > 32) runs the two passes as two launches (STAGE).
 """
 import triton
 import triton.language as tl
@@ -75,10 +76,10 @@ def radargate_fwd_kernel(
     HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr, V_PREC: tl.constexpr,
     ONE_PASS: tl.constexpr, STAGE: tl.constexpr = 0,
 ):
-    # STAGE 0: the whole forward in one launch. K > 32 (one token of 64 rows per program) runs
-    # it as two launches whose tiles fit: STAGE 1 stores n, C, rho and z (pass 1, relation);
-    # STAGE 2 computes d = rho z - z from them in slot blocks (relational_context), stores d and
-    # rotates (pass 2).
+    # STAGE 0: the whole forward in one launch. The WIDE plan (K > 32, or K > 16 with r > 32;
+    # one token per program) runs it as two launches whose tiles fit: STAGE 1 stores n, C, rho
+    # and z (pass 1, relation); STAGE 2 computes d = rho z - z from them in slot blocks
+    # (relational_context), stores d and rotates (pass 2).
     blk = tl.program_id(0)
     R: tl.constexpr = BT * KP
     tok, slot, valid = row_ids(blk, T, K, KP, BT)

@@ -49,7 +49,7 @@ class LaunchConfig:
     BT_FWD: int = 0          # forward's tokens per program (0: BT)
     BT_COLS: int = 0         # backward column kernel's tokens per step (0: BT)
     SPLIT_COLS: bool = False  # backward column kernel: dV and parameter gradients as two launches
-    WIDE: bool = False        # K > 32: forward and backward row kernels in two stages, the K x K
+    WIDE: bool = False        # K > 32 or (K > 16, r > 32): forward and row kernels in stages, K x K
     #                           products in slot blocks from memory
     BH_STATE: int = 0         # WIDE: the forward's first stage (Gram matrix and z)
     BH_DV: int = 0            # WIDE: the column kernel's dV launch (pairs per program)
