@@ -95,10 +95,16 @@ def pick_config(K: int, h: int, r: int, E: int, has_beta: bool,
     # backward column kernel (R = 16 rows, or one token at K > 16): 64 pairs where its dV, dA,
     # dB and dbeta tiles fit, half that per step up in rank or angle_bias width, 16 at K > 16
     # or r > 32 (each wider choice spilled 8-2200 bytes, compile report)
+    wide = K > WIDE_K or (KP > 16 and RP > 32)
     if KP > 16 or RP > 32:
         bh_cols = 16
     else:
         bh_cols = (64 if RP <= 16 else 32) // (2 if EP > 32 else 1)
+    if wide and EP <= 64 and KP * RP < 64 * 64:
+        # the WIDE plan's parameter launch (no dV in it): 32 pairs fit up to 64 experts except
+        # at 64 slots with r > 32 (684-996 bytes spilled there; 128 experts: 376-1648); every
+        # chunk re-reads the rows' d and dZ (8 r bytes per row)
+        bh_cols = 32
     bh_cols = min(cap, bh_cols)
     # single-pass forward: when a program's whole rows fit a [R, D/2] tile of at most
     # ONE_PASS_ELEMS elements per half, with R as small as tl.dot allows (16 rows, or K padded),
@@ -107,7 +113,6 @@ def pick_config(K: int, h: int, r: int, E: int, has_beta: bool,
     # (176-1256 B on sm_90, ieee fp32 dots), fp16/bf16 up to 16 x 256 and 32 x 128 did not
     # (compile report; docs/launch_config.md).
     one_rows = max(16, KP)
-    wide = K > WIDE_K or (KP > 16 and RP > 32)
     one_pass = small_rank and itemsize <= 2 and one_rows * cap <= ONE_PASS_ELEMS and not wide
     if wide:
         # one 64-row token per program: 32 pairs in the rotating stage (64 spilled 144 bytes
