@@ -128,6 +128,27 @@ def test_parameter_gradients_are_skipped_when_the_gate_needs_no_gradient(monkeyp
     assert torch.equal(dV, g_all["expert_out"]) and torch.equal(dg, g_all["weights"])
 
 
+@pytest.mark.parametrize("K,r,wide", [(32, 32, False), (33, 2, True), (17, 33, True)])
+def test_wide_plan_is_chosen_above_32_slots_or_rank_32_and_drops_the_parameter_launch_if_frozen(
+        K, r, wide):
+    import radargate_kernels.kernels.launch as L
+    p = make_problem(2, K, 6, r, bias=True, ids=True, seed=3)
+    V, g, A, B, beta, ids = (p[k] for k in ("expert_out", "weights", "rot_down", "rot_up",
+                                             "angle_bias", "expert_ids"))
+    (y, *state), fwd = L.plan_forward(V, g, A, B, beta, ids, 1.0, 1e-6)
+    assert [ln.meta["STAGE"] for ln in fwd] == ([1, 2] if wide else [0])
+    dy = torch.ones_like(y)
+    for need, n_param in (((True, True, True), 1), ((False, False, False), 0)):
+        _, bwd = L.plan_backward(dy, V, g, A, B, beta, ids, *state, 1.0, 1e-6, need)
+        names = [ln.kernel.fn.__name__ for ln in bwd]
+        if wide:
+            assert names == (["radargate_bwd_rows_kernel", "radargate_bwd_chain_kernel"]
+                             + ["radargate_bwd_columns_kernel"] * (1 + n_param))
+            assert bwd[0].meta["STAGE"] == 1 and bwd[2].meta["MV_BLOCKS"]
+        else:
+            assert "radargate_bwd_chain_kernel" not in names and bwd[0].meta["STAGE"] == 0
+
+
 @pytest.mark.parametrize("trained", [("rot_down",), ("rot_up",), ("angle_bias",),
                                      ("rot_up", "angle_bias")])
 def test_parameter_kernel_computes_only_the_gradients_asked_for(trained):
