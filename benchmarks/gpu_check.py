@@ -7,7 +7,7 @@
    and every gradient, with the kernels on the device and the float64 truth on the CPU, under
    the same per-dtype tolerance table (tests/tolerances.py).
 2. Timing: ``triton.testing.do_bench`` (median ms) of radar_gate's kernels against the naive
-   reference, the compiled reference and plain weighted-sum gating, and of the fused layer
+   reference, the compiled reference and plain weighted-sum gating (K = 8 and K = 40), and of the fused layer
    against the materialized one.
 3. A markdown report (``--out``) with the device, the versions, every failure and the timings.
 
@@ -85,24 +85,26 @@ def timings(log):
     dev, dt = "cuda", torch.bfloat16
     gen = torch.Generator().manual_seed(0)
     rows = []
-    T, K, D, r = 4096, 8, 4096, 8
-    V = torch.randn(T, K, D, generator=gen).to(dev, dt).requires_grad_(True)
-    g = torch.softmax(torch.randn(T, K, generator=gen), -1).to(dev, dt).requires_grad_(True)
-    A = (torch.randn(D, r, generator=gen) / D ** 0.5).to(dev, dt).requires_grad_(True)
-    B = (torch.randn(r, D // 2, generator=gen) / r ** 0.5).to(dev, dt).requires_grad_(True)
-    compiled = torch.compile(radar_gate_reference, dynamic=False)
-    providers = {
-        "radargate (Triton)": lambda: radar_gate(V, g, A, B, backend="triton"),
-        "naive (reference, eager)": lambda: radar_gate_reference(V, g, A, B),
-        "naive_compile": lambda: compiled(V, g, A, B),
-        "weighted_sum (floor)": lambda: torch.einsum("tk,tkd->td", g, V),
-    }
-    dy = torch.randn(T, D, device=dev, dtype=dt)
-    for name, f in providers.items():
-        fwd = triton.testing.do_bench(f)
-        fb = triton.testing.do_bench(lambda: torch.autograd.grad(f(), (V, g), dy))
-        rows.append((f"radar_gate T={T} K={K} D={D} r={r} bf16", name, fwd, fb))
-        log(f"  {name:28s} forward {fwd:8.3f} ms   forward+backward {fb:8.3f} ms")
+    # the paper's 40 experts (the WIDE launch plan, K > 32), then the benchmark shape, whose T,
+    # D, rot_down, rot_up and dy the layer timings below reuse
+    for T, K, D, r in ((1024, 40, 4096, 8), (4096, 8, 4096, 8)):
+        V = torch.randn(T, K, D, generator=gen).to(dev, dt).requires_grad_(True)
+        g = torch.softmax(torch.randn(T, K, generator=gen), -1).to(dev, dt).requires_grad_(True)
+        A = (torch.randn(D, r, generator=gen) / D ** 0.5).to(dev, dt).requires_grad_(True)
+        B = (torch.randn(r, D // 2, generator=gen) / r ** 0.5).to(dev, dt).requires_grad_(True)
+        compiled = torch.compile(radar_gate_reference, dynamic=False)
+        providers = {
+            "radargate (Triton)": lambda: radar_gate(V, g, A, B, backend="triton"),
+            "naive (reference, eager)": lambda: radar_gate_reference(V, g, A, B),
+            "naive_compile": lambda: compiled(V, g, A, B),
+            "weighted_sum (floor)": lambda: torch.einsum("tk,tkd->td", g, V),
+        }
+        dy = torch.randn(T, D, device=dev, dtype=dt)
+        for name, f in providers.items():
+            fwd = triton.testing.do_bench(f)
+            fb = triton.testing.do_bench(lambda: torch.autograd.grad(f(), (V, g), dy))
+            rows.append((f"radar_gate T={T} K={K} D={D} r={r} bf16", name, fwd, fb))
+            log(f"  {name:28s} forward {fwd:8.3f} ms   forward+backward {fb:8.3f} ms")
     # fused layer vs materialized: T tokens, in = out = D, E = 8 experts of rank 8, dense
     E, rk = 8, 8
     x = torch.randn(T, D, generator=gen).to(dev, dt).requires_grad_(True)
