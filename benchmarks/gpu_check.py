@@ -7,8 +7,8 @@
    and every gradient, with the kernels on the device and the float64 truth on the CPU, under
    the same per-dtype tolerance table (tests/tolerances.py).
 2. Timing: ``triton.testing.do_bench`` (median ms) of radar_gate's kernels against the naive
-   reference, the compiled reference and plain weighted-sum gating (K = 8 and K = 40), and of the fused layer
-   against the materialized one.
+   reference, the compiled reference and plain weighted-sum gating (K = 8 and K = 40), and of
+   the fused layer against the materialized one.
 3. A markdown report (``--out``) with the device, the versions, every failure and the timings.
 
 Without CUDA it prints why and exits 0 (nothing to check on this machine). ``--device cpu``
