@@ -145,10 +145,13 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
                     for part in parts:
                         jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=K, D=4096, r=8,
                                          E=E, large=True, part=part))
-            # the parameter kernel computing only some of dA, dB, dbeta (frozen gate parts)
+            # the parameter kernel computing only some of dA, dB, dbeta (frozen gate parts), in
+            # the one-launch plan and in the WIDE plan's parameter launch (part 1)
             for need in PARTIAL_NEEDS:
                 jobs.append(dict(arch=arch, dtype=dtype, kernel="radargate_bwd_columns_kernel",
                                  K=8, D=4096, r=8, E=16, need=need))
+                jobs.append(dict(arch=arch, dtype=dtype, kernel="radargate_bwd_columns_kernel",
+                                 K=40, D=4096, r=8, E=64, need=need, part=1))
             for (r, rg, out, flags) in (LORA_QUICK if quick else LORA_FULL):
                 cfg = pick_lora_config(r, rg, out // 2)
                 for kern in LORA_KERNELS:
