@@ -134,10 +134,19 @@ def angles(d, Bc, beta_ptr, eid, valid, cols, cmask, stride_beta_e, stride_beta_
     else:
         alpha = tl.dot(d, Bc, input_precision="ieee", out_dtype=ACC)
     if HAS_BETA:
-        m = (valid & (eid >= 0))[:, None] & cmask[None, :]
-        off = eid.to(tl.int64)[:, None] * stride_beta_e + cols[None, :].to(tl.int64) * stride_beta_h
-        alpha += tl.load(beta_ptr + off, mask=m, other=0.0).to(ACC)
+        alpha += gather_bias_rows(beta_ptr, eid, valid, cols, cmask, stride_beta_e,
+                                  stride_beta_h, ACC)
     return alpha
+
+
+@triton.jit
+def gather_bias_rows(beta_ptr, eid, valid, cols, cmask, stride_beta_e, stride_beta_h,
+                     ACC: tl.constexpr):
+    """Columns ``cols`` of each row's angle_bias row, read per row -> [R, BH]; 0 for rows
+    without an expert (eid -1)."""
+    m = (valid & (eid >= 0))[:, None] & cmask[None, :]
+    off = eid.to(tl.int64)[:, None] * stride_beta_e + cols[None, :].to(tl.int64) * stride_beta_h
+    return tl.load(beta_ptr + off, mask=m, other=0.0).to(ACC)
 
 
 @triton.jit
@@ -151,17 +160,40 @@ def bias_of_rows(tile, eid, valid):
 
 
 @triton.jit
+def bias_rows_by_dot(tile, eid, valid, PREC: tl.constexpr, ACC: tl.constexpr):
+    """bias_of_rows as a one-hot product: onehot(eid) [R, EP] @ tile [EP, BH] -> [R, BH], exact
+    on tensor cores (PREC "tf32": a 0/1 weight times an fp16/bf16 value, exact in tf32, plus
+    zeros). The tile stays a dot operand instead of a gather source (the gather spilled 72-128
+    bytes in the single-pass forward at sm_80, compile report). Every entry must be finite (a
+    non-finite one would reach every row through 0 * inf): see cos_sin_angles."""
+    ok = valid & (eid >= 0)
+    onehot = ((eid[:, None] == tl.arange(0, tile.shape[0])[None, :]) & ok[:, None]).to(ACC)
+    return tl.dot(onehot, tile.to(ACC), input_precision=PREC, out_dtype=ACC)
+
+
+@triton.jit
 def cos_sin_angles(d, Bc, beta_ptr, beta_tile, eid, valid, cols, cmask, stride_beta_e,
                    stride_beta_h, HAS_BETA: tl.constexpr, BETA_TILE: tl.constexpr,
-                   ACC: tl.constexpr, TC: tl.constexpr = False):
+                   ACC: tl.constexpr, TC: tl.constexpr = False, BY_DOT: tl.constexpr = False,
+                   tile_bad=False, PREC: tl.constexpr = "tf32"):
     """The per-chunk angle sequence of every kernel that rotates: alpha = d Bc + the angle_bias
     row of each row's expert (gathered per row from ``beta_ptr``, or with BETA_TILE selected in
     registers from ``beta_tile`` [EP, BH], the chunk of all experts) -> (cos alpha, sin alpha),
-    each [R, BH]. TC: d Bc on tensor cores (angles)."""
+    each [R, BH]. TC: d Bc on tensor cores (angles). BY_DOT: the tile's rows are selected by a
+    one-hot product (bias_rows_by_dot, precision PREC), except where ``tile_bad`` (the tile holds
+    a non-finite value): then they are gathered per row from memory, so such a value reaches
+    only the rows of its expert."""
     alpha = angles(d, Bc, beta_ptr, eid, valid, cols, cmask, stride_beta_e, stride_beta_h,
                    HAS_BETA and not BETA_TILE, ACC, TC)
     if HAS_BETA and BETA_TILE:
-        alpha += bias_of_rows(beta_tile, eid, valid)
+        if BY_DOT:
+            if tile_bad:
+                alpha += gather_bias_rows(beta_ptr, eid, valid, cols, cmask, stride_beta_e,
+                                          stride_beta_h, ACC)
+            else:
+                alpha += bias_rows_by_dot(beta_tile, eid, valid, PREC, ACC)
+        else:
+            alpha += bias_of_rows(beta_tile, eid, valid)
     return tl.cos(alpha), tl.sin(alpha)
 
 

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .common import (block_dot, block_masks, cos_sin_angles, expert_of_row, kk_offsets,
-                     load_chunk_angles, load_halves, load_param_chunk, pair_offsets,
+                     load_chunk_angles, load_halves, load_param_chunk, non_finite, pair_offsets,
                      relational_context, rotate, row_ids, store_rows)
 
 
@@ -41,13 +41,18 @@ def relation(gram, m, valid, K, tau_inv, eps, KP: tl.constexpr, BT: tl.constexpr
 
 
 @triton.jit
-def _z_chunk(v1, v2, A, cols, rr, h, r, stride_a_d, stride_a_r, V_PREC: tl.constexpr,
-             ACC: tl.constexpr):
-    """z contribution of the column pairs ``cols``: v1 A[cols] + v2 A[cols + h] -> [R, RP]."""
-    a1 = load_param_chunk(A, cols, rr, h, r, stride_a_d, stride_a_r, ACC)
-    a2 = load_param_chunk(A + h * stride_a_d, cols, rr, h, r, stride_a_d, stride_a_r, ACC)
-    return (tl.dot(v1, a1, input_precision=V_PREC, out_dtype=ACC)
-            + tl.dot(v2, a2, input_precision=V_PREC, out_dtype=ACC))
+def _a_halves(A, cols, rr, h, r, stride_a_d, stride_a_r, DT: tl.constexpr):
+    """Rows ``cols`` and ``cols + h`` of A -> two [BH, RP] tiles in DT."""
+    a1 = load_param_chunk(A, cols, rr, h, r, stride_a_d, stride_a_r, DT)
+    a2 = load_param_chunk(A + h * stride_a_d, cols, rr, h, r, stride_a_d, stride_a_r, DT)
+    return a1, a2
+
+
+@triton.jit
+def _z_of(v1, v2, a1, a2, V_PREC: tl.constexpr, ACC: tl.constexpr):
+    """z contribution of one chunk of column pairs: v1 a1 + v2 a2 -> [R, RP]."""
+    return (tl.dot(v1, a1.to(ACC), input_precision=V_PREC, out_dtype=ACC)
+            + tl.dot(v2, a2.to(ACC), input_precision=V_PREC, out_dtype=ACC))
 
 
 @triton.jit
@@ -63,59 +68,130 @@ def _stretch_sum_store(Y, g, u1, u2, tb, T, cols, cmask, h, stride_y_t, stride_y
 
 
 @triton.jit
+def _relation_and_state(gram, m, z, tok, slot, valid, K, r, tau_inv, eps, N, CM, RHO, Z, CTX,
+                        KP: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr,
+                        ACC: tl.constexpr, STAGE: tl.constexpr):
+    """SPEC steps 1-3 in registers from the Gram tile and z; stores the saved state n, C, rho, z
+    and (STAGE 0) d -> d [R, RP] (STAGE 1: z, unused; stage 2 computes d)."""
+    n, C, rho, same = relation(gram, m, valid, K, tau_inv, eps, KP, BT)
+    flat = tok * K + slot
+    tl.store(N + flat, n, mask=valid)
+    kk = kk_offsets(tok, slot, K)
+    tl.store(CM + kk, C, mask=same)
+    tl.store(RHO + kk, rho, mask=same)
+    store_rows(Z, z, flat, valid, r, RP)
+    d = z
+    if STAGE == 0:
+        d = block_dot(rho, z, same, ACC) - z
+        d = tl.where(K > 1, d, 0.0)  # SPEC: with K = 1, d = 0
+        store_rows(CTX, d, flat, valid, r, RP)
+    return d
+
+
+@triton.jit
+def _one_pass_block(blk, V, G, IDS, Y, N, CM, RHO, Z, CTX, a1, a2, Bc, BETA, beta_tile, beta_bad,
+                    T, K, h, r, E,
+                    stride_v_t, stride_v_k, stride_v_d, stride_g_t, stride_g_k, stride_beta_e,
+                    stride_beta_h, stride_ids_t, stride_ids_k, stride_y_t, stride_y_d,
+                    tau_inv, eps,
+                    KP: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BH: tl.constexpr,
+                    HAS_BETA: tl.constexpr, BETA_TILE: tl.constexpr, HAS_IDS: tl.constexpr,
+                    ACC: tl.constexpr, V_PREC: tl.constexpr):
+    """The whole forward of token block ``blk`` from one [R, BH >= h] tile of its rows (loaded
+    once, kept for the rotation), with the parameter tiles a1, a2 (A), Bc (B) and beta_tile
+    (angle_bias, BETA_TILE; beta_bad: it holds a non-finite value) loaded by the caller."""
+    tok, slot, valid = row_ids(blk, T, K, KP, BT)
+    voff = tok * stride_v_t + slot.to(tl.int64) * stride_v_k
+    cols = tl.arange(0, BH)
+    cmask = cols < h
+    # the tile is kept in expert_out's own dtype (half the registers of a widened copy)
+    v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :],
+                         V.dtype.element_ty)
+    z = _z_of(v1.to(ACC), v2.to(ACC), a1, a2, V_PREC, ACC)
+    m = tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1)).to(ACC)
+    inv = 1.0 / tl.where(m > 0, m, 1.0)
+    # Gram matrix of the scaled rows v / m (no square overflows)
+    s1 = v1.to(ACC) * inv[:, None]
+    s2 = v2.to(ACC) * inv[:, None]
+    gram = tl.dot(s1, tl.trans(s1), input_precision=V_PREC, out_dtype=ACC)
+    gram += tl.dot(s2, tl.trans(s2), input_precision=V_PREC, out_dtype=ACC)
+    d = _relation_and_state(gram, m, z, tok, slot, valid, K, r, tau_inv, eps, N, CM, RHO, Z, CTX,
+                            KP, BT, RP, ACC, 0)
+    g = tl.load(G + tok * stride_g_t + slot.to(tl.int64) * stride_g_k, mask=valid,
+                other=0.0).to(ACC)
+    eid = expert_of_row(IDS, tok, slot, valid, stride_ids_t, stride_ids_k, E, HAS_IDS)
+    cos_a, sin_a = cos_sin_angles(d, Bc.to(ACC), BETA, beta_tile, eid, valid, cols, cmask,
+                                  stride_beta_e, stride_beta_h, HAS_BETA, BETA_TILE, ACC,
+                                  BY_DOT=True, tile_bad=beta_bad, PREC=V_PREC)
+    u1, u2 = rotate(v1.to(ACC), v2.to(ACC), cos_a, sin_a)
+    _stretch_sum_store(Y, g, u1, u2, blk * BT + tl.arange(0, BT), T, cols, cmask, h,
+                       stride_y_t, stride_y_d, KP, BT, BH)
+
+
+@triton.jit
 def radargate_fwd_kernel(
     V, G, A, B, BETA, IDS,              # inputs
     Y, N, CM, RHO, Z, CTX,              # outputs: y [T, D]; state n [T,K], C, rho [T,K,K], z and
                                         # the relational context d (CTX) [T,K,r]
-    T, K, h, r, E,
+    T, K, h, r, E, GROUP,
     stride_v_t, stride_v_k, stride_v_d, stride_g_t, stride_g_k, stride_a_d, stride_a_r,
     stride_b_r, stride_b_h, stride_beta_e, stride_beta_h, stride_ids_t, stride_ids_k,
     stride_y_t, stride_y_d,
     tau_inv, eps,
     KP: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BH: tl.constexpr,
     HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr, V_PREC: tl.constexpr,
-    ONE_PASS: tl.constexpr, STAGE: tl.constexpr = 0,
+    ONE_PASS: tl.constexpr, STAGE: tl.constexpr = 0, EP: tl.constexpr = 16,
+    BETA_TILE: tl.constexpr = False,
 ):
-    # STAGE 0: the whole forward in one launch. The WIDE plan (K > 32, or K > 16 with r > 32;
-    # one token per program) runs it as two launches whose tiles fit: STAGE 1 stores n, C, rho
-    # and z (pass 1, relation); STAGE 2 computes d = rho z - z from them in slot blocks
-    # (relational_context), stores d and rotates (pass 2).
-    blk = tl.program_id(0)
-    R: tl.constexpr = BT * KP
-    tok, slot, valid = row_ids(blk, T, K, KP, BT)
-    voff = tok * stride_v_t + slot.to(tl.int64) * stride_v_k
+    # ONE_PASS: a program runs GROUP consecutive token blocks, each from one kept tile of its
+    # rows; the parameter tiles (A, B and with BETA_TILE all of angle_bias, [EP, BH]) are loaded
+    # once per program in their own dtype and reused by every block.
+    # Otherwise one token block per program, two passes over D. STAGE 0: the whole forward in
+    # one launch. The WIDE plan (K > 32, or K > 16 with r > 32; one token per program) runs it as
+    # two launches whose tiles fit: STAGE 1 stores n, C, rho and z (pass 1, relation); STAGE 2
+    # computes d = rho z - z from them in slot blocks (relational_context), stores d and rotates
+    # (pass 2).
+    pid = tl.program_id(0)
     rr = tl.arange(0, RP)
-
-    if STAGE == 2:
-        d = relational_context(RHO, Z, blk, slot, valid, K, r, KP, RP, ACC)
-        store_rows(CTX, d, tok * K + slot, valid, r, RP)
+    if ONE_PASS:
+        cols = tl.arange(0, BH)
+        a1, a2 = _a_halves(A, cols, rr, h, r, stride_a_d, stride_a_r, A.dtype.element_ty)
+        Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, B.dtype.element_ty)
+        beta_tile = Bc  # (not read without BETA_TILE)
+        beta_bad = False
+        if HAS_BETA and BETA_TILE:
+            beta_tile = load_param_chunk(BETA, tl.arange(0, EP), cols, E, h, stride_beta_e,
+                                         stride_beta_h, BETA.dtype.element_ty)
+            beta_bad = tl.sum(non_finite(beta_tile).to(tl.int32)) > 0
+        stop = tl.minimum(pid * GROUP + GROUP, tl.cdiv(T, BT))
+        for blk in range(pid * GROUP, stop):
+            _one_pass_block(blk, V, G, IDS, Y, N, CM, RHO, Z, CTX, a1, a2, Bc, BETA, beta_tile,
+                            beta_bad, T, K, h, r, E,
+                            stride_v_t, stride_v_k, stride_v_d, stride_g_t, stride_g_k,
+                            stride_beta_e, stride_beta_h, stride_ids_t, stride_ids_k,
+                            stride_y_t, stride_y_d, tau_inv, eps,
+                            KP, BT, RP, BH, HAS_BETA, BETA_TILE, HAS_IDS, ACC, V_PREC)
     else:
-        if ONE_PASS:
-            # the whole row in one [R, BH >= h] tile: loaded once, kept for the rotation below
-            cols = tl.arange(0, BH)
-            cmask = cols < h
-            v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :], ACC)
-            z = _z_chunk(v1, v2, A, cols, rr, h, r, stride_a_d, stride_a_r, V_PREC, ACC)
-            m = tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1))
-            inv = 1.0 / tl.where(m > 0, m, 1.0)
-            # scaled in place (no second tile): the rotation below turns v / m and the stretch
-            # weight g m puts the scale back, R(a) v = m R(a) (v / m)
-            v1 = v1 * inv[:, None]
-            v2 = v2 * inv[:, None]
-            gram = tl.dot(v1, tl.trans(v1), input_precision=V_PREC, out_dtype=ACC)
-            gram += tl.dot(v2, tl.trans(v2), input_precision=V_PREC, out_dtype=ACC)
+        blk = pid
+        tok, slot, valid = row_ids(blk, T, K, KP, BT)
+        voff = tok * stride_v_t + slot.to(tl.int64) * stride_v_k
+        if STAGE == 2:
+            d = relational_context(RHO, Z, blk, slot, valid, K, r, KP, RP, ACC)
+            store_rows(CTX, d, tok * K + slot, valid, r, RP)
         else:
-            # pass 1 over D: z = V A and the Gram matrix of the rows scaled by their running max
-            # |v| (rescaled when the max grows, as an online softmax does), so no square overflows
-            gram = tl.zeros((R, R), dtype=ACC)
-            z = tl.zeros((R, RP), dtype=ACC)
-            m = tl.zeros((R,), dtype=ACC)
+            # pass 1 over D: z = V A and the Gram matrix of the rows scaled by their running
+            # max |v| (rescaled when the max grows, as an online softmax does), so no square
+            # overflows
+            gram = tl.zeros((BT * KP, BT * KP), dtype=ACC)
+            z = tl.zeros((BT * KP, RP), dtype=ACC)
+            m = tl.zeros((BT * KP,), dtype=ACC)
             for c0 in range(0, h, BH):
                 cols = c0 + tl.arange(0, BH)
                 cmask = cols < h
-                v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :],
-                                     ACC)
-                z += _z_chunk(v1, v2, A, cols, rr, h, r, stride_a_d, stride_a_r, V_PREC, ACC)
+                v1, v2 = load_halves(V, voff, cols, h, stride_v_d,
+                                     valid[:, None] & cmask[None, :], ACC)
+                a1, a2 = _a_halves(A, cols, rr, h, r, stride_a_d, stride_a_r, ACC)
+                z += _z_of(v1, v2, a1, a2, V_PREC, ACC)
                 m_new = tl.maximum(m, tl.maximum(tl.max(tl.abs(v1), axis=1),
                                                  tl.max(tl.abs(v2), axis=1)))
                 inv = 1.0 / tl.where(m_new > 0, m_new, 1.0)
@@ -126,38 +202,15 @@ def radargate_fwd_kernel(
                 gram += tl.dot(v1, tl.trans(v1), input_precision=V_PREC, out_dtype=ACC)
                 gram += tl.dot(v2, tl.trans(v2), input_precision=V_PREC, out_dtype=ACC)
                 m = m_new
+            d = _relation_and_state(gram, m, z, tok, slot, valid, K, r, tau_inv, eps, N, CM,
+                                    RHO, Z, CTX, KP, BT, RP, ACC, STAGE)
 
-        # per-token math in registers
-        n, C, rho, same = relation(gram, m, valid, K, tau_inv, eps, KP, BT)
-        if STAGE == 0:
-            d = block_dot(rho, z, same, ACC) - z
-            d = tl.where(K > 1, d, 0.0)  # SPEC: with K = 1, d = 0
-
-        flat = tok * K + slot
-        tl.store(N + flat, n, mask=valid)
-        kk = kk_offsets(tok, slot, K)
-        tl.store(CM + kk, C, mask=same)
-        tl.store(RHO + kk, rho, mask=same)
-        store_rows(Z, z, flat, valid, r, RP)
-        if STAGE == 0:
-            store_rows(CTX, d, flat, valid, r, RP)
-
-    if STAGE != 1:
-        # rotate, stretch, sum over the K slots of each token (pass 2 over D, or the kept tile)
-        g = tl.load(G + tok * stride_g_t + slot.to(tl.int64) * stride_g_k, mask=valid,
-                    other=0.0).to(ACC)
-        eid = expert_of_row(IDS, tok, slot, valid, stride_ids_t, stride_ids_k, E, HAS_IDS)
-        tb = blk * BT + tl.arange(0, BT)
-        if ONE_PASS:
-            cols = tl.arange(0, BH)
-            cmask = cols < h
-            Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, ACC)
-            cos_a, sin_a = cos_sin_angles(d, Bc, BETA, Bc, eid, valid, cols, cmask,
-                                          stride_beta_e, stride_beta_h, HAS_BETA, False, ACC)
-            u1, u2 = rotate(v1, v2, cos_a, sin_a)
-            _stretch_sum_store(Y, g * m, u1, u2, tb, T, cols, cmask, h, stride_y_t, stride_y_d, KP,
-                               BT, BH)
-        else:
+        if STAGE != 1:
+            # pass 2 over D: rotate, stretch, sum over the K slots of each token
+            g = tl.load(G + tok * stride_g_t + slot.to(tl.int64) * stride_g_k, mask=valid,
+                        other=0.0).to(ACC)
+            eid = expert_of_row(IDS, tok, slot, valid, stride_ids_t, stride_ids_k, E, HAS_IDS)
+            tb = blk * BT + tl.arange(0, BT)
             for c0 in range(0, h, BH):
                 cols = c0 + tl.arange(0, BH)
                 cmask = cols < h

@@ -30,6 +30,10 @@ MAX_E = 128
 ROWS_TARGET = 32  # R = BT * KP rows per program: tokens are packed until R reaches this
 ROWS_TARGET_WIDE = 16  # ... for rank > 16, where the [R, r] state tiles are wider
 ONE_PASS_ELEMS = 4096  # largest [R, D/2] tile of the single-pass forward (e.g. 16 x 256)
+# single-pass forward: token blocks per program until the parameter tiles it loads once are at
+# most 1/PARAM_SHARE of the expert_out it reads, and at most MAX_GROUP blocks
+PARAM_SHARE = 8
+MAX_GROUP = 16
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,29 @@ def pick_config(K: int, h: int, r: int, E: int, has_beta: bool,
     )
 
 
+def forward_group(cfg: LaunchConfig, T: int, K: int, D: int, r: int, E: int, has_beta: bool,
+                  itemsize: int) -> int:
+    """Token blocks per program of the single-pass forward (1 for the other plans). Its program
+    loads A, B and (beta_tile_forward) angle_bias once and reuses them for every block, so the
+    parameter reads per program are fixed while the expert_out it reads grows with the group:
+    blocks are added until the parameters are at most 1/PARAM_SHARE of it (MAX_GROUP at most),
+    then spread evenly over the programs."""
+    n_blocks = triton.cdiv(T, cfg.BT_FORWARD) if T > 0 else 0
+    if not cfg.ONE_PASS or n_blocks <= 1:
+        return 1
+    params = D * r + r * (D // 2) + (E * (D // 2) if beta_tile_forward(cfg, has_beta)
+                                     else 0)
+    block = cfg.BT_FORWARD * K * D
+    group = min(MAX_GROUP, n_blocks, triton.cdiv(PARAM_SHARE * params, block))
+    return triton.cdiv(n_blocks, triton.cdiv(n_blocks, group))
+
+
+def beta_tile_forward(cfg: LaunchConfig, has_beta: bool) -> bool:
+    """Single-pass forward: angle_bias held as one [EP, h] tile per program (rows selected in
+    registers) rather than gathered per row, when it is no larger than a half of the rows' tile."""
+    return has_beta and cfg.ONE_PASS and cfg.EP * cfg.BH_FWD <= ONE_PASS_ELEMS
+
+
 def _acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -229,15 +256,17 @@ def plan_forward(V, g, A, B, beta, ids, tau: float, eps: float):
     launches = []
     # one launch, or (WIDE) the state stage (n, C, rho, z) and then the rotating stage (d, y)
     stages = ((1, cfg.BH_STATE), (2, cfg.BH_FWD)) if cfg.WIDE else ((0, cfg.BH_FWD),)
+    group = forward_group(cfg, T, K, D, r, E, beta is not None, V.element_size())
     for stage, bh in stages if T > 0 else ():
         kernel = radargate_fwd_wide_kernel if cfg.WIDE else radargate_fwd_kernel
-        launches.append(Launch(kernel, (triton.cdiv(T, cfg.BT_FORWARD),), (
+        launches.append(Launch(kernel, (triton.cdiv(triton.cdiv(T, cfg.BT_FORWARD), group),), (
             V, g, A, B, beta_t, ids_t, y, n, C, rho, z, d,
-            T, K, h, r, E,
+            T, K, h, r, E, group,
             *strides, *A.stride(), *B.stride(), *s_beta, *s_ids, *y.stride(),
             1.0 / tau, eps), dict(meta, BT=cfg.BT_FORWARD, BH=bh, ONE_PASS=cfg.ONE_PASS,
                                   V_PREC=_v_prec(V.dtype), num_warps=cfg.WARPS_FWD,
-                                  STAGE=stage)))
+                                  STAGE=stage, EP=cfg.EP,
+                                  BETA_TILE=beta_tile_forward(cfg, beta is not None))))
     return (y, n, C, rho, z, d), launches
 
 
