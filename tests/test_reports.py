@@ -62,13 +62,25 @@ def issue_11():
     return cost_report.measure(T=32, K=8, D=512, r=8, dtype=torch.float16, bias=True, ids=True)
 
 
-def test_issue_11_forward_shape_reads_expert_out_once(issue_11):
+def test_issue_11_forward_shape_reads_expert_out_once_and_parameters_once_per_program(issue_11):
+    from radargate_kernels.kernels.launch import forward_group, pick_config
+    T, K, D, r, E = 32, 8, 512, 8, 16
+    h = D // 2
     fwd, mn = issue_11["fused"]["forward"], issue_11["minimum"]["forward"]
-    assert fwd["by_arg"]["radargate_fwd_kernel.V"] == [32 * 8 * 512 * 2, 0]
-    # measured 2.09x requested / 1.12x on the DRAM model (2026-11-28); the issue's 1.3x on
-    # requested bytes is not met: A, B and angle_bias are read per program of 16 rows
+    by_arg = fwd["by_arg"]
+    assert by_arg["radargate_fwd_kernel.V"] == [T * K * D * 2, 0]
+    assert by_arg["radargate_fwd_kernel.Y"] == [0, T * D * 2]
+    # a program runs a group of token blocks and loads A, B and all E rows of angle_bias once
+    cfg = pick_config(K, h, r, E, True, 2)
+    programs = -(-(-(-T // cfg.BT_FORWARD)) // forward_group(cfg, T, K, D, r, E, True, 2))
+    assert programs == 2
+    assert by_arg["radargate_fwd_kernel.A"] == [programs * D * r * 2, 0]
+    assert by_arg["radargate_fwd_kernel.B"] == [programs * r * h * 2, 0]
+    assert by_arg["radargate_fwd_kernel.BETA"] == [programs * E * h * 2, 0]
+    # the issue's target, <= 1.3x the minimum on all requested bytes: measured 1.18x
+    # (2026-11-29; 2.09x with one token block per program), 1.12x on the DRAM model
+    assert fwd["bytes"] <= 1.3 * mn
     assert fwd["dram_model_bytes"] <= 1.2 * mn
-    assert fwd["bytes"] <= 2.2 * mn
 
 
 def test_issue_11_backward_reads_expert_out_and_dy_twice_and_angle_bias_per_tile(issue_11):

@@ -4,7 +4,9 @@ Two passes over D: pass 1 accumulates the Gram matrix (of the rows scaled by the
 squares never overflow) and z = V A; the relation map, softmax and d = rho z - z are computed in
 registers; pass 2 rotates, stretches and sums into y. With ``ONE_PASS`` (rows narrow enough for
 one [R, D/2] tile, launch.pick_config) the tile loaded for the Gram matrix is kept and rotated:
-expert_out is read once. Saves the small per-token state (n, C, rho, z, d) for the backward.
+expert_out is read once; a program then runs a group of token blocks (launch.forward_group) and
+loads A, B and (where it fits) all of angle_bias once for all of them. Saves the small per-token
+state (n, C, rho, z, d) for the backward.
 The WIDE plan (K > 32, or K > 16 with r > 32) runs the two passes as two launches (STAGE).
 """
 import triton
