@@ -7,8 +7,9 @@
    and every gradient, with the kernels on the device and the float64 truth on the CPU, under
    the same per-dtype tolerance table (tests/tolerances.py).
 2. Timing: ``triton.testing.do_bench`` (median ms) of radar_gate's kernels against the naive
-   reference, the compiled reference and plain weighted-sum gating (K = 8 and K = 40), and of
-   the fused layer against the materialized one.
+   reference, the compiled reference and plain weighted-sum gating (K = 8 and K = 40), the
+   single-pass forward's token groups against one token block per program (T = 32 and 4096),
+   and the fused layer against the materialized one.
 3. A markdown report (``--out``) with the device, the versions, every failure and the timings.
 
 Without CUDA it prints why and exits 0 (nothing to check on this machine). ``--device cpu``
@@ -105,6 +106,7 @@ def timings(log):
             fb = triton.testing.do_bench(lambda: torch.autograd.grad(f(), (V, g), dy))
             rows.append((f"radar_gate T={T} K={K} D={D} r={r} bf16", name, fwd, fb))
             log(f"  {name:28s} forward {fwd:8.3f} ms   forward+backward {fb:8.3f} ms")
+    rows += _group_timings(log, gen)
     # fused layer vs materialized: T tokens, in = out = D, E = 8 experts of rank 8, dense
     E, rk = 8, 8
     x = torch.randn(T, D, generator=gen).to(dev, dt).requires_grad_(True)
@@ -123,6 +125,39 @@ def timings(log):
         fb = triton.testing.do_bench(lambda: torch.autograd.grad(f(), (x, LA, LB), dy))
         rows.append((f"LoRA layer T={T} in=out={D} E={E} r={rk} bf16", name, fwd, fb))
         log(f"  {name:28s} forward {fwd:8.3f} ms   forward+backward {fb:8.3f} ms")
+    return rows
+
+
+def _group_timings(log, gen):
+    """The single-pass forward with its token groups (A, B, angle_bias loaded once per group of
+    token blocks: issue #11's forward target) against one block per program, at a small and a
+    large T: the groups trade parallelism at small T for fewer parameter reads."""
+    import torch
+    import triton.testing
+    from radargate_kernels import radar_gate
+    from radargate_kernels.kernels import launch as L
+    dev, dt, K, D, r, E = "cuda", torch.bfloat16, 8, 512, 8, 16
+    rows, rule = [], L.MAX_GROUP
+    for T in (32, 4096):
+        V = torch.randn(T, K, D, generator=gen).to(dev, dt).requires_grad_(True)
+        g = torch.softmax(torch.randn(T, K, generator=gen), -1).to(dev, dt).requires_grad_(True)
+        A = (torch.randn(D, r, generator=gen) / D ** 0.5).to(dev, dt)
+        B = (torch.randn(r, D // 2, generator=gen) / r ** 0.5).to(dev, dt)
+        beta = (0.1 * torch.randn(E, D // 2, generator=gen)).to(dev, dt)
+        ids = torch.randint(0, E, (T, K), generator=gen).to(dev)
+        dy = torch.randn(T, D, device=dev, dtype=dt)
+
+        def f():
+            return radar_gate(V, g, A, B, angle_bias=beta, expert_ids=ids, backend="triton")
+        for name, cap in (("token groups (launch rule)", rule), ("one token block per program", 1)):
+            L.MAX_GROUP = cap
+            try:
+                fwd = triton.testing.do_bench(f)
+                fb = triton.testing.do_bench(lambda: torch.autograd.grad(f(), (V, g), dy))
+            finally:
+                L.MAX_GROUP = rule
+            rows.append((f"single-pass forward T={T} K={K} D={D} r={r} E={E} bf16", name, fwd, fb))
+            log(f"  {name:28s} forward {fwd:8.3f} ms   forward+backward {fb:8.3f} ms")
     return rows
 
 

@@ -73,7 +73,7 @@ def test_group_rule_bounds_parameter_reads_against_expert_out():
     for (T, K, D, r, E) in [(32, 8, 512, 8, 16), (4096, 8, 512, 8, 16), (64, 1, 64, 1, 1),
                             (300, 3, 130, 8, 5), (2, 8, 512, 8, 16)]:
         cfg = L.pick_config(K, D // 2, r, E, True, 2)
-        g = L.forward_group(cfg, T, K, D, r, E, True, 2)
+        g = L.forward_group(cfg, T, K, D, r, E, True)
         n_blocks = triton.cdiv(T, cfg.BT_FORWARD)
         assert 1 <= g <= min(L.MAX_GROUP, n_blocks)
         programs = triton.cdiv(n_blocks, g)
@@ -83,16 +83,14 @@ def test_group_rule_bounds_parameter_reads_against_expert_out():
     # expert_out: 8 x 10240 / 8192 -> 10 blocks, 16 blocks -> 2 programs of 8
     cfg = L.pick_config(8, 256, 8, 16, True, 2)
     assert L.beta_tile_forward(cfg, True) and cfg.BT_FORWARD == 2
-    assert L.forward_group(cfg, 32, 8, 512, 8, 16, True, 2) == 8
-    assert L.forward_group(cfg, 2, 8, 512, 8, 16, True, 2) == 1  # a single block
+    assert L.forward_group(cfg, 32, 8, 512, 8, 16, True) == 8
+    assert L.forward_group(cfg, 2, 8, 512, 8, 16, True) == 1  # a single block
     # K = 1, r = 1, D = 64: 64 + 32 + 32 = 128 elements against 16 x 64 per block: no grouping
     cfg = L.pick_config(1, 32, 1, 1, True, 2)
-    assert L.forward_group(cfg, 64, 1, 64, 1, 1, True, 2) == 1
+    assert L.forward_group(cfg, 64, 1, 64, 1, 1, True) == 1
     # the two-pass and WIDE plans run one block per program
-    assert L.forward_group(L.pick_config(8, 2048, 8, 16, True, 2), 64, 8, 4096, 8, 16, True,
-                           2) == 1
-    assert L.forward_group(L.pick_config(40, 128, 8, 80, True, 2), 64, 40, 256, 8, 80, True,
-                           2) == 1
+    assert L.forward_group(L.pick_config(8, 2048, 8, 16, True), 64, 8, 4096, 8, 16, True) == 1
+    assert L.forward_group(L.pick_config(40, 128, 8, 80, True), 64, 40, 256, 8, 80, True) == 1
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

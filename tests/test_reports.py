@@ -72,8 +72,9 @@ def test_issue_11_forward_shape_reads_expert_out_once_and_parameters_once_per_pr
     assert by_arg["radargate_fwd_kernel.Y"] == [0, T * D * 2]
     # a program runs a group of token blocks and loads A, B and all E rows of angle_bias once
     cfg = pick_config(K, h, r, E, True, 2)
-    programs = -(-(-(-T // cfg.BT_FORWARD)) // forward_group(cfg, T, K, D, r, E, True, 2))
-    assert programs == 2
+    blocks = -(-T // cfg.BT_FORWARD)
+    programs = -(-blocks // forward_group(cfg, T, K, D, r, E, True))
+    assert (blocks, programs) == (16, 2)
     assert by_arg["radargate_fwd_kernel.A"] == [programs * D * r * 2, 0]
     assert by_arg["radargate_fwd_kernel.B"] == [programs * r * h * 2, 0]
     assert by_arg["radargate_fwd_kernel.BETA"] == [programs * E * h * 2, 0]

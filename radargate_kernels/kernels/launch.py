@@ -141,13 +141,13 @@ def pick_config(K: int, h: int, r: int, E: int, has_beta: bool,
     )
 
 
-def forward_group(cfg: LaunchConfig, T: int, K: int, D: int, r: int, E: int, has_beta: bool,
-                  itemsize: int) -> int:
+def forward_group(cfg: LaunchConfig, T: int, K: int, D: int, r: int, E: int,
+                  has_beta: bool) -> int:
     """Token blocks per program of the single-pass forward (1 for the other plans). Its program
     loads A, B and (beta_tile_forward) angle_bias once and reuses them for every block, so the
     parameter reads per program are fixed while the expert_out it reads grows with the group:
-    blocks are added until the parameters are at most 1/PARAM_SHARE of it (MAX_GROUP at most),
-    then spread evenly over the programs."""
+    blocks are added until the parameters are at most 1/PARAM_SHARE of it in elements (one
+    dtype for all), MAX_GROUP at most, then spread evenly over the programs."""
     n_blocks = triton.cdiv(T, cfg.BT_FORWARD) if T > 0 else 0
     if not cfg.ONE_PASS or n_blocks <= 1:
         return 1
@@ -159,8 +159,9 @@ def forward_group(cfg: LaunchConfig, T: int, K: int, D: int, r: int, E: int, has
 
 
 def beta_tile_forward(cfg: LaunchConfig, has_beta: bool) -> bool:
-    """Single-pass forward: angle_bias held as one [EP, h] tile per program (rows selected in
-    registers) rather than gathered per row, when it is no larger than a half of the rows' tile."""
+    """Single-pass forward: angle_bias held as one [EP, h] tile per program (each row's row
+    selected by a one-hot product) rather than gathered per row, when it is no larger than a
+    half of the rows' tile."""
     return has_beta and cfg.ONE_PASS and cfg.EP * cfg.BH_FWD <= ONE_PASS_ELEMS
 
 
@@ -256,7 +257,8 @@ def plan_forward(V, g, A, B, beta, ids, tau: float, eps: float):
     launches = []
     # one launch, or (WIDE) the state stage (n, C, rho, z) and then the rotating stage (d, y)
     stages = ((1, cfg.BH_STATE), (2, cfg.BH_FWD)) if cfg.WIDE else ((0, cfg.BH_FWD),)
-    group = forward_group(cfg, T, K, D, r, E, beta is not None, V.element_size())
+    group = forward_group(cfg, T, K, D, r, E, beta is not None)
+    beta_tile = beta_tile_forward(cfg, beta is not None)
     for stage, bh in stages if T > 0 else ():
         kernel = radargate_fwd_wide_kernel if cfg.WIDE else radargate_fwd_kernel
         launches.append(Launch(kernel, (triton.cdiv(triton.cdiv(T, cfg.BT_FORWARD), group),), (
@@ -265,8 +267,9 @@ def plan_forward(V, g, A, B, beta, ids, tau: float, eps: float):
             *strides, *A.stride(), *B.stride(), *s_beta, *s_ids, *y.stride(),
             1.0 / tau, eps), dict(meta, BT=cfg.BT_FORWARD, BH=bh, ONE_PASS=cfg.ONE_PASS,
                                   V_PREC=_v_prec(V.dtype), num_warps=cfg.WARPS_FWD,
-                                  STAGE=stage, EP=cfg.EP,
-                                  BETA_TILE=beta_tile_forward(cfg, beta is not None))))
+                                  STAGE=stage, BETA_TILE=beta_tile,
+                                  # (EP shapes only the angle_bias tile)
+                                  EP=cfg.EP if beta_tile else 16)))
     return (y, n, C, rho, z, d), launches
 
 
