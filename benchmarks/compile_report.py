@@ -146,7 +146,7 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
                 for kern in kernels:
                     if kern == "radargate_bwd_chain_kernel":
                         continue  # takes no expert_out strides
-                    wide = K > 32
+                    wide = pick_config(K, 2048, 8, E, True, 4 if dtype == "float32" else 2).WIDE
                     parts = (0, 1) if wide and kern != "radargate_bwd_rows_kernel" else (0,)
                     for part in parts:
                         jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=K, D=4096, r=8,
