@@ -43,7 +43,9 @@ QUICK = [  # (K, D, r, E): the benchmark shape and the extremes of the supported
 ]
 PARTIAL_NEEDS = ((True, False, False), (False, True, False), (False, False, True),
                  (False, True, True))
-T_REPR = 64  # tokens in the representative launch (T never becomes a constexpr; 1 would)
+T_REPR = 64  # tokens in the representative launch (the kernels never specialise T, nor the
+#               forward's group size or the column kernel's block count: one compilation
+#               stands for every T)
 # "int64 strides": expert_out laid out so that its strides exceed 2^31 (e.g. a feature-major view
 # of a tensor with T*K*D >= 2^31 elements). Triton then passes those strides as i64: a different
 # specialisation, compiled here for the benchmark shape in every mode (--quick included).
@@ -101,9 +103,9 @@ def _config_key(kernel, cfg, has_beta):
         return (cfg.KP, cfg.BT, cfg.RP, cfg.BH_BWD, cfg.WARPS_BWD)
     if kernel == "radargate_bwd_chain_kernel":
         return (cfg.KP, cfg.RP, cfg.WARPS_BWD)
-    from radargate_kernels.kernels.launch import beta_tile_forward
+    from radargate_kernels.kernels.launch import beta_tile_forward, grouped_forward
     return (cfg.KP, cfg.BT_FORWARD, cfg.RP, cfg.BH_FWD, cfg.BH_STATE, cfg.WARPS_FWD,
-            cfg.ONE_PASS, cfg.EP if beta_tile_forward(cfg, has_beta) else 0)
+            cfg.ONE_PASS, grouped_forward(cfg), cfg.EP if beta_tile_forward(cfg, has_beta) else 0)
 
 
 def plan_jobs(quick: bool, archs, dtypes=DTYPES):
@@ -137,11 +139,6 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
                     for part in parts:
                         jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=K, D=D, r=r, E=E,
                                          part=part))
-                    if kern == "radargate_fwd_kernel" and cfg.ONE_PASS:
-                        # a single token block (T <= its tokens, e.g. decoding): the group size
-                        # 1 is a different specialisation from the groups of a longer launch
-                        jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=K, D=D, r=r, E=E,
-                                         T=cfg.BT_FORWARD))
             for (K, E) in ((8, 16), (40, 64)):  # i64 strides, also in the WIDE plan
                 for kern in kernels:
                     if kern == "radargate_bwd_chain_kernel":
@@ -151,9 +148,9 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES):
                     for part in parts:
                         jobs.append(dict(arch=arch, dtype=dtype, kernel=kern, K=K, D=4096, r=8,
                                          E=E, large=True, part=part))
-            if dtype != "float32":  # ... and in the single-pass forward (2-byte inputs)
-                jobs.append(dict(arch=arch, dtype=dtype, kernel="radargate_fwd_kernel", K=8,
-                                 D=512, r=8, E=16, large=True))
+            # ... and at D = 512, where contiguous rows would take the single-pass forward
+            jobs.append(dict(arch=arch, dtype=dtype, kernel="radargate_fwd_kernel", K=8, D=512,
+                             r=8, E=16, large=True))
             # the parameter kernel computing only some of dA, dB, dbeta (frozen gate parts), in
             # the one-launch plan and in the WIDE plan's parameter launch (part 1)
             for need in PARTIAL_NEEDS:
@@ -357,8 +354,11 @@ def compile_job(job):
     from radargate_kernels.kernels import launch as L
     dt = getattr(torch, job["dtype"])
     K, D, r, E = job["K"], job["D"], job["r"], job["E"]
-    T = job.get("T", T_REPR)
-    V = torch.empty((T, K, D), dtype=dt)
+    T = T_REPR
+    # with int64 strides the features are not contiguous (the launch rule sees that): plan from
+    # a feature-strided view, then pass the large strides
+    V = (torch.empty((T, D, K), dtype=dt).transpose(1, 2) if job.get("large") else
+         torch.empty((T, K, D), dtype=dt))
     g = torch.empty((T, K), dtype=dt)
     A = torch.empty((D, r), dtype=dt)
     B = torch.empty((r, D // 2), dtype=dt)
@@ -400,7 +400,8 @@ def compile_job(job):
                    config=f"KP={cfg.KP} BT={launch.meta.get('BT', 1)} RP={cfg.RP} "
                           f"BH={launch.meta.get('BH', 0)}"
                           + (f" EP={cfg.EP}" if "EP" in launch.meta and E is not None else "")
-                          + (f" 1-pass G={args[launch.kernel.arg_names.index('GROUP')]}"
+                          + ((f" 1-pass G={args[launch.kernel.arg_names.index('GROUP')]}"
+                              if launch.meta.get("GROUPED") else " 1-pass")
                              if launch.meta.get("ONE_PASS") else "")
                           + (f" stage{launch.meta['STAGE']}" if launch.meta.get("STAGE") else "")
                           + (" M-v-blocks" if launch.meta.get("MV_BLOCKS") else "")

@@ -120,3 +120,17 @@ def test_non_finite_angle_bias_tile_reaches_only_its_experts_rows(bad, used):
     # a one-hot product and a gather select the same values)
     torch.testing.assert_close(y_k[~hit], radar_gate(**clean, backend="triton")[~hit], rtol=0,
                                atol=0)
+
+
+def test_feature_strided_expert_out_takes_the_two_pass_forward():
+    # the single-pass tile needs contiguous features (vector loads); a feature-strided view of
+    # the same values runs two passes and gives the same result
+    p = make_problem(9, 4, 64, 3, dtype=torch.float16, bias=True, ids=True, seed=11)
+    strided = p["expert_out"].transpose(1, 2).contiguous().transpose(1, 2)  # [T, K, D], D stride K
+    assert strided.stride(2) != 1 and torch.equal(strided, p["expert_out"])
+    assert _plan(p).meta["ONE_PASS"]
+    q = dict(p, expert_out=strided)
+    assert not _plan(q).meta["ONE_PASS"]
+    dy = torch.randn(9, 64, generator=torch.Generator().manual_seed(12),
+                     dtype=torch.float64).to(torch.float16)
+    check_against_reference(radar_gate, q, dy, 11, backend="triton")

@@ -51,7 +51,9 @@ def normalisation_matrix(S, q, n):
     return tl.where(ri[:, None] == ri[None, :], Mt - (q * inv_n * inv_n)[:, None], Mt)
 
 
-@triton.jit
+# T (and the column kernel's block count) are never specialised, as in the forward: a launch of
+# one token compiles to the kernel benchmarks/compile_report.py checks
+@triton.jit(do_not_specialize=["T"])
 def radargate_bwd_rows_kernel(
     V, G, B, BETA, IDS, DY,               # inputs
     N, CM, RHO, Z, CTX,                   # saved state (CTX: the relational context d)
@@ -129,7 +131,8 @@ def radargate_bwd_rows_kernel(
 # The WIDE plan's first stage (STAGE 1) as its own compilation without Triton's h == 1 (D = 2)
 # specialisation: with it, fp32 at r > 32 with 128 experts spilled 296-528 bytes, without it 0;
 # the one-launch kernel keeps it (without it 8 bytes spilled at K = 32, r = 17, D = 2, fp16).
-radargate_bwd_rows_wide_kernel = triton.jit(radargate_bwd_rows_kernel.fn, do_not_specialize=["h"])
+radargate_bwd_rows_wide_kernel = triton.jit(radargate_bwd_rows_kernel.fn,
+                                            do_not_specialize=["h", "T"])
 
 
 @triton.jit
@@ -196,7 +199,7 @@ def _mv_blocks(M, V, t, slot, valid, cols, cmask, K, h, stride_v_t, stride_v_k, 
     return mv1, mv2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "n_blocks"])
 def radargate_bwd_columns_kernel(
     V, G, A, B, BETA, IDS, DY, CTX, DZ, M,  # inputs and state (d, dZ, M)
     DV, PB, PBETA, PA,                      # dV [T,K,D]; partials [NB,r,h], [NB,E,h], [NB,D,r]

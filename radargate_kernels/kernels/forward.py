@@ -91,17 +91,19 @@ def _relation_and_state(gram, m, z, tok, slot, valid, K, r, tau_inv, eps, N, CM,
 
 
 @triton.jit
-def _one_pass_block(blk, V, G, IDS, Y, N, CM, RHO, Z, CTX, a1, a2, Bc, BETA, beta_tile, beta_bad,
-                    T, K, h, r, E,
-                    stride_v_t, stride_v_k, stride_v_d, stride_g_t, stride_g_k, stride_beta_e,
-                    stride_beta_h, stride_ids_t, stride_ids_k, stride_y_t, stride_y_d,
-                    tau_inv, eps,
+def _one_pass_block(blk, V, G, A, B, IDS, Y, N, CM, RHO, Z, CTX, a1, a2, Bc, BETA, beta_tile,
+                    beta_bad, T, K, h, r, E,
+                    stride_v_t, stride_v_k, stride_v_d, stride_g_t, stride_g_k, stride_a_d,
+                    stride_a_r, stride_b_r, stride_b_h, stride_beta_e, stride_beta_h,
+                    stride_ids_t, stride_ids_k, stride_y_t, stride_y_d, tau_inv, eps,
                     KP: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BH: tl.constexpr,
                     HAS_BETA: tl.constexpr, BETA_TILE: tl.constexpr, HAS_IDS: tl.constexpr,
-                    ACC: tl.constexpr, V_PREC: tl.constexpr):
+                    ACC: tl.constexpr, V_PREC: tl.constexpr, HOLD: tl.constexpr):
     """The whole forward of token block ``blk`` from one [R, BH >= h] tile of its rows (loaded
-    once, kept for the rotation), with the parameter tiles a1, a2 (A), Bc (B) and beta_tile
-    (angle_bias, BETA_TILE; beta_bad: it holds a non-finite value) loaded by the caller."""
+    once, kept for the rotation). HOLD: with the parameter tiles a1, a2 (A), Bc (B) and
+    beta_tile (angle_bias, BETA_TILE; beta_bad: it holds a non-finite value) loaded by the
+    caller; else A and B are loaded here where they are used (angle_bias per row)."""
+    rr = tl.arange(0, RP)
     tok, slot, valid = row_ids(blk, T, K, KP, BT)
     voff = tok * stride_v_t + slot.to(tl.int64) * stride_v_k
     cols = tl.arange(0, BH)
@@ -109,6 +111,8 @@ def _one_pass_block(blk, V, G, IDS, Y, N, CM, RHO, Z, CTX, a1, a2, Bc, BETA, bet
     # the tile is kept in expert_out's own dtype (half the registers of a widened copy)
     v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :],
                          V.dtype.element_ty)
+    if not HOLD:
+        a1, a2 = _a_halves(A, cols, rr, h, r, stride_a_d, stride_a_r, ACC)
     z = _z_of(v1.to(ACC), v2.to(ACC), a1, a2, V_PREC, ACC)
     m = tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1)).to(ACC)
     inv = 1.0 / tl.where(m > 0, m, 1.0)
@@ -122,6 +126,8 @@ def _one_pass_block(blk, V, G, IDS, Y, N, CM, RHO, Z, CTX, a1, a2, Bc, BETA, bet
     g = tl.load(G + tok * stride_g_t + slot.to(tl.int64) * stride_g_k, mask=valid,
                 other=0.0).to(ACC)
     eid = expert_of_row(IDS, tok, slot, valid, stride_ids_t, stride_ids_k, E, HAS_IDS)
+    if not HOLD:
+        Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, ACC)
     cos_a, sin_a = cos_sin_angles(d, Bc.to(ACC), BETA, beta_tile, eid, valid, cols, cmask,
                                   stride_beta_e, stride_beta_h, HAS_BETA, BETA_TILE, ACC,
                                   BY_DOT=True, tile_bad=beta_bad, PREC=V_PREC)
@@ -130,7 +136,14 @@ def _one_pass_block(blk, V, G, IDS, Y, N, CM, RHO, Z, CTX, a1, a2, Bc, BETA, bet
                        stride_y_t, stride_y_d, KP, BT, BH)
 
 
-@triton.jit
+# T and GROUP are never specialised (Triton makes an integer argument equal to 1 a constant and
+# tracks divisibility by 16): a launch of one token or one block compiles to the same kernel as
+# any other, the one benchmarks/compile_report.py checks (the T == 1 specialisation spilled
+# 128-168 bytes at K = 32, D = 130 on sm_80)
+NOT_SPECIALISED = ["T", "GROUP"]
+
+
+@triton.jit(do_not_specialize=NOT_SPECIALISED)
 def radargate_fwd_kernel(
     V, G, A, B, BETA, IDS,              # inputs
     Y, N, CM, RHO, Z, CTX,              # outputs: y [T, D]; state n [T,K], C, rho [T,K,K], z and
@@ -143,7 +156,7 @@ def radargate_fwd_kernel(
     KP: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BH: tl.constexpr,
     HAS_BETA: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr, V_PREC: tl.constexpr,
     ONE_PASS: tl.constexpr, STAGE: tl.constexpr = 0, EP: tl.constexpr = 16,
-    BETA_TILE: tl.constexpr = False,
+    BETA_TILE: tl.constexpr = False, GROUPED: tl.constexpr = True,
 ):
     # ONE_PASS: a program runs GROUP consecutive token blocks, each from one kept tile of its
     # rows; the parameter tiles (A, B and with BETA_TILE all of angle_bias, [EP, BH]) are loaded
@@ -155,7 +168,7 @@ def radargate_fwd_kernel(
     # (pass 2).
     pid = tl.program_id(0)
     rr = tl.arange(0, RP)
-    if ONE_PASS:
+    if ONE_PASS and GROUPED:
         cols = tl.arange(0, BH)
         a1, a2 = _a_halves(A, cols, rr, h, r, stride_a_d, stride_a_r, A.dtype.element_ty)
         Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, B.dtype.element_ty)
@@ -167,12 +180,23 @@ def radargate_fwd_kernel(
             beta_bad = tl.sum(non_finite(beta_tile).to(tl.int32)) > 0
         stop = tl.minimum(pid * GROUP + GROUP, tl.cdiv(T, BT))
         for blk in range(pid * GROUP, stop):
-            _one_pass_block(blk, V, G, IDS, Y, N, CM, RHO, Z, CTX, a1, a2, Bc, BETA, beta_tile,
-                            beta_bad, T, K, h, r, E,
+            _one_pass_block(blk, V, G, A, B, IDS, Y, N, CM, RHO, Z, CTX, a1, a2, Bc, BETA,
+                            beta_tile, beta_bad, T, K, h, r, E,
                             stride_v_t, stride_v_k, stride_v_d, stride_g_t, stride_g_k,
+                            stride_a_d, stride_a_r, stride_b_r, stride_b_h,
                             stride_beta_e, stride_beta_h, stride_ids_t, stride_ids_k,
                             stride_y_t, stride_y_d, tau_inv, eps,
-                            KP, BT, RP, BH, HAS_BETA, BETA_TILE, HAS_IDS, ACC, V_PREC)
+                            KP, BT, RP, BH, HAS_BETA, BETA_TILE, HAS_IDS, ACC, V_PREC, True)
+    elif ONE_PASS:
+        # one block per program, parameters loaded where used (32-row tiles: holding them
+        # spilled 56-168 bytes, compile report)
+        _one_pass_block(pid, V, G, A, B, IDS, Y, N, CM, RHO, Z, CTX, 0, 0, 0, BETA, 0, False,
+                        T, K, h, r, E,
+                        stride_v_t, stride_v_k, stride_v_d, stride_g_t, stride_g_k,
+                        stride_a_d, stride_a_r, stride_b_r, stride_b_h,
+                        stride_beta_e, stride_beta_h, stride_ids_t, stride_ids_k,
+                        stride_y_t, stride_y_d, tau_inv, eps,
+                        KP, BT, RP, BH, HAS_BETA, False, HAS_IDS, ACC, V_PREC, False)
     else:
         blk = pid
         tok, slot, valid = row_ids(blk, T, K, KP, BT)
@@ -228,4 +252,5 @@ def radargate_fwd_kernel(
 # The WIDE plan's two stages as their own compilation without Triton's h == 1 (D = 2)
 # specialisation: with it, fp32 stage 1 at r = 17..32 spilled 56-72 bytes, without it 0
 # (compile report); the one-launch kernel keeps the compilation its report verified.
-radargate_fwd_wide_kernel = triton.jit(radargate_fwd_kernel.fn, do_not_specialize=["h"])
+radargate_fwd_wide_kernel = triton.jit(radargate_fwd_kernel.fn,
+                                       do_not_specialize=["h"] + NOT_SPECIALISED)

@@ -34,6 +34,8 @@ ONE_PASS_ELEMS = 4096  # largest [R, D/2] tile of the single-pass forward (e.g. 
 # most 1/PARAM_SHARE of the expert_out it reads, and at most MAX_GROUP blocks
 PARAM_SHARE = 8
 MAX_GROUP = 16
+GROUP_ROWS = 16  # ... for programs of at most this many rows (32-row tiles holding the parameter
+#                  tiles spilled 56-168 bytes at D = 130: those load them per block, as before)
 
 
 @dataclass(frozen=True)
@@ -83,9 +85,10 @@ def kernel_limits_ok(K: int, r: int, E: int, has_beta: bool) -> str | None:
 
 
 def pick_config(K: int, h: int, r: int, E: int, has_beta: bool,
-                itemsize: int = 2) -> LaunchConfig:
-    """Block sizes and warps from the shape and the element size of expert_out (bytes); the rule
-    and its evidence: docs/launch_config.md."""
+                itemsize: int = 2, unit_stride: bool = True) -> LaunchConfig:
+    """Block sizes and warps from the shape, the element size of expert_out (bytes) and whether
+    its features are contiguous (``unit_stride``); the rule and its evidence:
+    docs/launch_config.md."""
     KP = _pow2(K)
     RP = max(16, _pow2(r))
     BT = max(1, (ROWS_TARGET if RP <= 16 else ROWS_TARGET_WIDE) // KP)
@@ -117,7 +120,11 @@ def pick_config(K: int, h: int, r: int, E: int, has_beta: bool,
     # (176-1256 B on sm_90, ieee fp32 dots), fp16/bf16 up to 16 x 256 and 32 x 128 did not
     # (compile report; docs/launch_config.md).
     one_rows = max(16, KP)
-    one_pass = small_rank and itemsize <= 2 and one_rows * cap <= ONE_PASS_ELEMS and not wide
+    # Contiguous features only: with another feature stride every element of the tile needs its
+    # own 64-bit address (no vector loads) and the kept tile with the held parameters spilled
+    # 160 bytes (int64 strides, K = 8, D = 512, sm_80); such layouts take two passes.
+    one_pass = (small_rank and itemsize <= 2 and one_rows * cap <= ONE_PASS_ELEMS and not wide
+                and unit_stride)
     if wide:
         # one 64-row token per program: 32 pairs in the rotating stage (64 spilled 144 bytes
         # at D = 130, bf16, sm_80), 16 in the Gram stage (compile report)
@@ -149,7 +156,7 @@ def forward_group(cfg: LaunchConfig, T: int, K: int, D: int, r: int, E: int,
     blocks are added until the parameters are at most 1/PARAM_SHARE of it in elements (one
     dtype for all), MAX_GROUP at most, then spread evenly over the programs."""
     n_blocks = triton.cdiv(T, cfg.BT_FORWARD) if T > 0 else 0
-    if not cfg.ONE_PASS or n_blocks <= 1:
+    if not grouped_forward(cfg) or n_blocks <= 1:
         return 1
     params = D * r + r * (D // 2) + (E * (D // 2) if beta_tile_forward(cfg, has_beta)
                                      else 0)
@@ -158,11 +165,16 @@ def forward_group(cfg: LaunchConfig, T: int, K: int, D: int, r: int, E: int,
     return triton.cdiv(n_blocks, triton.cdiv(n_blocks, group))
 
 
+def grouped_forward(cfg: LaunchConfig) -> bool:
+    """The single-pass forward holds its parameter tiles and runs token groups (GROUP_ROWS)."""
+    return cfg.ONE_PASS and cfg.BT_FORWARD * cfg.KP <= GROUP_ROWS
+
+
 def beta_tile_forward(cfg: LaunchConfig, has_beta: bool) -> bool:
     """Single-pass forward: angle_bias held as one [EP, h] tile per program (each row's row
     selected by a one-hot product) rather than gathered per row, when it is no larger than a
     half of the rows' tile."""
-    return has_beta and cfg.ONE_PASS and cfg.EP * cfg.BH_FWD <= ONE_PASS_ELEMS
+    return has_beta and grouped_forward(cfg) and cfg.EP * cfg.BH_FWD <= ONE_PASS_ELEMS
 
 
 def _acc(dtype):
@@ -229,7 +241,7 @@ def _common(V, g, A, B, beta, ids):
     T, K, D = V.shape
     h, r = D // 2, A.shape[1]
     E = beta.shape[0] if beta is not None else K
-    cfg = pick_config(K, h, r, E, beta is not None, V.element_size())
+    cfg = pick_config(K, h, r, E, beta is not None, V.element_size(), V.stride(2) == 1)
     dummy = V  # never read when the HAS_* flag is off
     beta_t = beta if beta is not None else dummy
     ids_t = ids if ids is not None else dummy
@@ -268,6 +280,7 @@ def plan_forward(V, g, A, B, beta, ids, tau: float, eps: float):
             1.0 / tau, eps), dict(meta, BT=cfg.BT_FORWARD, BH=bh, ONE_PASS=cfg.ONE_PASS,
                                   V_PREC=_v_prec(V.dtype), num_warps=cfg.WARPS_FWD,
                                   STAGE=stage, BETA_TILE=beta_tile,
+                                  GROUPED=grouped_forward(cfg),
                                   # (EP shapes only the angle_bias tile)
                                   EP=cfg.EP if beta_tile else 16)))
     return (y, n, C, rho, z, d), launches
