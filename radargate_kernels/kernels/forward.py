@@ -108,6 +108,9 @@ def _one_pass_block(blk, V, G, A, B, IDS, Y, N, CM, RHO, Z, CTX, a1, a2, Bc, BET
     voff = tok * stride_v_t + slot.to(tl.int64) * stride_v_k
     cols = tl.arange(0, BH)
     cmask = cols < h
+    g = tl.load(G + tok * stride_g_t + slot.to(tl.int64) * stride_g_k, mask=valid,
+                other=0.0).to(ACC)
+    eid = expert_of_row(IDS, tok, slot, valid, stride_ids_t, stride_ids_k, E, HAS_IDS)
     # the tile is kept in expert_out's own dtype (half the registers of a widened copy)
     v1, v2 = load_halves(V, voff, cols, h, stride_v_d, valid[:, None] & cmask[None, :],
                          V.dtype.element_ty)
@@ -123,9 +126,6 @@ def _one_pass_block(blk, V, G, A, B, IDS, Y, N, CM, RHO, Z, CTX, a1, a2, Bc, BET
     gram += tl.dot(s2, tl.trans(s2), input_precision=V_PREC, out_dtype=ACC)
     d = _relation_and_state(gram, m, z, tok, slot, valid, K, r, tau_inv, eps, N, CM, RHO, Z, CTX,
                             KP, BT, RP, ACC, 0)
-    g = tl.load(G + tok * stride_g_t + slot.to(tl.int64) * stride_g_k, mask=valid,
-                other=0.0).to(ACC)
-    eid = expert_of_row(IDS, tok, slot, valid, stride_ids_t, stride_ids_k, E, HAS_IDS)
     if not HOLD:
         Bc = load_param_chunk(B, rr, cols, r, h, stride_b_r, stride_b_h, ACC)
     cos_a, sin_a = cos_sin_angles(d, Bc.to(ACC), BETA, beta_tile, eid, valid, cols, cmask,
