@@ -134,3 +134,19 @@ def test_feature_strided_expert_out_takes_the_two_pass_forward():
     dy = torch.randn(9, 64, generator=torch.Generator().manual_seed(12),
                      dtype=torch.float64).to(torch.float16)
     check_against_reference(radar_gate, q, dy, 11, backend="triton")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_expert_out_stays_in_its_token_across_a_group(bad):
+    # token 5 of a 2-token block inside a group of blocks: every other token's output is the
+    # one of the same call without the bad value, bit for bit
+    p = make_problem(20, 8, 64, 4, dtype=torch.float16, bias=True, ids=True, seed=13)
+    assert _group_of(_plan(p)) > 1
+    y_clean = radar_gate(**p, backend="triton")
+    q = dict(p, expert_out=p["expert_out"].clone())
+    q["expert_out"][5, 2, 7] = bad
+    y = radar_gate(**q, backend="triton")
+    assert not torch.isfinite(y[5]).all()
+    others = [t for t in range(20) if t != 5]
+    torch.testing.assert_close(y[others], y_clean[others], rtol=0, atol=0)
+    assert torch.equal(torch.isnan(y), torch.isnan(radar_gate_reference(**q)))
