@@ -138,8 +138,8 @@ def _one_pass_block(blk, V, G, A, B, IDS, Y, N, CM, RHO, Z, CTX, a1, a2, Bc, BET
 
 # T and GROUP are never specialised (Triton makes an integer argument equal to 1 a constant and
 # tracks divisibility by 16): a launch of one token or one block compiles to the same kernel as
-# any other, the one benchmarks/compile_report.py checks (the T == 1 specialisation spilled
-# 128-168 bytes at K = 32, D = 130 on sm_80)
+# any other, the one benchmarks/compile_report.py checks (the T == 1 specialisation of a first
+# grouped version, parameters held at 32 rows, spilled 128-168 bytes at K = 32, D = 130 on sm_80)
 NOT_SPECIALISED = ["T", "GROUP"]
 
 
