@@ -40,8 +40,8 @@ _BACKENDS = ("auto", "triton", "torch")
 
 
 def _launch():
-    from .kernels import lora_launch  # lazily: must follow any TRITON_INTERPRET setting
-    return lora_launch
+    from .kernels import launch  # lazily: must follow any TRITON_INTERPRET setting
+    return launch
 
 
 def _interpreting():
@@ -241,182 +241,191 @@ def _chunked_grads(fn, chunks, tok_args, n_diff_tok, params, dy):
     return tok_grads, acc
 
 
-# ---- the two backends ----------------------------------------------------------------------------
+# ---- GEMMs (torch: cuBLAS on a GPU) ----------------------------------------------------------------
+
+def mm_ct(a, b):
+    """a @ b in the compute dtype with exact products of 16-bit inputs and fp32 accumulation:
+    cuBLAS's fp32-output GEMM on CUDA (torch.mm out_dtype), a widened copy elsewhere."""
+    ct = compute_dtype(a.dtype)
+    if a.dtype == ct:
+        return a @ b.to(ct)
+    if a.is_cuda and a.dtype == b.dtype:
+        return torch.mm(a, b, out_dtype=ct)
+    return a.to(ct) @ b.to(ct)
+
+
+def mm_split(a, b, out_dtype):
+    """a (fp32) @ b (bf16) -> out_dtype with about fp32 accuracy in one 16-bit GEMM: a = hi + lo,
+    both bf16 (bf16 has fp32's range), so [hi | lo] @ [b; b] has a's value to 2^-17 relative.
+    Other dtypes: the compute-dtype GEMM, cast."""
+    if b.dtype != torch.bfloat16:
+        return (a @ b.to(a.dtype)).to(out_dtype)
+    hi = a.to(torch.bfloat16)
+    lo = (a - hi.to(a.dtype)).to(torch.bfloat16)
+    both = torch.cat((hi, lo), dim=1)
+    if out_dtype == torch.bfloat16:
+        return both @ torch.cat((b, b), dim=0)
+    return mm_ct(both, torch.cat((b, b), dim=0)).to(out_dtype)
+
+
+def _a_cat(lora_A):
+    """lora_A [E, in, r] -> [in, E r] (expert e's r columns at e r)."""
+    E, fin, r = lora_A.shape
+    return lora_A.permute(1, 0, 2).reshape(fin, E * r)
+
 
 def _down(x, lora_A, ids, scaling, backend):
-    """s = scaling * x A_e [T, K, r] in the compute dtype (contiguous). Triton: one GEMM kernel
-    over all experts' columns reading x in its own dtype (the top-k slots gathered after it);
-    torch: the reference's einsum."""
+    """-> (s_all [T, E, r]: every expert's s = scaling x A_e (Triton backend; None otherwise), s
+    [T, K, r]: the slots' rows), compute dtype, contiguous."""
     if backend != "triton":
-        return lora_down(x, lora_A, ids, scaling).contiguous()
-    s_all = _launch().down_forward(x, lora_A, scaling, compute_dtype(x.dtype))
+        return None, lora_down(x, lora_A, ids, scaling).contiguous()
+    E, _, r = lora_A.shape
+    s_all = (mm_ct(x, _a_cat(lora_A)) * scaling).view(-1, E, r)
     if ids is None:
-        return s_all
-    return torch.gather(s_all, 1, ids.unsqueeze(-1).expand(-1, -1, s_all.shape[-1]))
+        return s_all, s_all
+    return s_all, torch.gather(s_all, 1, ids.unsqueeze(-1).expand(-1, -1, r)).contiguous()
 
 
-def _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA, backend):
-    """Gradients of s = scaling * gather(x A): ds [T, K, r] -> (dx [T, in], dA [E, in, r])."""
+def _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA):
+    """Gradients of s = scaling * gather(x A): ds [T, K, r] -> (dx [T, in], dA [E, in, r]),
+    two GEMMs over all experts' columns (slots added to their experts first)."""
     E, fin, r = lora_A.shape
-    ct = ds.dtype
-    if backend == "triton":  # the kernels add slots to experts and apply scaling
-        return _launch().down_backward(ds.contiguous(), ids, x, lora_A, scaling, need_dx,
-                                       need_dA)
-    dS = slots_to_experts(ds, ids, E) if ids is not None else ds  # slots to experts
+    dS = slots_to_experts(ds, ids, E) if ids is not None else ds
     dS = (dS * scaling).reshape(-1, E * r)
-    A_cat = lora_A.to(ct).permute(1, 0, 2).reshape(fin, E * r)
-    dx = (dS @ A_cat.t()).to(x.dtype) if need_dx else None
-    dA = (x.to(ct).t() @ dS).reshape(fin, E, r).permute(1, 0, 2).to(lora_A.dtype).contiguous() \
-        if need_dA else None
+    dx = mm_split(dS, _a_cat(lora_A).t(), x.dtype) if need_dx else None
+    dA = None
+    if need_dA:
+        dA = mm_split(dS.t(), x, compute_dtype(x.dtype)).reshape(E, r, fin).transpose(1, 2)
+        dA = dA.to(lora_A.dtype).contiguous()
     return dx, dA
 
 
-def _relation_kernels(backend, K, E, r, ids):
-    """True when the relation part (P, Q, d and their gradients) runs in Triton kernels: the
-    Triton backend while their [E r]-column tiles fit (lora_launch.relation_fits)."""
-    return backend == "triton" and _launch().relation_fits(K, E, r, ids is not None)
-
-
-def _factors(lora_B, rot_down, ct, kernels):
-    """(P, Q) of lowrank_factors; with the relation kernels, one kernel reads lora_B once for
-    both (the einsums read a compute-dtype copy of it twice)."""
-    if kernels:
-        return _launch().factors(lora_B, rot_down, ct)
-    return lowrank_factors(lora_B, rot_down, ct)
-
-
-def _relation(s, ids, P, Q, tau, eps, chunks, kernels):
-    """d [T, K, rg] from s (no autograd): the relation kernel, or relation_lowrank chunk by
-    chunk."""
-    if kernels:
-        return _launch().relation(s, ids, P, Q, tau, eps)
+def _relation(s, ids, P, Q, tau, eps, chunks):
+    """d [T, K, rg] from s (no autograd): relation_lowrank chunk by chunk."""
     T, K, _ = s.shape
     return _chunked_eval(lambda s_, i_: relation_lowrank(s_, i_, P, Q, tau, eps), chunks,
                          (s, ids), (), s.new_empty((T, K, Q.shape[2])))
 
 
-def _setup(x, lora_A, lora_B, rot_down, ids, scaling, backend, s=None):
-    """What forward and backward both start from: the compute dtype, s = scaling * x A_e
-    [T, K, r] (contiguous; the saved one when given), the sizes and the token chunks of the
-    PyTorch parts."""
+def _setup(x, lora_A, lora_B, rot_down, ids, scaling, backend, s_all=None):
+    """What forward and backward both start from: the compute dtype, s_all and s (down
+    projection, or from the saved s_all), the sizes and the token chunks of the PyTorch parts."""
     ct = compute_dtype(x.dtype)
-    if s is None:
-        s = _down(x, lora_A, ids, scaling, backend)
+    if s_all is None:
+        s_all, s = _down(x, lora_A, ids, scaling, backend)
+    else:
+        s = s_all
+    if ids is not None and s is s_all:
+        r = s_all.shape[2]
+        s = torch.gather(s_all, 1, ids.unsqueeze(-1).expand(-1, -1, r)).contiguous()
     T, K, r = s.shape
     E, _, out = lora_B.shape
     rg = rot_down.shape[1] if rot_down is not None else 0
     chunks = _chunks(T, _per_token_elems(K, r, out, E, rg, ids, rot_down is not None))
-    return ct, s, T, K, E, out, rg, chunks
+    return ct, s_all, s, T, K, E, out, rg, chunks
 
 
 SAVE_LOWRANK_FRACTION = 0.25  # auto: save s, d while they cost <= this share of x's bytes
-SAVE_FACTORS_MAX = 64         # ... and P, Q with them while E r <= this (P: <= 16 KiB in fp32)
 
 
 def save_lowrank(recompute, x, lora_A, K, rg):
-    """Whether forward keeps ``s [T, K, r]`` and ``d [T, K, rg]`` (compute dtype) for backward
-    instead of backward recomputing them (s: the down projection again, reading x and lora_A;
-    d: the relation part). ``recompute=None`` (auto) saves them while they cost at most
-    SAVE_LOWRANK_FRACTION of the bytes of x that backward keeps anyway: per token
-    ``K (r + rg)`` compute-dtype values vs ``in`` values of x. Depends on shapes and dtypes
-    only (not on T), so the fake implementation and torch.compile agree with it."""
+    """Whether forward keeps the low-rank activations (s [T, E, r] of every expert on the Triton
+    path, [T, K, r] on the PyTorch path) and the context d [T, K, rg] for backward instead of
+    recomputing them (the down GEMM again, reading x; the relation part). ``recompute=None``
+    (auto) saves them while they cost at most SAVE_LOWRANK_FRACTION of the bytes of x that
+    backward keeps anyway (per token (E r + K rg) compute-dtype values vs ``in`` values of x).
+    Shapes and dtypes only (not T), so the fake implementation agrees."""
     if recompute is not None:
         return not recompute
-    per_token = K * (lora_A.shape[2] + rg) * compute_dtype(x.dtype).itemsize
+    per_token = (lora_A.shape[0] * lora_A.shape[2] + K * rg) * compute_dtype(x.dtype).itemsize
     return per_token <= SAVE_LOWRANK_FRACTION * x.shape[-1] * x.element_size()
 
 
-def _saved_shapes(save, x, lora_A, K, rg, rotation):
-    """Shapes of what forward returns for backward besides y: s, d, P, Q (None: not saved)."""
+def _saved_shapes(save, x, lora_A, K, rg, rotation, backend):
+    """Shapes of what forward returns for backward besides y: s, d (None: not saved)."""
     if not save:
-        return (None,) * 4
+        return (None, None)
     E, _, r = lora_A.shape
     T = x.shape[0]
-    return ((T, K, r), (T, K, rg) if rotation else None,
-            (E, r, E, r) if rotation and E * r <= SAVE_FACTORS_MAX else None,
-            (E, r, rg) if rotation and E * r <= SAVE_FACTORS_MAX else None)
+    return ((T, E, r) if backend == "triton" else (T, K, r), (T, K, rg) if rotation else None)
 
 
 def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend,
              save):
-    """-> (y [T, out] in x's dtype, s, d, P, Q): the last four are what backward may reuse
-    (``save``: s and d, and P and Q where _saved_shapes has them), else empty tensors."""
-    ct, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids, scaling,
-                                                       backend)
-    P = Q = d = None
+    """-> (y [T, out] in x's dtype, s, d): the last two what backward may reuse (``save``),
+    else empty tensors."""
+    ct, s_all, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids, scaling,
+                                                    backend)
+    d = None
     if rot_down is None:
         y = _chunked_eval(weighted_sum_lowrank, chunks, (s, g.to(ct), ids),
                           (lora_B.to(ct),), s.new_empty((T, out))).to(x.dtype)
     else:
-        kernels = _relation_kernels(backend, K, E, s.shape[2], ids)
-        P, Q = _factors(lora_B, rot_down, ct, kernels)
-        d = _relation(s, ids, P, Q, tau, eps, chunks, kernels)
+        P, Q = lowrank_factors(lora_B, rot_down, ct)
+        d = _relation(s, ids, P, Q, tau, eps, chunks)
         if backend == "triton":
-            y = _launch().stream_forward(s, g, d, ids, lora_B, rot_up, beta, x.dtype)
+            y = _launch().stream_forward(s_all, g, d, ids, lora_B, rot_up, beta, x.dtype)
         else:
             params = (lora_B.to(ct), rot_up.to(ct), beta.to(ct) if beta is not None else None)
             y = _chunked_eval(stream_torch, chunks, (s, g.to(ct), d, ids), params,
                               s.new_empty((T, out))).to(x.dtype)
-    shapes = _saved_shapes(save, x, lora_A, K, rg, rot_down is not None)
+    shapes = _saved_shapes(save, x, lora_A, K, rg, rot_down is not None, backend)
+    keep = (s_all if backend == "triton" else s, d)
     return (y, *(t.reshape(shp).contiguous() if shp is not None else x.new_empty(0)
-                 for t, shp in zip((s, d, P, Q), shapes)))
+                 for t, shp in zip(keep, shapes)))
 
 
 def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend,
-              need_dx, need_dA, s=None, d=None, P=None, Q=None):
-    """-> (dx, dA, dB, dg, drot_down, drot_up, dbeta); s, d, P, Q: forward's, where it saved
+              need_dx, need_dA, s_saved=None, d=None):
+    """-> (dx, dA, dB, dg, drot_down, drot_up, dbeta); s_saved, d: forward's, where it saved
     them (else recomputed here)."""
-    ct, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids, scaling,
-                                                       backend, s)
+    ct, s_all, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids, scaling,
+                                                    backend, s_saved)
     dyc = dy.to(ct)
     dA_rot = dU = dbeta = None
     if rot_down is None:
         (ds, dg), (dB,) = _chunked_grads(weighted_sum_lowrank, chunks, (s, g.to(ct), ids), 2,
                                          (lora_B.to(ct),), dyc)
     else:
-        kernels = _relation_kernels(backend, K, E, s.shape[2], ids)
-        if P is None:
-            P, Q = _factors(lora_B, rot_down, ct, kernels)
-        rel = lambda s_, i_, P_, Q_: relation_lowrank(s_, i_, P_, Q_, tau, eps)  # noqa: E731
+        P, Q = lowrank_factors(lora_B, rot_down, ct)
         if d is None:
-            d = _relation(s, ids, P, Q, tau, eps, chunks, kernels)
+            d = _relation(s, ids, P, Q, tau, eps, chunks)
         if backend == "triton":
-            LL, dyk = _launch(), dy.contiguous()
-            ds, dg, dd = LL.stream_backward_rows(dyk, s, g, d, ids, lora_B, rot_up, beta)
+            ds, dg, dd, dB, dU, dbeta = _launch().stream_backward(dy, s_all, g, d, ids, lora_B,
+                                                                  rot_up, beta)
         else:
             params = (lora_B.to(ct), rot_up.to(ct), beta.to(ct) if beta is not None else None)
             (ds, dg, dd), (dB, dU, dbeta) = _chunked_grads(stream_torch, chunks,
                                                            (s, g.to(ct), d, ids), 3, params, dyc)
-        if kernels and LL.relation_backward_fits(K, E, s.shape[2], ids is not None):
-            dP, dQ, bad = LL.relation_backward(s, ids, P, Q, dd, ds, tau, eps)  # ds updated
-        else:  # (its non-finite terms stay where they belong: no flags needed)
-            (ds2,), (dP, dQ) = _chunked_grads(rel, chunks, (s, ids), 1, (P, Q), dd)
-            ds += ds2
-            bad = torch.zeros(LL.relation_columns(K, E, s.shape[2], ids is not None),
-                              dtype=torch.int32, device=s.device) if kernels else None
-        if backend == "triton" and LL.packed_params_fits(K, E, s.shape[2], ids is not None):
-            # one kernel: the streaming part and the relation part (through P and Q)
-            dB, dU, dbeta, dA_rot = LL.params_backward_packed(
-                dyk, s, g, d, ids, lora_B, rot_up, beta, dP.contiguous(), dQ.contiguous(), bad,
-                rot_down)
-        else:
-            if kernels:
-                dB_rel, dA_rot = LL.factors_backward(dP.contiguous(), dQ.contiguous(), bad,
-                                                     lora_B, rot_down, ct)
-            else:
-                dB_rel, dA_rot = factors_backward(dP, dQ, lora_B.to(ct), rot_down.to(ct))
-            if backend == "triton":  # the parameter kernel adds the streaming part to dB_rel
-                dB, dU, dbeta = LL.stream_backward_params(dyk, s, g, d, ids, lora_B, rot_up,
-                                                          beta, dB_rel)
-            else:
-                dB += dB_rel
-    dx, dA = _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA, backend)
+        rel = lambda s_, i_, P_, Q_: relation_lowrank(s_, i_, P_, Q_, tau, eps)  # noqa: E731
+        (ds_rel,), (dP, dQ) = _chunked_grads(rel, chunks, (s, ids), 1, (P, Q), dd)
+        ds = ds + ds_rel
+        dB_rel, dA_rot = factors_backward(dP, dQ, lora_B.to(ct), rot_down.to(ct))
+        dB = dB + dB_rel
+    if backend == "triton":
+        dx, dA = _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA)
+    else:
+        dx, dA = _down_backward_torch(ds, x, lora_A, ids, scaling, need_dx, need_dA)
 
     def cast(t, like):  # contiguous, as the fake implementation promises
         return t.to(like.dtype).contiguous() if t is not None else x.new_empty(0)
     return (dx if dx is not None else x.new_empty(0), dA if dA is not None else x.new_empty(0),
             cast(dB, lora_B), cast(dg, g), cast(dA_rot, rot_down if rot_down is not None else x),
-            cast(dU, rot_up if rot_up is not None else x), cast(dbeta, beta if beta is not None else x))
+            cast(dU, rot_up if rot_up is not None else x),
+            cast(dbeta, beta if beta is not None else x))
+
+
+def _down_backward_torch(ds, x, lora_A, ids, scaling, need_dx, need_dA):
+    """_down_backward in the compute dtype (the PyTorch path)."""
+    E, fin, r = lora_A.shape
+    ct = ds.dtype
+    dS = slots_to_experts(ds, ids, E) if ids is not None else ds
+    dS = (dS * scaling).reshape(-1, E * r)
+    A_cat = _a_cat(lora_A).to(ct)
+    dx = (dS @ A_cat.t()).to(x.dtype) if need_dx else None
+    dA = (x.to(ct).t() @ dS).reshape(fin, E, r).permute(1, 0, 2).to(lora_A.dtype).contiguous() \
+        if need_dA else None
+    return dx, dA
 
 
 # ---- custom ops (torch.compile) and autograd -------------------------------------------------------
@@ -426,9 +435,10 @@ def _lora_fwd_op(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, g:
                  rot_down: Optional[torch.Tensor], rot_up: Optional[torch.Tensor],
                  beta: Optional[torch.Tensor], ids: Optional[torch.Tensor], scaling: float,
                  tau: float, eps: float, backend: str, save: bool) -> tuple[
-                     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [T, in] ... -> (y [T, out] in the dtype of x, s [T, K, r], d [T, K, rg], P, Q): the
-    last four for backward (save_lowrank), empty when not saved."""
+                     torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, in] ... -> (y [T, out] in the dtype of x, s, d): the last two for backward
+    (save_lowrank: s [T, E, r] on the Triton path, [T, K, r] else; d [T, K, rg]), empty when
+    not saved."""
     return _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend,
                     save)
 
@@ -438,7 +448,7 @@ def _lora_fwd_fake(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, t
                    save):
     ct = compute_dtype(x.dtype)
     rg = rot_down.shape[1] if rot_down is not None else 0
-    shapes = _saved_shapes(save, x, lora_A, g.shape[1], rg, rot_down is not None)
+    shapes = _saved_shapes(save, x, lora_A, g.shape[1], rg, rot_down is not None, backend)
     return (x.new_empty((x.shape[0], lora_B.shape[2])),
             *(x.new_empty(shp, dtype=ct) if shp is not None else x.new_empty(0) for shp in shapes))
 
@@ -449,19 +459,18 @@ def _lora_bwd_op(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B
                  rot_up: Optional[torch.Tensor], beta: Optional[torch.Tensor],
                  ids: Optional[torch.Tensor], scaling: float, tau: float, eps: float,
                  backend: str, need_dx: bool, need_dA: bool, s: Optional[torch.Tensor],
-                 d: Optional[torch.Tensor], P: Optional[torch.Tensor],
-                 Q: Optional[torch.Tensor]) -> tuple[
+                 d: Optional[torch.Tensor]) -> tuple[
                      torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                      torch.Tensor, torch.Tensor]:
     """-> (dx, dlora_A, dlora_B, dg, drot_down, drot_up, dbeta); empty where not computed.
-    s, d, P, Q: forward's (None: recomputed)."""
+    s, d: forward's (None: recomputed)."""
     return _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps,
-                     backend, need_dx, need_dA, s, d, P, Q)
+                     backend, need_dx, need_dA, s, d)
 
 
 @_lora_bwd_op.register_fake
 def _lora_bwd_fake(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps,
-                   backend, need_dx, need_dA, s, d, P, Q):
+                   backend, need_dx, need_dA, s, d):
     def like(t, on=True):
         return t.new_empty(t.shape) if t is not None and on else x.new_empty(0)
     return (like(x, need_dx), like(lora_A, need_dA), like(lora_B), like(g), like(rot_down),
@@ -471,22 +480,22 @@ def _lora_bwd_fake(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scalin
 def _setup_context(ctx, inputs, output):
     x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend, save = inputs
     rg = rot_down.shape[1] if rot_down is not None else 0
-    shapes = _saved_shapes(save, x, lora_A, g.shape[1], rg, rot_down is not None)
+    shapes = _saved_shapes(save, x, lora_A, g.shape[1], rg, rot_down is not None, backend)
     kept = [t if shp is not None else None for t, shp in zip(output[1:], shapes)]
     ctx.save_for_backward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, *kept)
     ctx.args = (scaling, tau, eps, backend)
     ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)  # no zero tensors for s, d, P, Q's (absent) gradients
+    ctx.set_materialize_grads(False)  # no zero tensors for s and d's (absent) gradients
 
 
 def _backward_fn(ctx, dy, *_):
     no_double_backward("radar_gate_lora")
     if dy is None:  # y's gradient undefined (gradients are not materialized): none flows back
         return (None,) * len(ctx.needs_input_grad)
-    x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, s, d, P, Q = ctx.saved_tensors
+    x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, s, d = ctx.saved_tensors
     need = ctx.needs_input_grad
     grads = torch.ops.radargate.lora_bwd(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids,
-                                         *ctx.args, need[0], need[1], s, d, P, Q)
+                                         *ctx.args, need[0], need[1], s, d)
     present = (True, True, True, True, rot_down is not None, rot_up is not None, beta is not None)
     out = [gr if (p and n) else None for gr, p, n in zip(grads, present, need[:7])]
     return (*out, None, None, None, None, None, None)

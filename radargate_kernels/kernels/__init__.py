@@ -1,2 +1,3 @@
-"""Triton kernels of the RadarGate op: forward.py, backward.py, shared helpers in common.py,
-host launchers and block-size rule in launch.py."""
+"""The Triton kernels of both ops: tile.py (shared helpers), stream.py (the three passes over
+the output features), relation.py (radar_gate's relation part), launch.py (the one table of
+launch settings, and every launch)."""

@@ -1,0 +1,189 @@
+"""Triton helpers every kernel shares: the row layout, loads, angles, trigonometry, dots.
+
+Layout. A program owns ``BT`` tokens and a chunk of ``SK`` expert slots (kc .. kc + SK - 1) as
+``R = BT * SK`` rows; row ``a`` is token ``blk * BT + a // SK``, slot ``kc + a % SK``. Feature
+columns are walked in chunks of ``BH`` pairs: column ``p`` pairs with ``p + h`` (SPEC step 5).
+Every offset into a [T, ...] tensor is int64.
+
+Precision. Accumulation is fp32 (fp64 for fp64 inputs: ``ACC``). ``PREC`` is the precision of a
+dot whose operand is a computed fp32 tile: "tf32" (tensor cores) for fp16/bf16 inputs, "ieee"
+for fp32/fp64. Dots of two 16-bit input tiles use their own dtype (exact products).
+"""
+import os
+
+import triton
+import triton.language as tl
+
+# Set by the interpreter before import (tests): the GPU-only approximations below are then
+# emulated with the accurate functions on the same reduced argument.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+TWO_PI_HI = 6.28125                 # 2 pi = TWO_PI_HI + TWO_PI_LO, TWO_PI_HI has 9 bits: k * HI is
+TWO_PI_LO = 0.0019353071795864769   # exact for |k| < 2^15 (|alpha| < ~2e5)
+INV_TWO_PI = 0.15915494309189535
+
+if INTERPRETING:
+    @triton.jit
+    def _approx_cos(x):
+        return tl.cos(x)
+
+    @triton.jit
+    def _approx_sin(x):
+        return tl.sin(x)
+else:  # pragma: no cover - compiled for CUDA only (benchmarks/compile_report.py checks the PTX)
+    from triton.language.extra.cuda import libdevice
+
+    @triton.jit
+    def _approx_cos(x):
+        return libdevice.fast_cosf(x)   # cos.approx.ftz.f32: one special-function-unit op
+
+    @triton.jit
+    def _approx_sin(x):
+        return libdevice.fast_sinf(x)   # sin.approx.ftz.f32
+
+
+@triton.jit
+def cos_sin(a, FAST: tl.constexpr):
+    """(cos a, sin a). FAST (fp16/bf16 inputs): reduce a to [-pi, pi] (two-constant Cody-Waite,
+    with an fma) and use the special-function units' approximations, absolute error below
+    2^-21 there (CUDA programming guide, __sinf/__cosf); else the accurate libdevice routines."""
+    if FAST:
+        k = tl.floor(a * INV_TWO_PI + 0.5)
+        x = tl.fma(-k, TWO_PI_LO, a - k * TWO_PI_HI)
+        return _approx_cos(x), _approx_sin(x)
+    else:
+        return tl.cos(a), tl.sin(a)
+
+
+@triton.jit
+def mm(a, b, PREC: tl.constexpr):
+    """a @ b in fp32 (fp64 for fp64 operands) at precision PREC."""
+    return tl.dot(a, b, input_precision=PREC, out_dtype=a.dtype)
+
+
+@triton.jit
+def non_finite(x):
+    return (x != x) | (tl.abs(x) == float("inf"))
+
+
+@triton.jit
+def mm_exact_nan(a, b, a_on, b_on, PREC: tl.constexpr):
+    """a @ b where the zeros outside ``a_on`` / ``b_on`` (bool, shapes of a and b) stand for "no
+    term" (one-hot placements, rows of other tokens). A plain dot carries a non-finite entry
+    through 0 * inf to every output of its row or column; here such entries are zeroed for the
+    product and NaN is put back exactly where an output has a term through one (as a dot of the
+    unplaced operands would). Only tiles holding a non-finite value pay the two extra dots."""
+    bad_a = non_finite(a)
+    bad_b = non_finite(b)
+    out = mm(tl.where(bad_a, 0.0, a), tl.where(bad_b, 0.0, b), PREC)
+    if tl.sum(bad_a.to(tl.int32)) + tl.sum(bad_b.to(tl.int32)) > 0:
+        hits = (mm(a_on.to(a.dtype), bad_b.to(a.dtype), PREC)
+                + mm(bad_a.to(a.dtype), b_on.to(a.dtype), PREC))
+        out = tl.where(hits > 0, float("nan"), out)
+    return out
+
+
+@triton.jit
+def block_rows(blk, kc, T, K, BT: tl.constexpr, SK: tl.constexpr):
+    """Rows of token block ``blk``, slots kc .. kc + SK - 1 -> (token int64 [R], slot [R],
+    row is real [R])."""
+    a = tl.arange(0, BT * SK)
+    tok = (blk * BT + a // SK).to(tl.int64)  # < T < 2^31
+    slot = kc + a % SK
+    return tok, slot, (tok < T) & (slot < K)
+
+
+@triton.jit
+def expert_of(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS: tl.constexpr):
+    """Expert of each row: ids[t, k], or k without ids; -1 for a row without one (masked)."""
+    if HAS_IDS:
+        e = tl.load(IDS + tok * s_it + slot.to(tl.int64) * s_ik, mask=valid, other=-1).to(tl.int32)
+        return tl.where(valid & (e >= 0) & (e < E), e, -1)
+    else:
+        return tl.where(valid, slot, -1)
+
+
+@triton.jit
+def load_pairs(ptr, row_off, cols, h, s_d, mask, ACC: tl.constexpr):
+    """Columns ``cols`` and ``cols + h`` of the rows at int64 offsets ``row_off`` -> two
+    [R, BH] tiles (ACC; None keeps the stored dtype)."""
+    c = cols[None, :].to(tl.int64) * s_d
+    x1 = tl.load(ptr + row_off[:, None] + c, mask=mask, other=0.0)
+    x2 = tl.load(ptr + row_off[:, None] + c + h * s_d, mask=mask, other=0.0)
+    if ACC is not None:
+        x1 = x1.to(ACC)
+        x2 = x2.to(ACC)
+    return x1, x2
+
+
+@triton.jit
+def token_pairs(ptr, blk, T, cols, cm, h, s_t, s_d, BT: tl.constexpr, SK: tl.constexpr,
+                ACC: tl.constexpr):
+    """A per-token [T, D] tensor (dy) at the block's tokens, broadcast to its R rows -> two
+    [R, BH] tiles."""
+    tb = (blk * BT + tl.arange(0, BT)).to(tl.int64)
+    x1, x2 = load_pairs(ptr, tb * s_t, cols, h, s_d, (tb < T)[:, None] & cm[None, :], ACC)
+    return to_rows(x1, SK), to_rows(x2, SK)
+
+
+@triton.jit
+def to_rows(x, SK: tl.constexpr):
+    """[BT, BH] per token -> [BT * SK, BH] per row."""
+    BT: tl.constexpr = x.shape[0]
+    BH: tl.constexpr = x.shape[1]
+    return tl.reshape(tl.broadcast_to(x[:, None, :], (BT, SK, BH)), (BT * SK, BH))
+
+
+@triton.jit
+def token_sum(x, SK: tl.constexpr):
+    """[BT * SK, BH] per row -> [BT, BH]: the sum over each token's slots."""
+    return tl.sum(tl.reshape(x, (x.shape[0] // SK, SK, x.shape[1])), axis=1)
+
+
+@triton.jit
+def load_rows(ptr, row, valid, n, NP: tl.constexpr, ACC: tl.constexpr):
+    """[R, NP] of a contiguous [T * K, n] tensor (d, z, dd, ...) at flat rows ``row``."""
+    c = tl.arange(0, NP)
+    m = valid[:, None] & (c < n)[None, :]
+    return tl.load(ptr + row[:, None] * n + c[None, :], mask=m, other=0.0).to(ACC)
+
+
+@triton.jit
+def store_rows(ptr, x, row, valid, n, NP: tl.constexpr):
+    c = tl.arange(0, NP)
+    tl.store(ptr + row[:, None] * n + c[None, :], x.to(ptr.dtype.element_ty),
+             mask=valid[:, None] & (c < n)[None, :])
+
+
+@triton.jit
+def load_tile(ptr, rows, cols, nrows, ncols, s_r, s_c, ACC: tl.constexpr):
+    """[len(rows), len(cols)] of a 2-D parameter, masked (ACC None: stored dtype)."""
+    m = (rows[:, None] < nrows) & (cols[None, :] < ncols)
+    x = tl.load(ptr + rows[:, None].to(tl.int64) * s_r + cols[None, :].to(tl.int64) * s_c, mask=m,
+                other=0.0)
+    if ACC is not None:
+        x = x.to(ACC)
+    return x
+
+
+@triton.jit
+def angles(DCTX, U, BETA, row, e, valid, cols, cm, rg, s_ur, s_uh, s_be, s_bh,
+           RGP: tl.constexpr, HAS_BETA: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """SPEC step 4 for one chunk: alpha = d U[:, cols] (+ beta[e, cols]) -> [R, BH], and the
+    rows' context d [R, RGP] (d: contiguous [T * K, rg] at flat rows ``row``)."""
+    d = load_rows(DCTX, row, valid, rg, RGP, ACC)
+    gg = tl.arange(0, RGP)
+    Uc = tl.load(U + gg[:, None].to(tl.int64) * s_ur + cols[None, :].to(tl.int64) * s_uh,
+                 mask=(gg < rg)[:, None] & cm[None, :], other=0.0).to(ACC)
+    a = mm(d, Uc, PREC)
+    if HAS_BETA:
+        ok = (valid & (e >= 0))[:, None] & cm[None, :]
+        a += tl.load(BETA + e.to(tl.int64)[:, None] * s_be + cols[None, :].to(tl.int64) * s_bh,
+                     mask=ok, other=0.0).to(ACC)
+    return a, d
+
+
+@triton.jit
+def rotate(x1, x2, c, s):
+    """Givens rotation of the pairs (x1, x2) by the angle with cosine c and sine s."""
+    return c * x1 - s * x2, s * x1 + c * x2
