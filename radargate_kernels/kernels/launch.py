@@ -70,20 +70,22 @@ def settings(kind: str, K: int, r: int, rg: int, E: int, has_ids: bool, itemsize
     KP, RP, RGP = pow2(K), max(16, pow2(r)), max(16, pow2(rg))
     EP = max(16, pow2(E))
     if kind == "op":
-        # all K slots of a token in one tile (relation: K x K blocks of an R x R tile), R >= 32
+        # 32-row tiles: BT tokens of up to 32 slots (the relation kernels: all K slots of a
+        # token, its K x K blocks in an R x R tile, R = 64 at K > 32)
         BT = max(1, 32 // KP)
-        R = BT * KP
-        cfg = dict(BT=BT, SK=KP, FE=1, BH_FWD=64 if R <= 32 else 32, BH_ROWS=32,
-                   BH_COLS=32 if R <= 32 and RP <= 16 else 16, BH_REL=64 if R <= 32 else 32)
+        R = BT * min(KP, 32)
+        cfg = dict(BT=BT, SK=min(KP, 32), FE=1, BH_FWD=64, BH_ROWS=32, BH_COLS=16,
+                   BH_REL=64 if KP <= 32 else 32)
     else:
-        # 16 tokens per tile (the batched dots' M), slots in chunks; with ids each row's s sits
-        # in its expert's lanes of FE experts (FE r <= 128 per dot)
-        SK = min(KP, 4 if not has_ids else 2)
+        # 16 tokens per tile (the batched dots' M), slots in chunks; with ids one slot per tile,
+        # each row's s in its expert's lanes of FE experts (FE r <= 64 per dot)
+        SK = min(KP, 4) if not has_ids else 1
         R = 16 * SK
-        FE = max(1, min(EP if has_ids else 1, 128 // RP))
+        FE = max(1, min(EP if has_ids else 1, 64 // RP))
         cfg = dict(BT=16, SK=SK, FE=FE, BH_FWD=32, BH_ROWS=32, BH_COLS=32 if RP <= 16 else 16,
                    BH_REL=0)
-    cfg.update(KP=KP, RP=RP, RGP=RGP, EP=EP, R=R, WARPS=4 if R <= 32 else 8, STAGES=2)
+    cfg.update(KP=KP, RP=RP, RGP=RGP, EP=EP, R=R, WARPS=8, WARPS_REL=16 if KP > 32 else 8,
+               STAGES=1)
     return cfg
 
 
@@ -133,9 +135,8 @@ def _strides(t, n):
 
 def _meta(cfg, dtype, bh, **flags):
     acc, prec, fast = precision(dtype)
-    return dict(BT=cfg["BT"], SK=cfg["SK"], BH=bh, RP=cfg["RP"], RGP=cfg["RGP"], FE=cfg["FE"],
-                FAST=fast, PREC=prec, ACC=acc, num_warps=cfg["WARPS"], num_stages=cfg["STAGES"],
-                **flags)
+    return dict(BT=cfg["BT"], SK=cfg["SK"], BH=bh, RP=cfg["RP"], RGP=cfg["RGP"], FAST=fast,
+                PREC=prec, ACC=acc, num_warps=cfg["WARPS"], num_stages=cfg["STAGES"], **flags)
 
 
 def _stream_args(T, K, h, r, rg, E, V, S, LB, g, d, U, beta, ids):
@@ -148,6 +149,11 @@ def _stream_args(T, K, h, r, rg, E, V, S, LB, g, d, U, beta, ids):
         (T, K, h, r, rg, E), \
         (*_strides(V, 3), *_strides(LB, 3), *g.stride(), *U.stride(), *_strides(beta, 2),
          *_strides(ids, 2))
+
+
+def _ids_bound(E, beta):
+    """radar_gate's ids only pick angle_bias rows: without it any id >= 0 is a slot."""
+    return E if beta is not None else 2 ** 31 - 1
 
 
 # ---- radar_gate --------------------------------------------------------------------------------
@@ -168,12 +174,13 @@ def plan_forward(V, g, A, B, beta, ids, tau: float, eps: float):
     rel = Launch(op_relation_fwd_kernel, (nb,),
                  (V, A, n, C, rho, z, d, T, K, h, r, *V.stride(), *A.stride(), 1.0 / tau, eps),
                  dict(KP=cfg["KP"], BT=cfg["BT"], BH=cfg["BH_REL"], RP=cfg["RP"], PREC=prec,
-                      ACC=acc, num_warps=cfg["WARPS"], num_stages=cfg["STAGES"]))
-    ptrs, sizes, strides = _stream_args(T, K, h, r, r, E, V, None, None, g, d, B, beta, ids)
+                      ACC=acc, num_warps=cfg["WARPS_REL"], num_stages=cfg["STAGES"]))
+    ptrs, sizes, strides = _stream_args(T, K, h, r, r, _ids_bound(E, beta), V, None, None, g, d,
+                                        B, beta, ids)
     fwd = Launch(stream_fwd_kernel, (nb, triton.cdiv(h, cfg["BH_FWD"])),
                  (*ptrs, y, *sizes, *strides),
-                 _meta(cfg, V.dtype, cfg["BH_FWD"], V_FROM_S=False, HAS_IDS=ids is not None,
-                       HAS_BETA=beta is not None))
+                 _meta(cfg, V.dtype, cfg["BH_FWD"], FE=1, V_FROM_S=False,
+                       HAS_IDS=ids is not None, HAS_BETA=beta is not None))
     return [rel, fwd], (y, n, C, rho, z, d)
 
 
@@ -197,14 +204,16 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
     dg, dd = g.new_empty((T, K), dtype=V.dtype), V.new_empty((T, K, r), dtype=sd)
     M, dZ = V.new_empty((T, K, K), dtype=sd), V.new_empty((T, K, r), dtype=sd)
     dV = V.new_empty((T, K, D))
-    ptrs, sizes, strides = _stream_args(T, K, h, r, r, E, V, None, None, g, d, B, beta, ids)
+    ptrs, sizes, strides = _stream_args(T, K, h, r, r, _ids_bound(E, beta), V, None, None, g, d,
+                                        B, beta, ids)
     flags = dict(V_FROM_S=False, HAS_IDS=ids is not None, HAS_BETA=beta is not None)
     rows = Launch(stream_bwd_rows_kernel, (nb,),
-                  (*ptrs, dy, dg, dd, dd, *sizes, *strides, *dy.stride()),
+                  (*ptrs, g, g, dy, dg, dd, dd, *sizes, *strides, *dy.stride()),
                   _meta(cfg, V.dtype, cfg["BH_ROWS"], **flags))
     rel = Launch(op_relation_bwd_kernel, (nb,),
                  (dd, n, C, rho, z, M, dZ, T, K, r, 1.0 / tau, eps),
-                 dict(KP=cfg["KP"], BT=cfg["BT"], RP=cfg["RP"], ACC=acc, num_warps=cfg["WARPS"]))
+                 dict(KP=cfg["KP"], BT=cfg["BT"], RP=cfg["RP"], ACC=acc,
+                      num_warps=cfg["WARPS_REL"]))
     n_chunks = triton.cdiv(h, cfg["BH_COLS"])
     G = token_groups(nb, n_chunks, V.device)
     need_dA, need_dB, need_dbeta = need[0], need[1], need[2] and beta is not None
@@ -212,8 +221,8 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
     pB = V.new_empty((G, r, h) if need_dB else (1,), dtype=sd)
     pbeta = V.new_empty((G, E, h) if need_dbeta else (1,), dtype=sd)
     cols = Launch(stream_bwd_cols_kernel, (n_chunks, G, 1),
-                  (*ptrs, dy, M, dZ, A, dV, pB, pbeta, pA, *sizes, nb, *strides, *dy.stride(),
-                   *A.stride()),
+                  (*ptrs, g, g, dy, M, dZ, A, dV, pB, pbeta, pA, *sizes, nb, *strides,
+                   *dy.stride(), *A.stride()),
                   _meta(cfg, V.dtype, cfg["BH_COLS"], EP=cfg["EP"], NEED_DU=need_dB,
                         NEED_DBETA=need_dbeta, NEED_DW=need_dA, **flags))
 
@@ -251,10 +260,10 @@ def plan_stream_forward(s_all, g, d, ids, lora_B, U, beta, out_dtype):
     T, K, E, r, D, rg, cfg, ptrs, sizes, strides, flags = _lora_common(s_all, g, d, ids, lora_B,
                                                                        U, beta)
     y = s_all.new_empty((T, D), dtype=out_dtype)
-    launch = Launch(stream_fwd_kernel, (triton.cdiv(T, cfg["BT"]), triton.cdiv(D // 2,
-                                                                               cfg["BH_FWD"])),
+    launch = Launch(stream_fwd_kernel, (triton.cdiv(T, cfg["BT"]),
+                                        triton.cdiv(D // 2, cfg["BH_FWD"])),
                     (*ptrs, y, *sizes, *strides),
-                    _meta(cfg, lora_B.dtype, cfg["BH_FWD"], **flags))
+                    _meta(cfg, lora_B.dtype, cfg["BH_FWD"], FE=cfg["FE"], **flags))
     return [launch], y
 
 
@@ -264,6 +273,19 @@ def stream_forward(s_all, g, d, ids, lora_B, U, beta, out_dtype):
     return y
 
 
+def expert_rows(ids, T: int, K: int, E: int, device):
+    """The (t, k) rows sorted by expert, as flat rows t K + k (int32 [T K]), and where each
+    expert's rows start (int32 [E + 1]). Without ids slot k is expert k (rows slot-major). Device
+    ops only (a stable sort and a search): no host sync."""
+    if ids is None:
+        rows = torch.arange(T * K, device=device, dtype=torch.int32).view(T, K).t().reshape(-1)
+        return rows, torch.arange(0, K + 1, device=device, dtype=torch.int32) * T
+    sorted_ids, order = torch.sort(ids.reshape(-1), stable=True)
+    starts = torch.searchsorted(sorted_ids, torch.arange(E + 1, device=device,
+                                                         dtype=sorted_ids.dtype))
+    return order.to(torch.int32), starts.to(torch.int32)
+
+
 def plan_stream_backward(dy, s_all, g, d, ids, lora_B, U, beta, need=(True, True, True)):
     """Gradients of stream_forward: need = (dB, dU, dbeta). -> (launches, finish), finish() ->
     (ds [T, K, r], dg [T, K], dd [T, K, rg], dB (streaming part, [E, r, D] compute dtype),
@@ -271,29 +293,32 @@ def plan_stream_backward(dy, s_all, g, d, ids, lora_B, U, beta, need=(True, True
     T, K, E, r, D, rg, cfg, ptrs, sizes, strides, flags = _lora_common(s_all, g, d, ids, lora_B,
                                                                        U, beta)
     sd = s_all.dtype
-    nb = triton.cdiv(T, cfg["BT"])
     ds, dd = s_all.new_empty((T, K, r)), s_all.new_empty((T, K, rg))
     dg = g.new_empty((T, K), dtype=sd)
-    rows = Launch(stream_bwd_rows_kernel, (nb,),
-                  (*ptrs, dy, dg, dd, ds, *sizes, *strides, *dy.stride()),
+    rows_, starts = expert_rows(ids, T, K, E, s_all.device)
+    blocks = triton.cdiv(T * K, E * cfg["BT"])  # an expert's row blocks on average
+    groups = min(max(1, blocks), max(1, token_groups(blocks * E, E, s_all.device)))
+    rows = Launch(stream_bwd_rows_kernel, (E, groups),
+                  (*ptrs, rows_, starts, dy, dg, dd, ds, *sizes, *strides, *dy.stride()),
                   _meta(cfg, lora_B.dtype, cfg["BH_ROWS"], **flags))
     h = D // 2
     n_chunks = triton.cdiv(h, cfg["BH_COLS"])
-    G = token_groups(nb, n_chunks, s_all.device)
+    G = min(max(1, blocks), token_groups(blocks * E, n_chunks * E, s_all.device))
     need_dB, need_dU, need_dbeta = need[0], need[1], need[2] and beta is not None
     pB = s_all.new_empty((G, E, r, D) if need_dB else (1,))
-    pU = s_all.new_empty((G, rg, h) if need_dU else (1,))
+    pU = s_all.new_empty((G, E, rg, h) if need_dU else (1,))
     pbeta = s_all.new_empty((G, E, h) if need_dbeta else (1,))
-    n_e = triton.cdiv(E, cfg["FE"]) if ids is not None and need_dB else 1
-    cols = Launch(stream_bwd_cols_kernel, (n_chunks, G, n_e),
-                  (*ptrs, dy, g, g, g, g, pU, pbeta, pB, *sizes, nb, *strides, *dy.stride(), 0, 0),
+    cols = Launch(stream_bwd_cols_kernel, (n_chunks, E, G),
+                  (*ptrs, rows_, starts, dy, g, g, g, g, pU, pbeta, pB, *sizes, 0, *strides,
+                   *dy.stride(), 0, 0),
                   _meta(cfg, lora_B.dtype, cfg["BH_COLS"], EP=cfg["EP"], NEED_DU=need_dU,
                         NEED_DBETA=need_dbeta, NEED_DW=need_dB, **flags))
 
     def finish():
-        def total(p, on):
-            return p.sum(0) if on else None
-        return ds, dg, dd, total(pB, need_dB), total(pU, need_dU), total(pbeta, need_dbeta)
+        def total(p, on, dims):
+            return p.sum(dims) if on else None
+        return (ds, dg, dd, total(pB, need_dB, 0), total(pU, need_dU, (0, 1)),
+                total(pbeta, need_dbeta, 0))
     return [rows, cols], finish
 
 

@@ -2,7 +2,8 @@
 
 A program owns BT tokens as R = BT * KP rows (all slots of a token: stream.py's layout with
 SK = KP); each token's K x K matrices are the diagonal blocks of an R x R tile, and the products
-between rows of different tokens are kept out of one another (tile.mm_exact_nan).
+between rows of different tokens take the other token's rows with non-finite entries as 0
+(tile.other_tokens_safe): a token with a non-finite v or dd has non-finite rows of its own.
 
 - ``op_relation_fwd_kernel`` (grid: token blocks): one pass over D accumulates the Gram matrix
   of the rows scaled by a power of two near their max |v| (exact in the input dtype, so no square
@@ -18,7 +19,7 @@ between rows of different tokens are kept out of one another (tile.mm_exact_nan)
 import triton
 import triton.language as tl
 
-from .tile import block_rows, load_rows, load_tile, mm, mm_exact_nan, store_rows
+from .tile import block_rows, load_rows, load_tile, mm, other_tokens_safe, store_rows
 
 
 @triton.jit
@@ -73,26 +74,25 @@ def op_relation_fwd_kernel(
         cm = cols < h
         c = cols[None, :].to(tl.int64) * s_vd
         vm = valid[:, None] & cm[None, :]
-        v1 = tl.load(V + voff[:, None] + c, mask=vm, other=0.0)  # stored dtype
-        v2 = tl.load(V + voff[:, None] + c + h * s_vd, mask=vm, other=0.0)
-        a1 = load_tile(A, cols, rr, h, r, s_ad, s_ar, None)
-        a2 = load_tile(A + h * s_ad, cols, rr, h, r, s_ad, s_ar, None)
-        # z = V A: a dot of two input tiles (exact products for 16-bit inputs)
-        z += tl.dot(v1, a1, input_precision=PREC, out_dtype=ACC)
-        z += tl.dot(v2, a2, input_precision=PREC, out_dtype=ACC)
+        # a 16-bit input tile is exact in tf32, and so is its scaling by a power of two: these
+        # tensor-core products are exact (the bf16 dot itself is not emulated by the interpreter)
+        v1 = tl.load(V + voff[:, None] + c, mask=vm, other=0.0).to(ACC)
+        v2 = tl.load(V + voff[:, None] + c + h * s_vd, mask=vm, other=0.0).to(ACC)
+        a1 = load_tile(A, cols, rr, h, r, s_ad, s_ar, ACC)
+        a2 = load_tile(A + h * s_ad, cols, rr, h, r, s_ad, s_ar, ACC)
+        z += mm(v1, a1, PREC) + mm(v2, a2, PREC)  # z = V A
         # Gram matrix of the rows scaled by a power of two, rescaled (exactly) as it grows
-        big = tl.maximum(tl.max(tl.abs(v1.to(ACC)), axis=1), tl.max(tl.abs(v2.to(ACC)), axis=1))
+        big = tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1))
         m_new = pow2_below(tl.maximum(m, big))
         f = tl.where(m > 0, m / m_new, 0.0)
         gram = gram * (f[:, None] * f[None, :])
         inv = (1.0 / m_new)[:, None]
-        s1 = (v1.to(ACC) * inv).to(v1.dtype)
-        s2 = (v2.to(ACC) * inv).to(v2.dtype)
-        gram += tl.dot(s1, tl.trans(s1), input_precision=PREC, out_dtype=ACC)
-        gram += tl.dot(s2, tl.trans(s2), input_precision=PREC, out_dtype=ACC)
+        s1 = v1 * inv
+        s2 = v2 * inv
+        gram += mm(s1, tl.trans(s1), PREC) + mm(s2, tl.trans(s2), PREC)
         m = m_new
     n, C, rho, same, _ = cosines_softmax(gram, tl.where(m > 0, m, 1.0), valid, tau_inv, eps, KP)
-    d = mm_exact_nan(rho, z, same, valid[:, None] & (rr < r)[None, :], "ieee") - z
+    d = mm(rho, other_tokens_safe(z, BT), "ieee") - z  # (a non-finite z: its token's rho is too)
     d = tl.where(K > 1, d, 0.0 * z)  # SPEC: d = 0 when K = 1 (a NaN stays NaN)
     row = tok * K + slot
     kk = row[:, None] * K + (tl.arange(0, R) % KP)[None, :]
@@ -122,12 +122,11 @@ def op_relation_bwd_kernel(
     rho = tl.load(RHO + kk, mask=same, other=0.0).to(ACC)
     z = load_rows(Z, row, valid, r, RP, ACC)
     dd = load_rows(DD, row, valid, r, RP, ACC)
-    on = valid[:, None] & (rr < r)[None, :]
     drho = tl.where(off, mm(dd, tl.trans(z), "ieee"), 0.0)  # row i of dd with row j of z
     dC = tl.where(same, rho * (drho - tl.sum(rho * drho, axis=1)[:, None]) * tau_inv, 0.0)
     S = dC + tl.trans(dC)
     q = tl.where(n > eps, tl.sum(S * C, axis=1), 0.0)  # <v^_i, dv^_i>
-    dz = mm_exact_nan(tl.trans(rho), dd, same, on, "ieee") - dd
+    dz = mm(tl.trans(rho), other_tokens_safe(dd, BT), "ieee") - dd
     dz = tl.where(K > 1, dz, 0.0 * dd)  # d = 0 when K = 1: z gets no gradient
     inv = 1.0 / n
     Mt = S * inv[:, None] * inv[None, :]

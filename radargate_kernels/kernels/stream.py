@@ -12,18 +12,22 @@ With u = R(alpha) v, y = sum_k g_k u_k and w = R(-alpha) dy, the gradients are
 dg = <w, v>, dv = g w and dalpha = g (v1 w2 - v2 w1) (pairs v1 = v[:h], v2 = v[h:]).
 
 - ``stream_fwd_kernel`` (grid: token blocks x pair chunks): y.
-- ``stream_bwd_rows_kernel`` (grid: token blocks; the reductions over the features): dg,
-  dd = dalpha U^T and, fused layer, ds = dv B_e^T.
-- ``stream_bwd_cols_kernel`` (grid: pair chunks x token groups; the reductions over the
-  tokens): one fp32 partial per token group of dU, dbeta and (fused layer) the streaming part of
-  dB, summed by the host in a fixed order (deterministic, no atomics); radar_gate also writes
+- ``stream_bwd_rows_kernel`` (the reductions over the features): dg, dd = dalpha U^T and,
+  fused layer, ds = dv B_e^T.
+- ``stream_bwd_cols_kernel`` (the reductions over the tokens, per chunk of column pairs): one
+  fp32 partial per program group of dU, dbeta and (fused layer) the streaming part of dB, summed
+  by the host in a fixed order (deterministic, no atomics); radar_gate also writes
   dV = g w + M v + dZ A^T (M, dZ: relation.py's backward) and partials of dA = V^T dZ.
+radar_gate's backward walks token blocks (M v needs a token's slots together). The fused
+layer's walks one expert's rows per program (``ROWS``: the (t, k) rows sorted by expert,
+``OFFS``: where each expert's start), so v = s B_e is a plain dot with that expert's B, and
+every sum over rows stays within its expert: no one-hot product, nothing to keep apart.
 """
 import triton
 import triton.language as tl
 
-from .tile import (angles, block_rows, cos_sin, expert_of, load_pairs, load_rows, mm,
-                   mm_exact_nan, rotate, store_rows, to_rows, token_pairs, token_sum)
+from .tile import (angles, block_rows, cos_sin, expert_of, finite_or_zero, load_pairs,
+                   load_rows, mm, non_finite, other_tokens_safe, rotate, store_rows, token_sum)
 
 
 @triton.jit
@@ -93,37 +97,17 @@ def expert_values(V, S, LB, tok, slot, e, valid, kc, cols, cm, h, r, K, E,
         v1 = tl.zeros((BT * SK, cols.shape[0]), dtype=ACC)
         v2 = tl.zeros((BT * SK, cols.shape[0]), dtype=ACC)
         for f0 in range(0, E, FE):
-            sx, on = expert_lanes(S, tok, e, valid, f0, r, E, RP, FE, ACC)
-            b1, b2, bon = lanes_lora_b(LB, f0, cols, cm, h, r, E, s_le, s_lr, s_ld, RP, FE, ACC)
-            v1 += mm_exact_nan(sx, b1, on, bon, PREC)
-            v2 += mm_exact_nan(sx, b2, on, bon, PREC)
+            sx, _ = expert_lanes(S, tok, e, valid, f0, r, E, RP, FE, ACC)
+            b1, b2, _ = lanes_lora_b(LB, f0, cols, cm, h, r, E, s_le, s_lr, s_ld, RP, FE, ACC)
+            # other experts' non-finite B stays out (their lanes hold 0); a row of an expert
+            # with one is non-finite anyway through its token's context d (tile.finite_or_zero)
+            v1 += mm(sx, finite_or_zero(b1), PREC)
+            v2 += mm(sx, finite_or_zero(b2), PREC)
         return v1, v2
     else:
         s3 = slot_major(load_rows(S, tok * E + slot, valid, r, RP, ACC), SK)
         b1, b2 = slot_lora_b(LB, kc, cols, cm, h, r, K, s_le, s_lr, s_ld, SK, RP, ACC)
         return row_major(mm(s3, b1, PREC)), row_major(mm(s3, b2, PREC))
-
-
-@triton.jit
-def grad_s(w1, w2, e, valid, LB, kc, cols, cm, h, r, K, E, s_le, s_lr, s_ld,
-           SK: tl.constexpr, RP: tl.constexpr, FE: tl.constexpr, HAS_IDS: tl.constexpr,
-           PREC: tl.constexpr, ACC: tl.constexpr):
-    """One chunk's w B_e^T -> [R, RP] (dv = g w, so ds = g w B_e^T)."""
-    if HAS_IDS:
-        ds = tl.zeros((w1.shape[0], RP), dtype=ACC)
-        for f0 in range(0, E, FE):
-            b1, b2, _ = lanes_lora_b(LB, f0, cols, cm, h, r, E, s_le, s_lr, s_ld, RP, FE, ACC)
-            x = mm(w1, tl.trans(b1), PREC) + mm(w2, tl.trans(b2), PREC)  # [R, FE * RP]
-            ln = tl.arange(0, FE * RP)
-            own = valid[:, None] & ((f0 + ln // RP)[None, :] == e[:, None])
-            # a select, not a product: other experts' (possibly non-finite) lanes stay out
-            ds += tl.sum(tl.reshape(tl.where(own, x, 0.0), (w1.shape[0], FE, RP)), axis=1)
-        return ds
-    else:
-        b1, b2 = slot_lora_b(LB, kc, cols, cm, h, r, K, s_le, s_lr, s_ld, SK, RP, ACC)
-        x = mm(slot_major(w1, SK), tl.permute(b1, (0, 2, 1)), PREC) \
-            + mm(slot_major(w2, SK), tl.permute(b2, (0, 2, 1)), PREC)
-        return row_major(x)
 
 
 # T (and the number of token blocks) are never specialised: Triton makes an integer argument
@@ -166,167 +150,268 @@ def stream_fwd_kernel(
     tl.store(Y + off + h, y2.to(Y.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def expert_block(ROWS, OFFS, e, blk, K, BT: tl.constexpr):
+    """Block ``blk`` of the rows of expert e (ROWS: flat rows t K + k sorted by expert, OFFS [E+1]
+    where each expert's start) -> (token int64, slot, flat row int64, valid), each [BT]."""
+    start = tl.load(OFFS + e)
+    a = blk * BT + tl.arange(0, BT)
+    valid = a < tl.load(OFFS + e + 1) - start
+    row = tl.load(ROWS + start + a, mask=valid, other=0).to(tl.int64)
+    return row // K, (row % K).to(tl.int32), row, valid
+
+
+@triton.jit
+def expert_b(LB, e, cols, cm, h, r, s_le, s_lr, s_ld, RP: tl.constexpr, ACC: tl.constexpr):
+    """lora_B of expert e at columns cols and cols + h -> two [RP, BH] tiles."""
+    a = tl.arange(0, RP)
+    off = e.to(tl.int64) * s_le + a[:, None] * s_lr + cols[None, :].to(tl.int64) * s_ld
+    m = (a < r)[:, None] & cm[None, :]
+    return (tl.load(LB + off, mask=m, other=0.0).to(ACC),
+            tl.load(LB + off + h * s_ld, mask=m, other=0.0).to(ACC))
+
+
+@triton.jit
+def bwd_terms(V, S, LB, DCTX, U, BETA, DY, tok, slot, row, e, valid, cols, cm, h, r, rg, E,
+              s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_ur, s_uh, s_be, s_bh, s_yt, s_yd,
+              RP: tl.constexpr, RGP: tl.constexpr, V_FROM_S: tl.constexpr,
+              HAS_BETA: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr,
+              ACC: tl.constexpr):
+    """What both backward kernels recompute for one chunk of rows: v, the context d, and
+    w = R(-alpha) dy -> (v1, v2, w1, w2, d, s rows, B_e halves). Fused layer: the rows are one
+    expert's (e: that expert for every row)."""
+    on = valid[:, None] & cm[None, :]
+    dy1, dy2 = load_pairs(DY, tok * s_yt, cols, h, s_yd, on, ACC)
+    rr = tl.arange(0, RP)
+    if V_FROM_S:
+        s_rows = tl.load(S + (tok * E + e)[:, None] * r + rr[None, :],
+                         mask=valid[:, None] & (rr < r)[None, :], other=0.0).to(ACC)
+        b1, b2 = expert_b(LB, tl.max(e, axis=0), cols, cm, h, r, s_le, s_lr, s_ld, RP, ACC)
+        v1 = mm(s_rows, b1, PREC)
+        v2 = mm(s_rows, b2, PREC)
+    else:
+        v1, v2 = load_pairs(V, tok * s_vt + slot.to(tl.int64) * s_vk, cols, h, s_vd, on, ACC)
+        s_rows = v1
+        b1 = v1
+        b2 = v1
+    alpha, d = angles(DCTX, U, BETA, row, e, valid, cols, cm, rg, s_ur, s_uh, s_be, s_bh, RGP,
+                      HAS_BETA, PREC, ACC)
+    c, s = cos_sin(alpha, FAST)
+    w1, w2 = rotate(dy1, dy2, c, -s)
+    return v1, v2, w1, w2, d, s_rows, b1, b2
+
+
+@triton.jit
+def rows_reduce(V, S, LB, G, DCTX, U, BETA, DY, DG, DD, DS, tok, slot, row, e, valid,
+                h, r, rg, E, s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_gt, s_gk, s_ur, s_uh, s_be,
+                s_bh, s_yt, s_yd, BH: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr,
+                V_FROM_S: tl.constexpr, HAS_BETA: tl.constexpr, FAST: tl.constexpr,
+                PREC: tl.constexpr, ACC: tl.constexpr):
+    """One block of rows, all feature pairs: dg = <w, v>, dd = g (v1 w2 - v2 w1) U^T and, fused
+    layer, ds = g w B_e^T; stored at the rows' places in contiguous [T, K, ...] outputs."""
+    R: tl.constexpr = tok.shape[0]
+    gg = tl.arange(0, RGP)
+    dg = tl.zeros((R,), dtype=ACC)
+    dd = tl.zeros((R, RGP), dtype=ACC)
+    ds = tl.zeros((R, RP), dtype=ACC)
+    for c0 in range(0, h, BH):
+        cols = c0 + tl.arange(0, BH)
+        cm = cols < h
+        v1, v2, w1, w2, _, _, b1, b2 = bwd_terms(
+            V, S, LB, DCTX, U, BETA, DY, tok, slot, row, e, valid, cols, cm, h, r, rg, E,
+            s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_ur, s_uh, s_be, s_bh, s_yt, s_yd,
+            RP, RGP, V_FROM_S, HAS_BETA, FAST, PREC, ACC)
+        dg += tl.sum(v1 * w1 + v2 * w2, axis=1)
+        ut = tl.load(U + gg[None, :].to(tl.int64) * s_ur + cols[:, None].to(tl.int64) * s_uh,
+                     mask=cm[:, None] & (gg < rg)[None, :], other=0.0).to(ACC)
+        dd += mm(v1 * w2 - v2 * w1, ut, PREC)
+        if V_FROM_S:
+            ds += mm(w1, tl.trans(b1), PREC) + mm(w2, tl.trans(b2), PREC)
+    g = tl.load(G + tok * s_gt + slot.to(tl.int64) * s_gk, mask=valid, other=0.0).to(ACC)
+    tl.store(DG + row, dg.to(DG.dtype.element_ty), mask=valid)
+    store_rows(DD, g[:, None] * dd, row, valid, rg, RGP)
+    if V_FROM_S:
+        store_rows(DS, g[:, None] * ds, row, valid, r, RP)
+
+
 @triton.jit(do_not_specialize=["T"])
 def stream_bwd_rows_kernel(
-    V, S, LB, G, DCTX, U, BETA, IDS, DY, DG, DD, DS,
+    V, S, LB, G, DCTX, U, BETA, IDS, ROWS, OFFS, DY, DG, DD, DS,
     T, K, h, r, rg, E,
     s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_gt, s_gk, s_ur, s_uh, s_be, s_bh, s_it, s_ik,
     s_yt, s_yd,
     BT: tl.constexpr, SK: tl.constexpr, BH: tl.constexpr, RP: tl.constexpr,
-    RGP: tl.constexpr, FE: tl.constexpr, V_FROM_S: tl.constexpr, HAS_IDS: tl.constexpr,
-    HAS_BETA: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    RGP: tl.constexpr, V_FROM_S: tl.constexpr, HAS_IDS: tl.constexpr, HAS_BETA: tl.constexpr,
+    FAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Per row (t, k) of one token block: dg = <w, v>, dd = g (v1 w2 - v2 w1) U^T and, fused
-    layer, ds = g w B_e^T, each reduced over all feature pairs (contiguous [T, K, ...] outputs)."""
-    blk = tl.program_id(0)
-    for kc in range(0, K, SK):
-        tok, slot, valid = block_rows(blk, kc, T, K, BT, SK)
-        e = expert_of(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
-        valid = e >= 0
-        row = tok * K + slot
-        dg = tl.zeros((BT * SK,), dtype=ACC)
-        dd = tl.zeros((BT * SK, RGP), dtype=ACC)
-        ds = tl.zeros((BT * SK, RP), dtype=ACC)
-        gg = tl.arange(0, RGP)
-        for c0 in range(0, h, BH):
-            cols = c0 + tl.arange(0, BH)
-            cm = cols < h
-            dy1, dy2 = token_pairs(DY, blk, T, cols, cm, h, s_yt, s_yd, BT, SK, ACC)
-            v1, v2 = expert_values(V, S, LB, tok, slot, e, valid, kc, cols, cm, h, r, K, E,
-                                   s_vt, s_vk, s_vd, s_le, s_lr, s_ld, BT, SK, RP, FE, V_FROM_S,
-                                   HAS_IDS, PREC, ACC)
-            alpha, _ = angles(DCTX, U, BETA, row, e, valid, cols, cm, rg, s_ur, s_uh, s_be, s_bh,
-                              RGP, HAS_BETA, PREC, ACC)
-            c, s = cos_sin(alpha, FAST)
-            w1, w2 = rotate(dy1, dy2, c, -s)
-            dg += tl.sum(v1 * w1 + v2 * w2, axis=1)
-            ut = tl.load(U + gg[None, :].to(tl.int64) * s_ur + cols[:, None].to(tl.int64) * s_uh,
-                         mask=cm[:, None] & (gg < rg)[None, :], other=0.0).to(ACC)
-            dd += mm(v1 * w2 - v2 * w1, ut, PREC)
-            if V_FROM_S:
-                ds += grad_s(w1, w2, e, valid, LB, kc, cols, cm, h, r, K, E, s_le, s_lr, s_ld,
-                             SK, RP, FE, HAS_IDS, PREC, ACC)
-        g = tl.load(G + tok * s_gt + slot.to(tl.int64) * s_gk, mask=valid, other=0.0).to(ACC)
-        tl.store(DG + row, dg.to(DG.dtype.element_ty), mask=valid)
-        store_rows(DD, g[:, None] * dd, row, valid, rg, RGP)
-        if V_FROM_S:
-            store_rows(DS, g[:, None] * ds, row, valid, r, RP)
+    """The reductions over the features, per row (contiguous [T, K, ...] outputs DG, DD, DS).
+    radar_gate: grid (token blocks,), slots in chunks of SK; fused layer: grid (E, groups),
+    program (e, p) takes the blocks p, p + groups, ... of expert e's rows."""
+    if V_FROM_S:
+        e0 = tl.program_id(0)
+        n_grp = tl.num_programs(1)
+        n_blk = tl.cdiv(tl.load(OFFS + e0 + 1) - tl.load(OFFS + e0), BT)
+        for blk in range(tl.program_id(1), n_blk, n_grp):
+            tok, slot, row, valid = expert_block(ROWS, OFFS, e0, blk, K, BT)
+            rows_reduce(V, S, LB, G, DCTX, U, BETA, DY, DG, DD, DS, tok, slot, row,
+                        tl.zeros((BT,), dtype=tl.int32) + e0, valid, h, r, rg, E, s_vt, s_vk,
+                        s_vd, s_le, s_lr, s_ld, s_gt, s_gk, s_ur, s_uh, s_be, s_bh, s_yt, s_yd,
+                        BH, RP, RGP, V_FROM_S, HAS_BETA, FAST, PREC, ACC)
+    else:
+        blk = tl.program_id(0)
+        for kc in range(0, K, SK):
+            tok, slot, valid = block_rows(blk, kc, T, K, BT, SK)
+            e = expert_of(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
+            rows_reduce(V, S, LB, G, DCTX, U, BETA, DY, DG, DD, DS, tok, slot, tok * K + slot,
+                        e, e >= 0, h, r, rg, E, s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_gt, s_gk,
+                        s_ur, s_uh, s_be, s_bh, s_yt, s_yd, BH, RP, RGP, V_FROM_S, HAS_BETA,
+                        FAST, PREC, ACC)
+
+
+@triton.jit
+def store_slot_rows(ptr, x, grp, kc, K, n_rows, cols, cm, h, width):
+    """x [SK, n_rows, BH] -> ptr[grp, kc + j, a, cols] of a contiguous [G, K, n_rows, width]
+    partial (slots kc .. kc + SK - 1)."""
+    j = tl.arange(0, x.shape[0])[:, None, None]
+    a = tl.arange(0, x.shape[1])[None, :, None]
+    off = ((grp.to(tl.int64) * K + kc + j) * n_rows + a) * width + cols[None, None, :]
+    tl.store(ptr + off, x, mask=(kc + j < K) & (a < n_rows) & cm[None, None, :])
 
 
 @triton.jit(do_not_specialize=["T", "n_blocks"])
 def stream_bwd_cols_kernel(
-    V, S, LB, G, DCTX, U, BETA, IDS, DY, MR, DZ, A,
+    V, S, LB, G, DCTX, U, BETA, IDS, ROWS, OFFS, DY, MR, DZ, A,
     DV, PU, PBETA, PW,
     T, K, h, r, rg, E, n_blocks,
     s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_gt, s_gk, s_ur, s_uh, s_be, s_bh, s_it, s_ik,
     s_yt, s_yd, s_ad, s_ar,
     BT: tl.constexpr, SK: tl.constexpr, BH: tl.constexpr, RP: tl.constexpr,
-    RGP: tl.constexpr, EP: tl.constexpr, FE: tl.constexpr, V_FROM_S: tl.constexpr,
-    HAS_IDS: tl.constexpr, HAS_BETA: tl.constexpr, NEED_DU: tl.constexpr,
-    NEED_DBETA: tl.constexpr, NEED_DW: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr,
-    ACC: tl.constexpr,
+    RGP: tl.constexpr, EP: tl.constexpr, V_FROM_S: tl.constexpr, HAS_IDS: tl.constexpr,
+    HAS_BETA: tl.constexpr, NEED_DU: tl.constexpr, NEED_DBETA: tl.constexpr,
+    NEED_DW: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
-    """One chunk of BH column pairs over the token blocks grp, grp + G, ... (G = token groups):
-    this group's fp32 partials PU [G, rg, h] of dU, PBETA [G, E, h] of dbeta and PW of dB
-    ([G, E, r, D], fused layer: the streaming part) or of dA ([G, D, r], radar_gate, which also
-    writes DV [T, K, D] = g w + M v + dZ A^T; there SK = K padded, all slots of a token in one
-    tile, and MR [T, K, K], DZ [T, K, r] come from relation.py's backward)."""
+    """The reductions over the tokens for one chunk of BH column pairs (grid axis 0), into one
+    fp32 partial per program group: PU of dU, PBETA of dbeta, PW of dB (fused layer, its
+    streaming part [., E, r, D]) or of dA ([G, D, r], radar_gate).
+    Fused layer: grid (chunks, E, groups), program (c, e, p) over blocks p, p + groups, ... of
+    expert e's rows; partials PU [groups, E, rg, h], PBETA [groups, E, h], PW [groups, E, r, D].
+    radar_gate: grid (chunks, groups), program (c, p) over token blocks p, p + groups, ...;
+    partials PU [groups, rg, h], PBETA [groups, E, h]; also writes DV [T, K, D] =
+    g w + M v + dZ A^T (SK slots per tile; M v over all the token's slot chunks). With ids its
+    dbeta is a one-hot product of rows whose non-finite entries are zeroed; a count of those per
+    expert and column puts them back as NaN at the end, as the reference has them."""
     cols = tl.program_id(0) * BH + tl.arange(0, BH)
     cm = cols < h
-    grp = tl.program_id(1)
-    n_grp = tl.num_programs(1)
-    f0 = tl.program_id(2) * FE  # fused layer with ids: this program's experts of dB (the other
-    first = tl.program_id(2) == 0  # partials come from the programs of expert chunk 0)
-    R: tl.constexpr = BT * SK
     gg = tl.arange(0, RGP)
-    ee = tl.arange(0, EP)
     rr = tl.arange(0, RP)
-    ln = tl.arange(0, FE * RP)
     d_u = tl.zeros((RGP, BH), dtype=ACC)
-    d_beta = tl.zeros((EP, BH), dtype=ACC)
-    dw1 = tl.zeros((FE * RP, BH), dtype=ACC)  # fused layer with ids: all experts' rows of dB
-    dw2 = tl.zeros((FE * RP, BH), dtype=ACC)  # radar_gate: dA rows cols ([BH, RP] transposed)
-    for kc in range(0, K, SK):
-        dk1 = tl.zeros((SK, RP, BH), dtype=ACC)  # fused layer without ids: the slots' dB
-        dk2 = tl.zeros((SK, RP, BH), dtype=ACC)
-        for blk in range(grp, n_blocks, n_grp):
-            tok, slot, valid = block_rows(blk, kc, T, K, BT, SK)
-            e = expert_of(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
-            valid = e >= 0
-            row = tok * K + slot
-            dy1, dy2 = token_pairs(DY, blk, T, cols, cm, h, s_yt, s_yd, BT, SK, ACC)
-            v1, v2 = expert_values(V, S, LB, tok, slot, e, valid, kc, cols, cm, h, r, K, E,
-                                   s_vt, s_vk, s_vd, s_le, s_lr, s_ld, BT, SK, RP, FE, V_FROM_S,
-                                   HAS_IDS, PREC, ACC)
-            alpha, d = angles(DCTX, U, BETA, row, e, valid, cols, cm, rg, s_ur, s_uh, s_be, s_bh,
-                              RGP, HAS_BETA, PREC, ACC)
-            c, s = cos_sin(alpha, FAST)
+    if V_FROM_S:
+        e0 = tl.program_id(1)
+        grp = tl.program_id(2)
+        n_grp = tl.num_programs(2)
+        d_b1 = tl.zeros((RP, BH), dtype=ACC)
+        d_b2 = tl.zeros((RP, BH), dtype=ACC)
+        d_beta = tl.zeros((BH,), dtype=ACC)
+        n_blk = tl.cdiv(tl.load(OFFS + e0 + 1) - tl.load(OFFS + e0), BT)
+        for blk in range(grp, n_blk, n_grp):
+            tok, slot, row, valid = expert_block(ROWS, OFFS, e0, blk, K, BT)
+            e = tl.zeros((BT,), dtype=tl.int32) + e0
+            v1, v2, w1, w2, d, s_rows, _, _ = bwd_terms(
+                V, S, LB, DCTX, U, BETA, DY, tok, slot, row, e, valid, cols, cm, h, r, rg, E,
+                s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_ur, s_uh, s_be, s_bh, s_yt, s_yd,
+                RP, RGP, V_FROM_S, HAS_BETA, FAST, PREC, ACC)
             g = tl.load(G + tok * s_gt + slot.to(tl.int64) * s_gk, mask=valid,
                         other=0.0).to(ACC)[:, None]
-            w1, w2 = rotate(dy1, dy2, c, -s)
             da = g * (v1 * w2 - v2 * w1)
-            rows_on = valid[:, None] & cm[None, :]
             if NEED_DU:
                 d_u += mm(tl.trans(d), da, PREC)
             if NEED_DBETA:
-                hot = ee[:, None] == e[None, :]
-                d_beta += mm_exact_nan(hot.to(ACC), da, hot, rows_on, PREC)
-            if V_FROM_S and NEED_DW:
-                if HAS_IDS:
-                    sx, on = expert_lanes(S, tok, e, valid, f0, r, E, RP, FE, ACC)
-                    dw1 += mm_exact_nan(tl.trans(sx), g * w1, tl.trans(on), rows_on, PREC)
-                    dw2 += mm_exact_nan(tl.trans(sx), g * w2, tl.trans(on), rows_on, PREC)
-                else:
-                    st = tl.permute(slot_major(load_rows(S, tok * E + slot, valid, r, RP, ACC),
-                                               SK), (0, 2, 1))
-                    dk1 += mm(st, slot_major(g * w1, SK), PREC)
-                    dk2 += mm(st, slot_major(g * w2, SK), PREC)
-            if not V_FROM_S:
-                # the relation part: M v within each token (zeros across tokens stay out)
-                ri = tl.arange(0, R)
-                same = (ri[:, None] // SK == ri[None, :] // SK) & valid[:, None] & valid[None, :]
-                m_t = tl.load(MR + (tok * K + slot)[:, None] * K + (kc + ri % SK)[None, :],
-                              mask=same, other=0.0).to(ACC)
+                d_beta += tl.sum(da, axis=0)
+            if NEED_DW:
+                st = tl.trans(s_rows)
+                d_b1 += mm(st, g * w1, PREC)
+                d_b2 += mm(st, g * w2, PREC)
+        slab = grp.to(tl.int64) * E + e0  # this program's [group, expert] slab of the partials
+        if NEED_DU:
+            tl.store(PU + (slab * rg + gg[:, None]) * h + cols[None, :], d_u,
+                     mask=(gg < rg)[:, None] & cm[None, :])
+        if NEED_DBETA:
+            tl.store(PBETA + slab * h + cols, d_beta, mask=cm)
+        if NEED_DW:
+            off = (slab * r + rr[:, None]) * (2 * h) + cols[None, :]
+            m = (rr < r)[:, None] & cm[None, :]
+            tl.store(PW + off, d_b1, mask=m)
+            tl.store(PW + off + h, d_b2, mask=m)
+    else:
+        grp = tl.program_id(1)
+        n_grp = tl.num_programs(1)
+        R: tl.constexpr = BT * SK
+        ee = tl.arange(0, EP)
+        d_beta = tl.zeros((EP, BH), dtype=ACC)  # with ids (one-hot over experts)
+        n_bad = tl.zeros((EP, BH), dtype=ACC)   # with ids: rows with a non-finite dalpha
+        d_a1 = tl.zeros((RP, BH), dtype=ACC)    # dA^T at rows cols, cols + h
+        d_a2 = tl.zeros((RP, BH), dtype=ACC)
+        for kc in range(0, K, SK):
+            dbk = tl.zeros((SK, BH), dtype=ACC)  # without ids: each slot's dbeta
+            for blk in range(grp, n_blocks, n_grp):
+                tok, slot, valid = block_rows(blk, kc, T, K, BT, SK)
+                e = expert_of(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
+                valid = e >= 0
+                row = tok * K + slot
+                v1, v2, w1, w2, d, _, _, _ = bwd_terms(
+                    V, S, LB, DCTX, U, BETA, DY, tok, slot, row, e, valid, cols, cm, h, r, rg,
+                    E, s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_ur, s_uh, s_be, s_bh, s_yt, s_yd,
+                    RP, RGP, V_FROM_S, HAS_BETA, FAST, PREC, ACC)
+                g = tl.load(G + tok * s_gt + slot.to(tl.int64) * s_gk, mask=valid,
+                            other=0.0).to(ACC)[:, None]
+                da = g * (v1 * w2 - v2 * w1)
+                if NEED_DU:
+                    d_u += mm(tl.trans(d), da, PREC)
+                if NEED_DBETA:
+                    if HAS_IDS:
+                        hot = (ee[:, None] == e[None, :]).to(ACC)  # [EP, R]
+                        n_bad += mm(hot, non_finite(da).to(ACC), PREC)
+                        d_beta += mm(hot, finite_or_zero(da), PREC)
+                    else:  # slot k is expert k: the sum over each slot's tokens
+                        dbk += tl.sum(slot_major(da, SK), axis=1)
                 dz = load_rows(DZ, row, valid, r, RP, ACC)
-                am = cm[:, None] & (rr < r)[None, :]
-                a1 = tl.load(A + cols[:, None].to(tl.int64) * s_ad + rr[None, :] * s_ar, mask=am,
-                             other=0.0).to(ACC)
-                a2 = tl.load(A + (cols + h)[:, None].to(tl.int64) * s_ad + rr[None, :] * s_ar,
-                             mask=am, other=0.0).to(ACC)
-                dv1 = g * w1 + mm_exact_nan(m_t, v1, same, rows_on, PREC) + mm(dz, tl.trans(a1),
-                                                                               PREC)
-                dv2 = g * w2 + mm_exact_nan(m_t, v2, same, rows_on, PREC) + mm(dz, tl.trans(a2),
-                                                                               PREC)
+                if NEED_DW:  # dA^T = dZ^T V
+                    d_a1 += mm(tl.trans(dz), v1, PREC)
+                    d_a2 += mm(tl.trans(dz), v2, PREC)
+                # dV = g w + dZ A^T + M v (M: zero across tokens; a token with a non-finite v
+                # has a non-finite M of its own)
+                on = valid[:, None] & cm[None, :]
                 off = (row * (2 * h))[:, None] + cols[None, :]
-                tl.store(DV + off, dv1.to(DV.dtype.element_ty), mask=rows_on)
-                tl.store(DV + off + h, dv2.to(DV.dtype.element_ty), mask=rows_on)
-                if NEED_DW:  # dA rows cols and cols + h: (v^T dZ)^T [RP, BH] (FE = 1 here)
-                    dw1 += mm(tl.trans(dz), v1, PREC)
-                    dw2 += mm(tl.trans(dz), v2, PREC)
-        if V_FROM_S and NEED_DW and not HAS_IDS:
-            j = tl.arange(0, SK)[:, None, None]
-            a = rr[None, :, None]
-            c3 = cols[None, None, :]
-            off = ((grp.to(tl.int64) * E + kc + j) * r + a) * (2 * h) + c3
-            m = (kc + j < K) & (a < r) & cm[None, None, :]
-            tl.store(PW + off, dk1, mask=m)
-            tl.store(PW + off + h, dk2, mask=m)
-    base = grp.to(tl.int64) * h
-    if NEED_DU and first:
-        tl.store(PU + (base * rg + gg[:, None] * h) + cols[None, :], d_u,
-                 mask=(gg < rg)[:, None] & cm[None, :])
-    if NEED_DBETA and first:
-        tl.store(PBETA + (base * E + ee[:, None] * h) + cols[None, :], d_beta,
-                 mask=(ee < E)[:, None] & cm[None, :])
-    if NEED_DW:
-        if V_FROM_S and HAS_IDS:
-            f = f0 + ln // RP
-            off = ((grp.to(tl.int64) * E + f) * r + ln % RP)[:, None] * (2 * h) + cols[None, :]
-            m = ((f < E) & (ln % RP < r))[:, None] & cm[None, :]
-            tl.store(PW + off, dw1, mask=m)
-            tl.store(PW + off + h, dw2, mask=m)
-        elif not V_FROM_S:  # dA [G, D, r]: rows cols and cols + h, stored from [RP, BH]
+                am = cm[:, None] & (rr < r)[None, :]
+                for half in tl.static_range(2):
+                    a = tl.load(A + (cols + half * h)[:, None].to(tl.int64) * s_ad
+                                + rr[None, :] * s_ar, mask=am, other=0.0).to(ACC)
+                    dv = g * (w1 if half == 0 else w2) + mm(dz, tl.trans(a), PREC)
+                    for jc in range(0, K, SK):  # M v over the token's slot chunks
+                        vj = v1 if half == 0 else v2
+                        if SK < K:
+                            _, sj, okj = block_rows(blk, jc, T, K, BT, SK)
+                            vj = tl.load(V + (tok * s_vt + sj.to(tl.int64) * s_vk)[:, None]
+                                         + (cols + half * h)[None, :].to(tl.int64) * s_vd,
+                                         mask=okj[:, None] & cm[None, :], other=0.0).to(ACC)
+                        ri = tl.arange(0, R)
+                        same = (ri[:, None] // SK == ri[None, :] // SK) & valid[:, None] \
+                            & (jc + ri % SK < K)[None, :]
+                        m_t = tl.load(MR + row[:, None] * K + (jc + ri % SK)[None, :], mask=same,
+                                      other=0.0).to(ACC)
+                        dv += mm(m_t, other_tokens_safe(vj, BT), PREC)
+                    tl.store(DV + off + half * h, dv.to(DV.dtype.element_ty), mask=on)
+            if NEED_DBETA and not HAS_IDS:
+                store_slot_rows(PBETA, dbk[:, None, :], grp, kc, K, 1, cols, cm, h, h)
+        if NEED_DU:
+            tl.store(PU + (grp.to(tl.int64) * rg + gg[:, None]) * h + cols[None, :], d_u,
+                     mask=(gg < rg)[:, None] & cm[None, :])
+        if NEED_DBETA and HAS_IDS:
+            tl.store(PBETA + (grp.to(tl.int64) * E + ee[:, None]) * h + cols[None, :],
+                     tl.where(n_bad > 0, float("nan"), d_beta),
+                     mask=(ee < E)[:, None] & cm[None, :])
+        if NEED_DW:  # dA [G, D, r]: rows cols and cols + h, from dA^T [RP, BH]
             off = (grp.to(tl.int64) * 2 * h + cols[None, :]) * r + rr[:, None]
             m = (rr < r)[:, None] & cm[None, :]
-            tl.store(PW + off, dw1, mask=m)
-            tl.store(PW + off + h * r, dw2, mask=m)
+            tl.store(PW + off, d_a1, mask=m)
+            tl.store(PW + off + h * r, d_a2, mask=m)

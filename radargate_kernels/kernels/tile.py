@@ -18,9 +18,9 @@ import triton.language as tl
 # emulated with the accurate functions on the same reduced argument.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-TWO_PI_HI = 6.28125                 # 2 pi = TWO_PI_HI + TWO_PI_LO, TWO_PI_HI has 9 bits: k * HI is
-TWO_PI_LO = 0.0019353071795864769   # exact for |k| < 2^15 (|alpha| < ~2e5)
-INV_TWO_PI = 0.15915494309189535
+TWO_PI_HI = tl.constexpr(6.28125)   # 2 pi = TWO_PI_HI + TWO_PI_LO; TWO_PI_HI has 9 bits, so
+TWO_PI_LO = tl.constexpr(0.0019353071795864769)  # k * HI is exact for |k| < 2^15
+INV_TWO_PI = tl.constexpr(0.15915494309189535)
 
 if INTERPRETING:
     @triton.jit
@@ -67,20 +67,23 @@ def non_finite(x):
 
 
 @triton.jit
-def mm_exact_nan(a, b, a_on, b_on, PREC: tl.constexpr):
-    """a @ b where the zeros outside ``a_on`` / ``b_on`` (bool, shapes of a and b) stand for "no
-    term" (one-hot placements, rows of other tokens). A plain dot carries a non-finite entry
-    through 0 * inf to every output of its row or column; here such entries are zeroed for the
-    product and NaN is put back exactly where an output has a term through one (as a dot of the
-    unplaced operands would). Only tiles holding a non-finite value pay the two extra dots."""
-    bad_a = non_finite(a)
-    bad_b = non_finite(b)
-    out = mm(tl.where(bad_a, 0.0, a), tl.where(bad_b, 0.0, b), PREC)
-    if tl.sum(bad_a.to(tl.int32)) + tl.sum(bad_b.to(tl.int32)) > 0:
-        hits = (mm(a_on.to(a.dtype), bad_b.to(a.dtype), PREC)
-                + mm(bad_a.to(a.dtype), b_on.to(a.dtype), PREC))
-        out = tl.where(hits > 0, float("nan"), out)
-    return out
+def finite_or_zero(x):
+    """x with its non-finite entries replaced by 0: the operand of a product whose zeros stand
+    for "no term" (one-hot lanes, other tokens' rows), so that 0 * inf cannot carry a value of
+    one row or expert into another. Where a non-finite value must still show, the kernels put it
+    back from a count of them (stream_bwd_cols_kernel) or it arrives by another route (a token
+    with a non-finite v has non-finite cosines, hence a non-finite context d and angles)."""
+    return tl.where(non_finite(x), 0.0, x)
+
+
+@triton.jit
+def other_tokens_safe(x, BT: tl.constexpr):
+    """finite_or_zero(x) as the right operand of a block-diagonal per-token product when the
+    tile holds several tokens (BT > 1); x itself for one token (nothing to keep apart)."""
+    if BT > 1:
+        return finite_or_zero(x)
+    else:
+        return x
 
 
 @triton.jit
@@ -114,24 +117,6 @@ def load_pairs(ptr, row_off, cols, h, s_d, mask, ACC: tl.constexpr):
         x1 = x1.to(ACC)
         x2 = x2.to(ACC)
     return x1, x2
-
-
-@triton.jit
-def token_pairs(ptr, blk, T, cols, cm, h, s_t, s_d, BT: tl.constexpr, SK: tl.constexpr,
-                ACC: tl.constexpr):
-    """A per-token [T, D] tensor (dy) at the block's tokens, broadcast to its R rows -> two
-    [R, BH] tiles."""
-    tb = (blk * BT + tl.arange(0, BT)).to(tl.int64)
-    x1, x2 = load_pairs(ptr, tb * s_t, cols, h, s_d, (tb < T)[:, None] & cm[None, :], ACC)
-    return to_rows(x1, SK), to_rows(x2, SK)
-
-
-@triton.jit
-def to_rows(x, SK: tl.constexpr):
-    """[BT, BH] per token -> [BT * SK, BH] per row."""
-    BT: tl.constexpr = x.shape[0]
-    BH: tl.constexpr = x.shape[1]
-    return tl.reshape(tl.broadcast_to(x[:, None, :], (BT, SK, BH)), (BT * SK, BH))
 
 
 @triton.jit
