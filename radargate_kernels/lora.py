@@ -243,13 +243,16 @@ def _chunked_grads(fn, chunks, tok_args, n_diff_tok, params, dy):
 
 # ---- GEMMs (torch: cuBLAS on a GPU) ----------------------------------------------------------------
 
+CUDA_GEMMS = False  # benchmarks/roofline.py: count the GEMMs as CUDA runs them
+
+
 def mm_ct(a, b):
     """a @ b in the compute dtype with exact products of 16-bit inputs and fp32 accumulation:
     cuBLAS's fp32-output GEMM on CUDA (torch.mm out_dtype), a widened copy elsewhere."""
     ct = compute_dtype(a.dtype)
     if a.dtype == ct:
         return a @ b.to(ct)
-    if a.is_cuda and a.dtype == b.dtype:
+    if (a.is_cuda or CUDA_GEMMS) and a.dtype == b.dtype:
         return torch.mm(a, b, out_dtype=ct)
     return a.to(ct) @ b.to(ct)
 
@@ -298,6 +301,13 @@ def _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA):
         dA = mm_split(dS.t(), x, compute_dtype(x.dtype)).reshape(E, r, fin).transpose(1, 2)
         dA = dA.to(lora_A.dtype).contiguous()
     return dx, dA
+
+
+def _relation_kernels(backend, K, E, r):
+    """The relation part (d from s and its backward) in the Triton kernels: on the Triton
+    backend while P_flat fits one tile (launch.relation_fits: E r <= 128 padded); else PyTorch,
+    chunked over tokens."""
+    return backend == "triton" and _launch().relation_fits(K, E, r)
 
 
 def _relation(s, ids, P, Q, tau, eps, chunks):
@@ -362,7 +372,10 @@ def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, ep
                           (lora_B.to(ct),), s.new_empty((T, out))).to(x.dtype)
     else:
         P, Q = lowrank_factors(lora_B, rot_down, ct)
-        d = _relation(s, ids, P, Q, tau, eps, chunks)
+        if _relation_kernels(backend, K, E, s.shape[2]):
+            d = _launch().lora_relation(s_all, ids, P, Q, tau, eps, x.dtype)
+        else:
+            d = _relation(s, ids, P, Q, tau, eps, chunks)
         if backend == "triton":
             y = _launch().stream_forward(s_all, g, d, ids, lora_B, rot_up, beta, x.dtype)
         else:
@@ -388,8 +401,10 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
                                          (lora_B.to(ct),), dyc)
     else:
         P, Q = lowrank_factors(lora_B, rot_down, ct)
+        kernels = _relation_kernels(backend, K, E, s.shape[2])
         if d is None:
-            d = _relation(s, ids, P, Q, tau, eps, chunks)
+            d = (_launch().lora_relation(s_all, ids, P, Q, tau, eps, x.dtype) if kernels
+                 else _relation(s, ids, P, Q, tau, eps, chunks))
         if backend == "triton":
             ds, dg, dd, dB, dU, dbeta = _launch().stream_backward(dy, s_all, g, d, ids, lora_B,
                                                                   rot_up, beta)
@@ -397,9 +412,13 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
             params = (lora_B.to(ct), rot_up.to(ct), beta.to(ct) if beta is not None else None)
             (ds, dg, dd), (dB, dU, dbeta) = _chunked_grads(stream_torch, chunks,
                                                            (s, g.to(ct), d, ids), 3, params, dyc)
-        rel = lambda s_, i_, P_, Q_: relation_lowrank(s_, i_, P_, Q_, tau, eps)  # noqa: E731
-        (ds_rel,), (dP, dQ) = _chunked_grads(rel, chunks, (s, ids), 1, (P, Q), dd)
-        ds = ds + ds_rel
+        if kernels:  # adds the relation part to ds
+            dP, dQ = _launch().lora_relation_backward(s_all, ids, P, Q, dd, ds, tau, eps,
+                                                      x.dtype)
+        else:
+            rel = lambda s_, i_, P_, Q_: relation_lowrank(s_, i_, P_, Q_, tau, eps)  # noqa: E731
+            (ds_rel,), (dP, dQ) = _chunked_grads(rel, chunks, (s, ids), 1, (P, Q), dd)
+            ds = ds + ds_rel
         dB_rel, dA_rot = factors_backward(dP, dQ, lora_B.to(ct), rot_down.to(ct))
         dB = dB + dB_rel
     if backend == "triton":

@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from ..reference import compute_dtype
-from .relation import op_relation_bwd_kernel, op_relation_fwd_kernel
+from .relation import (lora_relation_bwd_kernel, lora_relation_fwd_kernel, op_relation_bwd_kernel,
+                       op_relation_fwd_kernel)
 from .stream import stream_bwd_cols_kernel, stream_bwd_rows_kernel, stream_fwd_kernel
 
 MAX_K = 64      # slots per token (radar_gate: a token's K x K tile in one program, R <= 64 rows)
@@ -75,7 +76,7 @@ def settings(kind: str, K: int, r: int, rg: int, E: int, has_ids: bool, itemsize
         BT = max(1, 32 // KP)
         R = BT * min(KP, 32)
         cfg = dict(BT=BT, SK=min(KP, 32), FE=1, BH_FWD=64, BH_ROWS=32, BH_COLS=16,
-                   BH_REL=64 if KP <= 32 else 32)
+                   BH_REL=64 if KP <= 32 else 16)
     else:
         # 16 tokens per tile (the batched dots' M), slots in chunks; with ids one slot per tile,
         # each row's s in its expert's lanes of FE experts (FE r <= 64 per dot)
@@ -84,7 +85,7 @@ def settings(kind: str, K: int, r: int, rg: int, E: int, has_ids: bool, itemsize
         FE = max(1, min(EP if has_ids else 1, 64 // RP))
         cfg = dict(BT=16, SK=SK, FE=FE, BH_FWD=32, BH_ROWS=32, BH_COLS=32 if RP <= 16 else 16,
                    BH_REL=0)
-    cfg.update(KP=KP, RP=RP, RGP=RGP, EP=EP, R=R, WARPS=8, WARPS_REL=16 if KP > 32 else 8,
+    cfg.update(KP=KP, RP=RP, RGP=RGP, EP=EP, R=R, F=pow2(E) * RP, BT_REL=max(1, 32 // KP), WARPS=8, WARPS_REL=16 if KP > 32 else 8,
                STAGES=1)
     return cfg
 
@@ -324,5 +325,77 @@ def plan_stream_backward(dy, s_all, g, d, ids, lora_B, U, beta, need=(True, True
 
 def stream_backward(dy, s_all, g, d, ids, lora_B, U, beta, need=(True, True, True)):
     launches, finish = plan_stream_backward(dy, s_all, g, d, ids, lora_B, U, beta, need)
+    run_all(launches)
+    return finish()
+
+
+# ---- the fused layer's relation part ------------------------------------------------------------
+
+RELATION_LANES = 128  # the relation kernels hold P_flat as one [F, F] tile, F = E padded x r padded
+
+
+def relation_fits(K: int, E: int, r: int) -> bool:
+    """Whether the fused layer's relation part runs in the Triton kernels (else in PyTorch)."""
+    return K <= MAX_K and pow2(E) * max(16, pow2(r)) <= RELATION_LANES
+
+
+def _relation_common(s_all, ids, P, Q):
+    T, E, r = s_all.shape
+    K = ids.shape[1] if ids is not None else E
+    rg = Q.shape[-1]
+    cfg = settings("lora", K, r, rg, E, ids is not None, 4)
+    acc, _, _ = precision(s_all.dtype)
+    prec = "ieee" if s_all.dtype == torch.float64 else RELATION_PREC[0]
+    meta = dict(KP=cfg["KP"], BT=cfg["BT_REL"], F=cfg["F"], RP=cfg["RP"], RGP=cfg["RGP"],
+                HAS_IDS=ids is not None, PREC=prec, ACC=acc, num_warps=8)
+    ptrs = (s_all, ids if ids is not None else s_all, P.reshape(E * r, E * r).contiguous(),
+            Q.reshape(E * r, rg).contiguous())
+    s_ids = tuple(ids.stride()) if ids is not None else (0, 0)
+    return T, K, E, r, rg, cfg, meta, ptrs, s_ids
+
+
+RELATION_PREC = ["tf32"]  # its dots: tf32 for the compute dtype fp32 (any input dtype)
+
+
+def plan_lora_relation(s_all, ids, P, Q, tau: float, eps: float, input_dtype):
+    """d [T, K, rg] from s_all [T, E, r] and P [E, r, E, r], Q [E, r, rg] (compute dtype)."""
+    T, K, E, r, rg, cfg, meta, ptrs, s_ids = _relation_common(s_all, ids, P, Q)
+    if input_dtype == torch.float32:
+        meta["PREC"] = "ieee"
+    d = s_all.new_empty((T, K, rg))
+    return [Launch(lora_relation_fwd_kernel, (triton.cdiv(T, meta["BT"]),),
+                   (*ptrs, d, T, K, E, r, rg, *s_ids, 1.0 / tau, eps), meta)], d
+
+
+def lora_relation(s_all, ids, P, Q, tau, eps, input_dtype):
+    launches, d = plan_lora_relation(s_all, ids, P, Q, tau, eps, input_dtype)
+    run_all(launches)
+    return d
+
+
+def plan_lora_relation_backward(s_all, ids, P, Q, dd, ds, tau: float, eps: float, input_dtype):
+    """Adds the relation part to ds [T, K, r] (in place); finish() -> (dP, dQ) summed over the
+    program groups' partials."""
+    T, K, E, r, rg, cfg, meta, ptrs, s_ids = _relation_common(s_all, ids, P, Q)
+    if input_dtype == torch.float32:
+        meta["PREC"] = "ieee"
+    nb = triton.cdiv(T, meta["BT"])
+    G = token_groups(nb, 1, s_all.device)
+    F, RGP = cfg["F"], cfg["RGP"]
+    pp, pq = s_all.new_empty((G, F, F)), s_all.new_empty((G, F, RGP))
+    launch = Launch(lora_relation_bwd_kernel, (G,),
+                    (*ptrs, dd, ds, pp, pq, T, K, E, r, rg, *s_ids, nb, 1.0 / tau, eps), meta)
+
+    def finish():
+        RP = cfg["RP"]
+        dP = pp.sum(0).view(F // RP, RP, F // RP, RP)[:E, :r, :E, :r]
+        dQ = pq.sum(0).view(F // RP, RP, RGP)[:E, :r, :rg]
+        return dP, dQ
+    return [launch], finish
+
+
+def lora_relation_backward(s_all, ids, P, Q, dd, ds, tau, eps, input_dtype):
+    launches, finish = plan_lora_relation_backward(s_all, ids, P, Q, dd, ds, tau, eps,
+                                                   input_dtype)
     run_all(launches)
     return finish()

@@ -19,7 +19,8 @@ between rows of different tokens take the other token's rows with non-finite ent
 import triton
 import triton.language as tl
 
-from .tile import block_rows, load_rows, load_tile, mm, other_tokens_safe, store_rows
+from .tile import (block_rows, expert_of, load_rows, load_tile, mm, non_finite,
+                   other_tokens_safe, store_rows)
 
 
 @triton.jit
@@ -46,6 +47,19 @@ def cosines_softmax(gram, m, valid, tau_inv, eps, KP: tl.constexpr):
     ex = tl.where(off, tl.exp(logits - tl.where(mx == -float("inf"), 0.0, mx)[:, None]), 0.0)
     den = tl.sum(ex, axis=1)
     return n_row, C, ex / tl.where(den > 0, den, 1.0)[:, None], same, off
+
+
+@triton.jit
+def chain_backward(dd, z, n, C, rho, same, off, K, tau_inv, eps, BT: tl.constexpr):
+    """SPEC's backward from dd [R, RGP] through d = rho z - z, the softmax and the cosines ->
+    (S = dC + dC^T [R, R], q = <v^_i, dv^_i> = sum_j S_ij C_ij (0 where the eps floor holds),
+    dz = rho^T dd - dd [R, RGP], 0 when K = 1)."""
+    drho = tl.where(off, mm(dd, tl.trans(z), "ieee"), 0.0)  # row i of dd with row j of z
+    dC = tl.where(same, rho * (drho - tl.sum(rho * drho, axis=1)[:, None]) * tau_inv, 0.0)
+    S = dC + tl.trans(dC)
+    q = tl.where(n > eps, tl.sum(S * C, axis=1), 0.0)
+    dz = mm(tl.trans(rho), other_tokens_safe(dd, BT), "ieee") - dd
+    return S, q, tl.where(K > 1, dz, 0.0 * dd)  # d = 0 when K = 1: z gets no gradient
 
 
 @triton.jit
@@ -122,14 +136,150 @@ def op_relation_bwd_kernel(
     rho = tl.load(RHO + kk, mask=same, other=0.0).to(ACC)
     z = load_rows(Z, row, valid, r, RP, ACC)
     dd = load_rows(DD, row, valid, r, RP, ACC)
-    drho = tl.where(off, mm(dd, tl.trans(z), "ieee"), 0.0)  # row i of dd with row j of z
-    dC = tl.where(same, rho * (drho - tl.sum(rho * drho, axis=1)[:, None]) * tau_inv, 0.0)
-    S = dC + tl.trans(dC)
-    q = tl.where(n > eps, tl.sum(S * C, axis=1), 0.0)  # <v^_i, dv^_i>
-    dz = mm(tl.trans(rho), other_tokens_safe(dd, BT), "ieee") - dd
-    dz = tl.where(K > 1, dz, 0.0 * dd)  # d = 0 when K = 1: z gets no gradient
+    S, q, dz = chain_backward(dd, z, n, C, rho, same, off, K, tau_inv, eps, BT)
     inv = 1.0 / n
     Mt = S * inv[:, None] * inv[None, :]
     Mt = tl.where(ri[:, None] == ri[None, :], Mt - (q * inv * inv)[:, None], Mt)
     tl.store(MR + kk, Mt, mask=same)
     store_rows(DZ, dz, row, valid, r, RP)
+
+
+# ---- the fused layer's relation part, from the low-rank s ---------------------------------------
+# With LoRA experts v = s B_e, so <v_i, v_j> = s_i P[e_i, e_j] s_j^T with P = B B^T and
+# z_i = s_i Q[e_i] with Q = B rot_down (torch GEMMs, lora.py). A row's s sits in its expert's
+# lanes of an [R, F] tile (F = E padded x RP: lane f RP + a holds element a of expert f's row), so
+# Gram = W P_flat W^T and z = S Q_flat are plain dots (W = s / m, m a power of two near max |s|).
+
+@triton.jit
+def in_lanes(x, e, F: tl.constexpr, RP: tl.constexpr):
+    """Rows x [R, RP] placed in their experts' lanes -> ([R, F], own lanes [R, F])."""
+    R: tl.constexpr = x.shape[0]
+    lanes = tl.reshape(tl.broadcast_to(x[:, None, :], (R, F // RP, RP)), (R, F))
+    own = (tl.arange(0, F) // RP)[None, :] == e[:, None]
+    return tl.where(own, lanes, 0.0), own
+
+
+@triton.jit
+def of_lanes(x, own, RP: tl.constexpr):
+    """[R, F] lanes -> [R, RP]: each row's own expert's lanes (a select, nothing multiplied)."""
+    R: tl.constexpr = x.shape[0]
+    F: tl.constexpr = x.shape[1]
+    return tl.sum(tl.reshape(tl.where(own, x, 0.0), (R, F // RP, RP)), axis=1)
+
+
+@triton.jit
+def factor_tiles(PF, QF, E, r, rg, F: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr,
+                 ACC: tl.constexpr):
+    """P_flat [E r, E r] and Q_flat [E r, rg] in the lane layout, non-finite entries zeroed, and
+    the lanes whose row of P or Q has one -> (P [F, F], Q [F, RGP], bad lanes [F])."""
+    ln = tl.arange(0, F)
+    flat = (ln // RP) * r + ln % RP
+    on = (ln // RP < E) & (ln % RP < r)
+    gg = tl.arange(0, RGP)
+    P = tl.load(PF + flat[:, None] * (E * r) + flat[None, :], mask=on[:, None] & on[None, :],
+                other=0.0).to(ACC)
+    Q = tl.load(QF + flat[:, None] * rg + gg[None, :], mask=on[:, None] & (gg < rg)[None, :],
+                other=0.0).to(ACC)
+    bad = (tl.max(non_finite(P).to(tl.int32), axis=1) + tl.max(non_finite(Q).to(tl.int32),
+                                                                  axis=1)) > 0
+    return tl.where(non_finite(P), 0.0, P), tl.where(non_finite(Q), 0.0, Q), bad
+
+
+@triton.jit
+def lowrank_relation(S, IDS, P, Q, bad_lane, blk, T, K, E, r, s_it, s_ik, tau_inv, eps,
+                     KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, RP: tl.constexpr,
+                     HAS_IDS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """SPEC steps 1-3 for token block ``blk`` from s_all [T, E, r] -> the rows, the lane tiles
+    (S_x, W = S_x / m, own), m, z and the relation (n, C, rho, same, off)."""
+    tok, slot, valid = block_rows(blk, 0, T, K, BT, KP)
+    e = expert_of(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
+    valid = e >= 0
+    rr = tl.arange(0, RP)
+    s = tl.load(S + (tok * E + e)[:, None] * r + rr[None, :],
+                mask=valid[:, None] & (rr < r)[None, :], other=0.0).to(ACC)
+    m = pow2_below(tl.max(tl.abs(s), axis=1))
+    sx, own = in_lanes(s, e, F, RP)
+    w = sx / m[:, None]
+    gram = mm(mm(w, P, PREC), tl.trans(w), PREC)
+    z = mm(sx, Q, PREC)
+    # a row of an expert whose B (hence P, Q) holds a non-finite value: non-finite, as its v
+    row_bad = tl.sum((own & bad_lane[None, :]).to(tl.int32), axis=1) > 0
+    gram = tl.where(row_bad[:, None] | row_bad[None, :], float("nan"), gram)
+    z = tl.where(row_bad[:, None], float("nan"), z)
+    n, C, rho, same, off = cosines_softmax(gram, m, valid, tau_inv, eps, KP)
+    return tok, slot, valid, e, sx, w, own, m, z, n, C, rho, same, off
+
+
+@triton.jit(do_not_specialize=["T"])
+def lora_relation_fwd_kernel(
+    S, IDS, PF, QF, DCTX,
+    T, K, E, r, rg, s_it, s_ik, tau_inv, eps,
+    KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr,
+    HAS_IDS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):
+    """d [T, K, rg] = rho z - z (0 when K = 1) for one token block (grid: token blocks)."""
+    P, Q, bad = factor_tiles(PF, QF, E, r, rg, F, RP, RGP, ACC)
+    tok, slot, valid, e, sx, w, own, m, z, n, C, rho, same, off = lowrank_relation(
+        S, IDS, P, Q, bad, tl.program_id(0), T, K, E, r, s_it, s_ik, tau_inv, eps, KP, BT, F,
+        RP, HAS_IDS, PREC, ACC)
+    d = mm(rho, other_tokens_safe(z, BT), "ieee") - z
+    store_rows(DCTX, tl.where(K > 1, d, 0.0 * z), tok * K + slot, valid, rg, RGP)
+
+
+@triton.jit(do_not_specialize=["T", "n_blocks"])
+def lora_relation_bwd_kernel(
+    S, IDS, PF, QF, DD, DS, PP, PQ,
+    T, K, E, r, rg, s_it, s_ik, n_blocks, tau_inv, eps,
+    KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr,
+    HAS_IDS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):
+    """Backward of lora_relation_fwd_kernel over token blocks p, p + G, ... (grid: G groups):
+    from dd [T, K, rg], adds the relation part to DS [T, K, r] (holding the streaming part) and
+    stores this group's partials of dP_flat (PP [G, F, F]) and dQ_flat (PQ [G, F, RGP]). A token
+    with a non-finite gradient puts NaN into exactly the entries of dP and dQ of its experts
+    (its terms are zeroed for the sums, a count of them marks those entries)."""
+    P, Q, bad = factor_tiles(PF, QF, E, r, rg, F, RP, RGP, ACC)
+    ln = tl.arange(0, F)
+    gg = tl.arange(0, RGP)
+    rr = tl.arange(0, RP)
+    acc_p = tl.zeros((F, F), dtype=ACC)
+    acc_q = tl.zeros((F, RGP), dtype=ACC)
+    hits_p = tl.zeros((F, F), dtype=ACC)  # pairs of lanes with a non-finite term
+    hits_q = tl.zeros((F,), dtype=ACC)
+    R: tl.constexpr = BT * KP
+    ri = tl.arange(0, R)
+    for blk in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+        tok, slot, valid, e, sx, w, own, m, z, n, C, rho, same, off = lowrank_relation(
+            S, IDS, P, Q, bad, blk, T, K, E, r, s_it, s_ik, tau_inv, eps, KP, BT, F, RP,
+            HAS_IDS, PREC, ACC)
+        row = tok * K + slot
+        dd = load_rows(DD, row, valid, rg, RGP, ACC)
+        S_, q, dz = chain_backward(dd, z, n, C, rho, same, off, K, tau_inv, eps, BT)
+        # gradient of the Gram matrix of w (C_ij = gram_ij qq_i qq_j, qq = m / n): S / 2 off
+        # the diagonal (dC counted once per ordered pair), the norms' -q qq^2 / 2 on it
+        qq = m / n
+        dG = tl.where(same & (ri[:, None] != ri[None, :]), 0.5 * S_ * (qq[:, None] * qq[None, :]),
+                      0.0)
+        dG = tl.where(same & (ri[:, None] == ri[None, :]), -0.5 * (q * qq * qq)[:, None], dG)
+        # ds = (2 dG W P + dz Q^T) on the own lanes, / m for W = S_x / m
+        dGW = mm(dG, other_tokens_safe(w, BT), "ieee")
+        ds = of_lanes(2.0 * mm(dGW, P, PREC) / m[:, None] + mm(dz, tl.trans(Q), PREC), own, RP)
+        old = load_rows(DS, row, valid, r, RP, ACC)
+        store_rows(DS, old + ds, row, valid, r, RP)
+        # dP += W^T (dG W), dQ += S_x^T dz: rows of tokens with a non-finite term zeroed and
+        # counted at the lane pairs (own lanes of the token's rows) they would reach
+        tok_bad = tl.sum((same & (tl.max(non_finite(dGW).to(tl.int32), axis=1)
+                                  + tl.max(non_finite(dz).to(tl.int32), axis=1)
+                                  > 0)[None, :]).to(tl.int32), axis=1) > 0
+        ok = (~tok_bad)[:, None]
+        acc_p += mm(tl.trans(tl.where(ok, w, 0.0)), tl.where(ok, dGW, 0.0), "ieee")
+        acc_q += mm(tl.trans(tl.where(ok, sx, 0.0)), tl.where(ok, dz, 0.0), "ieee")
+        own_bad = (own & tok_bad[:, None]).to(ACC)
+        tok_lanes = mm(same.to(ACC), own_bad, "ieee")  # a bad token's lanes, per row
+        hits_p += mm(tl.trans(own_bad), tok_lanes, "ieee")
+        hits_q += tl.sum(own_bad, axis=0)
+    pid = tl.program_id(0).to(tl.int64)
+    tl.store(PP + pid * F * F + ln[:, None] * F + ln[None, :],
+             tl.where(hits_p > 0, float("nan"), acc_p))
+    tl.store(PQ + pid * F * RGP + ln[:, None] * RGP + gg[None, :],
+             tl.where(hits_q[:, None] > 0, float("nan"), acc_q))

@@ -390,8 +390,8 @@ def stream_bwd_cols_kernel(
                     for jc in range(0, K, SK):  # M v over the token's slot chunks
                         vj = v1 if half == 0 else v2
                         if SK < K:
-                            _, sj, okj = block_rows(blk, jc, T, K, BT, SK)
-                            vj = tl.load(V + (tok * s_vt + sj.to(tl.int64) * s_vk)[:, None]
+                            tj, sj, okj = block_rows(blk, jc, T, K, BT, SK)
+                            vj = tl.load(V + (tj * s_vt + sj.to(tl.int64) * s_vk)[:, None]
                                          + (cols + half * h)[None, :].to(tl.int64) * s_vd,
                                          mask=okj[:, None] & cm[None, :], other=0.0).to(ACC)
                         ri = tl.arange(0, R)
