@@ -7,7 +7,7 @@ Counted per launch, then priced with the H100 SXM's published peaks (PEAK below)
   sample of their programs (first, middle, last along each grid axis); counts per program are
   averaged and scaled by the number of programs. Wrapped interpreter ops give: tensor-core MACs
   (tl.dot with fp16/bf16 operands, or tf32: priced at the tf32 rate), FMA-pipe MACs (ieee dots)
-  and float instructions (add, mul, fma), special-function ops (sin/cos where the kernel uses
+  and float instructions (multiplies and adds taken as fused where they pair: max(#mul, #add)), special-function ops (sin/cos where the kernel uses
   the approximations, exp, exp2, log2, sqrt, division; compile_report checks what sin/cos
   became) and libdevice sin/cos (LIBDEVICE_TRIG FMA-pipe instructions each). DRAM bytes: the
   distinct bytes each sampled program loads or stores, per tensor; a launch moves
@@ -133,8 +133,9 @@ def _install_counters():
         if hasattr(B, op):
             wrap(op, lambda p, a, out: (p.ops.__setitem__("sfu", p.ops["sfu"] + _numel(out)),
                                         p.ops.__setitem__("fma", p.ops["fma"] + 2 * _numel(out))))
-    for op in ("create_fadd", "create_fsub", "create_fmul", "create_fma"):
-        wrap(op, lambda p, a, out: p.ops.__setitem__("fma", p.ops["fma"] + _numel(out)))
+    for op, key in (("create_fadd", "add"), ("create_fsub", "add"), ("create_fmul", "mul"),
+                    ("create_fma", "fma")):
+        wrap(op, lambda p, a, out, key=key: p.ops.__setitem__(key, p.ops[key] + _numel(out)))
 
     def mem(p, ptrs, mask):
         addr = np.asarray(ptrs.data).reshape(-1)
@@ -196,6 +197,9 @@ def count_launch(launch, name):
     scale = n_prog / len(progs)
     for key in ("tc", "tc_tf32", "fma", "sfu"):
         setattr(work, key, sum(p.ops[key] for p in progs) * scale)
+    # float multiplies and adds: fused into one FMA wherever they pair (FP fusion is on), so
+    # max(#mul, #add) instructions (an estimate; the interpreter sees them apart)
+    work.fma += sum(max(p.ops["mul"], p.ops["add"]) for p in progs) * scale
     # distinct bytes per tensor: per program, then min(tensor size, programs x mean)
     per_tensor = defaultdict(float)
     for p in progs:
@@ -283,8 +287,8 @@ def counting(sink):
     def run(self):
         sink.append(count_launch(self, self.kernel.fn.__name__))
 
-    def groups(n_blocks, n_chunks, device):  # as on an H100 (132 SMs)
-        return max(1, min(n_blocks, -(-4 * 132 // max(1, n_chunks)), 1024))
+    def groups(n_blocks, n_chunks, device, per_sm=4):  # as on an H100 (132 SMs)
+        return max(1, min(n_blocks, -(-per_sm * 132 // max(1, n_chunks)), 1024))
     L.Launch.run, L.token_groups, lora.CUDA_GEMMS = run, groups, True
     try:
         with TorchCounter(sink):

@@ -52,9 +52,11 @@ def _interpreting():
 # ---- the low-rank pieces (PyTorch, differentiable) -------------------------------------------
 
 def lowrank_factors(lora_B, rot_down, ct):
-    """P [E, r, E, r] = B_e B_f^T and Q [E, r, rg] = B_e rot_down, in the compute dtype."""
-    B = lora_B.to(ct)
-    return torch.einsum("eao,fbo->eafb", B, B), torch.einsum("eao,og->eag", B, rot_down.to(ct))
+    """P [E, r, E, r] = B_e B_f^T and Q [E, r, rg] = B_e rot_down, in the compute dtype (two GEMMs
+    over B_flat [E r, out])."""
+    E, r, out = lora_B.shape
+    Bf = lora_B.reshape(E * r, out)
+    return mm_ct(Bf, Bf.t()).view(E, r, E, r), mm_ct(Bf, rot_down).view(E, r, -1)
 
 
 def factors_backward(dP, dQ, B, rot_down):
@@ -257,18 +259,11 @@ def mm_ct(a, b):
     return a.to(ct) @ b.to(ct)
 
 
-def mm_split(a, b, out_dtype):
-    """a (fp32) @ b (bf16) -> out_dtype with about fp32 accuracy in one 16-bit GEMM: a = hi + lo,
-    both bf16 (bf16 has fp32's range), so [hi | lo] @ [b; b] has a's value to 2^-17 relative.
-    Other dtypes: the compute-dtype GEMM, cast."""
-    if b.dtype != torch.bfloat16:
-        return (a @ b.to(a.dtype)).to(out_dtype)
+def split16(a):
+    """fp32 a [M, N] -> [M, 2N] bf16 = [hi | lo], hi + lo = a to 2^-17 relative (bf16 has fp32's
+    range): a GEMM with it and a bf16 matrix stacked twice is one 16-bit GEMM of fp32 accuracy."""
     hi = a.to(torch.bfloat16)
-    lo = (a - hi.to(a.dtype)).to(torch.bfloat16)
-    both = torch.cat((hi, lo), dim=1)
-    if out_dtype == torch.bfloat16:
-        return both @ torch.cat((b, b), dim=0)
-    return mm_ct(both, torch.cat((b, b), dim=0)).to(out_dtype)
+    return torch.cat((hi, (a - hi.to(a.dtype)).to(torch.bfloat16)), dim=1)
 
 
 def _a_cat(lora_A):
@@ -291,15 +286,21 @@ def _down(x, lora_A, ids, scaling, backend):
 
 def _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA):
     """Gradients of s = scaling * gather(x A): ds [T, K, r] -> (dx [T, in], dA [E, in, r]),
-    two GEMMs over all experts' columns (slots added to their experts first)."""
+    two GEMMs over all experts' columns (slots added to their experts first). bf16: one 16-bit
+    GEMM each, ds split into bf16 hi + lo parts (split16); others in the compute dtype."""
     E, fin, r = lora_A.shape
     dS = slots_to_experts(ds, ids, E) if ids is not None else ds
     dS = (dS * scaling).reshape(-1, E * r)
-    dx = mm_split(dS, _a_cat(lora_A).t(), x.dtype) if need_dx else None
-    dA = None
+    A_cat = _a_cat(lora_A)
+    dx = dA = None
+    if x.dtype != torch.bfloat16:
+        return _down_backward_torch(ds, x, lora_A, ids, scaling, need_dx, need_dA)
+    both = split16(dS)
+    if need_dx:
+        dx = both @ torch.cat((A_cat.t(), A_cat.t()), dim=0)
     if need_dA:
-        dA = mm_split(dS.t(), x, compute_dtype(x.dtype)).reshape(E, r, fin).transpose(1, 2)
-        dA = dA.to(lora_A.dtype).contiguous()
+        dA = mm_ct(x.t(), both).view(fin, 2, E * r).sum(1)
+        dA = dA.view(fin, E, r).permute(1, 0, 2).to(lora_A.dtype).contiguous()
     return dx, dA
 
 
@@ -323,11 +324,12 @@ def _setup(x, lora_A, lora_B, rot_down, ids, scaling, backend, s_all=None):
     ct = compute_dtype(x.dtype)
     if s_all is None:
         s_all, s = _down(x, lora_A, ids, scaling, backend)
+    elif backend != "triton":  # the PyTorch path saves the slots' s
+        s_all, s = None, s_all
+    elif ids is not None:
+        s = torch.gather(s_all, 1, ids.unsqueeze(-1).expand(-1, -1, s_all.shape[2])).contiguous()
     else:
         s = s_all
-    if ids is not None and s is s_all:
-        r = s_all.shape[2]
-        s = torch.gather(s_all, 1, ids.unsqueeze(-1).expand(-1, -1, r)).contiguous()
     T, K, r = s.shape
     E, _, out = lora_B.shape
     rg = rot_down.shape[1] if rot_down is not None else 0
@@ -352,21 +354,22 @@ def save_lowrank(recompute, x, lora_A, K, rg):
 
 
 def _saved_shapes(save, x, lora_A, K, rg, rotation, backend):
-    """Shapes of what forward returns for backward besides y: s, d (None: not saved)."""
+    """Shapes of what forward returns for backward besides y: s, d, P, Q (None: not saved)."""
     if not save:
-        return (None, None)
+        return (None,) * 4
     E, _, r = lora_A.shape
     T = x.shape[0]
-    return ((T, E, r) if backend == "triton" else (T, K, r), (T, K, rg) if rotation else None)
+    return ((T, E, r) if backend == "triton" else (T, K, r), (T, K, rg) if rotation else None,
+            (E, r, E, r) if rotation else None, (E, r, rg) if rotation else None)
 
 
 def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend,
              save):
-    """-> (y [T, out] in x's dtype, s, d): the last two what backward may reuse (``save``),
-    else empty tensors."""
+    """-> (y [T, out] in x's dtype, s, d, P, Q): what backward may reuse (``save``), else empty
+    tensors."""
     ct, s_all, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids, scaling,
                                                     backend)
-    d = None
+    d = P = Q = None
     if rot_down is None:
         y = _chunked_eval(weighted_sum_lowrank, chunks, (s, g.to(ct), ids),
                           (lora_B.to(ct),), s.new_empty((T, out))).to(x.dtype)
@@ -383,24 +386,25 @@ def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, ep
             y = _chunked_eval(stream_torch, chunks, (s, g.to(ct), d, ids), params,
                               s.new_empty((T, out))).to(x.dtype)
     shapes = _saved_shapes(save, x, lora_A, K, rg, rot_down is not None, backend)
-    keep = (s_all if backend == "triton" else s, d)
+    keep = (s_all if backend == "triton" else s, d, P, Q)
     return (y, *(t.reshape(shp).contiguous() if shp is not None else x.new_empty(0)
                  for t, shp in zip(keep, shapes)))
 
 
 def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend,
-              need_dx, need_dA, s_saved=None, d=None):
-    """-> (dx, dA, dB, dg, drot_down, drot_up, dbeta); s_saved, d: forward's, where it saved
-    them (else recomputed here)."""
+              need_dx, need_dA, s_saved=None, d=None, P=None, Q=None):
+    """-> (dx, dA, dB, dg, drot_down, drot_up, dbeta); s_saved, d, P, Q: forward's, where it
+    saved them (else recomputed here)."""
     ct, s_all, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids, scaling,
                                                     backend, s_saved)
-    dyc = dy.to(ct)
+    dyc = dy.to(ct) if backend != "triton" or rot_down is None else None
     dA_rot = dU = dbeta = None
     if rot_down is None:
         (ds, dg), (dB,) = _chunked_grads(weighted_sum_lowrank, chunks, (s, g.to(ct), ids), 2,
                                          (lora_B.to(ct),), dyc)
     else:
-        P, Q = lowrank_factors(lora_B, rot_down, ct)
+        if P is None:
+            P, Q = lowrank_factors(lora_B, rot_down, ct)
         kernels = _relation_kernels(backend, K, E, s.shape[2])
         if d is None:
             d = (_launch().lora_relation(s_all, ids, P, Q, tau, eps, x.dtype) if kernels
@@ -454,10 +458,10 @@ def _lora_fwd_op(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, g:
                  rot_down: Optional[torch.Tensor], rot_up: Optional[torch.Tensor],
                  beta: Optional[torch.Tensor], ids: Optional[torch.Tensor], scaling: float,
                  tau: float, eps: float, backend: str, save: bool) -> tuple[
-                     torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [T, in] ... -> (y [T, out] in the dtype of x, s, d): the last two for backward
-    (save_lowrank: s [T, E, r] on the Triton path, [T, K, r] else; d [T, K, rg]), empty when
-    not saved."""
+                     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, in] ... -> (y [T, out] in the dtype of x, s, d, P, Q): the last four for backward
+    (save_lowrank: s [T, E, r] on the Triton path, [T, K, r] else; d [T, K, rg]; P, Q), empty
+    when not saved."""
     return _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend,
                     save)
 
@@ -478,18 +482,19 @@ def _lora_bwd_op(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B
                  rot_up: Optional[torch.Tensor], beta: Optional[torch.Tensor],
                  ids: Optional[torch.Tensor], scaling: float, tau: float, eps: float,
                  backend: str, need_dx: bool, need_dA: bool, s: Optional[torch.Tensor],
-                 d: Optional[torch.Tensor]) -> tuple[
+                 d: Optional[torch.Tensor], P: Optional[torch.Tensor],
+                 Q: Optional[torch.Tensor]) -> tuple[
                      torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                      torch.Tensor, torch.Tensor]:
     """-> (dx, dlora_A, dlora_B, dg, drot_down, drot_up, dbeta); empty where not computed.
-    s, d: forward's (None: recomputed)."""
+    s, d, P, Q: forward's (None: recomputed)."""
     return _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps,
-                     backend, need_dx, need_dA, s, d)
+                     backend, need_dx, need_dA, s, d, P, Q)
 
 
 @_lora_bwd_op.register_fake
 def _lora_bwd_fake(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps,
-                   backend, need_dx, need_dA, s, d):
+                   backend, need_dx, need_dA, s, d, P, Q):
     def like(t, on=True):
         return t.new_empty(t.shape) if t is not None and on else x.new_empty(0)
     return (like(x, need_dx), like(lora_A, need_dA), like(lora_B), like(g), like(rot_down),
@@ -504,17 +509,17 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, *kept)
     ctx.args = (scaling, tau, eps, backend)
     ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)  # no zero tensors for s and d's (absent) gradients
+    ctx.set_materialize_grads(False)  # no zero tensors for s, d, P, Q's (absent) gradients
 
 
 def _backward_fn(ctx, dy, *_):
     no_double_backward("radar_gate_lora")
     if dy is None:  # y's gradient undefined (gradients are not materialized): none flows back
         return (None,) * len(ctx.needs_input_grad)
-    x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, s, d = ctx.saved_tensors
+    x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, s, d, P, Q = ctx.saved_tensors
     need = ctx.needs_input_grad
     grads = torch.ops.radargate.lora_bwd(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids,
-                                         *ctx.args, need[0], need[1], s, d)
+                                         *ctx.args, need[0], need[1], s, d, P, Q)
     present = (True, True, True, True, rot_down is not None, rot_up is not None, beta is not None)
     out = [gr if (p and n) else None for gr, p, n in zip(grads, present, need[:7])]
     return (*out, None, None, None, None, None, None)

@@ -43,14 +43,17 @@ def pow2(x: int) -> int:
 
 
 def precision(dtype: torch.dtype):
-    """(ACC, PREC, FAST) for inputs of ``dtype``: accumulation dtype, the precision of dots with a
-    computed fp32 operand (tf32 tensor cores for fp16/bf16 inputs, FMA-pipe ieee for fp32), and
-    whether sin/cos use the special-function units (fp16/bf16) or libdevice's accurate ones."""
+    """(ACC, PREC, FAST) for inputs of ``dtype``: accumulation dtype; the precision of dots with a
+    computed fp32 operand: tensor cores in tf32 for bf16 inputs (error below their last bit),
+    tf32x3 for fp16 (three tf32 products: fp16's 11-bit results need more than tf32's), the FMA
+    pipe's ieee for fp32 and fp64; whether sin/cos use the special-function units (fp16/bf16)
+    or libdevice's accurate routines. tests/conftest.py makes the interpreter's tf32 and tf32x3
+    dots round as tensor cores do, so the tests check these choices."""
     if dtype == torch.float64:
         return tl.float64, "ieee", False
     if dtype == torch.float32:
         return tl.float32, "ieee", False
-    return tl.float32, "tf32", True
+    return tl.float32, "tf32" if dtype == torch.bfloat16 else "tf32x3", True
 
 
 def kernel_limits_ok(K: int, r: int, E: int, has_e: bool) -> str | None:
@@ -120,11 +123,12 @@ def run_all(launches):
         launch.run()
 
 
-def token_groups(n_blocks: int, n_chunks: int, device) -> int:
-    """Token groups of the column kernel (one fp32 partial each): about 4 programs per SM."""
+def token_groups(n_blocks: int, n_chunks: int, device, per_sm: int = 4) -> int:
+    """Program groups of a kernel reducing over tokens (one fp32 partial each): about ``per_sm``
+    programs per SM over its ``n_chunks`` other programs."""
     if device.type == "cuda" and not interpreting():
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        target = -(-4 * sms // max(1, n_chunks))
+        target = -(-per_sm * sms // max(1, n_chunks))
     else:
         target = 2  # the interpreter runs programs one after another
     return max(1, min(n_blocks, target, 1024))
@@ -275,12 +279,11 @@ def stream_forward(s_all, g, d, ids, lora_B, U, beta, out_dtype):
 
 
 def expert_rows(ids, T: int, K: int, E: int, device):
-    """The (t, k) rows sorted by expert, as flat rows t K + k (int32 [T K]), and where each
-    expert's rows start (int32 [E + 1]). Without ids slot k is expert k (rows slot-major). Device
-    ops only (a stable sort and a search): no host sync."""
+    """With ids: the (t, k) rows sorted by expert, as flat rows t K + k (int32 [T K]), and where
+    each expert's rows start (int32 [E + 1]): device ops only (a stable sort and a search), no
+    host sync. Without ids slot k is expert k and the kernels compute its rows (None, None)."""
     if ids is None:
-        rows = torch.arange(T * K, device=device, dtype=torch.int32).view(T, K).t().reshape(-1)
-        return rows, torch.arange(0, K + 1, device=device, dtype=torch.int32) * T
+        return None, None
     sorted_ids, order = torch.sort(ids.reshape(-1), stable=True)
     starts = torch.searchsorted(sorted_ids, torch.arange(E + 1, device=device,
                                                          dtype=sorted_ids.dtype))
@@ -295,10 +298,12 @@ def plan_stream_backward(dy, s_all, g, d, ids, lora_B, U, beta, need=(True, True
                                                                        U, beta)
     sd = s_all.dtype
     ds, dd = s_all.new_empty((T, K, r)), s_all.new_empty((T, K, rg))
-    dg = g.new_empty((T, K), dtype=sd)
+    dg = g.new_empty((T, K))
     rows_, starts = expert_rows(ids, T, K, E, s_all.device)
     blocks = triton.cdiv(T * K, E * cfg["BT"])  # an expert's row blocks on average
     groups = min(max(1, blocks), max(1, token_groups(blocks * E, E, s_all.device)))
+    if rows_ is None:
+        rows_ = starts = g  # not read without ids
     rows = Launch(stream_bwd_rows_kernel, (E, groups),
                   (*ptrs, rows_, starts, dy, dg, dd, ds, *sizes, *strides, *dy.stride()),
                   _meta(cfg, lora_B.dtype, cfg["BH_ROWS"], **flags))
@@ -339,13 +344,12 @@ def relation_fits(K: int, E: int, r: int) -> bool:
     return K <= MAX_K and pow2(E) * max(16, pow2(r)) <= RELATION_LANES
 
 
-def _relation_common(s_all, ids, P, Q):
+def _relation_common(s_all, ids, P, Q, input_dtype):
     T, E, r = s_all.shape
     K = ids.shape[1] if ids is not None else E
     rg = Q.shape[-1]
     cfg = settings("lora", K, r, rg, E, ids is not None, 4)
-    acc, _, _ = precision(s_all.dtype)
-    prec = "ieee" if s_all.dtype == torch.float64 else RELATION_PREC[0]
+    acc, prec, _ = precision(input_dtype)
     meta = dict(KP=cfg["KP"], BT=cfg["BT_REL"], F=cfg["F"], RP=cfg["RP"], RGP=cfg["RGP"],
                 HAS_IDS=ids is not None, PREC=prec, ACC=acc, num_warps=8)
     ptrs = (s_all, ids if ids is not None else s_all, P.reshape(E * r, E * r).contiguous(),
@@ -354,14 +358,9 @@ def _relation_common(s_all, ids, P, Q):
     return T, K, E, r, rg, cfg, meta, ptrs, s_ids
 
 
-RELATION_PREC = ["tf32"]  # its dots: tf32 for the compute dtype fp32 (any input dtype)
-
-
 def plan_lora_relation(s_all, ids, P, Q, tau: float, eps: float, input_dtype):
     """d [T, K, rg] from s_all [T, E, r] and P [E, r, E, r], Q [E, r, rg] (compute dtype)."""
-    T, K, E, r, rg, cfg, meta, ptrs, s_ids = _relation_common(s_all, ids, P, Q)
-    if input_dtype == torch.float32:
-        meta["PREC"] = "ieee"
+    T, K, E, r, rg, cfg, meta, ptrs, s_ids = _relation_common(s_all, ids, P, Q, input_dtype)
     d = s_all.new_empty((T, K, rg))
     return [Launch(lora_relation_fwd_kernel, (triton.cdiv(T, meta["BT"]),),
                    (*ptrs, d, T, K, E, r, rg, *s_ids, 1.0 / tau, eps), meta)], d
@@ -376,11 +375,9 @@ def lora_relation(s_all, ids, P, Q, tau, eps, input_dtype):
 def plan_lora_relation_backward(s_all, ids, P, Q, dd, ds, tau: float, eps: float, input_dtype):
     """Adds the relation part to ds [T, K, r] (in place); finish() -> (dP, dQ) summed over the
     program groups' partials."""
-    T, K, E, r, rg, cfg, meta, ptrs, s_ids = _relation_common(s_all, ids, P, Q)
-    if input_dtype == torch.float32:
-        meta["PREC"] = "ieee"
+    T, K, E, r, rg, cfg, meta, ptrs, s_ids = _relation_common(s_all, ids, P, Q, input_dtype)
     nb = triton.cdiv(T, meta["BT"])
-    G = token_groups(nb, 1, s_all.device)
+    G = token_groups(nb, 1, s_all.device, per_sm=1)  # a [F, F] partial each: few
     F, RGP = cfg["F"], cfg["RGP"]
     pp, pq = s_all.new_empty((G, F, F)), s_all.new_empty((G, F, RGP))
     launch = Launch(lora_relation_bwd_kernel, (G,),

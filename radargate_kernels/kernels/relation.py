@@ -262,7 +262,7 @@ def lora_relation_bwd_kernel(
                       0.0)
         dG = tl.where(same & (ri[:, None] == ri[None, :]), -0.5 * (q * qq * qq)[:, None], dG)
         # ds = (2 dG W P + dz Q^T) on the own lanes, / m for W = S_x / m
-        dGW = mm(dG, other_tokens_safe(w, BT), "ieee")
+        dGW = mm(dG, other_tokens_safe(w, BT), PREC)
         ds = of_lanes(2.0 * mm(dGW, P, PREC) / m[:, None] + mm(dz, tl.trans(Q), PREC), own, RP)
         old = load_rows(DS, row, valid, r, RP, ACC)
         store_rows(DS, old + ds, row, valid, r, RP)
@@ -272,11 +272,11 @@ def lora_relation_bwd_kernel(
                                   + tl.max(non_finite(dz).to(tl.int32), axis=1)
                                   > 0)[None, :]).to(tl.int32), axis=1) > 0
         ok = (~tok_bad)[:, None]
-        acc_p += mm(tl.trans(tl.where(ok, w, 0.0)), tl.where(ok, dGW, 0.0), "ieee")
-        acc_q += mm(tl.trans(tl.where(ok, sx, 0.0)), tl.where(ok, dz, 0.0), "ieee")
+        acc_p += mm(tl.trans(tl.where(ok, w, 0.0)), tl.where(ok, dGW, 0.0), PREC)
+        acc_q += mm(tl.trans(tl.where(ok, sx, 0.0)), tl.where(ok, dz, 0.0), PREC)
         own_bad = (own & tok_bad[:, None]).to(ACC)
-        tok_lanes = mm(same.to(ACC), own_bad, "ieee")  # a bad token's lanes, per row
-        hits_p += mm(tl.trans(own_bad), tok_lanes, "ieee")
+        tok_lanes = mm(same.to(ACC), own_bad, PREC)  # a bad token's lanes, per row (0/1: exact)
+        hits_p += mm(tl.trans(own_bad), tok_lanes, PREC)
         hits_q += tl.sum(own_bad, axis=0)
     pid = tl.program_id(0).to(tl.int64)
     tl.store(PP + pid * F * F + ln[:, None] * F + ln[None, :],

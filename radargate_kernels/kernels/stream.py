@@ -151,14 +151,28 @@ def stream_fwd_kernel(
 
 
 @triton.jit
-def expert_block(ROWS, OFFS, e, blk, K, BT: tl.constexpr):
-    """Block ``blk`` of the rows of expert e (ROWS: flat rows t K + k sorted by expert, OFFS [E+1]
-    where each expert's start) -> (token int64, slot, flat row int64, valid), each [BT]."""
-    start = tl.load(OFFS + e)
+def expert_block(ROWS, OFFS, e, blk, T, K, BT: tl.constexpr, HAS_IDS: tl.constexpr):
+    """Block ``blk`` of the rows of expert e -> (token int64, slot, flat row int64, valid), each
+    [BT]. With ids from ROWS (flat rows t K + k sorted by expert) and OFFS [E + 1] (where each
+    expert's start); without, expert e's rows are (t, e) for every token t."""
     a = blk * BT + tl.arange(0, BT)
-    valid = a < tl.load(OFFS + e + 1) - start
-    row = tl.load(ROWS + start + a, mask=valid, other=0).to(tl.int64)
-    return row // K, (row % K).to(tl.int32), row, valid
+    if HAS_IDS:
+        start = tl.load(OFFS + e)
+        valid = a < tl.load(OFFS + e + 1) - start
+        row = tl.load(ROWS + start + a, mask=valid, other=0).to(tl.int64)
+        return row // K, (row % K).to(tl.int32), row, valid
+    else:
+        tok = a.to(tl.int64)
+        return tok, tl.zeros((BT,), dtype=tl.int32) + e, tok * K + e, a < T
+
+
+@triton.jit
+def expert_count(OFFS, e, T, HAS_IDS: tl.constexpr):
+    """How many rows expert e has."""
+    if HAS_IDS:
+        return tl.load(OFFS + e + 1) - tl.load(OFFS + e)
+    else:
+        return T
 
 
 @triton.jit
@@ -250,9 +264,9 @@ def stream_bwd_rows_kernel(
     if V_FROM_S:
         e0 = tl.program_id(0)
         n_grp = tl.num_programs(1)
-        n_blk = tl.cdiv(tl.load(OFFS + e0 + 1) - tl.load(OFFS + e0), BT)
+        n_blk = tl.cdiv(expert_count(OFFS, e0, T, HAS_IDS), BT)
         for blk in range(tl.program_id(1), n_blk, n_grp):
-            tok, slot, row, valid = expert_block(ROWS, OFFS, e0, blk, K, BT)
+            tok, slot, row, valid = expert_block(ROWS, OFFS, e0, blk, T, K, BT, HAS_IDS)
             rows_reduce(V, S, LB, G, DCTX, U, BETA, DY, DG, DD, DS, tok, slot, row,
                         tl.zeros((BT,), dtype=tl.int32) + e0, valid, h, r, rg, E, s_vt, s_vk,
                         s_vd, s_le, s_lr, s_ld, s_gt, s_gk, s_ur, s_uh, s_be, s_bh, s_yt, s_yd,
@@ -312,9 +326,9 @@ def stream_bwd_cols_kernel(
         d_b1 = tl.zeros((RP, BH), dtype=ACC)
         d_b2 = tl.zeros((RP, BH), dtype=ACC)
         d_beta = tl.zeros((BH,), dtype=ACC)
-        n_blk = tl.cdiv(tl.load(OFFS + e0 + 1) - tl.load(OFFS + e0), BT)
+        n_blk = tl.cdiv(expert_count(OFFS, e0, T, HAS_IDS), BT)
         for blk in range(grp, n_blk, n_grp):
-            tok, slot, row, valid = expert_block(ROWS, OFFS, e0, blk, K, BT)
+            tok, slot, row, valid = expert_block(ROWS, OFFS, e0, blk, T, K, BT, HAS_IDS)
             e = tl.zeros((BT,), dtype=tl.int32) + e0
             v1, v2, w1, w2, d, s_rows, _, _ = bwd_terms(
                 V, S, LB, DCTX, U, BETA, DY, tok, slot, row, e, valid, cols, cm, h, r, rg, E,
