@@ -319,9 +319,9 @@ def fused_layer(p, fwd_sink, bwd_sink):
     args = (p["x"], p["lora_A"], p["lora_B"], p["g"], p["rot_down"], p["rot_up"], p["beta"],
             p["ids"], 1.0, 1.0, 1e-6, "triton")
     with counting(fwd_sink):
-        y, s, d = lora._forward(*args, True)
+        y, s, d, P, Q = lora._forward(*args, True)
     with counting(bwd_sink):
-        lora._backward(p["dy"], *args, True, True, s, d)
+        lora._backward(p["dy"], *args, True, True, s, d, P, Q)
 
 
 def weighted_sum_layer(p, fwd_sink, bwd_sink):

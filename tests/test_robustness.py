@@ -7,21 +7,21 @@ import triton
 import triton.language as tl
 
 from radargate_kernels import radar_gate, radar_gate_reference
-from radargate_kernels.kernels.common import pair_offsets, row_ids
+from radargate_kernels.kernels.tile import block_rows
 from helpers import make_problem
 
 
 @triton.jit
-def _offsets_probe(OUT, blk, T, K, h, s_t, s_k, s_d, KP: tl.constexpr, BT: tl.constexpr,
+def _offsets_probe(OUT, blk, T, K, h, s_t, s_k, s_d, BT: tl.constexpr, SK: tl.constexpr,
                    BH: tl.constexpr):
-    # the kernels' own index helpers, evaluated for token block ``blk``
-    tok, slot, valid = row_ids(blk, T, K, KP, BT)
+    # the kernels' own row helper and offset arithmetic (tile.load_pairs), for token block blk
+    tok, slot, valid = block_rows(blk, 0, T, K, BT, SK)
     cols = tl.arange(0, BH)
-    off1, off2 = pair_offsets(tok * s_t + slot.to(tl.int64) * s_k, cols, h, s_d)
-    R: tl.constexpr = BT * KP
+    off1 = (tok * s_t + slot.to(tl.int64) * s_k)[:, None] + cols[None, :].to(tl.int64) * s_d
+    R: tl.constexpr = BT * SK
     idx = tl.arange(0, R)[:, None] * BH + cols[None, :]
     tl.store(OUT + idx, off1)
-    tl.store(OUT + R * BH + idx, off2)
+    tl.store(OUT + R * BH + idx, off1 + h * s_d)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "feature_major"])
@@ -37,7 +37,7 @@ def test_index_arithmetic_is_64_bit_past_2_pow_31(layout):
         s_t, s_k, s_d = K, 1, T * K
     blk = (T - 1) // BT
     out = torch.empty(2 * BT * KP * BH, dtype=torch.int64)
-    _offsets_probe[(1,)](out, blk, T, K, h, s_t, s_k, s_d, KP=KP, BT=BT, BH=BH)
+    _offsets_probe[(1,)](out, blk, T, K, h, s_t, s_k, s_d, BT=BT, SK=KP, BH=BH)
     off1, off2 = out.view(2, BT * KP, BH)
     for a in range(BT * KP):
         tok, slot = blk * BT + a // KP, a % KP
