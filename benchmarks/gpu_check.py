@@ -7,9 +7,9 @@
    and every gradient, with the kernels on the device and the float64 truth on the CPU, under
    the same per-dtype tolerance table (tests/tolerances.py).
 2. Timing: ``triton.testing.do_bench`` (median ms) of radar_gate's kernels against the naive
-   reference, the compiled reference and plain weighted-sum gating (K = 8 and K = 40), the
-   single-pass forward's token groups against one token block per program (T = 32 and 4096),
-   and the fused layer against the materialized one.
+   reference, the compiled reference and plain weighted-sum gating (K = 8 and K = 40), and the
+   fused layer against weighted-sum gating and the materialized path at the roofline's shapes,
+   printed next to benchmarks/roofline.py's projection for them (docs/benchmarks/roofline.json).
 3. A markdown report (``--out``) with the device, the versions, every failure and the timings.
 
 Without CUDA it prints why and exits 0 (nothing to check on this machine). ``--device cpu``
@@ -106,58 +106,53 @@ def timings(log):
             fb = triton.testing.do_bench(lambda: torch.autograd.grad(f(), (V, g), dy))
             rows.append((f"radar_gate T={T} K={K} D={D} r={r} bf16", name, fwd, fb))
             log(f"  {name:28s} forward {fwd:8.3f} ms   forward+backward {fb:8.3f} ms")
-    rows += _group_timings(log, gen)
-    # fused layer vs materialized: T tokens, in = out = D, E = 8 experts of rank 8, dense
-    E, rk = 8, 8
-    x = torch.randn(T, D, generator=gen).to(dev, dt).requires_grad_(True)
-    LA = (torch.randn(E, D, rk, generator=gen) / D ** 0.5).to(dev, dt).requires_grad_(True)
-    LB = (0.1 * torch.randn(E, rk, D, generator=gen)).to(dev, dt).requires_grad_(True)
-    w = torch.softmax(torch.randn(T, E, generator=gen), -1).to(dev, dt)
-
-    def fused():
-        return radar_gate_lora(x, LA, LB, w, A, B, backend="triton")
-
-    def materialized():
-        Vm = torch.einsum("ter,ero->teo", torch.einsum("ti,eir->ter", x, LA), LB)
-        return radar_gate(Vm, w, A, B, backend="triton")
-    for name, f in (("fused layer", fused), ("materialized layer", materialized)):
-        fwd = triton.testing.do_bench(f)
-        fb = triton.testing.do_bench(lambda: torch.autograd.grad(f(), (x, LA, LB), dy))
-        rows.append((f"LoRA layer T={T} in=out={D} E={E} r={rk} bf16", name, fwd, fb))
-        log(f"  {name:28s} forward {fwd:8.3f} ms   forward+backward {fb:8.3f} ms")
+    rows += layer_timings(log, gen)
     return rows
 
 
-def _group_timings(log, gen):
-    """The single-pass forward with its token groups (A, B, angle_bias loaded once per group of
-    token blocks: issue #11's forward target) against one block per program, at a small and a
-    large T: the groups trade parallelism at small T for fewer parameter reads."""
+def layer_timings(log, gen):
+    """The fused layer, weighted-sum gating and the materialized path at benchmarks/roofline.py's
+    shapes, measured, next to the roofline's projection for them (docs/benchmarks/roofline.json):
+    the first GPU run checks the model."""
+    import json
     import torch
     import triton.testing
-    from radargate_kernels import radar_gate
-    from radargate_kernels.kernels import launch as L
-    dev, dt, K, D, r, E = "cuda", torch.bfloat16, 8, 512, 8, 16
-    rows, rule = [], L.MAX_GROUP
-    for T in (32, 4096):
-        V = torch.randn(T, K, D, generator=gen).to(dev, dt).requires_grad_(True)
-        g = torch.softmax(torch.randn(T, K, generator=gen), -1).to(dev, dt).requires_grad_(True)
-        A = (torch.randn(D, r, generator=gen) / D ** 0.5).to(dev, dt)
-        B = (torch.randn(r, D // 2, generator=gen) / r ** 0.5).to(dev, dt)
-        beta = (0.1 * torch.randn(E, D // 2, generator=gen)).to(dev, dt)
-        ids = torch.randint(0, E, (T, K), generator=gen).to(dev)
-        dy = torch.randn(T, D, device=dev, dtype=dt)
+    from benchmarks import roofline
+    from radargate_kernels import radar_gate, radar_gate_lora
+    path = os.path.join(ROOT, "docs", "benchmarks", "roofline.json")
+    projected = json.load(open(path)) if os.path.exists(path) else {}
+    rows, dev, dt = [], "cuda", torch.bfloat16
+    for name, shape in roofline.SHAPES.items():
+        T, d_in, d_out, E, K, r, rg, topk = shape
+        p = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v)
+             for k, v in roofline.problem(T, d_in, d_out, E, K, r, rg, dt, topk).items()}
+        x, LA, LB = (p[k].requires_grad_(True) for k in ("x", "lora_A", "lora_B"))
+        w = torch.zeros(T, E, device=dev, dtype=dt).scatter(1, p["ids"], p["g"]) \
+            if topk else p["g"]
 
-        def f():
-            return radar_gate(V, g, A, B, angle_bias=beta, expert_ids=ids, backend="triton")
-        for name, cap in (("token groups (launch rule)", rule), ("one token block per program", 1)):
-            L.MAX_GROUP = cap
-            try:
-                fwd = triton.testing.do_bench(f)
-                fb = triton.testing.do_bench(lambda: torch.autograd.grad(f(), (V, g), dy))
-            finally:
-                L.MAX_GROUP = rule
-            rows.append((f"single-pass forward T={T} K={K} D={D} r={r} E={E} bf16", name, fwd, fb))
-            log(f"  {name:28s} forward {fwd:8.3f} ms   forward+backward {fb:8.3f} ms")
+        def fused():
+            return radar_gate_lora(x, LA, LB, p["g"], p["rot_down"], p["rot_up"], p["beta"],
+                                   p["ids"], backend="triton")
+
+        def weighted():
+            s = torch.einsum("ti,eir->ter", x, LA) * w.unsqueeze(-1)
+            return s.reshape(T, E * r) @ LB.reshape(E * r, d_out)
+
+        def materialized():
+            V = torch.einsum("ter,ero->teo", torch.einsum("ti,eir->ter", x, LA), LB)
+            if topk:
+                V = torch.gather(V, 1, p["ids"].unsqueeze(-1).expand(-1, -1, d_out))
+            return radar_gate(V, p["g"], p["rot_down"], p["rot_up"], p["beta"], p["ids"],
+                              backend="triton")
+        for label, f in (("fused", fused), ("weighted_sum", weighted),
+                         ("materialized", materialized)):
+            fwd = triton.testing.do_bench(f)
+            fb = triton.testing.do_bench(lambda: torch.autograd.grad(f(), (x, LA, LB), p["dy"]))
+            proj = projected.get(name, {}).get(label, {})
+            pr = (f" (projected {proj['fwd_us'] / 1e3:.3f} / "
+                  f"{(proj['fwd_us'] + proj['bwd_us']) / 1e3:.3f} ms)" if proj else "")
+            rows.append((f"{name} ({label}) bf16", label + pr, fwd, fb))
+            log(f"  {name} {label:14s} forward {fwd:8.3f} ms   forward+backward {fb:8.3f} ms{pr}")
     return rows
 
 

@@ -32,11 +32,9 @@ import sys
 import time
 from collections import defaultdict
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # H100 SXM, published peaks (NVIDIA H100 datasheet; TRITON_ON_CPU.md section 5)
 PEAK = dict(dram=3.35e12,            # bytes/s, HBM3
@@ -466,6 +464,9 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="write the markdown report here")
     ap.add_argument("--shapes", nargs="*", default=None)
     args = ap.parse_args(argv)
+    if os.environ.setdefault("TRITON_INTERPRET", "1") != "1":  # before the kernels are imported
+        print("roofline: counts in the Triton interpreter; unset TRITON_INTERPRET")
+        return 2
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.shapes:
         shapes = {k: v for k, v in shapes.items() if k in args.shapes}

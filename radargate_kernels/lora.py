@@ -528,15 +528,24 @@ def _backward_fn(ctx, dy, *_):
 torch.library.register_autograd("radargate::lora_fwd", _backward_fn, setup_context=_setup_context)
 
 
-def _resolve_backend(backend, x, rotation):
-    """Device first, as radar_gate: "auto" is Triton on CUDA tensors only."""
+def _resolve_backend(backend, x, rotation, ranks):
+    """Device first, as radar_gate: "auto" is Triton on CUDA tensors within the kernels' limits
+    (ranks <= 64, not float64), the PyTorch path otherwise."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
-    if backend == "triton" and x.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"backend='triton': expected CUDA tensors (or TRITON_INTERPRET=1), got "
-                         f"device {x.device}")
+    limit = None
+    if max(ranks) > _launch().MAX_RANK:
+        limit = f"ranks {ranks} exceed the kernels' limit of {_launch().MAX_RANK}"
+    elif x.dtype == torch.float64 and not _interpreting():
+        limit = "float64 runs the PyTorch path on CUDA"
+    if backend == "triton":
+        if x.device.type != "cuda" and not _interpreting():
+            raise ValueError(f"backend='triton': expected CUDA tensors (or TRITON_INTERPRET=1), "
+                             f"got device {x.device}")
+        if limit is not None:
+            raise ValueError(f"backend='triton': {limit}; use backend='auto' or 'torch'")
     if backend == "auto":
-        backend = "triton" if x.device.type == "cuda" and rotation else "torch"
+        backend = "triton" if x.device.type == "cuda" and rotation and limit is None else "torch"
     return backend
 
 
@@ -564,7 +573,8 @@ def radar_gate_lora(x, lora_A, lora_B, weights, rot_down=None, rot_up=None, angl
         raise TypeError(f"recompute: expected None, True or False, got {recompute!r}")
     check_lora_inputs(x, lora_A, lora_B, weights, rot_down, rot_up, angle_bias, expert_ids,
                       scaling, tau, eps)
-    which = _resolve_backend(backend, x, rot_down is not None)
+    which = _resolve_backend(backend, x, rot_down is not None,
+                             (lora_A.shape[-1], rot_down.shape[1] if rot_down is not None else 1))
     lead, K = x.shape[:-1], weights.shape[-1]
     if dropout_p:
         x = F.dropout(x, dropout_p, training)

@@ -121,6 +121,9 @@ def _resolve_backend(backend: str, V: torch.Tensor, K: int, r: int, E: int, has_
     if backend == "torch":
         return "torch"
     limit = _launch().kernel_limits_ok(K, r, E, has_beta)
+    if limit is None and V.dtype == torch.float64 and not _launch().interpreting():
+        limit = "float64 runs the PyTorch path on CUDA (the kernels' compile report covers fp16, " \
+                "bf16 and fp32)"
     if backend == "auto":
         return "triton" if V.device.type == "cuda" and limit is None else "torch"
     if limit is not None:
