@@ -79,7 +79,7 @@ def test_fused_layer_saves_at_most_1_3x_one_plain_lora(top_k, E):
         layer.gate.rot_up.normal_()
     import radargate_kernels.lora as lora_mod
     orig = lora_mod._resolve_backend
-    lora_mod._resolve_backend = lambda b, x, rot: "torch"
+    lora_mod._resolve_backend = lambda b, x, rot, ranks: "torch"
     try:
         fused = saved_bytes(lambda: layer(x))
     finally:

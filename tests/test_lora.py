@@ -316,11 +316,11 @@ def test_recompute_decides_what_is_saved_for_backward(ids, rotation):
 
 def test_auto_recompute_threshold_is_a_quarter_of_x():
     from radargate_kernels.lora import save_lowrank
-    A = torch.zeros(4, 64, 8)  # E, in, r
+    A = torch.zeros(2, 64, 8)  # E, in, r
     x32, x16 = torch.zeros(1, 64), torch.zeros(1, 64, dtype=torch.bfloat16)
-    # fp32 compute: K (r + rg) 4 bytes per token vs in * itemsize / 4
-    assert save_lowrank(None, x32, A, 1, 0)        # 32 <= 64
-    assert save_lowrank(None, x32, A, 2, 0)        # 64 <= 64
+    # fp32 compute: (E r + K rg) 4 bytes per token (s of every expert, d) vs in * itemsize / 4
+    assert save_lowrank(None, x32, A, 1, 0)        # 64 <= 64
+    assert save_lowrank(None, x32, A, 5, 0)        # 64 <= 64: K does not count without rg
     assert not save_lowrank(None, x32, A, 2, 1)    # 72 > 64
-    assert not save_lowrank(None, x16, A, 2, 0)    # 64 > 32 (bf16 x, fp32 s)
+    assert not save_lowrank(None, x16, A, 1, 0)    # 64 > 32 (bf16 x, fp32 s)
     assert save_lowrank(False, x16, A, 64, 64) and not save_lowrank(True, x32, A, 1, 0)

@@ -92,7 +92,7 @@ def test_importing_the_package_and_report_tools_sets_no_environment():
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import os, radargate_kernels, radargate_kernels.nn, radargate_kernels.adapters, "
-            "radargate_kernels.kernels.launch, benchmarks.cost_report, benchmarks.compile_report;"
+            "radargate_kernels.kernels.launch, benchmarks.roofline, benchmarks.compile_report;"
             "print(os.environ.get('TRITON_INTERPRET'))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
@@ -109,7 +109,7 @@ def test_parameter_gradients_are_skipped_when_the_gate_needs_no_gradient(monkeyp
 
     def spy(*args):
         out = orig(*args)
-        planned.append(out)
+        planned.append(out[0])
         return out
     monkeypatch.setattr(L, "plan_backward", spy)
     p = make_problem(6, 3, 10, 2, bias=True, ids=True, seed=4)
@@ -119,34 +119,32 @@ def test_parameter_gradients_are_skipped_when_the_gate_needs_no_gradient(monkeyp
     g = p["weights"].clone().requires_grad_(True)
     y = radar_gate(**dict(p, expert_out=V, weights=g), backend="triton")  # gate frozen
     dV, dg = torch.autograd.grad(y, (V, g), dy)
-    flags = [{k: ln.meta[k] for k in ("NEED_A", "NEED_B", "NEED_BETA")}
-             for _, launches in planned for ln in launches if "NEED_A" in ln.meta]
-    assert flags == [dict(NEED_A=True, NEED_B=True, NEED_BETA=True),
-                     dict(NEED_A=False, NEED_B=False, NEED_BETA=False)]
-    (_, _, pA, pB, pbeta), _ = planned[1]
-    assert pA.numel() == pB.numel() == pbeta.numel() == 0  # no partial buffers either
+    cols = [ln for launches in planned for ln in launches if "NEED_DU" in ln.meta]
+    flags = [{k: ln.meta[k] for k in ("NEED_DU", "NEED_DBETA", "NEED_DW")} for ln in cols]
+    assert flags == [dict(NEED_DU=True, NEED_DBETA=True, NEED_DW=True),
+                     dict(NEED_DU=False, NEED_DBETA=False, NEED_DW=False)]
+    names = cols[1].kernel.arg_names
+    partials = [cols[1].args[names.index(n)] for n in ("PU", "PBETA", "PW")]
+    assert all(t.numel() == 1 for t in partials)  # placeholders: no partial buffers
     assert torch.equal(dV, g_all["expert_out"]) and torch.equal(dg, g_all["weights"])
 
 
-@pytest.mark.parametrize("K,r,wide", [(32, 32, False), (33, 2, True), (17, 33, True)])
-def test_wide_plan_is_chosen_above_32_slots_or_rank_32_and_drops_the_parameter_launch_if_frozen(
-        K, r, wide):
+@pytest.mark.parametrize("K", [1, 32, 33, 64])
+def test_one_launch_plan_for_every_k_up_to_64(K):
+    # radar_gate: two launches forward, three backward, whatever K (K > 32 takes two slot
+    # chunks per token inside the same kernels)
     import radargate_kernels.kernels.launch as L
-    p = make_problem(2, K, 6, r, bias=True, ids=True, seed=3)
+    p = make_problem(2, K, 6, 3, bias=True, ids=True, seed=3)
     V, g, A, B, beta, ids = (p[k] for k in ("expert_out", "weights", "rot_down", "rot_up",
                                              "angle_bias", "expert_ids"))
-    (y, *state), fwd = L.plan_forward(V, g, A, B, beta, ids, 1.0, 1e-6)
-    assert [ln.meta["STAGE"] for ln in fwd] == ([1, 2] if wide else [0])
-    dy = torch.ones_like(y)
-    for need, n_param in (((True, True, True), 1), ((False, False, False), 0)):
-        _, bwd = L.plan_backward(dy, V, g, A, B, beta, ids, *state, 1.0, 1e-6, need)
-        names = [ln.kernel.fn.__name__ for ln in bwd]
-        if wide:
-            assert names == (["radargate_bwd_rows_kernel", "radargate_bwd_chain_kernel"]
-                             + ["radargate_bwd_columns_kernel"] * (1 + n_param))
-            assert bwd[0].meta["STAGE"] == 1 and bwd[2].meta["MV_BLOCKS"]
-        else:
-            assert "radargate_bwd_chain_kernel" not in names and bwd[0].meta["STAGE"] == 0
+    fwd, (y, *state) = L.plan_forward(V, g, A, B, beta, ids, 1.0, 1e-6)
+    assert [ln.kernel.fn.__name__ for ln in fwd] == ["op_relation_fwd_kernel",
+                                                     "stream_fwd_kernel"]
+    bwd, _ = L.plan_backward(torch.ones_like(y), V, g, A, B, beta, ids, *state, 1.0, 1e-6)
+    assert [ln.kernel.fn.__name__ for ln in bwd] == ["stream_bwd_rows_kernel",
+                                                     "op_relation_bwd_kernel",
+                                                     "stream_bwd_cols_kernel"]
+    assert fwd[1].meta["SK"] == min(L.pow2(K), 32)
 
 
 @pytest.mark.parametrize("trained", [("rot_down",), ("rot_up",), ("angle_bias",),

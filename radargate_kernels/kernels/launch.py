@@ -60,7 +60,7 @@ def kernel_limits_ok(K: int, r: int, E: int, has_e: bool) -> str | None:
     """None if radar_gate's kernels take this shape, else why not (backend='auto' then runs the
     PyTorch path, backend='triton' raises)."""
     if K > MAX_K:
-        return f"K = {K} expert slots exceed the kernels' limit of {MAX_K}"
+        return f"K = {K} experts per token exceeds the kernels' limit of {MAX_K}"
     if r > MAX_RANK:
         return f"rank r = {r} exceeds the kernels' limit of {MAX_RANK}"
     if has_e and E > MAX_E:
@@ -233,7 +233,9 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
 
     def finish():
         def total(p, on, like):
-            return p.sum(0).to(like.dtype) if on else torch.zeros_like(like)
+            if on:
+                return p.sum(0).to(like.dtype)
+            return torch.zeros(like.shape, dtype=like.dtype, device=like.device)  # contiguous
         dbeta = total(pbeta, need_dbeta, beta) if beta is not None else V.new_empty(0)
         return dV, dg, total(pA, need_dA, A), total(pB, need_dB, B), dbeta
     return [rows, rel, cols], finish

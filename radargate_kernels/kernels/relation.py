@@ -86,14 +86,14 @@ def op_relation_fwd_kernel(
     for c0 in range(0, h, BH):
         cols = c0 + tl.arange(0, BH)
         cm = cols < h
-        c = cols[None, :].to(tl.int64) * s_vd
+        c = cols[None, :].to(tl.int64)
         vm = valid[:, None] & cm[None, :]
         # a 16-bit input tile is exact in tf32, and so is its scaling by a power of two: these
         # tensor-core products are exact (the bf16 dot itself is not emulated by the interpreter)
-        v1 = tl.load(V + voff[:, None] + c, mask=vm, other=0.0).to(ACC)
-        v2 = tl.load(V + voff[:, None] + c + h * s_vd, mask=vm, other=0.0).to(ACC)
+        v1 = tl.load(V + voff[:, None] + c * s_vd, mask=vm, other=0.0).to(ACC)
+        v2 = tl.load(V + voff[:, None] + (c + h) * s_vd, mask=vm, other=0.0).to(ACC)
         a1 = load_tile(A, cols, rr, h, r, s_ad, s_ar, ACC)
-        a2 = load_tile(A + h * s_ad, cols, rr, h, r, s_ad, s_ar, ACC)
+        a2 = load_tile(A, cols + h, rr, 2 * h, r, s_ad, s_ar, ACC)
         z += mm(v1, a1, PREC) + mm(v2, a2, PREC)  # z = V A
         # Gram matrix of the rows scaled by a power of two, rescaled (exactly) as it grows
         big = tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1))

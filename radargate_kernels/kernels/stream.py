@@ -49,10 +49,11 @@ def slot_lora_b(LB, kc, cols, cm, h, r, K, s_le, s_lr, s_ld, SK: tl.constexpr,
     -> two [SK, RP, BH] tiles."""
     j = tl.arange(0, SK)[:, None, None]
     a = tl.arange(0, RP)[None, :, None]
-    off = (kc + j).to(tl.int64) * s_le + a * s_lr + cols[None, None, :].to(tl.int64) * s_ld
+    off = (kc + j).to(tl.int64) * s_le + a * s_lr
+    c = cols[None, None, :].to(tl.int64)
     m = (kc + j < K) & (a < r) & cm[None, None, :]
-    b1 = tl.load(LB + off, mask=m, other=0.0).to(ACC)
-    b2 = tl.load(LB + off + h * s_ld, mask=m, other=0.0).to(ACC)
+    b1 = tl.load(LB + off + c * s_ld, mask=m, other=0.0).to(ACC)
+    b2 = tl.load(LB + off + (c + h) * s_ld, mask=m, other=0.0).to(ACC)
     return b1, b2
 
 
@@ -77,10 +78,11 @@ def lanes_lora_b(LB, f0, cols, cm, h, r, E, s_le, s_lr, s_ld, RP: tl.constexpr,
     ln = tl.arange(0, FE * RP)
     f = f0 + ln // RP
     a = ln % RP
-    off = (f.to(tl.int64) * s_le + a * s_lr)[:, None] + cols[None, :].to(tl.int64) * s_ld
+    off = (f.to(tl.int64) * s_le + a * s_lr)[:, None]
+    c = cols[None, :].to(tl.int64)
     on = ((f < E) & (a < r))[:, None] & cm[None, :]
-    b1 = tl.load(LB + off, mask=on, other=0.0).to(ACC)
-    b2 = tl.load(LB + off + h * s_ld, mask=on, other=0.0).to(ACC)
+    b1 = tl.load(LB + off + c * s_ld, mask=on, other=0.0).to(ACC)
+    b2 = tl.load(LB + off + (c + h) * s_ld, mask=on, other=0.0).to(ACC)
     return b1, b2, on
 
 
@@ -179,10 +181,11 @@ def expert_count(OFFS, e, T, HAS_IDS: tl.constexpr):
 def expert_b(LB, e, cols, cm, h, r, s_le, s_lr, s_ld, RP: tl.constexpr, ACC: tl.constexpr):
     """lora_B of expert e at columns cols and cols + h -> two [RP, BH] tiles."""
     a = tl.arange(0, RP)
-    off = e.to(tl.int64) * s_le + a[:, None] * s_lr + cols[None, :].to(tl.int64) * s_ld
+    off = e.to(tl.int64) * s_le + a[:, None] * s_lr
+    c = cols[None, :].to(tl.int64)
     m = (a < r)[:, None] & cm[None, :]
-    return (tl.load(LB + off, mask=m, other=0.0).to(ACC),
-            tl.load(LB + off + h * s_ld, mask=m, other=0.0).to(ACC))
+    return (tl.load(LB + off + c * s_ld, mask=m, other=0.0).to(ACC),
+            tl.load(LB + off + (c + h) * s_ld, mask=m, other=0.0).to(ACC))
 
 
 @triton.jit

@@ -62,6 +62,12 @@ def mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def tf32_part(x):
+    """x (fp32) with its 13 low mantissa bits cleared: exactly representable in tf32."""
+    return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def non_finite(x):
     return (x != x) | (tl.abs(x) == float("inf"))
 
@@ -110,9 +116,9 @@ def expert_of(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS: tl.constexpr):
 def load_pairs(ptr, row_off, cols, h, s_d, mask, ACC: tl.constexpr):
     """Columns ``cols`` and ``cols + h`` of the rows at int64 offsets ``row_off`` -> two
     [R, BH] tiles (ACC; None keeps the stored dtype)."""
-    c = cols[None, :].to(tl.int64) * s_d
-    x1 = tl.load(ptr + row_off[:, None] + c, mask=mask, other=0.0)
-    x2 = tl.load(ptr + row_off[:, None] + c + h * s_d, mask=mask, other=0.0)
+    c = cols[None, :].to(tl.int64)
+    x1 = tl.load(ptr + row_off[:, None] + c * s_d, mask=mask, other=0.0)
+    x2 = tl.load(ptr + row_off[:, None] + (c + h) * s_d, mask=mask, other=0.0)
     if ACC is not None:
         x1 = x1.to(ACC)
         x2 = x2.to(ACC)
@@ -160,7 +166,14 @@ def angles(DCTX, U, BETA, row, e, valid, cols, cm, rg, s_ur, s_uh, s_be, s_bh,
     gg = tl.arange(0, RGP)
     Uc = tl.load(U + gg[:, None].to(tl.int64) * s_ur + cols[None, :].to(tl.int64) * s_uh,
                  mask=(gg < rg)[:, None] & cm[None, :], other=0.0).to(ACC)
-    a = mm(d, Uc, PREC)
+    if PREC == "tf32":
+        # the angles feed sin/cos, whose error is absolute: |alpha| 2^-10 from tf32's truncated
+        # d would be 0.03 rad at |alpha| = 30. d = hi + lo, both exact in tf32, as is U (16-bit
+        # values): two tensor-core products with d's value to 2^-20 relative
+        hi = tf32_part(d)
+        a = mm(hi, Uc, PREC) + mm(tf32_part(d - hi), Uc, PREC)
+    else:
+        a = mm(d, Uc, PREC)
     if HAS_BETA:
         ok = (valid & (e >= 0))[:, None] & cm[None, :]
         a += tl.load(BETA + e.to(tl.int64)[:, None] * s_be + cols[None, :].to(tl.int64) * s_bh,
