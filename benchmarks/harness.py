@@ -82,6 +82,21 @@ def step(name, mode, xs):
     return run_bwd
 
 
+def times_ms(run, reps=5, warmup=1):
+    """Every repetition's wall time in ms (CUDA: triton.testing.do_bench's median, once)."""
+    if device().type == "cuda":
+        import triton.testing
+        return [triton.testing.do_bench(run, return_mode="median")]
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def time_ms(run, reps=5, warmup=1):
     """Median wall time in ms. CUDA: triton.testing.do_bench (median); CPU: perf_counter."""
     if device().type == "cuda":

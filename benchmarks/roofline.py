@@ -418,6 +418,34 @@ def project(name, shape, dtype=torch.bfloat16):
     return out
 
 
+def op_paths(T, K, D, r, dtype=torch.float32, seed=0):
+    """radar_gate itself (expert outputs given): projected microseconds of its Triton kernels
+    and of the PyTorch reference run eagerly (autograd), forward and backward."""
+    from radargate_kernels.kernels import launch as L
+    from radargate_kernels.reference import radar_gate_reference
+    gen = torch.Generator().manual_seed(seed)
+    V = torch.randn(T, K, D, generator=gen).to(dtype)
+    g = torch.randn(T, K, generator=gen).softmax(-1).to(dtype)
+    A = (torch.randn(D, r, generator=gen) * D ** -0.5).to(dtype)
+    B = (torch.randn(r, D // 2, generator=gen) * r ** -0.5).to(dtype)
+    dy = torch.randn(T, D, generator=gen).to(dtype)
+    out = {}
+    f, b = [], []
+    with counting(f):
+        y, *state = L.forward(V, g, A, B, None, None, 1.0, 1e-6)
+    with counting(b):
+        L.backward(dy, V, g, A, B, None, None, *state, 1.0, 1e-6)
+    out["triton_kernels"] = (sum(w.time() for w in f) * 1e6, sum(w.time() for w in b) * 1e6)
+    leaves = [t.clone().requires_grad_(True) for t in (V, g, A, B)]
+    f, b = [], []
+    with counting(f):
+        y = radar_gate_reference(*leaves)
+    with counting(b):
+        y.backward(dy)
+    out["pytorch_reference"] = (sum(w.time() for w in f) * 1e6, sum(w.time() for w in b) * 1e6)
+    return out
+
+
 def _us(s):
     return f"{s * 1e6:9.1f}"
 
@@ -463,10 +491,20 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="one small shape (a smoke run)")
     ap.add_argument("--out", default=None, help="write the markdown report here")
     ap.add_argument("--shapes", nargs="*", default=None)
+    ap.add_argument("--op", nargs=4, type=int, metavar=("T", "K", "D", "r"),
+                    help="radar_gate alone at this shape (fp32): projected microseconds as JSON")
     args = ap.parse_args(argv)
     if os.environ.setdefault("TRITON_INTERPRET", "1") != "1":  # before the kernels are imported
         print("roofline: counts in the Triton interpreter; unset TRITON_INTERPRET")
         return 2
+    if args.op:
+        res = op_paths(*args.op)
+        text = json.dumps({k: dict(fwd_us=v[0], bwd_us=v[1]) for k, v in res.items()})
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        print(text)
+        return 0
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.shapes:
         shapes = {k: v for k, v in shapes.items() if k in args.shapes}
