@@ -59,14 +59,15 @@ def lowrank_factors(lora_B, rot_down, ct):
     return mm_ct(Bf, Bf.t()).view(E, r, E, r), mm_ct(Bf, rot_down).view(E, r, -1)
 
 
-def factors_backward(dP, dQ, B, rot_down):
-    """Gradients through P = B B^T and Q = B rot_down, in closed form (two GEMMs, B read once
-    each): dP [E, r, E, r], dQ [E, r, rg], B [E, r, out], rot_down [out, rg] (compute dtype)
-    -> (dB [E, r, out] contiguous, drot_down [out, rg])."""
+def factors_backward(dP, dQ, B, rot_down, dB=None):
+    """Gradients through P = B B^T and Q = B rot_down, in closed form (GEMMs, B read once each):
+    dP [E, r, E, r], dQ [E, r, rg], B [E, r, out], rot_down [out, rg] (compute dtype), dB a
+    gradient of B to add to (or None) -> (dB [E, r, out] contiguous, drot_down [out, rg])."""
     E, r, out = B.shape
     Bf, dPf, dQf = B.reshape(E * r, out), dP.reshape(E * r, E * r), dQ.reshape(E * r, -1)
-    dB = torch.addmm(dQf @ rot_down.t(), dPf + dPf.t(), Bf)
-    return dB.view(E, r, out), Bf.t() @ dQf
+    acc = dQf @ rot_down.t() if dB is None else torch.addmm(dB.reshape(E * r, out), dQf,
+                                                            rot_down.t())
+    return torch.addmm(acc, dPf + dPf.t(), Bf).view(E, r, out), Bf.t() @ dQf
 
 
 def relation_lowrank(s, ids, P, Q, tau: float, eps: float):
@@ -285,21 +286,22 @@ def _down(x, lora_A, ids, scaling, backend):
 
 
 def _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA):
-    """Gradients of s = scaling * gather(x A): ds [T, K, r] -> (dx [T, in], dA [E, in, r]),
-    two GEMMs over all experts' columns (slots added to their experts first). bf16: one 16-bit
-    GEMM each, ds split into bf16 hi + lo parts (split16); others in the compute dtype."""
+    """Gradients of s = scaling * gather(x A): ds [T, K, r] (or, bf16, already per expert and
+    split: [T, 2 E r], relation kernel) -> (dx [T, in], dA [E, in, r]), two GEMMs over all
+    experts' columns (slots added to their experts first). bf16: one 16-bit GEMM each, ds split
+    into bf16 hi + lo parts (split16); others in the compute dtype."""
     E, fin, r = lora_A.shape
-    dS = slots_to_experts(ds, ids, E) if ids is not None else ds
-    dS = (dS * scaling).reshape(-1, E * r)
-    A_cat = _a_cat(lora_A)
-    dx = dA = None
     if x.dtype != torch.bfloat16:
         return _down_backward_torch(ds, x, lora_A, ids, scaling, need_dx, need_dA)
-    both = split16(dS)
+    if ds.dtype != torch.bfloat16:
+        dS = slots_to_experts(ds, ids, E) if ids is not None else ds
+        ds = split16((dS * scaling).reshape(-1, E * r))
+    A_cat = _a_cat(lora_A)
+    dx = dA = None
     if need_dx:
-        dx = both @ torch.cat((A_cat.t(), A_cat.t()), dim=0)
+        dx = ds @ torch.cat((A_cat.t(), A_cat.t()), dim=0)
     if need_dA:
-        dA = mm_ct(x.t(), both).view(fin, 2, E * r).sum(1)
+        dA = mm_ct(x.t(), ds).view(fin, 2, E * r).sum(1)
         dA = dA.view(fin, E, r).permute(1, 0, 2).to(lora_A.dtype).contiguous()
     return dx, dA
 
@@ -399,6 +401,7 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
                                                     backend, s_saved)
     dyc = dy.to(ct) if backend != "triton" or rot_down is None else None
     dA_rot = dU = dbeta = None
+    scaled = False  # ds already scaled (and, bf16, split): the relation kernel did it
     if rot_down is None:
         (ds, dg), (dB,) = _chunked_grads(weighted_sum_lowrank, chunks, (s, g.to(ct), ids), 2,
                                          (lora_B.to(ct),), dyc)
@@ -416,17 +419,19 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
             params = (lora_B.to(ct), rot_up.to(ct), beta.to(ct) if beta is not None else None)
             (ds, dg, dd), (dB, dU, dbeta) = _chunked_grads(stream_torch, chunks,
                                                            (s, g.to(ct), d, ids), 3, params, dyc)
-        if kernels:  # adds the relation part to ds
+        if kernels:  # adds the relation part to ds and scales it (bf16: as split16 operands)
+            split = x.new_empty((T, 2 * E * s.shape[2])) if x.dtype == torch.bfloat16 else None
             dP, dQ = _launch().lora_relation_backward(s_all, ids, P, Q, dd, ds, tau, eps,
-                                                      x.dtype)
+                                                      x.dtype, scaling, split)
+            ds = split if split is not None else ds
+            scaled = True
         else:
             rel = lambda s_, i_, P_, Q_: relation_lowrank(s_, i_, P_, Q_, tau, eps)  # noqa: E731
             (ds_rel,), (dP, dQ) = _chunked_grads(rel, chunks, (s, ids), 1, (P, Q), dd)
             ds = ds + ds_rel
-        dB_rel, dA_rot = factors_backward(dP, dQ, lora_B.to(ct), rot_down.to(ct))
-        dB = dB + dB_rel
+        dB, dA_rot = factors_backward(dP, dQ, lora_B.to(ct), rot_down.to(ct), dB)
     if backend == "triton":
-        dx, dA = _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA)
+        dx, dA = _down_backward(ds, x, lora_A, ids, 1.0 if scaled else scaling, need_dx, need_dA)
     else:
         dx, dA = _down_backward_torch(ds, x, lora_A, ids, scaling, need_dx, need_dA)
 

@@ -68,26 +68,32 @@ def kernel_limits_ok(K: int, r: int, E: int, has_e: bool) -> str | None:
     return None
 
 
-def settings(kind: str, K: int, r: int, rg: int, E: int, has_ids: bool, itemsize: int) -> dict:
+def settings(kind: str, K: int, r: int, rg: int, E: int, has_ids: bool,
+             dtype: torch.dtype) -> dict:
     """THE table: tokens per program (BT), slots per tile (SK), column pairs per chunk (BH), padded
-    widths and warps of every kernel. kind: "op" (radar_gate; rg = r) or "lora" (fused layer)."""
+    widths and warps of every kernel. kind: "op" (radar_gate; rg = r) or "lora" (fused layer).
+    Every value is compiled by benchmarks/compile_report.py without spills (docs/launch_config.md:
+    each narrower choice was forced by a spill there)."""
     KP, RP, RGP = pow2(K), max(16, pow2(r)), max(16, pow2(rg))
     EP = max(16, pow2(E))
+    wide_dots = precision(dtype)[1] != "tf32"  # tf32x3 / ieee dots hold more registers
     if kind == "op":
         # 32-row tiles: BT tokens of up to 32 slots (the relation kernels: all K slots of a
         # token, its K x K blocks in an R x R tile, R = 64 at K > 32)
         BT = max(1, 32 // KP)
         R = BT * min(KP, 32)
-        cfg = dict(BT=BT, SK=min(KP, 32), FE=1, BH_FWD=64, BH_ROWS=32, BH_COLS=16,
-                   BH_REL=64 if KP <= 32 else 16)
+        cfg = dict(BT=BT, SK=min(KP, 32), FE=1, BH_FWD=32 if wide_dots else 64,
+                   BH_ROWS=16 if wide_dots else 32, BH_COLS=16,
+                   BH_REL=16 if KP > 32 else (32 if wide_dots else 64))
     else:
         # 16 tokens per tile (the batched dots' M), slots in chunks; with ids one slot per tile,
         # each row's s in its expert's lanes of FE experts (FE r <= 64 per dot)
         SK = min(KP, 4) if not has_ids else 1
         R = 16 * SK
         FE = max(1, min(EP if has_ids else 1, 64 // RP))
-        cfg = dict(BT=16, SK=SK, FE=FE, BH_FWD=32, BH_ROWS=32, BH_COLS=32 if RP <= 16 else 16,
-                   BH_REL=0)
+        cfg = dict(BT=16, SK=SK, FE=FE, BH_FWD=16 if wide_dots and RP > 16 else 32,
+                   BH_ROWS=16 if wide_dots or RP > 16 else 32,
+                   BH_COLS=32 if RP <= 16 and not wide_dots else 16, BH_REL=0)
     cfg.update(KP=KP, RP=RP, RGP=RGP, EP=EP, R=R, F=pow2(E) * RP, BT_REL=max(1, 32 // KP), WARPS=8, WARPS_REL=16 if KP > 32 else 8,
                STAGES=1)
     return cfg
@@ -100,6 +106,9 @@ class Launch:
     def __init__(self, kernel, grid, args, meta):
         self.kernel, self.grid, self.args = kernel, tuple(grid), args
         self.meta = dict(meta, enable_fp_fusion=ENABLE_FP_FUSION)
+        if self.meta.get("num_warps", 4) <= 8 and not interpreting():
+            # without the bound ptxas capped 8-warp kernels at 128 registers and spilled
+            self.meta.setdefault("maxnreg", 255)
         assert self.grid[0] < 2 ** 31 and all(g <= GRID_AXIS_MAX for g in self.grid[1:]), \
             f"{kernel.__name__}: grid {self.grid} beyond CUDA's limits"
 
@@ -168,7 +177,7 @@ def plan_forward(V, g, A, B, beta, ids, tau: float, eps: float):
     T, K, D = V.shape
     h, r = D // 2, A.shape[1]
     E = beta.shape[0] if beta is not None else K
-    cfg = settings("op", K, r, r, E, ids is not None, V.element_size())
+    cfg = settings("op", K, r, r, E, ids is not None, V.dtype)
     sd = compute_dtype(V.dtype)
     y = V.new_empty((T, D))
     n, C, rho = V.new_empty((T, K), dtype=sd), V.new_empty((T, K, K), dtype=sd), \
@@ -202,7 +211,7 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
     T, K, D = V.shape
     h, r = D // 2, A.shape[1]
     E = beta.shape[0] if beta is not None else K
-    cfg = settings("op", K, r, r, E, ids is not None, V.element_size())
+    cfg = settings("op", K, r, r, E, ids is not None, V.dtype)
     sd = compute_dtype(V.dtype)
     acc, _, _ = precision(V.dtype)
     nb = triton.cdiv(T, cfg["BT"])
@@ -254,7 +263,7 @@ def _lora_common(s_all, g, d, ids, lora_B, U, beta):
     T, K = g.shape
     E, r, D = lora_B.shape
     rg = U.shape[0]
-    cfg = settings("lora", K, r, rg, E, ids is not None, lora_B.element_size())
+    cfg = settings("lora", K, r, rg, E, ids is not None, lora_B.dtype)
     ptrs, sizes, strides = _stream_args(T, K, D // 2, r, rg, E, None, s_all, lora_B, g, d, U,
                                         beta, ids)
     flags = dict(V_FROM_S=True, HAS_IDS=ids is not None, HAS_BETA=beta is not None)
@@ -350,7 +359,7 @@ def _relation_common(s_all, ids, P, Q, input_dtype):
     T, E, r = s_all.shape
     K = ids.shape[1] if ids is not None else E
     rg = Q.shape[-1]
-    cfg = settings("lora", K, r, rg, E, ids is not None, 4)
+    cfg = settings("lora", K, r, rg, E, ids is not None, input_dtype)
     acc, prec, _ = precision(input_dtype)
     meta = dict(KP=cfg["KP"], BT=cfg["BT_REL"], F=cfg["F"], RP=cfg["RP"], RGP=cfg["RGP"],
                 HAS_IDS=ids is not None, PREC=prec, ACC=acc, num_warps=8)
@@ -374,16 +383,20 @@ def lora_relation(s_all, ids, P, Q, tau, eps, input_dtype):
     return d
 
 
-def plan_lora_relation_backward(s_all, ids, P, Q, dd, ds, tau: float, eps: float, input_dtype):
-    """Adds the relation part to ds [T, K, r] (in place); finish() -> (dP, dQ) summed over the
-    program groups' partials."""
+def plan_lora_relation_backward(s_all, ids, P, Q, dd, ds, tau: float, eps: float, input_dtype,
+                                scale: float = 1.0, split=None):
+    """Adds the relation part to ds [T, K, r] and scales it (in place), or with ``split`` (a
+    [T, 2 E r] bf16 tensor) writes scale * ds per token and expert as bf16 hi | lo parts there;
+    finish() -> (dP, dQ) summed over the program groups' partials."""
     T, K, E, r, rg, cfg, meta, ptrs, s_ids = _relation_common(s_all, ids, P, Q, input_dtype)
     nb = triton.cdiv(T, meta["BT"])
     G = token_groups(nb, 1, s_all.device, per_sm=1)  # a [F, F] partial each: few
     F, RGP = cfg["F"], cfg["RGP"]
     pp, pq = s_all.new_empty((G, F, F)), s_all.new_empty((G, F, RGP))
     launch = Launch(lora_relation_bwd_kernel, (G,),
-                    (*ptrs, dd, ds, pp, pq, T, K, E, r, rg, *s_ids, nb, 1.0 / tau, eps), meta)
+                    (*ptrs, dd, ds, split if split is not None else ds, pp, pq, T, K, E, r, rg,
+                     *s_ids, nb, 1.0 / tau, eps, float(scale)),
+                    dict(meta, SPLIT=split is not None))
 
     def finish():
         RP = cfg["RP"]
@@ -393,8 +406,9 @@ def plan_lora_relation_backward(s_all, ids, P, Q, dd, ds, tau: float, eps: float
     return [launch], finish
 
 
-def lora_relation_backward(s_all, ids, P, Q, dd, ds, tau, eps, input_dtype):
+def lora_relation_backward(s_all, ids, P, Q, dd, ds, tau, eps, input_dtype, scale=1.0,
+                           split=None):
     launches, finish = plan_lora_relation_backward(s_all, ids, P, Q, dd, ds, tau, eps,
-                                                   input_dtype)
+                                                   input_dtype, scale, split)
     run_all(launches)
     return finish()

@@ -228,14 +228,17 @@ def lora_relation_fwd_kernel(
 
 @triton.jit(do_not_specialize=["T", "n_blocks"])
 def lora_relation_bwd_kernel(
-    S, IDS, PF, QF, DD, DS, PP, PQ,
-    T, K, E, r, rg, s_it, s_ik, n_blocks, tau_inv, eps,
+    S, IDS, PF, QF, DD, DS, DSPLIT, PP, PQ,
+    T, K, E, r, rg, s_it, s_ik, n_blocks, tau_inv, eps, scale,
     KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr,
-    HAS_IDS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    HAS_IDS: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """Backward of lora_relation_fwd_kernel over token blocks p, p + G, ... (grid: G groups):
-    from dd [T, K, rg], adds the relation part to DS [T, K, r] (holding the streaming part) and
-    stores this group's partials of dP_flat (PP [G, F, F]) and dQ_flat (PQ [G, F, RGP]). A token
+    from dd [T, K, rg], adds the relation part to ds (DS [T, K, r] holds the streaming part)
+    and stores ``scale * ds`` back, or with SPLIT, each token's ``scale * ds`` added up per expert
+    (slots to experts) as bf16 hi and lo parts in DSPLIT [T, 2, E r] (hi + lo = the fp32 value to
+    2^-17: the operand of one 16-bit GEMM each for dx and dA, lora.py); and this group's partials
+    of dP_flat (PP [G, F, F]) and dQ_flat (PQ [G, F, RGP]). A token
     with a non-finite gradient puts NaN into exactly the entries of dP and dQ of its experts
     (its terms are zeroed for the sums, a count of them marks those entries)."""
     P, Q, bad = factor_tiles(PF, QF, E, r, rg, F, RP, RGP, ACC)
@@ -264,8 +267,19 @@ def lora_relation_bwd_kernel(
         # ds = (2 dG W P + dz Q^T) on the own lanes, / m for W = S_x / m
         dGW = mm(dG, other_tokens_safe(w, BT), PREC)
         ds = of_lanes(2.0 * mm(dGW, P, PREC) / m[:, None] + mm(dz, tl.trans(Q), PREC), own, RP)
-        old = load_rows(DS, row, valid, r, RP, ACC)
-        store_rows(DS, old + ds, row, valid, r, RP)
+        ds = (load_rows(DS, row, valid, r, RP, ACC) + ds) * scale
+        if SPLIT:  # per token and expert (own lanes: a select), then bf16 hi + lo
+            x = tl.sum(tl.reshape(in_lanes(ds, e, F, RP)[0], (BT, KP, F)), axis=1)  # [BT, F]
+            hi = x.to(tl.bfloat16)
+            lo = (x - hi.to(ACC)).to(tl.bfloat16)
+            tb = tl.max(tl.reshape(tok, (BT, KP)), axis=1)
+            col = ((ln // RP) * r + ln % RP)[None, :]
+            m = (tb < T)[:, None] & ((ln // RP < E) & (ln % RP < r))[None, :]
+            off = tb[:, None] * (2 * E * r) + col
+            tl.store(DSPLIT + off, hi, mask=m)
+            tl.store(DSPLIT + off + E * r, lo, mask=m)
+        else:
+            store_rows(DS, ds, row, valid, r, RP)
         # dP += W^T (dG W), dQ += S_x^T dz: rows of tokens with a non-finite term zeroed and
         # counted at the lane pairs (own lanes of the token's rows) they would reach
         tok_bad = tl.sum((same & (tl.max(non_finite(dGW).to(tl.int32), axis=1)

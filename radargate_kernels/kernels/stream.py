@@ -99,12 +99,15 @@ def expert_values(V, S, LB, tok, slot, e, valid, kc, cols, cm, h, r, K, E,
         v1 = tl.zeros((BT * SK, cols.shape[0]), dtype=ACC)
         v2 = tl.zeros((BT * SK, cols.shape[0]), dtype=ACC)
         for f0 in range(0, E, FE):
-            sx, _ = expert_lanes(S, tok, e, valid, f0, r, E, RP, FE, ACC)
-            b1, b2, _ = lanes_lora_b(LB, f0, cols, cm, h, r, E, s_le, s_lr, s_ld, RP, FE, ACC)
-            # other experts' non-finite B stays out (their lanes hold 0); a row of an expert
-            # with one is non-finite anyway through its token's context d (tile.finite_or_zero)
-            v1 += mm(sx, finite_or_zero(b1), PREC)
-            v2 += mm(sx, finite_or_zero(b2), PREC)
+            # only chunks holding an expert of the tile's rows (16 rows: at most 16 of E)
+            if tl.sum(((e >= f0) & (e < f0 + FE)).to(tl.int32)) > 0:
+                sx, _ = expert_lanes(S, tok, e, valid, f0, r, E, RP, FE, ACC)
+                b1, b2, _ = lanes_lora_b(LB, f0, cols, cm, h, r, E, s_le, s_lr, s_ld, RP, FE,
+                                         ACC)
+                # other experts' non-finite B stays out (their lanes hold 0); a row of an expert
+                # with one is non-finite anyway through its token's context d (finite_or_zero)
+                v1 += mm(sx, finite_or_zero(b1), PREC)
+                v2 += mm(sx, finite_or_zero(b2), PREC)
         return v1, v2
     else:
         s3 = slot_major(load_rows(S, tok * E + slot, valid, r, RP, ACC), SK)
