@@ -30,8 +30,9 @@ T_REPR = 64  # tokens of the representative launch (T is never specialised)
 
 # radar_gate (K, D, r, E or None): K 1..64, D 2..16384, r 1..64, E up to 128
 OP_FULL = [(K, D, r, E) for K in (1, 2, 3, 8, 13, 32, 40, 64) for D in (2, 130, 4096)
-           for r in (1, 8, 17, 64) for E in (None, 128)]
-OP_QUICK = [(8, 4096, 8, 8), (1, 2, 1, None), (64, 130, 64, 128), (13, 4096, 17, None)]
+           for r in (1, 8, 17, 32, 64) for E in (None, 128) if K <= 32 or r <= 32]
+OP_QUICK = [(8, 4096, 8, 8), (1, 2, 1, None), (64, 130, 32, 128), (32, 130, 64, 128),
+            (13, 4096, 17, None)]
 # the fused layer (K, out, r, rg, E or None for no ids): r, rg <= 64, any K and E
 LORA_FULL = [(K, out, r, rg, E) for K in (1, 8, 40) for out in (2, 4096) for r in (1, 16, 64)
              for rg in (1, 16, 64) for E in (None, 64)]

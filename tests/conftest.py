@@ -6,8 +6,9 @@ any test module imports radargate_kernels. (A GPU run: TRITON_INTERPRET=0 pytest
 The interpreter computes every fp32 ``tl.dot`` in full fp32, while a GPU's tensor cores read
 tf32 operands: the fp32 registers' low 13 mantissa bits are ignored (truncation). So that the
 tests check the arithmetic a GPU does, ``tf32`` dots here truncate their fp32 operands the same
-way, and ``tf32x3`` dots sum the three tf32 products of the operands' hi and lo parts
-(``emulate_tf32``); the kernels' other precision, "ieee", stays exact fp32.
+way, and tf32x3 dots sum the three tf32 products of the operands' hi and lo parts
+(``emulate_tf32``; the kernels' "tf32x2" is two tf32 dots of a computed operand's tf32 parts,
+tile.mm); their other precision, "ieee", stays exact fp32.
 """
 import os
 

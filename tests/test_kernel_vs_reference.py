@@ -36,21 +36,21 @@ EXTRA_CASES = [
     (37, 8, 64, 8, True, True),     # all features on at a mid size
     (5, 3, 10, 3, True, False),     # bias without ids (E == K)
     (3, 1, 6, 3, True, True),       # K = 1: only angle_bias rotates
-    (9, 5, 258, 2, False, True),    # D/2 = 129: single-pass forward, ragged 256-wide tile
-    (3, 2, 1030, 2, True, True),    # D/2 = 515: too wide for one pass: the two-pass forward
-    (2, 13, 600, 3, True, False),   # K = 13 at D/2 = 300: two-pass (16 x 512 > 4096)
-    (3, 4, 34, 64, True, True),     # r = 64 (RP = 64, allowed at K <= 16)
-    (2, 16, 6, 33, False, False),   # r = 33 at K = 16: the widest K with RP = 64
-    (3, 32, 66, 4, True, False),    # K = 32: one 32-row token per program
-    (2, 17, 6, 17, True, True),     # K > 16 with r > 16: dV and parameter gradients as two
-    (1, 19, 2, 20, False, True),    #   launches (SPLIT_COLS), also at D = 2 (D/2 == 1)
-    # K > 32, or K > 16 with r > 32: the WIDE plan (two forward stages, the chain kernel, M v
-    # in slot blocks); odd K = 33 and 40 (the paper's expert count), K = 64 at the top
+    (9, 5, 258, 2, False, True),    # D/2 = 129: ragged last chunk
+    (3, 2, 1030, 2, True, True),    # D/2 = 515: many chunks
+    (2, 13, 600, 3, True, False),   # K = 13 padded to 16
+    (3, 4, 34, 64, True, True),     # r = 64 (RP = 64)
+    (2, 16, 6, 33, False, False),   # r = 33 at K = 16 (RP = 64), the column kernel's 16-row tile
+    (3, 32, 66, 4, True, False),    # K = 32: one 32-row token per tile
+    (2, 17, 6, 17, True, True),     # K = 17: two 16-slot chunks in the column kernel
+    (1, 19, 2, 20, False, True),    #   also at D = 2 (D/2 == 1)
+    # K > 32: a token's slots in two 32-slot chunks (M v over both), its relation in 64 rows;
+    # odd K = 33 and 40 (the paper's expert count), K = 64 at the top, r <= 32 there
     (2, 40, 34, 8, True, True),
     (1, 64, 6, 3, False, False),
-    (2, 33, 2, 17, True, False),    #   D = 2 (the stages compiled without the h == 1 constant)
-    (3, 64, 130, 64, True, True),   #   r = 64, prime D/2
-    (2, 17, 10, 33, True, True),    #   K = 17 with r = 33 (WIDE through the rank)
+    (2, 33, 2, 17, True, False),    #   D = 2
+    (3, 64, 130, 32, True, True),   #   r = 32, prime D/2
+    (2, 17, 10, 33, True, True),    #   K = 17 with r = 33
 ]
 CASES = _grid() + EXTRA_CASES
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)

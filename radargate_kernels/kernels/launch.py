@@ -43,17 +43,19 @@ def pow2(x: int) -> int:
 
 
 def precision(dtype: torch.dtype):
-    """(ACC, PREC, FAST) for inputs of ``dtype``: accumulation dtype; the precision of dots with a
-    computed fp32 operand: tensor cores in tf32 for bf16 inputs (error below their last bit),
-    tf32x3 for fp16 (three tf32 products: fp16's 11-bit results need more than tf32's), the FMA
-    pipe's ieee for fp32 and fp64; whether sin/cos use the special-function units (fp16/bf16)
-    or libdevice's accurate routines. tests/conftest.py makes the interpreter's tf32 and tf32x3
-    dots round as tensor cores do, so the tests check these choices."""
+    """(ACC, PREC, FAST, VPREC) for inputs of ``dtype``: the accumulation dtype; PREC, the
+    precision of dots with a computed fp32 operand: tf32 tensor cores for fp16/bf16 inputs (the
+    angles d U always as two tf32 products of d's tf32 parts, tile.angles: their error is
+    absolute), the FMA pipe's ieee for fp32 and fp64; whether sin/cos use the special-function
+    units (fp16/bf16) or libdevice's accurate routines; VPREC, the precision of v = s B_e (the
+    fused layer): tf32x2 for fp16 (s as two tf32 parts: fp16's 11-bit outputs need more than
+    one tf32 product), else PREC. tests/conftest.py makes the interpreter's tf32 dots truncate
+    their operands as tensor cores do, so the tests check these choices."""
     if dtype == torch.float64:
-        return tl.float64, "ieee", False
+        return tl.float64, "ieee", False, "ieee"
     if dtype == torch.float32:
-        return tl.float32, "ieee", False
-    return tl.float32, "tf32" if dtype == torch.bfloat16 else "tf32x3", True
+        return tl.float32, "ieee", False, "ieee"
+    return tl.float32, "tf32", True, "tf32" if dtype == torch.bfloat16 else "tf32x2"
 
 
 def kernel_limits_ok(K: int, r: int, E: int, has_e: bool) -> str | None:
@@ -63,6 +65,9 @@ def kernel_limits_ok(K: int, r: int, E: int, has_e: bool) -> str | None:
         return f"K = {K} experts per token exceeds the kernels' limit of {MAX_K}"
     if r > MAX_RANK:
         return f"rank r = {r} exceeds the kernels' limit of {MAX_RANK}"
+    if K > 32 and r > 32:
+        return (f"K = {K} > 32 experts per token with rank r = {r} > 32: beyond the kernels' "
+                f"registers (sm_80 spilled); r <= 32 above 32 experts")
     if has_e and E > MAX_E:
         return f"E = {E} experts exceed the kernels' limit of {MAX_E}"
     return None
@@ -76,13 +81,15 @@ def settings(kind: str, K: int, r: int, rg: int, E: int, has_ids: bool,
     each narrower choice was forced by a spill there)."""
     KP, RP, RGP = pow2(K), max(16, pow2(r)), max(16, pow2(rg))
     EP = max(16, pow2(E))
-    wide_dots = precision(dtype)[1] != "tf32"  # tf32x3 / ieee dots hold more registers
+    wide_dots = precision(dtype)[3] != "tf32"  # tf32x2 / ieee dots hold more registers
     if kind == "op":
         # 32-row tiles: BT tokens of up to 32 slots (the relation kernels: all K slots of a
         # token, its K x K blocks in an R x R tile, R = 64 at K > 32)
         BT = max(1, 32 // KP)
         R = BT * min(KP, 32)
-        cfg = dict(BT=BT, SK=min(KP, 32), FE=1, BH_FWD=32 if wide_dots else 64,
+        # the column kernel (dV with M v, and four accumulators): 16-row tiles
+        cfg = dict(BT=BT, SK=min(KP, 32), BT_COLS=max(1, 16 // KP), SK_COLS=min(KP, 16), FE=1,
+                   BH_FWD=32 if wide_dots else 64,
                    BH_ROWS=16 if wide_dots else 32, BH_COLS=16,
                    BH_REL=16 if KP > 32 else (32 if wide_dots else 64))
     else:
@@ -148,9 +155,9 @@ def _strides(t, n):
 
 
 def _meta(cfg, dtype, bh, **flags):
-    acc, prec, fast = precision(dtype)
+    acc, prec, fast, vprec = precision(dtype)
     return dict(BT=cfg["BT"], SK=cfg["SK"], BH=bh, RP=cfg["RP"], RGP=cfg["RGP"], FAST=fast,
-                PREC=prec, ACC=acc, num_warps=cfg["WARPS"], num_stages=cfg["STAGES"], **flags)
+                PREC=prec, VPREC=vprec, ACC=acc, num_warps=cfg["WARPS"], num_stages=cfg["STAGES"], **flags)
 
 
 def _stream_args(T, K, h, r, rg, E, V, S, LB, g, d, U, beta, ids):
@@ -183,11 +190,14 @@ def plan_forward(V, g, A, B, beta, ids, tau: float, eps: float):
     n, C, rho = V.new_empty((T, K), dtype=sd), V.new_empty((T, K, K), dtype=sd), \
         V.new_empty((T, K, K), dtype=sd)
     z, d = V.new_empty((T, K, r), dtype=sd), V.new_empty((T, K, r), dtype=sd)
-    acc, prec, _ = precision(V.dtype)
+    acc, prec, _, _ = precision(V.dtype)
     nb = triton.cdiv(T, cfg["BT"])
+    # its Gram and V A products take 16-bit input values (or them scaled by a power of two):
+    # exact in tf32, whatever the input dtype's dots elsewhere
     rel = Launch(op_relation_fwd_kernel, (nb,),
                  (V, A, n, C, rho, z, d, T, K, h, r, *V.stride(), *A.stride(), 1.0 / tau, eps),
-                 dict(KP=cfg["KP"], BT=cfg["BT"], BH=cfg["BH_REL"], RP=cfg["RP"], PREC=prec,
+                 dict(KP=cfg["KP"], BT=cfg["BT"], BH=cfg["BH_REL"], RP=cfg["RP"],
+                      PREC="ieee" if prec == "ieee" else "tf32",
                       ACC=acc, num_warps=cfg["WARPS_REL"], num_stages=cfg["STAGES"]))
     ptrs, sizes, strides = _stream_args(T, K, h, r, r, _ids_bound(E, beta), V, None, None, g, d,
                                         B, beta, ids)
@@ -213,7 +223,7 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
     E = beta.shape[0] if beta is not None else K
     cfg = settings("op", K, r, r, E, ids is not None, V.dtype)
     sd = compute_dtype(V.dtype)
-    acc, _, _ = precision(V.dtype)
+    acc = precision(V.dtype)[0]
     nb = triton.cdiv(T, cfg["BT"])
     dg, dd = g.new_empty((T, K), dtype=V.dtype), V.new_empty((T, K, r), dtype=sd)
     M, dZ = V.new_empty((T, K, K), dtype=sd), V.new_empty((T, K, r), dtype=sd)
@@ -229,16 +239,18 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
                  dict(KP=cfg["KP"], BT=cfg["BT"], RP=cfg["RP"], ACC=acc,
                       num_warps=cfg["WARPS_REL"]))
     n_chunks = triton.cdiv(h, cfg["BH_COLS"])
-    G = token_groups(nb, n_chunks, V.device)
+    nb_cols = triton.cdiv(T, cfg["BT_COLS"])
+    G = token_groups(nb_cols, n_chunks, V.device)
     need_dA, need_dB, need_dbeta = need[0], need[1], need[2] and beta is not None
     pA = V.new_empty((G, D, r) if need_dA else (1,), dtype=sd)
     pB = V.new_empty((G, r, h) if need_dB else (1,), dtype=sd)
     pbeta = V.new_empty((G, E, h) if need_dbeta else (1,), dtype=sd)
     cols = Launch(stream_bwd_cols_kernel, (n_chunks, G, 1),
-                  (*ptrs, g, g, dy, M, dZ, A, dV, pB, pbeta, pA, *sizes, nb, *strides,
+                  (*ptrs, g, g, dy, M, dZ, A, dV, pB, pbeta, pA, *sizes, nb_cols, *strides,
                    *dy.stride(), *A.stride()),
-                  _meta(cfg, V.dtype, cfg["BH_COLS"], EP=cfg["EP"], NEED_DU=need_dB,
-                        NEED_DBETA=need_dbeta, NEED_DW=need_dA, **flags))
+                  dict(_meta(cfg, V.dtype, cfg["BH_COLS"], EP=cfg["EP"], NEED_DU=need_dB,
+                             NEED_DBETA=need_dbeta, NEED_DW=need_dA, **flags),
+                       BT=cfg["BT_COLS"], SK=cfg["SK_COLS"]))
 
     def finish():
         def total(p, on, like):
@@ -360,7 +372,9 @@ def _relation_common(s_all, ids, P, Q, input_dtype):
     K = ids.shape[1] if ids is not None else E
     rg = Q.shape[-1]
     cfg = settings("lora", K, r, rg, E, ids is not None, input_dtype)
-    acc, prec, _ = precision(input_dtype)
+    acc, prec, _, _ = precision(input_dtype)
+    if input_dtype == torch.float16:
+        prec = "tf32x3"  # cosines from P and W, both computed: fp16's outputs need more than tf32
     meta = dict(KP=cfg["KP"], BT=cfg["BT_REL"], F=cfg["F"], RP=cfg["RP"], RGP=cfg["RGP"],
                 HAS_IDS=ids is not None, PREC=prec, ACC=acc, num_warps=8)
     ptrs = (s_all, ids if ids is not None else s_all, P.reshape(E * r, E * r).contiguous(),

@@ -19,7 +19,7 @@ between rows of different tokens take the other token's rows with non-finite ent
 import triton
 import triton.language as tl
 
-from .tile import (block_rows, expert_of, load_rows, load_tile, mm, non_finite,
+from .tile import (block_rows, expert_of, load_pairs, load_rows, load_tile, mm, non_finite,
                    other_tokens_safe, store_rows)
 
 
@@ -38,15 +38,17 @@ def cosines_softmax(gram, m, valid, tau_inv, eps, KP: tl.constexpr):
     C_ij = gram_ij (m_i / n_i) (m_j / n_j), rho = softmax over j != i of C / tau."""
     same, off = same_token(valid, KP)
     ri = tl.arange(0, valid.shape[0])
-    dg = tl.where(ri[:, None] == ri[None, :], gram, 0.0)
-    n_row = tl.maximum(m * tl.sqrt(tl.sum(dg, axis=1)), eps)
-    n_col = tl.maximum(m * tl.sqrt(tl.sum(dg, axis=0)), eps)
-    C = tl.where(same, gram * ((m / n_row)[:, None] * (m / n_col)[None, :]), 0.0)
-    logits = tl.where(off, C * tau_inv, -float("inf"))
-    mx = tl.max(logits, axis=1)
-    ex = tl.where(off, tl.exp(logits - tl.where(mx == -float("inf"), 0.0, mx)[:, None]), 0.0)
+    n = tl.maximum(m * tl.sqrt(tl.sum(tl.where(ri[:, None] == ri[None, :], gram, 0.0), axis=1)),
+                   eps)
+    q = m / n
+    C = tl.where(same, gram * (q[:, None] * q[None, :]), 0.0)
+    # softmax over j != i of C / tau (|C| <= 1, so exp(C / tau - max) needs the max only for
+    # small tau); rows without another slot (K = 1) give rho = 0
+    mx = tl.max(tl.where(off, C, -float("inf")), axis=1)
+    ex = tl.where(off, tl.exp((C - tl.where(mx == -float("inf"), 0.0, mx)[:, None]) * tau_inv),
+                  0.0)
     den = tl.sum(ex, axis=1)
-    return n_row, C, ex / tl.where(den > 0, den, 1.0)[:, None], same, off
+    return n, C, ex / tl.where(den > 0, den, 1.0)[:, None], same, off
 
 
 @triton.jit
@@ -80,22 +82,15 @@ def op_relation_fwd_kernel(
     voff = tok * s_vt + slot.to(tl.int64) * s_vk
     rr = tl.arange(0, RP)
     R: tl.constexpr = BT * KP
+    # two passes over D (the second from L2): the Gram matrix, then z = V A (one accumulator
+    # live at a time: both together spilled at 64 rows on sm_80)
     gram = tl.zeros((R, R), dtype=ACC)
-    z = tl.zeros((R, RP), dtype=ACC)
     m = tl.zeros((R,), dtype=ACC)
     for c0 in range(0, h, BH):
-        cols = c0 + tl.arange(0, BH)
-        cm = cols < h
-        c = cols[None, :].to(tl.int64)
-        vm = valid[:, None] & cm[None, :]
-        # a 16-bit input tile is exact in tf32, and so is its scaling by a power of two: these
-        # tensor-core products are exact (the bf16 dot itself is not emulated by the interpreter)
-        v1 = tl.load(V + voff[:, None] + c * s_vd, mask=vm, other=0.0).to(ACC)
-        v2 = tl.load(V + voff[:, None] + (c + h) * s_vd, mask=vm, other=0.0).to(ACC)
-        a1 = load_tile(A, cols, rr, h, r, s_ad, s_ar, ACC)
-        a2 = load_tile(A, cols + h, rr, 2 * h, r, s_ad, s_ar, ACC)
-        z += mm(v1, a1, PREC) + mm(v2, a2, PREC)  # z = V A
-        # Gram matrix of the rows scaled by a power of two, rescaled (exactly) as it grows
+        v1, v2 = load_pairs(V, voff, c0 + tl.arange(0, BH), h, s_vd,
+                            valid[:, None] & (c0 + tl.arange(0, BH) < h)[None, :], ACC)
+        # the rows scaled by a power of two, rescaled (exactly) as it grows: a 16-bit input
+        # tile stays exact in tf32, so these tensor-core products are exact
         big = tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1))
         m_new = pow2_below(tl.maximum(m, big))
         f = tl.where(m > 0, m / m_new, 0.0)
@@ -105,16 +100,21 @@ def op_relation_fwd_kernel(
         s2 = v2 * inv
         gram += mm(s1, tl.trans(s1), PREC) + mm(s2, tl.trans(s2), PREC)
         m = m_new
+    z = tl.zeros((R, RP), dtype=ACC)
+    for c0 in range(0, h, BH):
+        cols = c0 + tl.arange(0, BH)
+        v1, v2 = load_pairs(V, voff, cols, h, s_vd, valid[:, None] & (cols < h)[None, :], ACC)
+        z += mm(v1, load_tile(A, cols, rr, h, r, s_ad, s_ar, ACC), PREC) \
+            + mm(v2, load_tile(A, cols + h, rr, 2 * h, r, s_ad, s_ar, ACC), PREC)  # z = V A
     n, C, rho, same, _ = cosines_softmax(gram, tl.where(m > 0, m, 1.0), valid, tau_inv, eps, KP)
-    d = mm(rho, other_tokens_safe(z, BT), "ieee") - z  # (a non-finite z: its token's rho is too)
-    d = tl.where(K > 1, d, 0.0 * z)  # SPEC: d = 0 when K = 1 (a NaN stays NaN)
     row = tok * K + slot
     kk = row[:, None] * K + (tl.arange(0, R) % KP)[None, :]
     tl.store(N + row, n, mask=valid)
     tl.store(CM + kk, C, mask=same)
     tl.store(RHO + kk, rho, mask=same)
     store_rows(Z, z, row, valid, r, RP)
-    store_rows(DCTX, d, row, valid, r, RP)
+    d = mm(rho, other_tokens_safe(z, BT), "ieee") - z  # (a non-finite z: its token's rho is too)
+    store_rows(DCTX, tl.where(K > 1, d, 0.0 * z), row, valid, r, RP)  # SPEC: d = 0 when K = 1
 
 
 @triton.jit(do_not_specialize=["T"])

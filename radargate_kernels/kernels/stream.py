@@ -91,6 +91,7 @@ def expert_values(V, S, LB, tok, slot, e, valid, kc, cols, cm, h, r, K, E,
                   s_vt, s_vk, s_vd, s_le, s_lr, s_ld, BT: tl.constexpr, SK: tl.constexpr,
                   RP: tl.constexpr, FE: tl.constexpr, V_FROM_S: tl.constexpr,
                   HAS_IDS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """(PREC here: the launch's VPREC.)"""
     """v of the rows at columns cols and cols + h -> (v1, v2), each [R, BH] (0 on masked rows)."""
     if not V_FROM_S:
         return load_pairs(V, tok * s_vt + slot.to(tl.int64) * s_vk, cols, h, s_vd,
@@ -125,7 +126,8 @@ def stream_fwd_kernel(
     s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_gt, s_gk, s_ur, s_uh, s_be, s_bh, s_it, s_ik,
     BT: tl.constexpr, SK: tl.constexpr, BH: tl.constexpr, RP: tl.constexpr,
     RGP: tl.constexpr, FE: tl.constexpr, V_FROM_S: tl.constexpr, HAS_IDS: tl.constexpr,
-    HAS_BETA: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    HAS_BETA: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr, VPREC: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """y [T, D] (contiguous) = sum_k g_k R(d_k U + beta_e) v_k for one token block and one chunk
     of BH column pairs, walking the slots in chunks of SK."""
@@ -140,7 +142,7 @@ def stream_fwd_kernel(
         valid = e >= 0
         v1, v2 = expert_values(V, S, LB, tok, slot, e, valid, kc, cols, cm, h, r, K, E,
                                s_vt, s_vk, s_vd, s_le, s_lr, s_ld, BT, SK, RP, FE, V_FROM_S,
-                               HAS_IDS, PREC, ACC)
+                               HAS_IDS, VPREC, ACC)
         alpha, _ = angles(DCTX, U, BETA, tok * K + slot, e, valid, cols, cm, rg, s_ur, s_uh,
                           s_be, s_bh, RGP, HAS_BETA, PREC, ACC)
         c, s = cos_sin(alpha, FAST)
@@ -196,7 +198,7 @@ def bwd_terms(V, S, LB, DCTX, U, BETA, DY, tok, slot, row, e, valid, cols, cm, h
               s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_ur, s_uh, s_be, s_bh, s_yt, s_yd,
               RP: tl.constexpr, RGP: tl.constexpr, V_FROM_S: tl.constexpr,
               HAS_BETA: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr,
-              ACC: tl.constexpr):
+              VPREC: tl.constexpr, ACC: tl.constexpr):
     """What both backward kernels recompute for one chunk of rows: v, the context d, and
     w = R(-alpha) dy -> (v1, v2, w1, w2, d, s rows, B_e halves). Fused layer: the rows are one
     expert's (e: that expert for every row)."""
@@ -207,8 +209,8 @@ def bwd_terms(V, S, LB, DCTX, U, BETA, DY, tok, slot, row, e, valid, cols, cm, h
         s_rows = tl.load(S + (tok * E + e)[:, None] * r + rr[None, :],
                          mask=valid[:, None] & (rr < r)[None, :], other=0.0).to(ACC)
         b1, b2 = expert_b(LB, tl.max(e, axis=0), cols, cm, h, r, s_le, s_lr, s_ld, RP, ACC)
-        v1 = mm(s_rows, b1, PREC)
-        v2 = mm(s_rows, b2, PREC)
+        v1 = mm(s_rows, b1, VPREC)
+        v2 = mm(s_rows, b2, VPREC)
     else:
         v1, v2 = load_pairs(V, tok * s_vt + slot.to(tl.int64) * s_vk, cols, h, s_vd, on, ACC)
         s_rows = v1
@@ -226,7 +228,7 @@ def rows_reduce(V, S, LB, G, DCTX, U, BETA, DY, DG, DD, DS, tok, slot, row, e, v
                 h, r, rg, E, s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_gt, s_gk, s_ur, s_uh, s_be,
                 s_bh, s_yt, s_yd, BH: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr,
                 V_FROM_S: tl.constexpr, HAS_BETA: tl.constexpr, FAST: tl.constexpr,
-                PREC: tl.constexpr, ACC: tl.constexpr):
+                PREC: tl.constexpr, VPREC: tl.constexpr, ACC: tl.constexpr):
     """One block of rows, all feature pairs: dg = <w, v>, dd = g (v1 w2 - v2 w1) U^T and, fused
     layer, ds = g w B_e^T; stored at the rows' places in contiguous [T, K, ...] outputs."""
     R: tl.constexpr = tok.shape[0]
@@ -240,7 +242,7 @@ def rows_reduce(V, S, LB, G, DCTX, U, BETA, DY, DG, DD, DS, tok, slot, row, e, v
         v1, v2, w1, w2, _, _, b1, b2 = bwd_terms(
             V, S, LB, DCTX, U, BETA, DY, tok, slot, row, e, valid, cols, cm, h, r, rg, E,
             s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_ur, s_uh, s_be, s_bh, s_yt, s_yd,
-            RP, RGP, V_FROM_S, HAS_BETA, FAST, PREC, ACC)
+            RP, RGP, V_FROM_S, HAS_BETA, FAST, PREC, VPREC, ACC)
         dg += tl.sum(v1 * w1 + v2 * w2, axis=1)
         ut = tl.load(U + gg[None, :].to(tl.int64) * s_ur + cols[:, None].to(tl.int64) * s_uh,
                      mask=cm[:, None] & (gg < rg)[None, :], other=0.0).to(ACC)
@@ -262,7 +264,7 @@ def stream_bwd_rows_kernel(
     s_yt, s_yd,
     BT: tl.constexpr, SK: tl.constexpr, BH: tl.constexpr, RP: tl.constexpr,
     RGP: tl.constexpr, V_FROM_S: tl.constexpr, HAS_IDS: tl.constexpr, HAS_BETA: tl.constexpr,
-    FAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    FAST: tl.constexpr, PREC: tl.constexpr, VPREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """The reductions over the features, per row (contiguous [T, K, ...] outputs DG, DD, DS).
     radar_gate: grid (token blocks,), slots in chunks of SK; fused layer: grid (E, groups),
@@ -276,7 +278,7 @@ def stream_bwd_rows_kernel(
             rows_reduce(V, S, LB, G, DCTX, U, BETA, DY, DG, DD, DS, tok, slot, row,
                         tl.zeros((BT,), dtype=tl.int32) + e0, valid, h, r, rg, E, s_vt, s_vk,
                         s_vd, s_le, s_lr, s_ld, s_gt, s_gk, s_ur, s_uh, s_be, s_bh, s_yt, s_yd,
-                        BH, RP, RGP, V_FROM_S, HAS_BETA, FAST, PREC, ACC)
+                        BH, RP, RGP, V_FROM_S, HAS_BETA, FAST, PREC, VPREC, ACC)
     else:
         blk = tl.program_id(0)
         for kc in range(0, K, SK):
@@ -285,7 +287,7 @@ def stream_bwd_rows_kernel(
             rows_reduce(V, S, LB, G, DCTX, U, BETA, DY, DG, DD, DS, tok, slot, tok * K + slot,
                         e, e >= 0, h, r, rg, E, s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_gt, s_gk,
                         s_ur, s_uh, s_be, s_bh, s_yt, s_yd, BH, RP, RGP, V_FROM_S, HAS_BETA,
-                        FAST, PREC, ACC)
+                        FAST, PREC, VPREC, ACC)
 
 
 @triton.jit
@@ -308,7 +310,8 @@ def stream_bwd_cols_kernel(
     BT: tl.constexpr, SK: tl.constexpr, BH: tl.constexpr, RP: tl.constexpr,
     RGP: tl.constexpr, EP: tl.constexpr, V_FROM_S: tl.constexpr, HAS_IDS: tl.constexpr,
     HAS_BETA: tl.constexpr, NEED_DU: tl.constexpr, NEED_DBETA: tl.constexpr,
-    NEED_DW: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    NEED_DW: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr, VPREC: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """The reductions over the tokens for one chunk of BH column pairs (grid axis 0), into one
     fp32 partial per program group: PU of dU, PBETA of dbeta, PW of dB (fused layer, its
@@ -339,7 +342,7 @@ def stream_bwd_cols_kernel(
             v1, v2, w1, w2, d, s_rows, _, _ = bwd_terms(
                 V, S, LB, DCTX, U, BETA, DY, tok, slot, row, e, valid, cols, cm, h, r, rg, E,
                 s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_ur, s_uh, s_be, s_bh, s_yt, s_yd,
-                RP, RGP, V_FROM_S, HAS_BETA, FAST, PREC, ACC)
+                RP, RGP, V_FROM_S, HAS_BETA, FAST, PREC, VPREC, ACC)
             g = tl.load(G + tok * s_gt + slot.to(tl.int64) * s_gk, mask=valid,
                         other=0.0).to(ACC)[:, None]
             da = g * (v1 * w2 - v2 * w1)
@@ -381,7 +384,7 @@ def stream_bwd_cols_kernel(
                 v1, v2, w1, w2, d, _, _, _ = bwd_terms(
                     V, S, LB, DCTX, U, BETA, DY, tok, slot, row, e, valid, cols, cm, h, r, rg,
                     E, s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_ur, s_uh, s_be, s_bh, s_yt, s_yd,
-                    RP, RGP, V_FROM_S, HAS_BETA, FAST, PREC, ACC)
+                    RP, RGP, V_FROM_S, HAS_BETA, FAST, PREC, VPREC, ACC)
                 g = tl.load(G + tok * s_gt + slot.to(tl.int64) * s_gk, mask=valid,
                             other=0.0).to(ACC)[:, None]
                 da = g * (v1 * w2 - v2 * w1)

@@ -57,8 +57,15 @@ def cos_sin(a, FAST: tl.constexpr):
 
 @triton.jit
 def mm(a, b, PREC: tl.constexpr):
-    """a @ b in fp32 (fp64 for fp64 operands) at precision PREC."""
-    return tl.dot(a, b, input_precision=PREC, out_dtype=a.dtype)
+    """a @ b in fp32 (fp64 for fp64 operands) at precision PREC: "ieee", "tf32", or "tf32x2":
+    two tf32 products of a's tf32 parts (a = hi + lo to 2^-20 relative) with b, for a computed
+    a and a b of 16-bit input values (exact in tf32)."""
+    if PREC == "tf32x2":
+        hi = tf32_part(a)
+        return (tl.dot(hi, b, input_precision="tf32", out_dtype=a.dtype)
+                + tl.dot(tf32_part(a - hi), b, input_precision="tf32", out_dtype=a.dtype))
+    else:
+        return tl.dot(a, b, input_precision=PREC, out_dtype=a.dtype)
 
 
 @triton.jit
@@ -166,14 +173,9 @@ def angles(DCTX, U, BETA, row, e, valid, cols, cm, rg, s_ur, s_uh, s_be, s_bh,
     gg = tl.arange(0, RGP)
     Uc = tl.load(U + gg[:, None].to(tl.int64) * s_ur + cols[None, :].to(tl.int64) * s_uh,
                  mask=(gg < rg)[:, None] & cm[None, :], other=0.0).to(ACC)
-    if PREC == "tf32":
-        # the angles feed sin/cos, whose error is absolute: |alpha| 2^-10 from tf32's truncated
-        # d would be 0.03 rad at |alpha| = 30. d = hi + lo, both exact in tf32, as is U (16-bit
-        # values): two tensor-core products with d's value to 2^-20 relative
-        hi = tf32_part(d)
-        a = mm(hi, Uc, PREC) + mm(tf32_part(d - hi), Uc, PREC)
-    else:
-        a = mm(d, Uc, PREC)
+    # the angles feed sin/cos, whose error is absolute: |alpha| 2^-10 from tf32's truncated d
+    # would be 0.03 rad at |alpha| = 30, so d is split into its tf32 parts (tf32x2)
+    a = mm(d, Uc, "tf32x2" if PREC == "tf32" else PREC)
     if HAS_BETA:
         ok = (valid & (e >= 0))[:, None] & cm[None, :]
         a += tl.load(BETA + e.to(tl.int64)[:, None] * s_be + cols[None, :].to(tl.int64) * s_bh,
