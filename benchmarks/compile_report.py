@@ -28,16 +28,23 @@ REGISTER_FILE = 65536  # 32-bit registers per block, sm_80 and sm_90
 DTYPES = ("bfloat16", "float16", "float32")  # fp64 runs the PyTorch path on CUDA (ops.py)
 T_REPR = 64  # tokens of the representative launch (T is never specialised)
 
-# radar_gate (K, D, r, E or None): K 1..64, D 2..16384, r 1..64, E up to 128
+# radar_gate (K, D, r, E or None): K 1..64, D 2..4096, r 1..32, E up to 128
 OP_FULL = [(K, D, r, E) for K in (1, 2, 3, 8, 13, 32, 40, 64) for D in (2, 130, 4096)
-           for r in (1, 8, 17, 32, 64) for E in (None, 128) if K <= 32 or r <= 32]
-OP_QUICK = [(8, 4096, 8, 8), (1, 2, 1, None), (64, 130, 32, 128), (32, 130, 64, 128),
+           for r in (1, 8, 17, 32) for E in (None, 128)]  # r <= 32 (launch.MAX_OP_RANK)
+OP_QUICK = [(8, 4096, 8, 8), (1, 2, 1, None), (64, 130, 32, 128), (32, 130, 32, 128),
             (13, 4096, 17, None)]
 # the fused layer (K, out, r, rg, E or None for no ids): r, rg <= 64, any K and E
-LORA_FULL = [(K, out, r, rg, E) for K in (1, 8, 40) for out in (2, 4096) for r in (1, 16, 64)
-             for rg in (1, 16, 64) for E in (None, 64)]
+LORA_FULL = [(K, out, r, rg, E) for K in (1, 8, 40) for out in (2, 4096) for r in (1, 16, 32, 64)
+             for rg in (1, 16, 32, 64) for E in (None, 64)]
 LORA_QUICK = [(8, 4096, 16, 16, None), (2, 4096, 16, 16, 8), (40, 4096, 16, 16, None),
-              (3, 2, 64, 64, 128), (1, 130, 1, 1, None)]
+              (3, 2, 64, 64, 128), (3, 2, 64, 16, 128), (3, 2, 32, 32, 128), (1, 130, 1, 1, None)]
+
+
+def lora_shape_runs(shape, dtype_name):
+    """Whether the fused layer plans Triton launches for this shape and dtype (lora.py's
+    _resolve_backend: fp16/fp32 take r, rg <= 32 or one of them <= 16)."""
+    r, rg = shape[2], shape[3]
+    return dtype_name == "bfloat16" or max(r, rg) <= 32 or min(r, rg) <= 16
 
 
 class StandInDriver:
@@ -170,6 +177,8 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES, families=("op", "lora")):
                 shapes = (OP_QUICK if quick else OP_FULL) if family == "op" else \
                     (LORA_QUICK if quick else LORA_FULL)
                 for shape in shapes:
+                    if family == "lora" and not lora_shape_runs(shape, dtype):
+                        continue
                     for i, launch in enumerate(planned_launches(family, shape, dtype)):
                         key = (arch, specialisation(launch))
                         if key in seen:

@@ -541,6 +541,9 @@ def _resolve_backend(backend, x, rotation, ranks):
     limit = None
     if max(ranks) > _launch().MAX_RANK:
         limit = f"ranks {ranks} exceed the kernels' limit of {_launch().MAX_RANK}"
+    elif x.dtype in (torch.float16, torch.float32) and max(ranks) > 32 and min(ranks) > 16:
+        limit = (f"ranks (r, rg) = {ranks} in {x.dtype}: its wider dots hold more registers; "
+                 f"the kernels take r, rg <= 32, or one of them <= 16 (bf16: up to 64 each)")
     elif x.dtype == torch.float64 and not _interpreting():
         limit = "float64 runs the PyTorch path on CUDA"
     if backend == "triton":

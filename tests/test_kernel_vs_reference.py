@@ -39,8 +39,8 @@ EXTRA_CASES = [
     (9, 5, 258, 2, False, True),    # D/2 = 129: ragged last chunk
     (3, 2, 1030, 2, True, True),    # D/2 = 515: many chunks
     (2, 13, 600, 3, True, False),   # K = 13 padded to 16
-    (3, 4, 34, 64, True, True),     # r = 64 (RP = 64)
-    (2, 16, 6, 33, False, False),   # r = 33 at K = 16 (RP = 64), the column kernel's 16-row tile
+    (3, 4, 34, 32, True, True),     # r = 32 (RP = 32), the kernels' limit
+    (2, 16, 6, 17, False, False),   # r = 17 at K = 16 (RP = 32), the column kernel's 16-row tile
     (3, 32, 66, 4, True, False),    # K = 32: one 32-row token per tile
     (2, 17, 6, 17, True, True),     # K = 17: two 16-slot chunks in the column kernel
     (1, 19, 2, 20, False, True),    #   also at D = 2 (D/2 == 1)
@@ -50,7 +50,7 @@ EXTRA_CASES = [
     (1, 64, 6, 3, False, False),
     (2, 33, 2, 17, True, False),    #   D = 2
     (3, 64, 130, 32, True, True),   #   r = 32, prime D/2
-    (2, 17, 10, 33, True, True),    #   K = 17 with r = 33
+    (2, 17, 10, 32, True, True),    #   K = 17 with r = 32
 ]
 CASES = _grid() + EXTRA_CASES
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)

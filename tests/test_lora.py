@@ -71,15 +71,26 @@ def test_gradcheck_float64(backend, ids):
 
 @pytest.mark.parametrize("ids", [False, True], ids=["dense", "topk"])
 def test_large_k_e_and_ranks_on_the_triton_path(ids):
-    # K = 64 slots (dense: E = 64; top-k: 64 of E = 128 experts), r = rg = 64
+    # K = 64 slots (dense: E = 64; top-k: 64 of E = 128 experts), r = rg = 64 in bf16 (fp32:
+    # r = 64 with rg = 16, the widest pair its wider dots compile without spills)
     K = 64
-    prob = make_lora_problem(2, K, 5, 4, 64, 64, ids=ids, bias=True, E_extra=64, seed=3)
-    if not ids:
-        assert prob["lora_A"].shape[0] == 64
-    else:
-        assert prob["lora_A"].shape[0] == 128
-    dy = torch.randn(2, 4, generator=torch.Generator().manual_seed(4))
-    check_lora_against_reference(prob, dy, backend="triton")
+    for dtype, rg in ((torch.bfloat16, 64), (torch.float32, 16)):
+        prob = make_lora_problem(2, K, 5, 4, 64, rg, dtype=dtype, ids=ids, bias=True,
+                                 E_extra=64, seed=3)
+        assert prob["lora_A"].shape[0] == (128 if ids else 64)
+        dy = torch.randn(2, 4, generator=torch.Generator().manual_seed(4)).to(dtype)
+        check_lora_against_reference(prob, dy, backend="triton")
+
+
+def test_ranks_beyond_the_kernels_run_the_pytorch_path_on_auto_and_raise_on_triton():
+    from radargate_kernels.lora import _resolve_backend
+    x = torch.zeros(2, 4)
+    for dtype, ranks in ((torch.float32, (64, 64)), (torch.float16, (64, 32)),
+                         (torch.bfloat16, (65, 8))):
+        with pytest.raises(ValueError, match="ranks"):
+            _resolve_backend("triton", x.to(dtype), True, ranks)
+        assert _resolve_backend("auto", x.to(dtype), True, ranks) == "torch"
+    assert _resolve_backend("triton", x.to(torch.bfloat16), True, (64, 64)) == "triton"
 
 
 def test_more_than_64_slots_on_the_triton_path():

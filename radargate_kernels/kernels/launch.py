@@ -24,7 +24,8 @@ from .relation import (lora_relation_bwd_kernel, lora_relation_fwd_kernel, op_re
 from .stream import stream_bwd_cols_kernel, stream_bwd_rows_kernel, stream_fwd_kernel
 
 MAX_K = 64      # slots per token (radar_gate: a token's K x K tile in one program, R <= 64 rows)
-MAX_RANK = 64   # r of rot_down / rot_up, and the LoRA rank of the fused layer
+MAX_RANK = 64   # the fused layer's LoRA rank r and RotationGate rank rg
+MAX_OP_RANK = 32  # radar_gate's r: at r = 64 its column kernel spilled (sm_80 with angle_bias)
 MAX_E = 128     # experts with angle_bias or expert_ids
 GRID_AXIS_MAX = 65535  # CUDA's limit on grid axes 1 and 2 (axis 0: 2^31 - 1)
 
@@ -63,11 +64,8 @@ def kernel_limits_ok(K: int, r: int, E: int, has_e: bool) -> str | None:
     PyTorch path, backend='triton' raises)."""
     if K > MAX_K:
         return f"K = {K} experts per token exceeds the kernels' limit of {MAX_K}"
-    if r > MAX_RANK:
-        return f"rank r = {r} exceeds the kernels' limit of {MAX_RANK}"
-    if K > 32 and r > 32:
-        return (f"K = {K} > 32 experts per token with rank r = {r} > 32: beyond the kernels' "
-                f"registers (sm_80 spilled); r <= 32 above 32 experts")
+    if r > MAX_OP_RANK:
+        return f"rank r = {r} exceeds the kernels' limit of {MAX_OP_RANK}"
     if has_e and E > MAX_E:
         return f"E = {E} experts exceed the kernels' limit of {MAX_E}"
     return None

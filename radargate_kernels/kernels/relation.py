@@ -107,14 +107,15 @@ def op_relation_fwd_kernel(
         z += mm(v1, load_tile(A, cols, rr, h, r, s_ad, s_ar, ACC), PREC) \
             + mm(v2, load_tile(A, cols + h, rr, 2 * h, r, s_ad, s_ar, ACC), PREC)  # z = V A
     n, C, rho, same, _ = cosines_softmax(gram, tl.where(m > 0, m, 1.0), valid, tau_inv, eps, KP)
+    d = mm(rho, other_tokens_safe(z, BT), "ieee") - z  # (a non-finite z: its token's rho is too)
+    d = tl.where(K > 1, d, 0.0 * z)  # SPEC: d = 0 when K = 1 (a NaN stays NaN)
     row = tok * K + slot
     kk = row[:, None] * K + (tl.arange(0, R) % KP)[None, :]
     tl.store(N + row, n, mask=valid)
     tl.store(CM + kk, C, mask=same)
     tl.store(RHO + kk, rho, mask=same)
     store_rows(Z, z, row, valid, r, RP)
-    d = mm(rho, other_tokens_safe(z, BT), "ieee") - z  # (a non-finite z: its token's rho is too)
-    store_rows(DCTX, tl.where(K > 1, d, 0.0 * z), row, valid, r, RP)  # SPEC: d = 0 when K = 1
+    store_rows(DCTX, d, row, valid, r, RP)
 
 
 @triton.jit(do_not_specialize=["T"])

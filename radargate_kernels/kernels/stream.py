@@ -321,8 +321,9 @@ def stream_bwd_cols_kernel(
     radar_gate: grid (chunks, groups), program (c, p) over token blocks p, p + groups, ...;
     partials PU [groups, rg, h], PBETA [groups, E, h]; also writes DV [T, K, D] =
     g w + M v + dZ A^T (SK slots per tile; M v over all the token's slot chunks). With ids its
-    dbeta is a one-hot product of rows whose non-finite entries are zeroed; a count of those per
-    expert and column puts them back as NaN at the end, as the reference has them."""
+    dbeta is a one-hot product of rows whose non-finite entries are zeroed; the experts of such
+    rows get NaN in this chunk's columns at the end (the reference's NaN for them: a non-finite
+    token is non-finite in all its columns, through its angles)."""
     cols = tl.program_id(0) * BH + tl.arange(0, BH)
     cm = cols < h
     gg = tl.arange(0, RGP)
@@ -371,7 +372,7 @@ def stream_bwd_cols_kernel(
         R: tl.constexpr = BT * SK
         ee = tl.arange(0, EP)
         d_beta = tl.zeros((EP, BH), dtype=ACC)  # with ids (one-hot over experts)
-        n_bad = tl.zeros((EP, BH), dtype=ACC)   # with ids: rows with a non-finite dalpha
+        n_bad = tl.zeros((EP,), dtype=tl.int32)  # with ids: rows with a non-finite dalpha
         d_a1 = tl.zeros((RP, BH), dtype=ACC)    # dA^T at rows cols, cols + h
         d_a2 = tl.zeros((RP, BH), dtype=ACC)
         for kc in range(0, K, SK):
@@ -392,9 +393,10 @@ def stream_bwd_cols_kernel(
                     d_u += mm(tl.trans(d), da, PREC)
                 if NEED_DBETA:
                     if HAS_IDS:
-                        hot = (ee[:, None] == e[None, :]).to(ACC)  # [EP, R]
-                        n_bad += mm(hot, non_finite(da).to(ACC), PREC)
-                        d_beta += mm(hot, finite_or_zero(da), PREC)
+                        hot = ee[:, None] == e[None, :]  # [EP, R]
+                        row_bad = tl.max(non_finite(da).to(tl.int32), axis=1) > 0
+                        n_bad += tl.sum((hot & row_bad[None, :]).to(tl.int32), axis=1)
+                        d_beta += mm(hot.to(ACC), finite_or_zero(da), PREC)
                     else:  # slot k is expert k: the sum over each slot's tokens
                         dbk += tl.sum(slot_major(da, SK), axis=1)
                 dz = load_rows(DZ, row, valid, r, RP, ACC)
@@ -431,7 +433,7 @@ def stream_bwd_cols_kernel(
                      mask=(gg < rg)[:, None] & cm[None, :])
         if NEED_DBETA and HAS_IDS:
             tl.store(PBETA + (grp.to(tl.int64) * E + ee[:, None]) * h + cols[None, :],
-                     tl.where(n_bad > 0, float("nan"), d_beta),
+                     tl.where(n_bad[:, None] > 0, float("nan"), d_beta),
                      mask=(ee < E)[:, None] & cm[None, :])
         if NEED_DW:  # dA [G, D, r]: rows cols and cols + h, from dA^T [RP, BH]
             off = (grp.to(tl.int64) * 2 * h + cols[None, :]) * r + rr[:, None]
