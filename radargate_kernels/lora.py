@@ -35,7 +35,8 @@ from .reference import (compute_dtype, lora_down, lora_up, row_scale, scaled_cos
                         select_experts)
 from .validation import check_lora_inputs, no_double_backward
 
-CHUNK_ELEMS = 1 << 21  # largest per-chunk intermediate (elements) of the PyTorch parts
+CHUNK_ELEMS = 1 << 21  # largest per-chunk intermediate (elements) of the PyTorch parts (CPU:
+CHUNK_ELEMS_GPU = 1 << 27  # cache-sized; on a GPU, where each chunk costs launches: 512 MiB fp32)
 _BACKENDS = ("auto", "triton", "torch")
 
 
@@ -183,8 +184,9 @@ def stream_torch(s, g, d, ids, lora_B, rot_up, beta):
 
 # ---- chunked evaluation with recompute ---------------------------------------------------------
 
-def _chunks(T, per_token):
-    step = max(1, CHUNK_ELEMS // max(1, per_token))
+def _chunks(T, per_token, device):
+    big = device.type == "cuda" or CUDA_GEMMS
+    step = max(1, (CHUNK_ELEMS_GPU if big else CHUNK_ELEMS) // max(1, per_token))
     return [(i, min(i + step, T)) for i in range(0, T, step)]
 
 
@@ -335,7 +337,7 @@ def _setup(x, lora_A, lora_B, rot_down, ids, scaling, backend, s_all=None):
     T, K, r = s.shape
     E, _, out = lora_B.shape
     rg = rot_down.shape[1] if rot_down is not None else 0
-    chunks = _chunks(T, _per_token_elems(K, r, out, E, rg, ids, rot_down is not None))
+    chunks = _chunks(T, _per_token_elems(K, r, out, E, rg, ids, rot_down is not None), x.device)
     return ct, s_all, s, T, K, E, out, rg, chunks
 
 
