@@ -68,6 +68,35 @@ def correctness(device, quick, log):
     return results
 
 
+def determinism(device, log):
+    """Bitwise-equal outputs and gradients over two runs (no atomics): a property only a GPU's
+    parallel programs can break."""
+    import torch
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from helpers import make_problem, run_with_grads
+    from lora_helpers import lora_run, make_lora_problem
+    from radargate_kernels import radar_gate, radar_gate_lora
+    results = []
+    for ids in (False, True):
+        p = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+             for k, v in make_problem(512, 8, 256, 8, bias=True, ids=ids, seed=1).items()}
+        dy = torch.randn(512, 256, device=device)
+
+        def op():
+            a, b = (run_with_grads(radar_gate, p, dy, backend="triton") for _ in range(2))
+            assert torch.equal(a[0], b[0]) and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+        results.append(_run(f"radar_gate bitwise deterministic (ids={ids})", op, log))
+        q = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+             for k, v in make_lora_problem(512, 3 if ids else 8, 64, 256, 8, 8, ids=ids,
+                                           bias=True, seed=2).items()}
+
+        def lora():
+            a, b = (lora_run(radar_gate_lora, q, dy, backend="triton") for _ in range(2))
+            assert torch.equal(a[0], b[0]) and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+        results.append(_run(f"radar_gate_lora bitwise deterministic (ids={ids})", lora, log))
+    return results
+
+
 def _run(name, check, log):
     try:
         check()
@@ -197,6 +226,7 @@ def main(argv=None):
     results = correctness(args.device, args.quick, print)
     rows = []
     if args.device == "cuda":
+        results += determinism(args.device, print)
         print("timings (triton.testing.do_bench)")
         rows = timings(print)
     report(args.out, meta, results, rows, time.time() - t0)

@@ -134,13 +134,16 @@ def test_non_contiguous_inputs_and_leading_dims(backend):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_gradients_are_bitwise_deterministic_and_inputs_unchanged(backend):
+    # (determinism checked on the PyTorch path, whose CPU kernels run threaded; the Triton
+    # kernels in the serial interpreter could not fail it: benchmarks/gpu_check.py on a GPU)
     prob, dy = _problem(CASES[4], torch.float32, "det")
     before = {k: v.clone() for k, v in prob.items() if isinstance(v, torch.Tensor)}
     y1, g1 = lora_run(radar_gate_lora, prob, dy, backend=backend)
-    y2, g2 = lora_run(radar_gate_lora, prob, dy, backend=backend)
-    assert torch.equal(y1, y2)
-    for n in g1:
-        assert torch.equal(g1[n], g2[n]), n
+    if backend == "torch":
+        y2, g2 = lora_run(radar_gate_lora, prob, dy, backend=backend)
+        assert torch.equal(y1, y2)
+        for n in g1:
+            assert torch.equal(g1[n], g2[n]), n
     for k, v in before.items():
         assert torch.equal(prob[k], v), f"{k} was modified"
 

@@ -1,28 +1,12 @@
-"""torch integration of the Triton path: determinism, torch.compile, torch.library.opcheck."""
+"""torch integration of the Triton path: torch.compile, torch.library.opcheck. (Bitwise
+determinism of the kernels cannot be tested in the serial interpreter: benchmarks/gpu_check.py
+checks it on a GPU.)"""
 import pytest
 import torch
 
 import radargate_kernels  # noqa: F401  (registers torch.ops.radargate.*)
 from radargate_kernels import RadarGateFunction, radar_gate
 from helpers import make_problem, run_with_grads
-
-
-@pytest.mark.parametrize("T,K,D,bias,ids", [(37, 8, 64, True, True), (9, 3, 130, False, False)])
-def test_gradients_are_bitwise_deterministic(T, K, D, bias, ids):
-    p = make_problem(T, K, D, 4, bias=bias, ids=ids, seed=T)
-    dy = torch.randn(T, D)
-    y1, g1 = run_with_grads(radar_gate, p, dy, backend="triton")
-    y2, g2 = run_with_grads(radar_gate, p, dy, backend="triton")
-    assert torch.equal(y1, y2)
-    for name in g1:
-        assert torch.equal(g1[name], g2[name]), name
-
-
-def test_autograd_function_matches_radar_gate():
-    p = make_problem(5, 3, 10, 2, bias=True, ids=True, seed=1)
-    y = RadarGateFunction.apply(p["expert_out"], p["weights"], p["rot_down"], p["rot_up"],
-                                p["angle_bias"], p["expert_ids"], p["tau"], 1e-6)
-    torch.testing.assert_close(y, radar_gate(**p, backend="triton"), rtol=0, atol=0)
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
