@@ -133,6 +133,13 @@ def planned_launches(family, shape, dtype_name):
     for need in ((True, True, True), (False, True, False), (True, False, False)):
         out += L.plan_stream_backward(torch.empty((T, D), dtype=dt), s_all[0], g, s_all[1], ids,
                                       lb, U, beta, need)[0]
+    if L.relation_fits(K, Ex, r):
+        P, Q = torch.empty((Ex, r, Ex, r)), torch.empty((Ex, r, rg))
+        out += L.plan_lora_relation(s_all[0], ids, P, Q, 1.0, 1e-6, dt)[0]
+        split = torch.empty((T, 2 * Ex * r), dtype=dt) if dt == torch.bfloat16 else None
+        out += L.plan_lora_relation_backward(s_all[0], ids, P, Q, torch.empty((T, K, rg)),
+                                             torch.empty((T, K, r)), 1.0, 1e-6, dt, 1.0,
+                                             split)[0]
     return out
 
 
@@ -190,7 +197,7 @@ def plan_jobs(quick: bool, archs, dtypes=DTYPES, families=("op", "lora")):
                                          index=i, kernel=launch.kernel.fn.__name__, fast=fast,
                                          config=" ".join(f"{k}={m[k]}" for k in
                                                          ("BT", "SK", "BH", "RP", "RGP", "FE",
-                                                          "KP") if k in m)))
+                                                          "F", "KP") if k in m)))
     return jobs
 
 

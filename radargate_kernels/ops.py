@@ -158,8 +158,9 @@ def radar_gate(expert_out, weights, rot_down, rot_up, angle_bias=None, expert_id
     V = expert_out.reshape(-1, K, D)
     g = weights.reshape(-1, K)
     # every integer dtype means indices (a uint8 tensor must not index as a mask): int64 on
-    # every path
-    ids = expert_ids.reshape(-1, K).long() if expert_ids is not None else None
+    # every path; without angle_bias the ids pick nothing (SPEC step 4), so none go further
+    ids = expert_ids.reshape(-1, K).long() \
+        if expert_ids is not None and angle_bias is not None else None
     if which == "torch":
         if compiling or V.device.type != "cpu":
             # under torch.compile (inductor fuses it) and on devices without Triton kernels

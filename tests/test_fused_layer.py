@@ -1,5 +1,7 @@
 """RadarGateLoRALinear's fused path (radar_gate_lora) against its materialized path, and what it
 saves for backward (the point of the fused layer)."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -64,7 +66,8 @@ def test_fused_layer_with_dropout_matches_materialized_under_the_same_seed():
 @pytest.mark.parametrize("top_k, E", [(None, 8), (2, 8), (None, 40)], ids=["E8", "E8top2", "E40"])
 def test_fused_layer_saves_at_most_1_3x_one_plain_lora(top_k, E):
     # the issue's shape: T = 2048, in = out = 1024, rank 8, fp32, non-zero lora_B and rot_up;
-    # PyTorch path (what is saved does not depend on the backend: same setup_context)
+    # measured on the PyTorch path; the Triton path saves what _saved_shapes says for it (s of
+    # every expert and P, Q instead of the slots' s): its total is checked from those shapes
     T, d = 2048, 1024
     torch.manual_seed(0)
     x = torch.randn(T, d, requires_grad=True)  # a layer inside a network: dx is needed
@@ -86,6 +89,13 @@ def test_fused_layer_saves_at_most_1_3x_one_plain_lora(top_k, E):
         lora_mod._resolve_backend = orig
     assert plain["total"] > 12 * 2 ** 20  # x, W, and the two small LoRA tensors: 12.1 MiB
     assert fused["total"] <= 1.3 * plain["total"], (fused, plain)
+    # the Triton path: the same minus the PyTorch path's low-rank tensors plus its own
+    K = top_k or E
+    args = (lora_mod.save_lowrank(None, x, layer.lora_A, K, 8), x, layer.lora_A, K, 8, True)
+    size = lambda shapes: sum(4 * math.prod(s) for s in shapes if s is not None)  # noqa: E731
+    triton_total = (fused["total"] - size(lora_mod._saved_shapes(*args, "torch"))
+                    + size(lora_mod._saved_shapes(*args, "triton")))
+    assert triton_total <= 1.3 * plain["total"], (triton_total, plain)
     # nothing of size T x K x out (s [T, K, r] and d [T, K, rg] are kept only while small:
     # E = 8 dense and top-2 here, not E = 40: lora.save_lowrank)
     assert fused["largest"] <= T * d * 4

@@ -99,8 +99,10 @@ def settings(kind: str, K: int, r: int, rg: int, E: int, has_ids: bool,
         cfg = dict(BT=16, SK=SK, FE=FE, BH_FWD=16 if wide_dots and RP > 16 else 32,
                    BH_ROWS=16 if wide_dots or RP > 16 else 32,
                    BH_COLS=32 if RP <= 16 and not wide_dots else 16, BH_REL=0)
-    cfg.update(KP=KP, RP=RP, RGP=RGP, EP=EP, R=R, F=pow2(E) * RP, BT_REL=max(1, 32 // KP), WARPS=8, WARPS_REL=16 if KP > 32 else 8,
-               STAGES=1)
+    F = pow2(E) * RP  # the fused relation's lanes, read in chunks of FC
+    # (the backward's dP in column chunks of FP: a [128, 128] accumulator spilled)
+    cfg.update(KP=KP, RP=RP, RGP=RGP, EP=EP, R=R, F=F, FC=min(F, max(16, RP)), FP=min(F, 64),
+               BT_REL=max(1, 32 // KP), WARPS=8, WARPS_REL=16 if KP > 32 else 8, STAGES=1)
     return cfg
 
 
@@ -170,15 +172,11 @@ def _stream_args(T, K, h, r, rg, E, V, S, LB, g, d, U, beta, ids):
          *_strides(ids, 2))
 
 
-def _ids_bound(E, beta):
-    """radar_gate's ids only pick angle_bias rows: without it any id >= 0 is a slot."""
-    return E if beta is not None else 2 ** 31 - 1
-
-
 # ---- radar_gate --------------------------------------------------------------------------------
 
 def plan_forward(V, g, A, B, beta, ids, tau: float, eps: float):
-    """-> (launches, (y, n, C, rho, z, d))."""
+    """-> (launches, (y, n, C, rho, z, d)). ids only pick rows of beta (none without it)."""
+    ids = ids if beta is not None else None
     T, K, D = V.shape
     h, r = D // 2, A.shape[1]
     E = beta.shape[0] if beta is not None else K
@@ -197,7 +195,7 @@ def plan_forward(V, g, A, B, beta, ids, tau: float, eps: float):
                  dict(KP=cfg["KP"], BT=cfg["BT"], BH=cfg["BH_REL"], RP=cfg["RP"],
                       PREC="ieee" if prec == "ieee" else "tf32",
                       ACC=acc, num_warps=cfg["WARPS_REL"], num_stages=cfg["STAGES"]))
-    ptrs, sizes, strides = _stream_args(T, K, h, r, r, _ids_bound(E, beta), V, None, None, g, d,
+    ptrs, sizes, strides = _stream_args(T, K, h, r, r, E, V, None, None, g, d,
                                         B, beta, ids)
     fwd = Launch(stream_fwd_kernel, (nb, triton.cdiv(h, cfg["BH_FWD"])),
                  (*ptrs, y, *sizes, *strides),
@@ -216,6 +214,7 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
                   need=(True, True, True)):
     """need = (dA, dB, dbeta). -> (launches, finish) where finish() returns
     (dV, dg, dA, dB, dbeta) once the launches ran (the partial sums happen there)."""
+    ids = ids if beta is not None else None
     T, K, D = V.shape
     h, r = D // 2, A.shape[1]
     E = beta.shape[0] if beta is not None else K
@@ -226,7 +225,7 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
     dg, dd = g.new_empty((T, K), dtype=V.dtype), V.new_empty((T, K, r), dtype=sd)
     M, dZ = V.new_empty((T, K, K), dtype=sd), V.new_empty((T, K, r), dtype=sd)
     dV = V.new_empty((T, K, D))
-    ptrs, sizes, strides = _stream_args(T, K, h, r, r, _ids_bound(E, beta), V, None, None, g, d,
+    ptrs, sizes, strides = _stream_args(T, K, h, r, r, E, V, None, None, g, d,
                                         B, beta, ids)
     flags = dict(V_FROM_S=False, HAS_IDS=ids is not None, HAS_BETA=beta is not None)
     rows = Launch(stream_bwd_rows_kernel, (nb,),
@@ -371,9 +370,12 @@ def _relation_common(s_all, ids, P, Q, input_dtype):
     rg = Q.shape[-1]
     cfg = settings("lora", K, r, rg, E, ids is not None, input_dtype)
     acc, prec, _, _ = precision(input_dtype)
-    if input_dtype == torch.float16:
-        prec = "tf32x3"  # cosines from P and W, both computed: fp16's outputs need more than tf32
-    meta = dict(KP=cfg["KP"], BT=cfg["BT_REL"], F=cfg["F"], RP=cfg["RP"], RGP=cfg["RGP"],
+    if prec == "tf32":
+        # P, W and Q are computed fp32 values: tf32 products lost 2^-11 of the angles, visible in
+        # a bf16 y at large angles; three tf32 products keep fp32's accuracy
+        prec = "tf32x3"
+    meta = dict(KP=cfg["KP"], BT=cfg["BT_REL"], F=cfg["F"], FC=cfg["FC"], RP=cfg["RP"],
+                RGP=cfg["RGP"],
                 HAS_IDS=ids is not None, PREC=prec, ACC=acc, num_warps=8)
     ptrs = (s_all, ids if ids is not None else s_all, P.reshape(E * r, E * r).contiguous(),
             Q.reshape(E * r, rg).contiguous())
@@ -402,13 +404,13 @@ def plan_lora_relation_backward(s_all, ids, P, Q, dd, ds, tau: float, eps: float
     finish() -> (dP, dQ) summed over the program groups' partials."""
     T, K, E, r, rg, cfg, meta, ptrs, s_ids = _relation_common(s_all, ids, P, Q, input_dtype)
     nb = triton.cdiv(T, meta["BT"])
-    G = token_groups(nb, 1, s_all.device, per_sm=1)  # a [F, F] partial each: few
-    F, RGP = cfg["F"], cfg["RGP"]
+    F, FP, RGP = cfg["F"], cfg["FP"], cfg["RGP"]
+    G = token_groups(nb, F // FP, s_all.device, per_sm=1)  # a [F, F] partial each: few
     pp, pq = s_all.new_empty((G, F, F)), s_all.new_empty((G, F, RGP))
-    launch = Launch(lora_relation_bwd_kernel, (G,),
+    launch = Launch(lora_relation_bwd_kernel, (G, F // FP),
                     (*ptrs, dd, ds, split if split is not None else ds, pp, pq, T, K, E, r, rg,
                      *s_ids, nb, 1.0 / tau, eps, float(scale)),
-                    dict(meta, SPLIT=split is not None))
+                    dict(meta, FP=FP, SPLIT=split is not None))
 
     def finish():
         RP = cfg["RP"]

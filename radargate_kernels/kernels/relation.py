@@ -66,8 +66,15 @@ def chain_backward(dd, z, n, C, rho, same, off, K, tau_inv, eps, BT: tl.constexp
 
 @triton.jit
 def pow2_below(m):
-    """A power of two within a factor of two of m > 0 (1 where m is 0): scaling by it is exact."""
-    return tl.where(m > 0, tl.exp2(tl.floor(tl.log2(tl.where(m > 0, m, 1.0)))), 1.0)
+    """The power of two at or below m > 0 (its exponent field; 2^-126 or 2^-1022 for a subnormal
+    m, 1 where m is 0): scaling by it is exact."""
+    if m.dtype == tl.float64:
+        ex = (m.to(tl.int64, bitcast=True) >> 52) & 0x7FF
+        p = (tl.maximum(ex, 1) << 52).to(tl.float64, bitcast=True)
+    else:
+        ex = (m.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        p = (tl.maximum(ex, 1) << 23).to(tl.float32, bitcast=True)
+    return tl.where(m > 0, p, 1.0)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -152,77 +159,128 @@ def op_relation_bwd_kernel(
 # Gram = W P_flat W^T and z = S Q_flat are plain dots (W = s / m, m a power of two near max |s|).
 
 @triton.jit
-def in_lanes(x, e, F: tl.constexpr, RP: tl.constexpr):
-    """Rows x [R, RP] placed in their experts' lanes -> ([R, F], own lanes [R, F])."""
+def in_lanes(x, e, c0, FC: tl.constexpr, RP: tl.constexpr):
+    """Rows x [R, RP] placed in their experts' lanes, lanes c0 .. c0 + FC (c0 a multiple of RP)
+    -> ([R, FC], own lanes [R, FC])."""
     R: tl.constexpr = x.shape[0]
-    lanes = tl.reshape(tl.broadcast_to(x[:, None, :], (R, F // RP, RP)), (R, F))
-    own = (tl.arange(0, F) // RP)[None, :] == e[:, None]
+    lanes = tl.reshape(tl.broadcast_to(x[:, None, :], (R, FC // RP, RP)), (R, FC))
+    own = ((c0 + tl.arange(0, FC)) // RP)[None, :] == e[:, None]
     return tl.where(own, lanes, 0.0), own
 
 
 @triton.jit
 def of_lanes(x, own, RP: tl.constexpr):
-    """[R, F] lanes -> [R, RP]: each row's own expert's lanes (a select, nothing multiplied)."""
+    """[R, FC] lanes -> [R, RP]: each row's own expert's lanes (a select, nothing multiplied)."""
     R: tl.constexpr = x.shape[0]
-    F: tl.constexpr = x.shape[1]
-    return tl.sum(tl.reshape(tl.where(own, x, 0.0), (R, F // RP, RP)), axis=1)
+    FC: tl.constexpr = x.shape[1]
+    return tl.sum(tl.reshape(tl.where(own, x, 0.0), (R, FC // RP, RP)), axis=1)
 
 
 @triton.jit
-def factor_tiles(PF, QF, E, r, rg, F: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr,
-                 ACC: tl.constexpr):
-    """P_flat [E r, E r] and Q_flat [E r, rg] in the lane layout, non-finite entries zeroed, and
-    the lanes whose row of P or Q has one -> (P [F, F], Q [F, RGP], bad lanes [F])."""
+def lanes(c0, FC: tl.constexpr, E, r, RP: tl.constexpr):
+    """Lanes c0 .. c0 + FC -> (their rows of a flat factor [E r, ...], whether they are real)."""
+    ln = c0 + tl.arange(0, FC)
+    return (ln // RP) * r + ln % RP, (ln // RP < E) & (ln % RP < r)
+
+
+@triton.jit
+def lane_tile(PTR, width, c0, FC: tl.constexpr, cols, col_on, E, r, RP: tl.constexpr,
+              ACC: tl.constexpr):
+    """Rows of lanes c0 .. c0 + FC of a flat factor [E r, width] (P_flat or Q_flat), columns
+    ``cols``, non-finite entries zeroed -> [FC, len(cols)]."""
+    flat, on = lanes(c0, FC, E, r, RP)
+    x = tl.load(PTR + flat[:, None] * width + cols[None, :], mask=on[:, None] & col_on[None, :],
+                other=0.0).to(ACC)
+    return tl.where(non_finite(x), 0.0, x)
+
+
+@triton.jit
+def bad_lanes(PF, QF, E, r, rg, F: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr):
+    """Lanes of the experts whose B holds a non-finite value [F]: a non-finite entry in the
+    expert's own block of P (B_e B_e^T, every row of it then has one) or its rows of Q. (A cross
+    block P[e, f] is non-finite when either B is: it does not tell which.)"""
     ln = tl.arange(0, F)
-    flat = (ln // RP) * r + ln % RP
-    on = (ln // RP < E) & (ln % RP < r)
+    aa = tl.arange(0, RP)
     gg = tl.arange(0, RGP)
-    P = tl.load(PF + flat[:, None] * (E * r) + flat[None, :], mask=on[:, None] & on[None, :],
-                other=0.0).to(ACC)
-    Q = tl.load(QF + flat[:, None] * rg + gg[None, :], mask=on[:, None] & (gg < rg)[None, :],
-                other=0.0).to(ACC)
-    bad = (tl.max(non_finite(P).to(tl.int32), axis=1) + tl.max(non_finite(Q).to(tl.int32),
-                                                                  axis=1)) > 0
-    return tl.where(non_finite(P), 0.0, P), tl.where(non_finite(Q), 0.0, Q), bad
+    flat, on = lanes(0, F, E, r, RP)
+    pd = tl.load(PF + flat[:, None] * (E * r) + ((ln // RP) * r)[:, None] + aa[None, :],
+                 mask=on[:, None] & (aa < r)[None, :], other=0.0)
+    q = tl.load(QF + flat[:, None] * rg + gg[None, :], mask=on[:, None] & (gg < rg)[None, :],
+                other=0.0)
+    return (tl.max(non_finite(pd).to(tl.int32), axis=1)
+            + tl.max(non_finite(q).to(tl.int32), axis=1)) > 0
 
 
 @triton.jit
-def lowrank_relation(S, IDS, P, Q, bad_lane, blk, T, K, E, r, s_it, s_ik, tau_inv, eps,
-                     KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, RP: tl.constexpr,
-                     HAS_IDS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    """SPEC steps 1-3 for token block ``blk`` from s_all [T, E, r] -> the rows, the lane tiles
-    (S_x, W = S_x / m, own), m, z and the relation (n, C, rho, same, off)."""
+def lowrank_relation(S, IDS, PF, QF, bad_lane, blk, T, K, E, r, rg, s_it, s_ik, tau_inv, eps,
+                     KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, FC: tl.constexpr,
+                     RP: tl.constexpr, RGP: tl.constexpr, HAS_IDS: tl.constexpr,
+                     PREC: tl.constexpr, ACC: tl.constexpr):
+    """SPEC steps 1-3 for token block ``blk`` from s_all [T, E, r] -> the rows, s [R, RP], m
+    (a power of two near max |s|), z and the relation (n, C, rho, same, off).
+    P and Q are read in chunks of FC lanes (from L2): whole [128, 128] tiles spilled."""
     tok, slot, valid = block_rows(blk, 0, T, K, BT, KP)
     e = expert_of(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
     valid = e >= 0
     rr = tl.arange(0, RP)
+    gg = tl.arange(0, RGP)
     s = tl.load(S + (tok * E + e)[:, None] * r + rr[None, :],
                 mask=valid[:, None] & (rr < r)[None, :], other=0.0).to(ACC)
     m = pow2_below(tl.max(tl.abs(s), axis=1))
-    sx, own = in_lanes(s, e, F, RP)
-    w = sx / m[:, None]
-    gram = mm(mm(w, P, PREC), tl.trans(w), PREC)
-    z = mm(sx, Q, PREC)
+    w, own = in_lanes(s / m[:, None], e, 0, F, RP)
+    R: tl.constexpr = BT * KP
+    # W P (rows [R, F]) and z = S_x Q, one expert's rows of P and Q at a time ([RP, F] and
+    # [RP, RGP] tiles: whole [F, F] ones spilled at F = 128); experts without rows skipped
+    wp = tl.zeros((R, F), dtype=ACC)
+    z = tl.zeros((R, RGP), dtype=ACC)
+    fl, on = lanes(0, F, E, r, RP)
+    for ex in range(E):
+        mine = (e == ex)[:, None]
+        if tl.max(mine.to(tl.int32)) > 0:
+            se = tl.where(mine, s, 0.0)
+            wp += mm(se / m[:, None], lane_tile(PF, E * r, ex * RP, RP, fl, on, E, r, RP, ACC),
+                     PREC)
+            z += mm(se, lane_tile(QF, rg, ex * RP, RP, gg, gg < rg, E, r, RP, ACC), PREC)
+    gram = mm(wp, tl.trans(w), PREC)
     # a row of an expert whose B (hence P, Q) holds a non-finite value: non-finite, as its v
     row_bad = tl.sum((own & bad_lane[None, :]).to(tl.int32), axis=1) > 0
     gram = tl.where(row_bad[:, None] | row_bad[None, :], float("nan"), gram)
     z = tl.where(row_bad[:, None], float("nan"), z)
     n, C, rho, same, off = cosines_softmax(gram, m, valid, tau_inv, eps, KP)
-    return tok, slot, valid, e, sx, w, own, m, z, n, C, rho, same, off
+    return tok, slot, valid, e, s, m, z, n, C, rho, same, off
+
+
+@triton.jit
+def store_ds(DS, DSPLIT, ds, tok, row, valid, e, T, E, r, BT: tl.constexpr, KP: tl.constexpr,
+             F: tl.constexpr, RP: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr):
+    """ds [R, RP] to DS [T, K, r], or with SPLIT each token's rows added up per expert (slots
+    to experts: own lanes, a select) as bf16 hi and lo parts in DSPLIT [T, 2, E r]."""
+    if SPLIT:
+        x = tl.sum(tl.reshape(in_lanes(ds, e, 0, F, RP)[0], (BT, KP, F)), axis=1)  # [BT, F]
+        hi = x.to(tl.bfloat16)
+        lo = (x - hi.to(ACC)).to(tl.bfloat16)
+        tb = tl.max(tl.reshape(tok, (BT, KP)), axis=1)
+        flat, on = lanes(0, F, E, r, RP)
+        at = tb[:, None] * (2 * E * r) + flat[None, :]
+        keep = (tb < T)[:, None] & on[None, :]
+        tl.store(DSPLIT + at, hi, mask=keep)
+        tl.store(DSPLIT + at + E * r, lo, mask=keep)
+    else:
+        store_rows(DS, ds, row, valid, r, RP)
 
 
 @triton.jit(do_not_specialize=["T"])
 def lora_relation_fwd_kernel(
     S, IDS, PF, QF, DCTX,
     T, K, E, r, rg, s_it, s_ik, tau_inv, eps,
-    KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr,
-    HAS_IDS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, RP: tl.constexpr,
+    RGP: tl.constexpr, HAS_IDS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """d [T, K, rg] = rho z - z (0 when K = 1) for one token block (grid: token blocks)."""
-    P, Q, bad = factor_tiles(PF, QF, E, r, rg, F, RP, RGP, ACC)
-    tok, slot, valid, e, sx, w, own, m, z, n, C, rho, same, off = lowrank_relation(
-        S, IDS, P, Q, bad, tl.program_id(0), T, K, E, r, s_it, s_ik, tau_inv, eps, KP, BT, F,
-        RP, HAS_IDS, PREC, ACC)
+    bad = bad_lanes(PF, QF, E, r, rg, F, RP, RGP)
+    tok, slot, valid, e, s, m, z, n, C, rho, same, off = lowrank_relation(
+        S, IDS, PF, QF, bad, tl.program_id(0), T, K, E, r, rg, s_it, s_ik, tau_inv, eps, KP, BT,
+        F, FC, RP, RGP, HAS_IDS, PREC, ACC)
     d = mm(rho, other_tokens_safe(z, BT), "ieee") - z
     store_rows(DCTX, tl.where(K > 1, d, 0.0 * z), tok * K + slot, valid, rg, RGP)
 
@@ -231,31 +289,35 @@ def lora_relation_fwd_kernel(
 def lora_relation_bwd_kernel(
     S, IDS, PF, QF, DD, DS, DSPLIT, PP, PQ,
     T, K, E, r, rg, s_it, s_ik, n_blocks, tau_inv, eps, scale,
-    KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr,
-    HAS_IDS: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, FP: tl.constexpr,
+    RP: tl.constexpr, RGP: tl.constexpr, HAS_IDS: tl.constexpr, SPLIT: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Backward of lora_relation_fwd_kernel over token blocks p, p + G, ... (grid: G groups):
+    """Backward of lora_relation_fwd_kernel over token blocks p, p + G, ... (grid: G groups x
+    F / FP column chunks of dP, each recomputing the relation; the first also does ds and dQ):
     from dd [T, K, rg], adds the relation part to ds (DS [T, K, r] holds the streaming part)
     and stores ``scale * ds`` back, or with SPLIT, each token's ``scale * ds`` added up per expert
     (slots to experts) as bf16 hi and lo parts in DSPLIT [T, 2, E r] (hi + lo = the fp32 value to
     2^-17: the operand of one 16-bit GEMM each for dx and dA, lora.py); and this group's partials
-    of dP_flat (PP [G, F, F]) and dQ_flat (PQ [G, F, RGP]). A token
-    with a non-finite gradient puts NaN into exactly the entries of dP and dQ of its experts
-    (its terms are zeroed for the sums, a count of them marks those entries)."""
-    P, Q, bad = factor_tiles(PF, QF, E, r, rg, F, RP, RGP, ACC)
+    of dP_flat (PP [G, F, F], its FP columns) and dQ_flat (PQ [G, F, RGP]). A token with a non-finite gradient
+    has its terms zeroed for the sums and marks its experts' lanes: dP is NaN where both lanes
+    are marked, dQ on marked lanes (so dB is NaN for exactly the experts of such tokens).
+    """
+    bad = bad_lanes(PF, QF, E, r, rg, F, RP, RGP)
     ln = tl.arange(0, F)
     gg = tl.arange(0, RGP)
-    rr = tl.arange(0, RP)
-    acc_p = tl.zeros((F, F), dtype=ACC)
+    first = tl.program_id(1) == 0  # the column chunk that also does ds and dQ
+    c0p = tl.program_id(1) * FP  # this program's columns of dP: c0p .. c0p + FP
+    acc_p = tl.zeros((F, FP), dtype=ACC)
     acc_q = tl.zeros((F, RGP), dtype=ACC)
-    hits_p = tl.zeros((F, F), dtype=ACC)  # pairs of lanes with a non-finite term
-    hits_q = tl.zeros((F,), dtype=ACC)
+    hits = tl.zeros((F,), dtype=tl.int32)  # lanes reached by a token with a non-finite term
+    hits_c = tl.zeros((FP,), dtype=tl.int32)  # the same for this program's columns
     R: tl.constexpr = BT * KP
     ri = tl.arange(0, R)
     for blk in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
-        tok, slot, valid, e, sx, w, own, m, z, n, C, rho, same, off = lowrank_relation(
-            S, IDS, P, Q, bad, blk, T, K, E, r, s_it, s_ik, tau_inv, eps, KP, BT, F, RP,
-            HAS_IDS, PREC, ACC)
+        tok, slot, valid, e, s, m, z, n, C, rho, same, off = lowrank_relation(
+            S, IDS, PF, QF, bad, blk, T, K, E, r, rg, s_it, s_ik, tau_inv, eps, KP, BT, F, FC,
+            RP, RGP, HAS_IDS, PREC, ACC)
         row = tok * K + slot
         dd = load_rows(DD, row, valid, rg, RGP, ACC)
         S_, q, dz = chain_backward(dd, z, n, C, rho, same, off, K, tau_inv, eps, BT)
@@ -265,36 +327,38 @@ def lora_relation_bwd_kernel(
         dG = tl.where(same & (ri[:, None] != ri[None, :]), 0.5 * S_ * (qq[:, None] * qq[None, :]),
                       0.0)
         dG = tl.where(same & (ri[:, None] == ri[None, :]), -0.5 * (q * qq * qq)[:, None], dG)
-        # ds = (2 dG W P + dz Q^T) on the own lanes, / m for W = S_x / m
-        dGW = mm(dG, other_tokens_safe(w, BT), PREC)
-        ds = of_lanes(2.0 * mm(dGW, P, PREC) / m[:, None] + mm(dz, tl.trans(Q), PREC), own, RP)
-        ds = (load_rows(DS, row, valid, r, RP, ACC) + ds) * scale
-        if SPLIT:  # per token and expert (own lanes: a select), then bf16 hi + lo
-            x = tl.sum(tl.reshape(in_lanes(ds, e, F, RP)[0], (BT, KP, F)), axis=1)  # [BT, F]
-            hi = x.to(tl.bfloat16)
-            lo = (x - hi.to(ACC)).to(tl.bfloat16)
-            tb = tl.max(tl.reshape(tok, (BT, KP)), axis=1)
-            col = ((ln // RP) * r + ln % RP)[None, :]
-            m = (tb < T)[:, None] & ((ln // RP < E) & (ln % RP < r))[None, :]
-            off = tb[:, None] * (2 * E * r) + col
-            tl.store(DSPLIT + off, hi, mask=m)
-            tl.store(DSPLIT + off + E * r, lo, mask=m)
-        else:
-            store_rows(DS, ds, row, valid, r, RP)
-        # dP += W^T (dG W), dQ += S_x^T dz: rows of tokens with a non-finite term zeroed and
-        # counted at the lane pairs (own lanes of the token's rows) they would reach
-        tok_bad = tl.sum((same & (tl.max(non_finite(dGW).to(tl.int32), axis=1)
-                                  + tl.max(non_finite(dz).to(tl.int32), axis=1)
-                                  > 0)[None, :]).to(tl.int32), axis=1) > 0
+        w, own = in_lanes(s / m[:, None], e, 0, F, RP)  # W = S_x / m
+        if first:
+            # ds = (2 dG W P + dz Q^T) on the own lanes (/ m for W = S_x / m), in lane chunks
+            ds = load_rows(DS, row, valid, r, RP, ACC)
+            for c0 in range(0, F, FC):
+                fl, on = lanes(c0, FC, E, r, RP)
+                wp = mm(w, lane_tile(PF, E * r, 0, F, fl, on, E, r, RP, ACC), PREC)
+                ds += of_lanes(2.0 * mm(dG, other_tokens_safe(wp, BT), PREC) / m[:, None]
+                               + mm(dz, tl.trans(lane_tile(QF, rg, c0, FC, gg, gg < rg, E, r,
+                                                           RP, ACC)), PREC),
+                               in_lanes(s, e, c0, FC, RP)[1], RP)
+            store_ds(DS, DSPLIT, ds * scale, tok, row, valid, e, T, E, r, BT, KP, F, RP, SPLIT,
+                     ACC)
+        # dP[:, cp] += W^T (dG W[:, cp]), dQ += S_x^T dz: rows of tokens with a non-finite
+        # term zeroed, the lanes of their rows marked
+        row_nf = (tl.max(non_finite(dG).to(tl.int32), axis=1)
+                  + tl.max(non_finite(w).to(tl.int32), axis=1)
+                  + tl.max(non_finite(dz).to(tl.int32), axis=1)) > 0
+        tok_bad = tl.sum((same & row_nf[None, :]).to(tl.int32), axis=1) > 0
         ok = (~tok_bad)[:, None]
-        acc_p += mm(tl.trans(tl.where(ok, w, 0.0)), tl.where(ok, dGW, 0.0), PREC)
-        acc_q += mm(tl.trans(tl.where(ok, sx, 0.0)), tl.where(ok, dz, 0.0), PREC)
-        own_bad = (own & tok_bad[:, None]).to(ACC)
-        tok_lanes = mm(same.to(ACC), own_bad, PREC)  # a bad token's lanes, per row (0/1: exact)
-        hits_p += mm(tl.trans(own_bad), tok_lanes, PREC)
-        hits_q += tl.sum(own_bad, axis=0)
+        wc, own_c = in_lanes(s / m[:, None], e, c0p, FP, RP)
+        acc_p = tl.dot(tl.trans(tl.where(ok, w, 0.0)),
+                       mm(tl.where(ok, dG, 0.0), tl.where(ok, wc, 0.0), PREC),
+                       acc=acc_p, input_precision=PREC)
+        acc_q = tl.dot(tl.trans(tl.where(ok, w * m[:, None], 0.0)), tl.where(ok, dz, 0.0),
+                       acc=acc_q, input_precision=PREC)
+        hits += tl.sum((own & tok_bad[:, None]).to(tl.int32), axis=0)
+        hits_c += tl.sum((own_c & tok_bad[:, None]).to(tl.int32), axis=0)
     pid = tl.program_id(0).to(tl.int64)
-    tl.store(PP + pid * F * F + ln[:, None] * F + ln[None, :],
-             tl.where(hits_p > 0, float("nan"), acc_p))
-    tl.store(PQ + pid * F * RGP + ln[:, None] * RGP + gg[None, :],
-             tl.where(hits_q[:, None] > 0, float("nan"), acc_q))
+    hit = hits > 0
+    tl.store(PP + pid * F * F + ln[:, None] * F + (c0p + tl.arange(0, FP))[None, :],
+             tl.where(hit[:, None] & (hits_c > 0)[None, :], float("nan"), acc_p))
+    if first:
+        tl.store(PQ + pid * F * RGP + ln[:, None] * RGP + gg[None, :],
+                 tl.where(hit[:, None], float("nan"), acc_q))
