@@ -143,7 +143,15 @@ class _OneHotUp(torch.autograd.Function):
     def forward(ctx, s, ids, B):
         E, r, out = B.shape
         ctx.save_for_backward(s, ids, B)
-        return (_one_hot_up(s, ids, E) @ B.reshape(E * r, out)).view(*ids.shape, out)
+        Bf = B.reshape(E * r, out)
+        bad = ~torch.isfinite(Bf)
+        if not bad.any():
+            return (_one_hot_up(s, ids, E) @ Bf).view(*ids.shape, out)
+        # a non-finite entry of B_e reaches only the rows of expert e (0 * inf elsewhere): zeroed
+        # for the product, NaN put back at (row of expert e, column) as the gather gives
+        v = _one_hot_up(s, ids, E) @ Bf.masked_fill(bad, 0)
+        hit = _one_hot_up(torch.ones_like(s), ids, E) @ bad.to(v.dtype)
+        return v.masked_fill(hit > 0, float("nan")).view(*ids.shape, out)
 
     @staticmethod
     def backward(ctx, dv):

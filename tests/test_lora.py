@@ -283,6 +283,24 @@ def test_non_finite_token_reaches_only_the_experts_it_uses(bad, where, ids, back
     assert not bad, bad
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_non_finite_expert_weight_reaches_only_the_tokens_that_use_it(backend):
+    # NaN in one expert's B: the reference's gather gives it only to the tokens that select the
+    # expert. The kernels' Gram comes from P = B B^T, whose cross blocks with that expert are
+    # all non-finite, and the PyTorch path's one-hot GEMM has 0 * nan: neither may spread it
+    prob = make_lora_problem(6, 2, 8, 10, 4, 3, ids=True, bias=True, E_extra=6, seed=29)
+    e = int(prob["expert_ids"][0, 0])
+    prob["lora_B"] = prob["lora_B"].clone()
+    prob["lora_B"][e, 1, 3] = float("nan")
+    y_k = radar_gate_lora(**prob, backend=backend)
+    y_r = radar_gate_lora_reference(**prob)
+    users = (prob["expert_ids"] == e).any(1)
+    assert (~users).any() and torch.isfinite(y_r[~users]).all()
+    assert torch.equal(torch.isfinite(y_k), torch.isfinite(y_r))
+    fin = torch.isfinite(y_r)
+    torch.testing.assert_close(y_k[fin], y_r[fin], rtol=1e-5, atol=1e-5)
+
+
 SAVE_CASES = [CASES[0], CASES[3], CASES[4], CASES[6], CASES[7], CASES[9], CASES[10]]
 
 

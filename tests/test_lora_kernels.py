@@ -113,6 +113,17 @@ def test_relation_kernels_take_e_r_up_to_128_and_k_up_to_64():
     assert not L.relation_fits(8, 9, 16) and not L.relation_fits(65, 2, 8)
 
 
+@pytest.mark.parametrize("ids", [False, True], ids=["dense", "top_k"])
+def test_large_angles_keep_the_bf16_accuracy(ids):
+    # angles of tens of radians: d = rho z - z (the relation kernel) sets them, so its products
+    # need fp32's accuracy (in plain tf32, y missed the reference by ~0.1 max|y| in bf16)
+    from lora_helpers import check_lora_against_reference, make_lora_problem
+    prob = make_lora_problem(9, 4, 16, 64, 8, 8, dtype=torch.bfloat16, ids=ids, seed=23)
+    prob["rot_up"] = prob["rot_up"] * 30
+    dy = torch.randn(9, 64, generator=torch.Generator().manual_seed(24)).to(torch.bfloat16)
+    check_lora_against_reference(prob, dy, backend="triton")
+
+
 def _meta_plans(T, K, D, r, E, ids, lora_layer):
     """Every launch the launcher plans at T tokens, on meta tensors (nothing runs)."""
     dt = torch.bfloat16

@@ -11,7 +11,6 @@ stream_backward (2 launches). State tensors are in the compute dtype (fp32; fp64
 """
 from __future__ import annotations
 
-import os
 import threading
 
 import torch
@@ -35,8 +34,8 @@ ENABLE_FP_FUSION = True
 
 
 def interpreting() -> bool:
-    """True when the Triton interpreter runs the kernels (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when the Triton interpreter runs the kernels (TRITON_INTERPRET, as Triton reads it)."""
+    return bool(triton.knobs.runtime.interpret)
 
 
 def pow2(x: int) -> int:
@@ -99,9 +98,8 @@ def settings(kind: str, K: int, r: int, rg: int, E: int, has_ids: bool,
         cfg = dict(BT=16, SK=SK, FE=FE, BH_FWD=16 if wide_dots and RP > 16 else 32,
                    BH_ROWS=16 if wide_dots or RP > 16 else 32,
                    BH_COLS=32 if RP <= 16 and not wide_dots else 16, BH_REL=0)
-    F = pow2(E) * RP  # the fused relation's lanes, read in chunks of FC
-    # (the backward's dP in column chunks of FP: a [128, 128] accumulator spilled)
-    cfg.update(KP=KP, RP=RP, RGP=RGP, EP=EP, R=R, F=F, FC=min(F, max(16, RP)), FP=min(F, 64),
+    # the fused relation: 16 tokens per program (the M of its dots), F lanes per token
+    cfg.update(KP=KP, RP=RP, RGP=RGP, EP=EP, R=R, F=pow2(E) * RP, BT_LREL=16,
                BT_REL=max(1, 32 // KP), WARPS=8, WARPS_REL=16 if KP > 32 else 8, STAGES=1)
     return cfg
 
@@ -113,11 +111,15 @@ class Launch:
     def __init__(self, kernel, grid, args, meta):
         self.kernel, self.grid, self.args = kernel, tuple(grid), args
         self.meta = dict(meta, enable_fp_fusion=ENABLE_FP_FUSION)
-        if self.meta.get("num_warps", 4) <= 8 and not interpreting():
-            # without the bound ptxas capped 8-warp kernels at 128 registers and spilled
-            self.meta.setdefault("maxnreg", 255)
-        assert self.grid[0] < 2 ** 31 and all(g <= GRID_AXIS_MAX for g in self.grid[1:]), \
-            f"{kernel.__name__}: grid {self.grid} beyond CUDA's limits"
+        if not interpreting():
+            # the most registers a thread may have at one block per SM: without the bound ptxas
+            # capped 8-warp kernels at 128 registers, and a 16-warp one at 32, and spilled
+            self.meta.setdefault("maxnreg", min(255, 65536 // (32 * self.meta.get("num_warps",
+                                                                                  4))))
+        if not (self.grid[0] < 2 ** 31 and all(g <= GRID_AXIS_MAX for g in self.grid[1:])):
+            raise ValueError(f"{kernel.__name__}: grid {self.grid} is beyond CUDA's limits "
+                             f"(axis 0 < 2^31, axes 1 and 2 <= {GRID_AXIS_MAX}): too many "
+                             f"experts or tokens for one launch")
 
     def run(self):
         if 0 in self.grid:
@@ -299,15 +301,17 @@ def stream_forward(s_all, g, d, ids, lora_B, U, beta, out_dtype):
 
 
 def expert_rows(ids, T: int, K: int, E: int, device):
-    """With ids: the (t, k) rows sorted by expert, as flat rows t K + k (int32 [T K]), and where
-    each expert's rows start (int32 [E + 1]): device ops only (a stable sort and a search), no
-    host sync. Without ids slot k is expert k and the kernels compute its rows (None, None)."""
+    """With ids: the (t, k) rows sorted by expert, as flat rows t K + k ([T K]), and where each
+    expert's rows start ([E + 1]), int32 (int64 from 2^31 rows): device ops only (a stable sort
+    and a search), no host sync. Without ids slot k is expert k and the kernels compute its rows
+    (None, None)."""
     if ids is None:
         return None, None
     sorted_ids, order = torch.sort(ids.reshape(-1), stable=True)
     starts = torch.searchsorted(sorted_ids, torch.arange(E + 1, device=device,
                                                          dtype=sorted_ids.dtype))
-    return order.to(torch.int32), starts.to(torch.int32)
+    index = torch.int32 if T * K < 2 ** 31 else torch.int64
+    return order.to(index), starts.to(index)
 
 
 def plan_stream_backward(dy, s_all, g, d, ids, lora_B, U, beta, need=(True, True, True)):
@@ -370,13 +374,13 @@ def _relation_common(s_all, ids, P, Q, input_dtype):
     rg = Q.shape[-1]
     cfg = settings("lora", K, r, rg, E, ids is not None, input_dtype)
     acc, prec, _, _ = precision(input_dtype)
-    if prec == "tf32":
-        # P, W and Q are computed fp32 values: tf32 products lost 2^-11 of the angles, visible in
-        # a bf16 y at large angles; three tf32 products keep fp32's accuracy
-        prec = "tf32x3"
-    meta = dict(KP=cfg["KP"], BT=cfg["BT_REL"], F=cfg["F"], FC=cfg["FC"], RP=cfg["RP"],
-                RGP=cfg["RGP"],
-                HAS_IDS=ids is not None, PREC=prec, ACC=acc, num_warps=8)
+    # P, W and Q are computed fp32 values: in tf32 the forward lost 2^-11 of d, hence of the
+    # angles (visible in a bf16 y at large angles); three tf32 products keep fp32's accuracy.
+    # The backward's products only scale gradients: tf32 for bf16 (fp16's, 3 bits finer, missed
+    # the tolerance of dlora_A by 15% in tf32: three tf32 products)
+    meta = dict(KP=cfg["KP"], BT=cfg["BT_LREL"], F=cfg["F"], RP=cfg["RP"], RGP=cfg["RGP"],
+                HAS_IDS=ids is not None, PREC="tf32x3" if prec == "tf32" else prec, ACC=acc,
+                num_warps=4)
     ptrs = (s_all, ids if ids is not None else s_all, P.reshape(E * r, E * r).contiguous(),
             Q.reshape(E * r, rg).contiguous())
     s_ids = tuple(ids.stride()) if ids is not None else (0, 0)
@@ -404,13 +408,14 @@ def plan_lora_relation_backward(s_all, ids, P, Q, dd, ds, tau: float, eps: float
     finish() -> (dP, dQ) summed over the program groups' partials."""
     T, K, E, r, rg, cfg, meta, ptrs, s_ids = _relation_common(s_all, ids, P, Q, input_dtype)
     nb = triton.cdiv(T, meta["BT"])
-    F, FP, RGP = cfg["F"], cfg["FP"], cfg["RGP"]
-    G = token_groups(nb, F // FP, s_all.device, per_sm=1)  # a [F, F] partial each: few
+    F, RGP = cfg["F"], cfg["RGP"]
+    G = token_groups(nb, E, s_all.device, per_sm=1)  # a [F, F] partial each: few
     pp, pq = s_all.new_empty((G, F, F)), s_all.new_empty((G, F, RGP))
-    launch = Launch(lora_relation_bwd_kernel, (G, F // FP),
+    launch = Launch(lora_relation_bwd_kernel, (G, E),
                     (*ptrs, dd, ds, split if split is not None else ds, pp, pq, T, K, E, r, rg,
                      *s_ids, nb, 1.0 / tau, eps, float(scale)),
-                    dict(meta, FP=FP, SPLIT=split is not None))
+                    dict(meta, SPLIT=split is not None, num_warps=8,
+                         PREC="tf32" if input_dtype == torch.bfloat16 else meta["PREC"]))
 
     def finish():
         RP = cfg["RP"]

@@ -25,43 +25,49 @@ from .tile import (block_rows, expert_of, load_pairs, load_rows, load_tile, mm, 
 
 @triton.jit
 def same_token(valid, KP: tl.constexpr):
-    """Masks on the R x R tile: same token (both rows real), same token off the diagonal."""
+    """Masks on the R x R tile: same token (both rows real), same token off the diagonal, and
+    the diagonal."""
     ri = tl.arange(0, valid.shape[0])
     same = ((ri[:, None] // KP) == (ri[None, :] // KP)) & valid[:, None] & valid[None, :]
-    return same, same & (ri[:, None] != ri[None, :])
+    eye = ri[:, None] == ri[None, :]
+    return same, same & ~eye, same & eye
 
 
 @triton.jit
-def cosines_softmax(gram, m, valid, tau_inv, eps, KP: tl.constexpr):
-    """SPEC steps 1-2 from the block-diagonal Gram tile of the scaled rows v / m (m [R] > 0) ->
-    (n [R], C [R, R], rho [R, R], same, off): n = max(m |v / m|, eps),
+def swap_pairs(x):
+    """x_ji for x_ij on the last two axes."""
+    if len(x.shape) == 3:
+        return tl.permute(x, (0, 2, 1))
+    else:
+        return tl.trans(x)
+
+
+@triton.jit
+def cosines_softmax(gram, m, same, off, diag, tau_inv, eps):
+    """SPEC steps 1-2 on pair tiles (the last two axes are rows i, j; ``same``: one token's
+    pair of real rows, ``off`` without, ``diag`` with i = j) from the Gram matrix of the rows
+    scaled by m (> 0, a power of two) -> (n, C, rho): n = max(m |v / m|, eps),
     C_ij = gram_ij (m_i / n_i) (m_j / n_j), rho = softmax over j != i of C / tau."""
-    same, off = same_token(valid, KP)
-    ri = tl.arange(0, valid.shape[0])
-    n = tl.maximum(m * tl.sqrt(tl.sum(tl.where(ri[:, None] == ri[None, :], gram, 0.0), axis=1)),
-                   eps)
+    n = tl.maximum(m * tl.sqrt(tl.sum(tl.where(diag, gram, 0.0), axis=-1)), eps)
     q = m / n
-    C = tl.where(same, gram * (q[:, None] * q[None, :]), 0.0)
-    # softmax over j != i of C / tau (|C| <= 1, so exp(C / tau - max) needs the max only for
-    # small tau); rows without another slot (K = 1) give rho = 0
-    mx = tl.max(tl.where(off, C, -float("inf")), axis=1)
-    ex = tl.where(off, tl.exp((C - tl.where(mx == -float("inf"), 0.0, mx)[:, None]) * tau_inv),
-                  0.0)
-    den = tl.sum(ex, axis=1)
-    return n, C, ex / tl.where(den > 0, den, 1.0)[:, None], same, off
+    C = tl.where(same, gram * (tl.expand_dims(q, -1) * tl.expand_dims(q, -2)), 0.0)
+    # |C| <= 1, so exp(C / tau - max) needs the max only for small tau; a row without another
+    # slot (K = 1) gives rho = 0
+    mx = tl.max(tl.where(off, C, -float("inf")), axis=-1)
+    ex = tl.where(off, tl.exp((C - tl.expand_dims(tl.where(mx == -float("inf"), 0.0, mx), -1))
+                              * tau_inv), 0.0)
+    den = tl.sum(ex, axis=-1)
+    return n, C, ex / tl.expand_dims(tl.where(den > 0, den, 1.0), -1)
 
 
 @triton.jit
-def chain_backward(dd, z, n, C, rho, same, off, K, tau_inv, eps, BT: tl.constexpr):
-    """SPEC's backward from dd [R, RGP] through d = rho z - z, the softmax and the cosines ->
-    (S = dC + dC^T [R, R], q = <v^_i, dv^_i> = sum_j S_ij C_ij (0 where the eps floor holds),
-    dz = rho^T dd - dd [R, RGP], 0 when K = 1)."""
-    drho = tl.where(off, mm(dd, tl.trans(z), "ieee"), 0.0)  # row i of dd with row j of z
-    dC = tl.where(same, rho * (drho - tl.sum(rho * drho, axis=1)[:, None]) * tau_inv, 0.0)
-    S = dC + tl.trans(dC)
-    q = tl.where(n > eps, tl.sum(S * C, axis=1), 0.0)
-    dz = mm(tl.trans(rho), other_tokens_safe(dd, BT), "ieee") - dd
-    return S, q, tl.where(K > 1, dz, 0.0 * dd)  # d = 0 when K = 1: z gets no gradient
+def softmax_backward(drho, rho, C, n, same, tau_inv, eps):
+    """Backward of cosines_softmax from drho (0 off ``off``) -> (S = dC + dC^T, q_i =
+    <v^_i, dv^_i> = sum_j S_ij C_ij, 0 where the eps floor holds)."""
+    dC = tl.where(same, rho * (drho - tl.expand_dims(tl.sum(rho * drho, axis=-1), -1))
+                  * tau_inv, 0.0)
+    S = dC + swap_pairs(dC)
+    return S, tl.where(n > eps, tl.sum(S * C, axis=-1), 0.0)
 
 
 @triton.jit
@@ -113,7 +119,8 @@ def op_relation_fwd_kernel(
         v1, v2 = load_pairs(V, voff, cols, h, s_vd, valid[:, None] & (cols < h)[None, :], ACC)
         z += mm(v1, load_tile(A, cols, rr, h, r, s_ad, s_ar, ACC), PREC) \
             + mm(v2, load_tile(A, cols + h, rr, 2 * h, r, s_ad, s_ar, ACC), PREC)  # z = V A
-    n, C, rho, same, _ = cosines_softmax(gram, tl.where(m > 0, m, 1.0), valid, tau_inv, eps, KP)
+    same, off, diag = same_token(valid, KP)
+    n, C, rho = cosines_softmax(gram, tl.where(m > 0, m, 1.0), same, off, diag, tau_inv, eps)
     d = mm(rho, other_tokens_safe(z, BT), "ieee") - z  # (a non-finite z: its token's rho is too)
     d = tl.where(K > 1, d, 0.0 * z)  # SPEC: d = 0 when K = 1 (a NaN stays NaN)
     row = tok * K + slot
@@ -137,14 +144,18 @@ def op_relation_bwd_kernel(
     rr = tl.arange(0, RP)
     R: tl.constexpr = BT * KP
     ri = tl.arange(0, R)
-    same, off = same_token(valid, KP)
+    same, off, _ = same_token(valid, KP)
     kk = row[:, None] * K + (ri % KP)[None, :]
     n = tl.load(N + row, mask=valid, other=1.0).to(ACC)
     C = tl.load(CM + kk, mask=same, other=0.0).to(ACC)
     rho = tl.load(RHO + kk, mask=same, other=0.0).to(ACC)
     z = load_rows(Z, row, valid, r, RP, ACC)
     dd = load_rows(DD, row, valid, r, RP, ACC)
-    S, q, dz = chain_backward(dd, z, n, C, rho, same, off, K, tau_inv, eps, BT)
+    # through d = rho z - z: drho_ij = <dd_i, z_j>, dz = rho^T dd - dd (0 when K = 1)
+    S, q = softmax_backward(tl.where(off, mm(dd, tl.trans(z), "ieee"), 0.0), rho, C, n, same,
+                            tau_inv, eps)
+    dz = mm(tl.trans(rho), other_tokens_safe(dd, BT), "ieee") - dd
+    dz = tl.where(K > 1, dz, 0.0 * dd)
     inv = 1.0 / n
     Mt = S * inv[:, None] * inv[None, :]
     Mt = tl.where(ri[:, None] == ri[None, :], Mt - (q * inv * inv)[:, None], Mt)
@@ -153,28 +164,13 @@ def op_relation_bwd_kernel(
 
 
 # ---- the fused layer's relation part, from the low-rank s ---------------------------------------
-# With LoRA experts v = s B_e, so <v_i, v_j> = s_i P[e_i, e_j] s_j^T with P = B B^T and
-# z_i = s_i Q[e_i] with Q = B rot_down (torch GEMMs, lora.py). A row's s sits in its expert's
-# lanes of an [R, F] tile (F = E padded x RP: lane f RP + a holds element a of expert f's row), so
-# Gram = W P_flat W^T and z = S Q_flat are plain dots (W = s / m, m a power of two near max |s|).
-
-@triton.jit
-def in_lanes(x, e, c0, FC: tl.constexpr, RP: tl.constexpr):
-    """Rows x [R, RP] placed in their experts' lanes, lanes c0 .. c0 + FC (c0 a multiple of RP)
-    -> ([R, FC], own lanes [R, FC])."""
-    R: tl.constexpr = x.shape[0]
-    lanes = tl.reshape(tl.broadcast_to(x[:, None, :], (R, FC // RP, RP)), (R, FC))
-    own = ((c0 + tl.arange(0, FC)) // RP)[None, :] == e[:, None]
-    return tl.where(own, lanes, 0.0), own
-
-
-@triton.jit
-def of_lanes(x, own, RP: tl.constexpr):
-    """[R, FC] lanes -> [R, RP]: each row's own expert's lanes (a select, nothing multiplied)."""
-    R: tl.constexpr = x.shape[0]
-    FC: tl.constexpr = x.shape[1]
-    return tl.sum(tl.reshape(tl.where(own, x, 0.0), (R, FC // RP, RP)), axis=1)
-
+# With LoRA experts v = s B_e: <v_i, v_j> = s_i P[e_i, e_j] s_j^T with P = B B^T, and
+# z_i = s_i Q[e_i] with Q = B rot_down (torch GEMMs, lora.py). A program owns BT tokens; their
+# K x K matrices are [BT, KP, KP] tiles, so no product mixes tokens. Lanes: a token's s_all row
+# [E, r] as F = E padded x RP values (lane f: expert f // RP, element f % RP). For slot k,
+# u = w_k P[e_k, :] is one dot ([BT, RP] x [RP, F]); u times the token's lanes X (s_all / m per
+# expert row), summed per expert, is <w_k, w_e> under P for every expert e: the Gram row k is
+# that at each slot's expert. (W = s / m, m a power of two near max |s|: exact scaling.)
 
 @triton.jit
 def lanes(c0, FC: tl.constexpr, E, r, RP: tl.constexpr):
@@ -195,170 +191,288 @@ def lane_tile(PTR, width, c0, FC: tl.constexpr, cols, col_on, E, r, RP: tl.const
 
 
 @triton.jit
-def bad_lanes(PF, QF, E, r, rg, F: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr):
-    """Lanes of the experts whose B holds a non-finite value [F]: a non-finite entry in the
-    expert's own block of P (B_e B_e^T, every row of it then has one) or its rows of Q. (A cross
-    block P[e, f] is non-finite when either B is: it does not tell which.)"""
-    ln = tl.arange(0, F)
-    aa = tl.arange(0, RP)
-    gg = tl.arange(0, RGP)
-    flat, on = lanes(0, F, E, r, RP)
-    pd = tl.load(PF + flat[:, None] * (E * r) + ((ln // RP) * r)[:, None] + aa[None, :],
-                 mask=on[:, None] & (aa < r)[None, :], other=0.0)
-    q = tl.load(QF + flat[:, None] * rg + gg[None, :], mask=on[:, None] & (gg < rg)[None, :],
-                other=0.0)
-    return (tl.max(non_finite(pd).to(tl.int32), axis=1)
-            + tl.max(non_finite(q).to(tl.int32), axis=1)) > 0
+def bad_experts(PF, QF, E, r, rg, EL: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr):
+    """Experts whose B holds a non-finite value [EL]: a non-finite entry in the expert's own
+    block of P (B_e B_e^T) or its rows of Q. (A cross block P[e, f] is non-finite when either
+    B is: it does not tell which.)"""
+    ee = tl.arange(0, EL)[:, None, None]
+    aa = tl.arange(0, RP)[None, :, None]
+    bb = tl.arange(0, RP)[None, None, :]
+    gg = tl.arange(0, RGP)[None, None, :]
+    row = ee * r + aa
+    on = (ee < E) & (aa < r)
+    pd = tl.load(PF + row * (E * r) + ee * r + bb, mask=on & (bb < r), other=0.0)
+    q = tl.load(QF + row * rg + gg, mask=on & (gg < rg), other=0.0)
+    return (tl.max(tl.max(non_finite(pd).to(tl.int32), axis=2), axis=1)
+            + tl.max(tl.max(non_finite(q).to(tl.int32), axis=2), axis=1)) > 0
 
 
 @triton.jit
-def lowrank_relation(S, IDS, PF, QF, bad_lane, blk, T, K, E, r, rg, s_it, s_ik, tau_inv, eps,
-                     KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, FC: tl.constexpr,
-                     RP: tl.constexpr, RGP: tl.constexpr, HAS_IDS: tl.constexpr,
-                     PREC: tl.constexpr, ACC: tl.constexpr):
-    """SPEC steps 1-3 for token block ``blk`` from s_all [T, E, r] -> the rows, s [R, RP], m
-    (a power of two near max |s|), z and the relation (n, C, rho, same, off).
-    P and Q are read in chunks of FC lanes (from L2): whole [128, 128] tiles spilled."""
-    tok, slot, valid = block_rows(blk, 0, T, K, BT, KP)
-    e = expert_of(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
-    valid = e >= 0
-    rr = tl.arange(0, RP)
-    gg = tl.arange(0, RGP)
-    s = tl.load(S + (tok * E + e)[:, None] * r + rr[None, :],
-                mask=valid[:, None] & (rr < r)[None, :], other=0.0).to(ACC)
-    m = pow2_below(tl.max(tl.abs(s), axis=1))
-    w, own = in_lanes(s / m[:, None], e, 0, F, RP)
-    R: tl.constexpr = BT * KP
-    # W P (rows [R, F]) and z = S_x Q, one expert's rows of P and Q at a time ([RP, F] and
-    # [RP, RGP] tiles: whole [F, F] ones spilled at F = 128); experts without rows skipped
-    wp = tl.zeros((R, F), dtype=ACC)
-    z = tl.zeros((R, RGP), dtype=ACC)
-    fl, on = lanes(0, F, E, r, RP)
-    for ex in range(E):
-        mine = (e == ex)[:, None]
-        if tl.max(mine.to(tl.int32)) > 0:
-            se = tl.where(mine, s, 0.0)
-            wp += mm(se / m[:, None], lane_tile(PF, E * r, ex * RP, RP, fl, on, E, r, RP, ACC),
-                     PREC)
-            z += mm(se, lane_tile(QF, rg, ex * RP, RP, gg, gg < rg, E, r, RP, ACC), PREC)
-    gram = mm(wp, tl.trans(w), PREC)
-    # a row of an expert whose B (hence P, Q) holds a non-finite value: non-finite, as its v
-    row_bad = tl.sum((own & bad_lane[None, :]).to(tl.int32), axis=1) > 0
-    gram = tl.where(row_bad[:, None] | row_bad[None, :], float("nan"), gram)
-    z = tl.where(row_bad[:, None], float("nan"), z)
-    n, C, rho, same, off = cosines_softmax(gram, m, valid, tau_inv, eps, KP)
-    return tok, slot, valid, e, s, m, z, n, C, rho, same, off
+def at_slots(x, ex, EL: tl.constexpr):
+    """x [BT, EL] per expert -> [BT, KP] at each slot's expert ex [BT, KP] (a select)."""
+    el = tl.arange(0, EL)[None, None, :]
+    return tl.sum(tl.where(ex[:, :, None] == el, tl.expand_dims(x, 1), 0.0), axis=2)
 
 
 @triton.jit
-def store_ds(DS, DSPLIT, ds, tok, row, valid, e, T, E, r, BT: tl.constexpr, KP: tl.constexpr,
-             F: tl.constexpr, RP: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr):
-    """ds [R, RP] to DS [T, K, r], or with SPLIT each token's rows added up per expert (slots
-    to experts: own lanes, a select) as bf16 hi and lo parts in DSPLIT [T, 2, E r]."""
-    if SPLIT:
-        x = tl.sum(tl.reshape(in_lanes(ds, e, 0, F, RP)[0], (BT, KP, F)), axis=1)  # [BT, F]
-        hi = x.to(tl.bfloat16)
-        lo = (x - hi.to(ACC)).to(tl.bfloat16)
-        tb = tl.max(tl.reshape(tok, (BT, KP)), axis=1)
-        flat, on = lanes(0, F, E, r, RP)
-        at = tb[:, None] * (2 * E * r) + flat[None, :]
-        keep = (tb < T)[:, None] & on[None, :]
-        tl.store(DSPLIT + at, hi, mask=keep)
-        tl.store(DSPLIT + at + E * r, lo, mask=keep)
+def to_experts(x, ex, EL: tl.constexpr):
+    """x [BT, KP] per slot -> [BT, EL]: each expert's slots added up (ex [BT, KP], -1: none)."""
+    el = tl.arange(0, EL)[None, None, :]
+    return tl.sum(tl.where(ex[:, :, None] == el, x[:, :, None], 0.0), axis=1)
+
+
+@triton.jit
+def slot_col(x, k):
+    """Column k of x [BT, KP] or [BT, KP, N] -> [BT] or [BT, N]."""
+    kk = tl.arange(0, x.shape[1])
+    if len(x.shape) == 3:
+        return tl.sum(tl.where(kk[None, :, None] == k, x, 0), axis=1)
     else:
-        store_rows(DS, ds, row, valid, r, RP)
+        return tl.sum(tl.where(kk[None, :] == k, x, 0), axis=1)
+
+
+@triton.jit
+def put_slot(x, k, col):
+    """x [BT, KP(, N)] with column k set to col [BT(, N)]."""
+    kk = tl.arange(0, x.shape[1])
+    if len(x.shape) == 3:
+        return tl.where(kk[None, :, None] == k, col[:, None, :], x)
+    else:
+        return tl.where(kk[None, :] == k, col[:, None], x)
+
+
+@triton.jit
+def load_slots(PTR, t, T, K, n, KP: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr):
+    """[T, K, n] rows of tokens t -> [BT, KP, NP]."""
+    kk = tl.arange(0, KP)[None, :, None]
+    cc = tl.arange(0, NP)[None, None, :]
+    return tl.load(PTR + (t[:, None, None] * K + kk) * n + cc,
+                   mask=(t < T)[:, None, None] & (kk < K) & (cc < n), other=0.0).to(ACC)
+
+
+@triton.jit
+def slot_pairs(ex):
+    """Masks on [BT, KP, KP] from the slots' experts ex [BT, KP] (-1: no row): both rows real,
+    and the diagonal ([1, KP, KP])."""
+    valid = ex >= 0
+    kk = tl.arange(0, ex.shape[1])
+    return valid[:, :, None] & valid[:, None, :], (kk[:, None] == kk[None, :])[None, :, :]
+
+
+@triton.jit
+def lowrank_relation(S, IDS, PF, QF, bad, blk, T, K, E, r, rg, s_it, s_ik, tau_inv, eps,
+                     KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, RP: tl.constexpr,
+                     RGP: tl.constexpr, HAS_IDS: tl.constexpr, PREC: tl.constexpr,
+                     ACC: tl.constexpr):
+    """SPEC steps 1-3 for the BT tokens of block ``blk`` from s_all [T, E, r] -> (tokens t,
+    experts ex [BT, KP] (-1: no row), lanes X [BT, F], z [BT, KP, RGP], m, n [BT, KP],
+    C, rho [BT, KP, KP])."""
+    EL: tl.constexpr = F // RP
+    t = (blk * BT + tl.arange(0, BT)).to(tl.int64)  # (blk * BT < T < 2^31)
+    kk = tl.arange(0, KP)
+    real = (t < T)[:, None] & (kk < K)[None, :]
+    if HAS_IDS:
+        ex = tl.load(IDS + t[:, None] * s_it + kk[None, :].to(tl.int64) * s_ik, mask=real,
+                     other=-1).to(tl.int32)
+        ex = tl.where(real & (ex >= 0) & (ex < E), ex, -1)
+    else:
+        ex = tl.where(real, kk[None, :], -1)
+    # the token's lanes, scaled per expert row; experts it does not use zeroed (their s may be
+    # non-finite without touching it)
+    el = tl.arange(0, EL)
+    used = tl.max((ex[:, :, None] == el[None, None, :]).to(tl.int32), axis=1) > 0  # [BT, EL]
+    flat, on = lanes(0, F, E, r, RP)
+    x = tl.load(S + t[:, None] * (E * r) + flat[None, :], mask=(t < T)[:, None] & on[None, :],
+                other=0.0).to(ACC)
+    x3 = tl.reshape(x, (BT, EL, RP))
+    mx = pow2_below(tl.max(tl.abs(x3), axis=2))
+    X = tl.reshape(tl.where(used[:, :, None], x3 / mx[:, :, None], 0.0), (BT, F))
+    gram = tl.zeros((BT, KP, KP), dtype=ACC)
+    z = tl.zeros((BT, KP, RGP), dtype=ACC)
+    m = tl.full((BT, KP), 1.0, dtype=ACC)
+    gg = tl.arange(0, RGP)
+    rr = tl.arange(0, RP)
+    for k in range(K):
+        e = slot_col(ex, k)
+        s = tl.load(S + (t * E + e)[:, None] * r + rr[None, :],
+                    mask=(e >= 0)[:, None] & (rr < r)[None, :], other=0.0).to(ACC)
+        mk = pow2_below(tl.max(tl.abs(s), axis=1))
+        u = tl.zeros((BT, F), dtype=ACC)
+        zk = tl.zeros((BT, RGP), dtype=ACC)
+        # u = w P[e, :] and z = s Q[e], one expert's rows at a time (all rows' one without ids).
+        # Two loops: Triton gives dots that share operands in one region one register layout,
+        # the [BT, BT] one's (rows split over warps), which held u 4 times over and spilled
+        for j in range(0 if HAS_IDS else k, E if HAS_IDS else k + 1):
+            mine = (e == j)[:, None]
+            if tl.max(mine.to(tl.int32)) > 0:
+                u += mm(tl.where(mine, s / mk[:, None], 0.0),
+                        lane_tile(PF, E * r, j * RP, RP, flat, on, E, r, RP, ACC), PREC)
+        for j in range(0 if HAS_IDS else k, E if HAS_IDS else k + 1):
+            mine = (e == j)[:, None]
+            if tl.max(mine.to(tl.int32)) > 0:
+                zk += mm(tl.where(mine, s, 0.0),
+                         lane_tile(QF, rg, j * RP, RP, gg, gg < rg, E, r, RP, ACC), PREC)
+        gram = put_slot(gram, k, at_slots(tl.sum(tl.reshape(u * X, (BT, EL, RP)), axis=2), ex,
+                                          EL))
+        z = put_slot(z, k, zk)
+        m = put_slot(m, k, mk)
+    # a row of an expert whose B (hence P, Q) holds a non-finite value: non-finite, as its v
+    rb = at_slots(bad[None, :].to(ACC), ex, EL) > 0
+    gram = tl.where(rb[:, :, None] | rb[:, None, :], float("nan"), gram)
+    z = tl.where(rb[:, :, None], float("nan"), z)
+    same, eye = slot_pairs(ex)
+    n, C, rho = cosines_softmax(gram, m, same, same & ~eye, same & eye, tau_inv, eps)
+    return t, ex, X, z, m, n, C, rho
+
+
+@triton.jit
+def expert_blocks(PF, j, E, r, EL: tl.constexpr, RP: tl.constexpr, ACC: tl.constexpr):
+    """Expert j's rows of P_flat per expert of the lanes: [EL, RP, RP] with [e, b, a] =
+    P[j, a, e, b], non-finite entries zeroed."""
+    e3 = tl.arange(0, EL)[:, None, None]
+    b3 = tl.arange(0, RP)[None, :, None]
+    a3 = tl.arange(0, RP)[None, None, :]
+    x = tl.load(PF + (j * r + a3) * (E * r) + e3 * r + b3, mask=(e3 < E) & (a3 < r) & (b3 < r),
+                other=0.0).to(ACC)
+    return tl.where(non_finite(x), 0.0, x)
+
+
+@triton.jit
+def expert_rows_backward(S, t, e, mine, X, dG, ex, k, E, r, RP: tl.constexpr, EL: tl.constexpr,
+                         ACC: tl.constexpr):
+    """Slot k's rows of the experts e where ``mine`` -> (s [BT, RP], m, V = sum_l dG_kl W_l
+    [BT, F] in lanes: W_l from the token's lanes X at each slot's expert)."""
+    rr = tl.arange(0, RP)
+    s = tl.load(S + (t * E + e)[:, None] * r + rr[None, :],
+                mask=mine[:, None] & (rr < r)[None, :], other=0.0).to(ACC)
+    BT: tl.constexpr = X.shape[0]
+    F: tl.constexpr = X.shape[1]
+    dge = to_experts(slot_col(tl.permute(dG, (0, 2, 1)), k), ex, EL)  # dG_kl per expert of l
+    V = tl.reshape(tl.reshape(X, (BT, EL, RP)) * dge[:, :, None], (BT, F))
+    return s, pow2_below(tl.max(tl.abs(s), axis=1)), V
 
 
 @triton.jit(do_not_specialize=["T"])
 def lora_relation_fwd_kernel(
     S, IDS, PF, QF, DCTX,
     T, K, E, r, rg, s_it, s_ik, tau_inv, eps,
-    KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, RP: tl.constexpr,
-    RGP: tl.constexpr, HAS_IDS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr,
+    HAS_IDS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
-    """d [T, K, rg] = rho z - z (0 when K = 1) for one token block (grid: token blocks)."""
-    bad = bad_lanes(PF, QF, E, r, rg, F, RP, RGP)
-    tok, slot, valid, e, s, m, z, n, C, rho, same, off = lowrank_relation(
+    """d [T, K, rg] = rho z - z (0 when K = 1) for one block of BT tokens (grid: token blocks)."""
+    bad = bad_experts(PF, QF, E, r, rg, F // RP, RP, RGP)
+    t, ex, X, z, m, n, C, rho = lowrank_relation(
         S, IDS, PF, QF, bad, tl.program_id(0), T, K, E, r, rg, s_it, s_ik, tau_inv, eps, KP, BT,
-        F, FC, RP, RGP, HAS_IDS, PREC, ACC)
-    d = mm(rho, other_tokens_safe(z, BT), "ieee") - z
-    store_rows(DCTX, tl.where(K > 1, d, 0.0 * z), tok * K + slot, valid, rg, RGP)
+        F, RP, RGP, HAS_IDS, PREC, ACC)
+    d = -z
+    for j in range(K):  # d_i += rho_ij z_j
+        d += slot_col(tl.permute(rho, (0, 2, 1)), j)[:, :, None] * slot_col(z, j)[:, None, :]
+    kk = tl.arange(0, KP)[None, :, None]
+    gg = tl.arange(0, RGP)[None, None, :]
+    tl.store(DCTX + (t[:, None, None] * K + kk) * rg + gg, tl.where(K > 1, d, 0.0 * z),
+             mask=(t < T)[:, None, None] & (kk < K) & (gg < rg))
 
 
 @triton.jit(do_not_specialize=["T", "n_blocks"])
 def lora_relation_bwd_kernel(
     S, IDS, PF, QF, DD, DS, DSPLIT, PP, PQ,
     T, K, E, r, rg, s_it, s_ik, n_blocks, tau_inv, eps, scale,
-    KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, FP: tl.constexpr,
-    RP: tl.constexpr, RGP: tl.constexpr, HAS_IDS: tl.constexpr, SPLIT: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr,
+    KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr,
+    HAS_IDS: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Backward of lora_relation_fwd_kernel over token blocks p, p + G, ... (grid: G groups x
-    F / FP column chunks of dP, each recomputing the relation; the first also does ds and dQ):
-    from dd [T, K, rg], adds the relation part to ds (DS [T, K, r] holds the streaming part)
-    and stores ``scale * ds`` back, or with SPLIT, each token's ``scale * ds`` added up per expert
-    (slots to experts) as bf16 hi and lo parts in DSPLIT [T, 2, E r] (hi + lo = the fp32 value to
-    2^-17: the operand of one 16-bit GEMM each for dx and dA, lora.py); and this group's partials
-    of dP_flat (PP [G, F, F], its FP columns) and dQ_flat (PQ [G, F, RGP]). A token with a non-finite gradient
-    has its terms zeroed for the sums and marks its experts' lanes: dP is NaN where both lanes
-    are marked, dQ on marked lanes (so dB is NaN for exactly the experts of such tokens).
-    """
-    bad = bad_lanes(PF, QF, E, r, rg, F, RP, RGP)
-    ln = tl.arange(0, F)
+    """Backward of lora_relation_fwd_kernel. Grid (G groups of token blocks p, p + G, ...;
+    E experts): program (g, j) recomputes the relation and, from dd [T, K, rg], handles the rows
+    of expert j: adds their relation part to ds (DS [T, K, r] holds the streaming part) and
+    stores ``scale * ds``, or with SPLIT each token's ``scale * ds`` added up over its slots of
+    expert j, as bf16 hi and lo parts in DSPLIT [T, 2, E r] (hi + lo = the fp32 value to 2^-17:
+    the operand of one 16-bit GEMM each for dx and dA, lora.py); and its group's partials of
+    expert j's rows of dP_flat (PP [G, F, F]) and dQ_flat (PQ [G, F, RGP]). A token with a
+    non-finite term has its terms zeroed for the sums and makes NaN the entries of dP between
+    its experts, and dQ of its experts (dB is NaN for exactly the experts of such tokens)."""
+    EL: tl.constexpr = F // RP
+    j = tl.program_id(1)
+    bad = bad_experts(PF, QF, E, r, rg, EL, RP, RGP)
     gg = tl.arange(0, RGP)
-    first = tl.program_id(1) == 0  # the column chunk that also does ds and dQ
-    c0p = tl.program_id(1) * FP  # this program's columns of dP: c0p .. c0p + FP
-    acc_p = tl.zeros((F, FP), dtype=ACC)
-    acc_q = tl.zeros((F, RGP), dtype=ACC)
-    hits = tl.zeros((F,), dtype=tl.int32)  # lanes reached by a token with a non-finite term
-    hits_c = tl.zeros((FP,), dtype=tl.int32)  # the same for this program's columns
-    R: tl.constexpr = BT * KP
-    ri = tl.arange(0, R)
+    rr = tl.arange(0, RP)
+    el = tl.arange(0, EL)
+    acc_p = tl.zeros((RP, F), dtype=ACC)
+    acc_q = tl.zeros((RP, RGP), dtype=ACC)
+    hit = tl.zeros((EL,), dtype=tl.int32)  # experts sharing a token that has a bad term with j
     for blk in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
-        tok, slot, valid, e, s, m, z, n, C, rho, same, off = lowrank_relation(
-            S, IDS, PF, QF, bad, blk, T, K, E, r, rg, s_it, s_ik, tau_inv, eps, KP, BT, F, FC,
-            RP, RGP, HAS_IDS, PREC, ACC)
-        row = tok * K + slot
-        dd = load_rows(DD, row, valid, rg, RGP, ACC)
-        S_, q, dz = chain_backward(dd, z, n, C, rho, same, off, K, tau_inv, eps, BT)
+        t, ex, X, z, m, n, C, rho = lowrank_relation(
+            S, IDS, PF, QF, bad, blk, T, K, E, r, rg, s_it, s_ik, tau_inv, eps, KP, BT, F, RP,
+            RGP, HAS_IDS, PREC, ACC)
+        same, eye = slot_pairs(ex)
+        dd = load_slots(DD, t, T, K, rg, KP, RGP, ACC)
+        # through d = rho z - z: drho_ij = <dd_i, z_j>, dz_j = sum_i rho_ij dd_i - dd_j
+        drho_t = tl.zeros((BT, KP, KP), dtype=ACC)  # [t, j, i]
+        dz = -dd
+        for i in range(K):
+            drho_t = put_slot(drho_t, i, tl.sum(dd * slot_col(z, i)[:, None, :], axis=2))
+            dz += slot_col(rho, i)[:, :, None] * slot_col(dd, i)[:, None, :]
+        drho = tl.where(same & ~eye, tl.permute(drho_t, (0, 2, 1)), 0.0)
+        dz = tl.where(K > 1, dz, 0.0 * dd)
+        S_, q = softmax_backward(drho, rho, C, n, same, tau_inv, eps)
         # gradient of the Gram matrix of w (C_ij = gram_ij qq_i qq_j, qq = m / n): S / 2 off
         # the diagonal (dC counted once per ordered pair), the norms' -q qq^2 / 2 on it
         qq = m / n
-        dG = tl.where(same & (ri[:, None] != ri[None, :]), 0.5 * S_ * (qq[:, None] * qq[None, :]),
-                      0.0)
-        dG = tl.where(same & (ri[:, None] == ri[None, :]), -0.5 * (q * qq * qq)[:, None], dG)
-        w, own = in_lanes(s / m[:, None], e, 0, F, RP)  # W = S_x / m
-        if first:
-            # ds = (2 dG W P + dz Q^T) on the own lanes (/ m for W = S_x / m), in lane chunks
-            ds = load_rows(DS, row, valid, r, RP, ACC)
-            for c0 in range(0, F, FC):
-                fl, on = lanes(c0, FC, E, r, RP)
-                wp = mm(w, lane_tile(PF, E * r, 0, F, fl, on, E, r, RP, ACC), PREC)
-                ds += of_lanes(2.0 * mm(dG, other_tokens_safe(wp, BT), PREC) / m[:, None]
-                               + mm(dz, tl.trans(lane_tile(QF, rg, c0, FC, gg, gg < rg, E, r,
-                                                           RP, ACC)), PREC),
-                               in_lanes(s, e, c0, FC, RP)[1], RP)
-            store_ds(DS, DSPLIT, ds * scale, tok, row, valid, e, T, E, r, BT, KP, F, RP, SPLIT,
-                     ACC)
-        # dP[:, cp] += W^T (dG W[:, cp]), dQ += S_x^T dz: rows of tokens with a non-finite
-        # term zeroed, the lanes of their rows marked
-        row_nf = (tl.max(non_finite(dG).to(tl.int32), axis=1)
-                  + tl.max(non_finite(w).to(tl.int32), axis=1)
-                  + tl.max(non_finite(dz).to(tl.int32), axis=1)) > 0
-        tok_bad = tl.sum((same & row_nf[None, :]).to(tl.int32), axis=1) > 0
-        ok = (~tok_bad)[:, None]
-        wc, own_c = in_lanes(s / m[:, None], e, c0p, FP, RP)
-        acc_p = tl.dot(tl.trans(tl.where(ok, w, 0.0)),
-                       mm(tl.where(ok, dG, 0.0), tl.where(ok, wc, 0.0), PREC),
-                       acc=acc_p, input_precision=PREC)
-        acc_q = tl.dot(tl.trans(tl.where(ok, w * m[:, None], 0.0)), tl.where(ok, dz, 0.0),
-                       acc=acc_q, input_precision=PREC)
-        hits += tl.sum((own & tok_bad[:, None]).to(tl.int32), axis=0)
-        hits_c += tl.sum((own_c & tok_bad[:, None]).to(tl.int32), axis=0)
+        dG = tl.where(same & ~eye, 0.5 * S_ * (qq[:, :, None] * qq[:, None, :]), 0.0)
+        dG = tl.where(same & eye, -0.5 * (q * qq * qq)[:, :, None], dG)
+        tok_bad = (tl.max(tl.max(non_finite(dG).to(tl.int32), axis=2), axis=1)
+                   + tl.max(tl.max(non_finite(dz).to(tl.int32), axis=2), axis=1)
+                   + tl.max(non_finite(X).to(tl.int32), axis=1)) > 0
+        used = tl.max((ex[:, :, None] == el[None, None, :]).to(tl.int32), axis=1) > 0
+        ds_j = tl.zeros((BT, RP), dtype=ACC)
+        for k in range(K):  # ds of the rows of expert j
+            e = slot_col(ex, k)
+            mine = e == j
+            if tl.max(mine.to(tl.int32)) > 0:
+                s, mk, V = expert_rows_backward(S, t, e, mine, X, dG, ex, k, E, r, RP, EL, ACC)
+                dzk = slot_col(dz, k)
+                # (dG W P)_k = V P[j, :]^T (P symmetric), / m for W = S / m: per expert of the
+                # lanes, one batched dot (as one [BT, F] x [F, RP] dot, its operand V was
+                # held by every warp and spilled)
+                vp = tl.dot(tl.permute(tl.reshape(V, (BT, EL, RP)), (1, 0, 2)),
+                            expert_blocks(PF, j, E, r, EL, RP, ACC), input_precision=PREC)
+                ds = (2.0 * tl.sum(vp, axis=0) / mk[:, None]
+                      + mm(dzk, tl.trans(lane_tile(QF, rg, j * RP, RP, gg, gg < rg, E, r, RP,
+                                                   ACC)), PREC))
+                row = t * K + k
+                ds = (load_rows(DS, row, mine, r, RP, ACC) + ds) * scale
+                if SPLIT:
+                    ds_j += tl.where(mine[:, None], ds, 0.0)
+                else:
+                    store_rows(DS, ds, row, mine, r, RP)
+        # dP[j, :] += w_k^T V and dQ[j] += s_k^T dz_k: loops apart (see lowrank_relation; the
+        # ds loop with dQ in it spilled for fp16)
+        for k in range(K):
+            e = slot_col(ex, k)
+            mine = e == j
+            if tl.max(mine.to(tl.int32)) > 0:
+                s, mk, V = expert_rows_backward(S, t, e, mine, X, dG, ex, k, E, r, RP, EL, ACC)
+                ok = (mine & ~tok_bad)[:, None]
+                acc_q = tl.dot(tl.trans(tl.where(ok, s, 0.0)), tl.where(ok, slot_col(dz, k), 0.0),
+                               acc=acc_q, input_precision=PREC)
+        for k in range(K):
+            e = slot_col(ex, k)
+            mine = e == j
+            if tl.max(mine.to(tl.int32)) > 0:
+                s, mk, V = expert_rows_backward(S, t, e, mine, X, dG, ex, k, E, r, RP, EL, ACC)
+                ok = (mine & ~tok_bad)[:, None]
+                acc_p = tl.dot(tl.trans(tl.where(ok, s / mk[:, None], 0.0)),
+                               tl.where(ok, V, 0.0), acc=acc_p, input_precision=PREC)
+                hit += tl.sum((used & (mine & tok_bad)[:, None]).to(tl.int32), axis=0)
+        if SPLIT:  # expert j's columns of every token (0 where it has no slot of j)
+            hi = ds_j.to(tl.bfloat16)
+            lo = (ds_j - hi.to(ACC)).to(tl.bfloat16)
+            at = t[:, None] * (2 * E * r) + j * r + rr[None, :]
+            keep = (t < T)[:, None] & (rr < r)[None, :]
+            tl.store(DSPLIT + at, hi, mask=keep)
+            tl.store(DSPLIT + at + E * r, lo, mask=keep)
     pid = tl.program_id(0).to(tl.int64)
-    hit = hits > 0
-    tl.store(PP + pid * F * F + ln[:, None] * F + (c0p + tl.arange(0, FP))[None, :],
-             tl.where(hit[:, None] & (hits_c > 0)[None, :], float("nan"), acc_p))
-    if first:
-        tl.store(PQ + pid * F * RGP + ln[:, None] * RGP + gg[None, :],
-                 tl.where(hit[:, None], float("nan"), acc_q))
+    rows = j * RP + rr
+    lane_hit = tl.reshape(tl.broadcast_to((hit > 0)[:, None], (EL, RP)), (F,))
+    tl.store(PP + pid * F * F + rows[:, None] * F + tl.arange(0, F)[None, :],
+             tl.where(lane_hit[None, :], float("nan"), acc_p))
+    tl.store(PQ + pid * F * RGP + rows[:, None] * RGP + gg[None, :],
+             tl.where(tl.max(hit) > 0, float("nan"), acc_q))

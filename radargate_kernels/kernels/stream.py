@@ -162,15 +162,14 @@ def expert_block(ROWS, OFFS, e, blk, T, K, BT: tl.constexpr, HAS_IDS: tl.constex
     """Block ``blk`` of the rows of expert e -> (token int64, slot, flat row int64, valid), each
     [BT]. With ids from ROWS (flat rows t K + k sorted by expert) and OFFS [E + 1] (where each
     expert's start); without, expert e's rows are (t, e) for every token t."""
-    a = blk * BT + tl.arange(0, BT)
+    a = tl.cast(blk, tl.int64) * BT + tl.arange(0, BT)  # T K may pass 2^31
     if HAS_IDS:
         start = tl.load(OFFS + e)
         valid = a < tl.load(OFFS + e + 1) - start
         row = tl.load(ROWS + start + a, mask=valid, other=0).to(tl.int64)
         return row // K, (row % K).to(tl.int32), row, valid
     else:
-        tok = a.to(tl.int64)
-        return tok, tl.zeros((BT,), dtype=tl.int32) + e, tok * K + e, a < T
+        return a, tl.zeros((BT,), dtype=tl.int32) + e, a * K + e, a < T
 
 
 @triton.jit
@@ -321,9 +320,9 @@ def stream_bwd_cols_kernel(
     radar_gate: grid (chunks, groups), program (c, p) over token blocks p, p + groups, ...;
     partials PU [groups, rg, h], PBETA [groups, E, h]; also writes DV [T, K, D] =
     g w + M v + dZ A^T (SK slots per tile; M v over all the token's slot chunks). With ids its
-    dbeta is a one-hot product of rows whose non-finite entries are zeroed; the experts of such
-    rows get NaN in this chunk's columns at the end (the reference's NaN for them: a non-finite
-    token is non-finite in all its columns, through its angles)."""
+    dbeta is a one-hot product of rows whose non-finite entries are zeroed, and a second one
+    counts them per expert and column: those entries are NaN at the end (as the reference's
+    index_add gives)."""
     cols = tl.program_id(0) * BH + tl.arange(0, BH)
     cm = cols < h
     gg = tl.arange(0, RGP)
@@ -372,7 +371,7 @@ def stream_bwd_cols_kernel(
         R: tl.constexpr = BT * SK
         ee = tl.arange(0, EP)
         d_beta = tl.zeros((EP, BH), dtype=ACC)  # with ids (one-hot over experts)
-        n_bad = tl.zeros((EP,), dtype=tl.int32)  # with ids: rows with a non-finite dalpha
+        n_bad = tl.zeros((EP, BH), dtype=ACC)  # with ids: non-finite dalpha per expert, column
         d_a1 = tl.zeros((RP, BH), dtype=ACC)    # dA^T at rows cols, cols + h
         d_a2 = tl.zeros((RP, BH), dtype=ACC)
         for kc in range(0, K, SK):
@@ -394,8 +393,7 @@ def stream_bwd_cols_kernel(
                 if NEED_DBETA:
                     if HAS_IDS:
                         hot = ee[:, None] == e[None, :]  # [EP, R]
-                        row_bad = tl.max(non_finite(da).to(tl.int32), axis=1) > 0
-                        n_bad += tl.sum((hot & row_bad[None, :]).to(tl.int32), axis=1)
+                        n_bad += mm(hot.to(ACC), non_finite(da).to(ACC), PREC)  # counts: exact
                         d_beta += mm(hot.to(ACC), finite_or_zero(da), PREC)
                     else:  # slot k is expert k: the sum over each slot's tokens
                         dbk += tl.sum(slot_major(da, SK), axis=1)
@@ -433,7 +431,7 @@ def stream_bwd_cols_kernel(
                      mask=(gg < rg)[:, None] & cm[None, :])
         if NEED_DBETA and HAS_IDS:
             tl.store(PBETA + (grp.to(tl.int64) * E + ee[:, None]) * h + cols[None, :],
-                     tl.where(n_bad[:, None] > 0, float("nan"), d_beta),
+                     tl.where(n_bad > 0, float("nan"), d_beta),
                      mask=(ee < E)[:, None] & cm[None, :])
         if NEED_DW:  # dA [G, D, r]: rows cols and cols + h, from dA^T [RP, BH]
             off = (grp.to(tl.int64) * 2 * h + cols[None, :]) * r + rr[:, None]

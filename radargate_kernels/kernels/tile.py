@@ -9,14 +9,12 @@ Precision. Accumulation is fp32 (fp64 for fp64 inputs: ``ACC``). ``PREC`` is the
 dot whose operand is a computed fp32 tile: "tf32" (tensor cores) for fp16/bf16 inputs, "ieee"
 for fp32/fp64. Dots of two 16-bit input tiles use their own dtype (exact products).
 """
-import os
-
 import triton
 import triton.language as tl
 
-# Set by the interpreter before import (tests): the GPU-only approximations below are then
+# Set for the interpreter before import (tests): the GPU-only approximations below are then
 # emulated with the accurate functions on the same reduced argument.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETING = bool(triton.knobs.runtime.interpret)
 
 TWO_PI_HI = tl.constexpr(6.28125)   # 2 pi = TWO_PI_HI + TWO_PI_LO; TWO_PI_HI has 9 bits, so
 TWO_PI_LO = tl.constexpr(0.0019353071795864769)  # k * HI is exact for |k| < 2^15
