@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# H100 SXM, published peaks (NVIDIA H100 datasheet; TRITON_ON_CPU.md section 5)
+# H100 SXM, published peaks (NVIDIA H100 Tensor Core GPU datasheet, SXM5 column)
 PEAK = dict(dram=3.35e12,            # bytes/s, HBM3
             tc=989e12 / 2,           # MAC/s, dense bf16/fp16 tensor cores
             tc_tf32=494e12 / 2,      # MAC/s, tf32 tensor cores

@@ -13,10 +13,10 @@ Saved for backward: x, weights, ids and the parameters -- nothing per (token, sl
 ``recompute`` argument overrides it), s [T, K, r], d [T, K, rg] and the small P, Q, so that
 backward need not recompute them (the down projection reads x again, the relation part s).
 Backends:
-- ``triton`` (CUDA, or TRITON_INTERPRET=1): every step in Triton kernels: the down projection
-  (``kernels/lora_down.py``), P and Q and the relation part from s (``kernels/lora_relation.py``,
-  while K <= 32 and E r <= 64, its backward while K <= 8; beyond, that part in PyTorch, chunked
-  over tokens) and the streaming part (``kernels/lora_stream.py``);
+- ``triton`` (CUDA, or TRITON_INTERPRET=1): GEMMs in torch (cuBLAS on a GPU: the down
+  projection and its gradients, P, Q and the factor gradients), the relation part from s in two
+  small kernels (``kernels/relation.py``; while K <= 64 and E padded x r padded <= 128 lanes,
+  else in PyTorch, chunked over tokens) and the streaming part in three (``kernels/stream.py``);
 - ``torch`` (any device, the CPU path): chunks of tokens; each chunk's expert outputs exist only
   while that chunk is computed, and backward recomputes them chunk by chunk.
 Without ``rot_down``/``rot_up`` the op is plain weighted-sum LoRA-MoE gating, ``sum_k g_k v_k``,

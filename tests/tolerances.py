@@ -23,7 +23,7 @@ therefore differs by
       plus
   (b) a floor in ulps of the result dtype at the tensor's largest magnitude (FLOOR_ULPS):
       - float16/bfloat16: one ulp, for the final rounding. The Triton interpreter truncates
-        fp32 -> bf16 where the reference rounds to nearest (shared/TRITON_ON_CPU.md section 1),
+        fp32 -> bf16 where the reference rounds to nearest (seen in triton 3.9 on this machine),
         so a kernel's value may be a full ulp away where the reference's is half an ulp.
       - float32: four ulps. The kernel's rounding sequence differs from the reference's (cosines
         from the Gram matrix, angle gradient from the rotated u), and on tiny problems the

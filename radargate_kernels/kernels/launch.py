@@ -33,6 +33,7 @@ GRID_AXIS_MAX = 65535  # CUDA's limit on grid axes 1 and 2 (axis 0: 2^31 - 1)
 ENABLE_FP_FUSION = True
 
 
+@torch.compiler.assume_constant_result  # dynamo cannot trace triton's C getenv; fixed per process
 def interpreting() -> bool:
     """True when the Triton interpreter runs the kernels (TRITON_INTERPRET, as Triton reads it)."""
     return bool(triton.knobs.runtime.interpret)

@@ -1,13 +1,14 @@
-"""radar_gate's relation part (SPEC steps 1-3 and their backward) in one small kernel each.
+"""The relation part (SPEC steps 1-3 and their backward) of both ops, one small kernel each way.
 
-A program owns BT tokens as R = BT * KP rows (all slots of a token: stream.py's layout with
-SK = KP); each token's K x K matrices are the diagonal blocks of an R x R tile, and the products
-between rows of different tokens take the other token's rows with non-finite entries as 0
-(tile.other_tokens_safe): a token with a non-finite v or dd has non-finite rows of its own.
+radar_gate: a program owns BT tokens as R = BT * KP rows (all slots of a token: stream.py's
+layout with SK = KP); each token's K x K matrices are the diagonal blocks of an R x R tile, and
+the products between rows of different tokens take the other token's rows with non-finite
+entries as 0 (tile.other_tokens_safe): a token with a non-finite v or dd has non-finite rows of
+its own. (The fused layer's kernels, below, hold [BT, KP, KP] tiles instead.)
 
-- ``op_relation_fwd_kernel`` (grid: token blocks): one pass over D accumulates the Gram matrix
-  of the rows scaled by a power of two near their max |v| (exact in the input dtype, so no square
-  overflows and a 16-bit tile's products stay exact) and z = V A; then
+- ``op_relation_fwd_kernel`` (grid: token blocks): two passes over D, the Gram matrix of the
+  rows scaled by a power of two near their max |v| (exact in the input dtype, so no square
+  overflows and a 16-bit tile's products stay exact), then z = V A; then
   n = max(|v|, eps), C, rho = softmax over j != i of C / tau, d = rho z - z (d = 0 when K = 1).
   Stores n [T, K], C and rho [T, K, K], z and d [T, K, r] (the state the backward reads).
 - ``op_relation_bwd_kernel`` (grid: token blocks): from dd = dL/dd [T, K, r] (stream.py's row
