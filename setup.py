@@ -9,10 +9,11 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["radargate_kernels", "radargate_kernels.*"]),
-    python_requires=">=3.11",  # the pinned triton 3.9 needs it (requirements-dev.txt)
-    # Permissive on purpose: users bring their own (CUDA) torch. Dev/CI pins live in
-    # requirements-dev.txt (CPU torch 2.13.0).
-    install_requires=["torch>=2.4", "triton>=3.0", "numpy",
+    python_requires=">=3.11",  # the tested Python; triton 3.9 needs it
+    # Permissive on purpose: users bring their own (CUDA) torch. triton's floor is the oldest the
+    # compatibility lane passed with (benchmarks/compat_lane.py, BENCHMARKS.md); dev/CI versions
+    # live in requirements-dev.txt.
+    install_requires=["torch>=2.4", "triton>=3.7.1", "numpy",
                       "safetensors"],  # save_pretrained / from_pretrained (adapters.py)
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"],
                     "bench": ["pytest-benchmark", "matplotlib"]},

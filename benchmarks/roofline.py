@@ -364,10 +364,11 @@ def materialized(p, fwd_sink, bwd_sink):
         else:
             V = torch.einsum("tkr,kro->tko", s, B)
         Vd = V.detach()
-        out = L.forward(Vd, p["g"], p["rot_down"], p["rot_up"], p["beta"], p["ids"], 1.0, 1e-6)
+        out = L.run("forward", Vd, p["g"], p["rot_down"], p["rot_up"], p["beta"], p["ids"], 1.0,
+                    1e-6)
     with counting(bwd_sink):
-        dV = L.backward(p["dy"], Vd, p["g"], p["rot_down"], p["rot_up"], p["beta"], p["ids"],
-                        *out[1:], 1.0, 1e-6)[0]
+        dV = L.run("backward", p["dy"], Vd, p["g"], p["rot_down"], p["rot_up"], p["beta"],
+                   p["ids"], *out[1:], 1.0, 1e-6)[0]
         V.backward(dV)
 
 
@@ -432,9 +433,9 @@ def op_paths(T, K, D, r, dtype=torch.float32, seed=0):
     out = {}
     f, b = [], []
     with counting(f):
-        y, *state = L.forward(V, g, A, B, None, None, 1.0, 1e-6)
+        y, *state = L.run("forward", V, g, A, B, None, None, 1.0, 1e-6)
     with counting(b):
-        L.backward(dy, V, g, A, B, None, None, *state, 1.0, 1e-6)
+        L.run("backward", dy, V, g, A, B, None, None, *state, 1.0, 1e-6)
     out["triton_kernels"] = (sum(w.time() for w in f) * 1e6, sum(w.time() for w in b) * 1e6)
     leaves = [t.clone().requires_grad_(True) for t in (V, g, A, B)]
     f, b = [], []

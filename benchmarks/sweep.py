@@ -130,20 +130,32 @@ def main(argv=None):
     def row(**kw):
         return dict(op="radar_gate", dtype="float32", sweep=axis,
                     timestamp=datetime.datetime.now().isoformat(timespec="seconds"), **meta, **kw)
+    measured, proj = {}, {}  # a shape in both sweeps is measured once and plotted in both
     for (axis, T, K, D, r) in shapes:
         for mode in harness.MODES:
             xs = harness.make(T, K, D, r, grad=(mode == "forward_backward"))
+            # repetitions interleaved over the providers (round robin), so that a slow phase
+            # of the machine hits all of them alike
+            runs = {p: harness.step(p, mode, xs) for p in harness.PROVIDERS
+                    if (p, mode, T, K, D) not in measured}
+            for p, run in runs.items():
+                bar.update(i, f"warm-up {p} {mode} T={T} K={K} D={D}")
+                harness.times_ms(run, reps=1)
+            for rep in range(reps if runs else 0):
+                for p, run in runs.items():
+                    measured.setdefault((p, mode, T, K, D), []).extend(
+                        harness.times_ms(run, reps=1, warmup=0))
             for prov in harness.PROVIDERS:
-                bar.update(i, f"{prov} {mode} T={T} K={K} D={D}")
-                times = harness.times_ms(harness.step(prov, mode, xs), reps=reps)
-                times.sort()
+                times = sorted(measured[(prov, mode, T, K, D)])
                 rows.append(row(provider=prov, mode=mode, T=T, K=K, D=D, r=r, metric="ms",
                                 value=f"{times[len(times) // 2]:.4f}", lo=f"{times[0]:.4f}",
                                 hi=f"{times[-1]:.4f}", reps=len(times)))
                 i += 1
         if not args.no_projection:
             bar.update(i, f"projecting K={K} D={D}")
-            for (prov, mode), v in projected(T, K, D, r).items():
+            if (T, K, D) not in proj:
+                proj[(T, K, D)] = projected(T, K, D, r)
+            for (prov, mode), v in proj[(T, K, D)].items():
                 rows.append(row(provider=prov, mode=mode, T=T, K=K, D=D, r=r,
                                 metric="projected_us", value=f"{v:.1f}"))
             i += 1

@@ -198,13 +198,16 @@ def _chunks(T, per_token, device):
     return [(i, min(i + step, T)) for i in range(0, T, step)]
 
 
-def _per_token_elems(K, r, out, E, rg, ids, rotation):
-    """Largest intermediate per token of the PyTorch parts (elements), to size the chunks."""
+def _per_token_elems(K, r, out, E, rg, ids, rotation, backend):
+    """Largest intermediate per token of the PyTorch parts (elements), to size the chunks: on
+    the Triton backend only the relation (when it is not a kernel) runs in PyTorch."""
     if not rotation:
         return K * (E if ids is not None else 1) * r
+    rel = K * K * r * (r if ids is not None else 1) + K * K * 4 + K * rg
+    if backend == "triton":
+        return rel
     gathered = r if ids is not None and E * r > ONE_HOT_MAX else 0
     v = K * out * (1 + gathered) + K * E * r  # V (and the gathered B rows, or the one-hot s)
-    rel = K * K * r * (r if ids is not None else 1) + K * K * 4 + K * rg
     return max(v, rel)
 
 
@@ -345,7 +348,8 @@ def _setup(x, lora_A, lora_B, rot_down, ids, scaling, backend, s_all=None):
     T, K, r = s.shape
     E, _, out = lora_B.shape
     rg = rot_down.shape[1] if rot_down is not None else 0
-    chunks = _chunks(T, _per_token_elems(K, r, out, E, rg, ids, rot_down is not None), x.device)
+    chunks = _chunks(T, _per_token_elems(K, r, out, E, rg, ids, rot_down is not None, backend),
+                     x.device)
     return ct, s_all, s, T, K, E, out, rg, chunks
 
 
@@ -388,11 +392,12 @@ def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, ep
     else:
         P, Q = lowrank_factors(lora_B, rot_down, ct)
         if _relation_kernels(backend, K, E, s.shape[2]):
-            d = _launch().lora_relation(s_all, ids, P, Q, tau, eps, x.dtype)
+            d = _launch().run("lora_relation", s_all, ids, P, Q, tau, eps, x.dtype)
         else:
             d = _relation(s, ids, P, Q, tau, eps, chunks)
         if backend == "triton":
-            y = _launch().stream_forward(s_all, g, d, ids, lora_B, rot_up, beta, x.dtype)
+            y = _launch().run("stream_forward", s_all, g, d, ids, lora_B, rot_up, beta,
+                              x.dtype)
         else:
             params = (lora_B.to(ct), rot_up.to(ct), beta.to(ct) if beta is not None else None)
             y = _chunked_eval(stream_torch, chunks, (s, g.to(ct), d, ids), params,
@@ -420,19 +425,19 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
             P, Q = lowrank_factors(lora_B, rot_down, ct)
         kernels = _relation_kernels(backend, K, E, s.shape[2])
         if d is None:
-            d = (_launch().lora_relation(s_all, ids, P, Q, tau, eps, x.dtype) if kernels
+            d = (_launch().run("lora_relation", s_all, ids, P, Q, tau, eps, x.dtype) if kernels
                  else _relation(s, ids, P, Q, tau, eps, chunks))
         if backend == "triton":
-            ds, dg, dd, dB, dU, dbeta = _launch().stream_backward(dy, s_all, g, d, ids, lora_B,
-                                                                  rot_up, beta)
+            ds, dg, dd, dB, dU, dbeta = _launch().run("stream_backward", dy, s_all, g, d, ids,
+                                                      lora_B, rot_up, beta)
         else:
             params = (lora_B.to(ct), rot_up.to(ct), beta.to(ct) if beta is not None else None)
             (ds, dg, dd), (dB, dU, dbeta) = _chunked_grads(stream_torch, chunks,
                                                            (s, g.to(ct), d, ids), 3, params, dyc)
         if kernels:  # adds the relation part to ds and scales it (bf16: as split16 operands)
             split = x.new_empty((T, 2 * E * s.shape[2])) if x.dtype == torch.bfloat16 else None
-            dP, dQ = _launch().lora_relation_backward(s_all, ids, P, Q, dd, ds, tau, eps,
-                                                      x.dtype, scaling, split)
+            dP, dQ = _launch().run("lora_relation_backward", s_all, ids, P, Q, dd, ds, tau,
+                                   eps, x.dtype, scaling, split)
             ds = split if split is not None else ds
             scaled = True
         else:

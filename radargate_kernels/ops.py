@@ -31,7 +31,7 @@ def _fwd_op(V: torch.Tensor, g: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                                  torch.Tensor, torch.Tensor]:
     """Fused forward. V [T,K,D] -> (y [T,D], n [T,K], C [T,K,K], rho [T,K,K], z [T,K,r], d [T,K,r])."""
     require_triton_device(V, "radargate::fwd")
-    return _launch().forward(V, g, A, B, beta, ids, tau, eps)
+    return _launch().run("forward", V, g, A, B, beta, ids, tau, eps)
 
 
 @_fwd_op.register_fake
@@ -53,8 +53,8 @@ def _bwd_op(dy: torch.Tensor, V: torch.Tensor, g: torch.Tensor, A: torch.Tensor,
     """Fused backward -> (dV, dg, dA, dB, dbeta); dbeta is empty when beta is None; a parameter
     gradient whose need_* flag is off is zeros and not computed (no partial buffer, no
     reduction; the column kernel then writes dV only)."""
-    return _launch().backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau, eps,
-                              (need_dA, need_dB, need_dbeta))
+    return _launch().run("backward", dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau, eps,
+                         (need_dA, need_dB, need_dbeta))
 
 
 @_bwd_op.register_fake

@@ -51,18 +51,23 @@ def run_with_grads(fn, problem, dy, dtype=None, diff_args=DIFF_ARGS, **kw):
 PARAM_GRADS = ("rot_down", "rot_up", "angle_bias")
 
 
-def param_grad_abs_scale(fn, problem, dy):
-    """max over elements of sum_t |d(param) contribution of token t|, float64, per parameter."""
-    T = problem["expert_out"].shape[0]
-    acc = {}
-    for t in range(T):
-        sub = {k: (v[t:t + 1] if k in ("expert_out", "weights", "expert_ids") and v is not None
-                   else v) for k, v in problem.items()}
-        _, grads = run_with_grads(fn, sub, dy[t:t + 1], dtype=torch.float64)
-        for name in PARAM_GRADS:
-            if name in grads:
-                acc[name] = acc.get(name, 0) + grads[name].abs()
-    return {k: float(v.max()) for k, v in acc.items()}
+def param_grad_abs_scale(fn, problem, dy, tokens=("expert_out", "weights", "expert_ids"),
+                         params=PARAM_GRADS):
+    """max over elements of sum_t |contribution of token t to d(param)|, float64, per parameter
+    (each token's parameter gradient from one vmapped torch.func.grad: tokens are independent)."""
+    from torch.func import grad, vmap
+    p = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+         for k, v in problem.items()}
+    if p[tokens[0]].shape[0] == 0:
+        return {}
+    par = {k: p[k] for k in params if p.get(k) is not None}
+    tok = {k: p[k] for k in tokens if p.get(k) is not None}
+    rest = {k: v for k, v in p.items() if k not in par and k not in tok}
+
+    def loss(par, tok, dy1):
+        return (fn(**par, **{k: v[None] for k, v in tok.items()}, **rest) * dy1).sum()
+    per_token = vmap(grad(loss), in_dims=(None, 0, 0))(par, tok, dy.double())
+    return {k: float(v.abs().sum(0).max()) for k, v in per_token.items()}
 
 
 def _variant(problem, dy, kind, gen):

@@ -68,7 +68,7 @@ def check_lora_against_reference(prob, dy, fn=None, **kw):
     compared at the scale of their per-token summands (sums over tokens). ``fn`` replaces
     radar_gate_lora (benchmarks/gpu_check.py passes one that runs it on another device)."""
     from radargate_kernels import radar_gate_lora
-    from helpers import FP32_UNIT_ROUNDOFF, perturbed
+    from helpers import FP32_UNIT_ROUNDOFF, param_grad_abs_scale, perturbed
     from tolerances import assert_matches
     dtype = prob["x"].dtype
     y, grads = lora_run(fn or radar_gate_lora, prob, dy, **kw)
@@ -85,16 +85,10 @@ def check_lora_against_reference(prob, dy, fn=None, **kw):
     assert y.dtype == dtype and y.shape == y_t.shape
     assert_matches("y", y, y_r, y_t, dtype)
     assert set(grads) == set(g_t)
-    scales = {}
-    for t in range(prob["x"].shape[0]):  # sum over tokens of |per-token contribution|
-        sub = {k: (v[t:t + 1] if k in ("x", "weights", "expert_ids") and v is not None else v)
-               for k, v in prob.items()}
-        _, g1 = lora_run(radar_gate_lora_reference, sub, dy[t:t + 1], dtype=torch.float64)
-        for n in LORA_PARAMS:
-            if n in g1:
-                scales[n] = scales.get(n, 0) + g1[n].abs()
+    scales = param_grad_abs_scale(radar_gate_lora_reference, prob, dy,
+                                  ("x", "weights", "expert_ids"), LORA_PARAMS)
     for name in g_t:
         assert grads[name].dtype == dtype, name
-        sc = float(scales[name].max()) if name in scales else None
+        sc = scales.get(name)
         assert_matches(f"d{name}", grads[name], [r[1][name] for r in runs], g_t[name], dtype,
                        scale=sc)

@@ -60,7 +60,7 @@ def test_relation_kernel_matches_relation_lowrank(case, dtype):
     s_all, s, e, B, A_rot, tau, _ = _problem(case, dtype, "fwd")
     assert L.relation_fits(K, E, r)
     P, Q = lora.lowrank_factors(B, A_rot, dtype)
-    d = L.lora_relation(s_all, e, P, Q, tau, 1e-6, dtype)
+    d = L.run("lora_relation", s_all, e, P, Q, tau, 1e-6, dtype)
     ref = lora.relation_lowrank(s, e, P, Q, tau, 1e-6)
     P64, Q64 = lora.lowrank_factors(B.double(), A_rot.double(), torch.float64)
     truth = lora.relation_lowrank(s.double(), e, P64, Q64, tau, 1e-6)
@@ -91,7 +91,7 @@ def test_relation_backward_kernel_matches_autograd_of_relation_lowrank(case, dty
     ds0 = torch.randn(T, K, r, generator=gen, dtype=torch.float64).to(dtype)  # streaming part
     P, Q = lora.lowrank_factors(B, A_rot, dtype)
     ds, s0 = ds0.clone(), s_all.clone()
-    dP, dQ = L.lora_relation_backward(s_all, e, P, Q, dd, ds, tau, 1e-6, dtype)
+    dP, dQ = L.run("lora_relation_backward", s_all, e, P, Q, dd, ds, tau, 1e-6, dtype)
     assert torch.equal(s_all, s0)
     refs = _relation_grads(s, e, P, Q, tau, dd)
     P64, Q64 = lora.lowrank_factors(B.double(), A_rot.double(), torch.float64)

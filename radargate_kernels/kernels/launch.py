@@ -137,9 +137,13 @@ class Launch:
 _INTERPRETER_LOCK = threading.Lock()
 
 
-def run_all(launches):
+def run(plan: str, *args, **kwargs):
+    """Plans and runs: ``run("forward", V, ...)`` calls ``plan_forward(V, ...)``, runs its launches
+    and returns its outputs (finish() called)."""
+    launches, out = globals()["plan_" + plan](*args, **kwargs)
     for launch in launches:
         launch.run()
+    return out() if callable(out) else out
 
 
 def token_groups(n_blocks: int, n_chunks: int, device, per_sm: int = 4) -> int:
@@ -207,12 +211,6 @@ def plan_forward(V, g, A, B, beta, ids, tau: float, eps: float):
     return [rel, fwd], (y, n, C, rho, z, d)
 
 
-def forward(V, g, A, B, beta, ids, tau: float, eps: float):
-    launches, out = plan_forward(V, g, A, B, beta, ids, tau, eps)
-    run_all(launches)
-    return out
-
-
 def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: float,
                   need=(True, True, True)):
     """need = (dA, dB, dbeta). -> (launches, finish) where finish() returns
@@ -262,13 +260,6 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
     return [rows, rel, cols], finish
 
 
-def backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: float,
-             need=(True, True, True)):
-    launches, finish = plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau, eps, need)
-    run_all(launches)
-    return finish()
-
-
 # ---- the fused layer's streaming part ----------------------------------------------------------
 
 def _lora_common(s_all, g, d, ids, lora_B, U, beta):
@@ -293,12 +284,6 @@ def plan_stream_forward(s_all, g, d, ids, lora_B, U, beta, out_dtype):
                     (*ptrs, y, *sizes, *strides),
                     _meta(cfg, lora_B.dtype, cfg["BH_FWD"], FE=cfg["FE"], **flags))
     return [launch], y
-
-
-def stream_forward(s_all, g, d, ids, lora_B, U, beta, out_dtype):
-    launches, y = plan_stream_forward(s_all, g, d, ids, lora_B, U, beta, out_dtype)
-    run_all(launches)
-    return y
 
 
 def expert_rows(ids, T: int, K: int, E: int, device):
@@ -353,12 +338,6 @@ def plan_stream_backward(dy, s_all, g, d, ids, lora_B, U, beta, need=(True, True
     return [rows, cols], finish
 
 
-def stream_backward(dy, s_all, g, d, ids, lora_B, U, beta, need=(True, True, True)):
-    launches, finish = plan_stream_backward(dy, s_all, g, d, ids, lora_B, U, beta, need)
-    run_all(launches)
-    return finish()
-
-
 # ---- the fused layer's relation part ------------------------------------------------------------
 
 RELATION_LANES = 128  # the relation kernels hold P_flat as one [F, F] tile, F = E padded x r padded
@@ -396,12 +375,6 @@ def plan_lora_relation(s_all, ids, P, Q, tau: float, eps: float, input_dtype):
                    (*ptrs, d, T, K, E, r, rg, *s_ids, 1.0 / tau, eps), meta)], d
 
 
-def lora_relation(s_all, ids, P, Q, tau, eps, input_dtype):
-    launches, d = plan_lora_relation(s_all, ids, P, Q, tau, eps, input_dtype)
-    run_all(launches)
-    return d
-
-
 def plan_lora_relation_backward(s_all, ids, P, Q, dd, ds, tau: float, eps: float, input_dtype,
                                 scale: float = 1.0, split=None):
     """Adds the relation part to ds [T, K, r] and scales it (in place), or with ``split`` (a
@@ -424,11 +397,3 @@ def plan_lora_relation_backward(s_all, ids, P, Q, dd, ds, tau: float, eps: float
         dQ = pq.sum(0).view(F // RP, RP, RGP)[:E, :r, :rg]
         return dP, dQ
     return [launch], finish
-
-
-def lora_relation_backward(s_all, ids, P, Q, dd, ds, tau, eps, input_dtype, scale=1.0,
-                           split=None):
-    launches, finish = plan_lora_relation_backward(s_all, ids, P, Q, dd, ds, tau, eps,
-                                                   input_dtype, scale, split)
-    run_all(launches)
-    return finish()
