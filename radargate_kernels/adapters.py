@@ -60,8 +60,19 @@ class RadarGateConfig:
     adapter_dtype: str = "float32"
     modules_to_save: Optional[list] = None
     recompute: Optional[bool] = None
+    r: Optional[int] = None              # PEFT's names of rank, alpha, dropout (either works;
+    lora_alpha: Optional[float] = None   # after construction both hold the value)
+    lora_dropout: Optional[float] = None
 
     def __post_init__(self):
+        for peft, own in _PEFT_NAMES.items():
+            value, default = getattr(self, peft), _DEFAULTS[own]
+            if value is not None:
+                if getattr(self, own) not in (default, value):
+                    raise ValueError(f"{peft}: {value!r} conflicts with {own}="
+                                     f"{getattr(self, own)!r} (the same setting; give one)")
+                setattr(self, own, value)
+            setattr(self, peft, getattr(self, own))
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = [str(t) for t in self.target_modules]
         elif not isinstance(self.target_modules, str):
@@ -78,7 +89,7 @@ class RadarGateConfig:
 
     def layer_kwargs(self) -> dict:
         """The keyword arguments of ``RadarGateLoRALinear`` this config stands for."""
-        skip = {"target_modules", "modules_to_save", "adapter_dtype"}
+        skip = {"target_modules", "modules_to_save", "adapter_dtype", *_PEFT_NAMES}
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         kw["adapter_dtype"] = _dtype_from_name(self.adapter_dtype)
         return kw
@@ -111,6 +122,10 @@ class RadarGateConfig:
             raise FileNotFoundError(f"directory: {directory} has no {CONFIG_NAME}")
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+_PEFT_NAMES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RadarGateConfig)}
 
 
 def _dtype_from_name(name: str) -> torch.dtype:

@@ -403,3 +403,29 @@ def test_modules_to_save_load_onto_a_bf16_base_cast_as_peft_does(tmp_path):
     assert loaded.base_model.head.weight.dtype == torch.bfloat16
     assert torch.equal(loaded.base_model.head.weight, sd["head.weight"].to(torch.bfloat16))
     assert loaded.base_model.q_proj.lora_A.dtype == torch.float32  # adapters stay fp32
+
+
+def test_top_level_imports_peft_names_and_bias_pass_through():
+    import radargate_kernels as rk
+    for name in ("RadarGate", "RadarGateLoRALinear", "RadarGateConfig", "RadarGateModel",
+                 "get_radargate_model", "inject_radargate", "from_peft_adapters"):
+        assert name in rk.__all__ and getattr(rk, name) is not None
+    cfg = rk.RadarGateConfig(["q_proj"], r=4, lora_alpha=8.0, lora_dropout=0.1)
+    assert (cfg.rank, cfg.alpha, cfg.dropout) == (4, 8.0, 0.1)
+    assert rk.RadarGateConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="r: 8 conflicts with rank=4"):
+        rk.RadarGateConfig(["q_proj"], rank=4, r=8)
+    base = nn.Linear(4, 6)
+    layer = RadarGateLoRALinear(base, num_experts=2, rank=2)
+    assert layer.bias is base.bias and layer.weight is base.weight
+
+
+def test_mixed_dtype_error_says_what_to_do():
+    from radargate_kernels import radar_gate
+    V = torch.randn(3, 2, 4, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"weights: expected dtype torch.bfloat16 .*cast it, e.g. "
+                                        r"weights.to\(expert_out.dtype\)"):
+        radar_gate(V, torch.randn(3, 2), torch.randn(4, 2, dtype=torch.bfloat16),
+                   torch.randn(2, 2, dtype=torch.bfloat16))
+    gate = RadarGate(4, 2, rank=2)  # a module casts fp32 routing weights to a bf16 input's dtype
+    assert gate(V, torch.softmax(torch.randn(3, 2), -1)).dtype == torch.bfloat16
