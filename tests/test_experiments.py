@@ -122,8 +122,9 @@ def test_contrastive_verdict_rule():
     assert verdicts.contrastive(rows([(-0.5, 0.2)] * 4))[0] == verdicts.NOT
 
 
+@pytest.mark.research  # about 2 minutes: its own CI step (pytest tests -m research)
 def test_quick_run_writes_results_plots_and_verdicts(tmp_path):
-    # the CI smoke test of issue #6 (measured: about 35 s on 2 cores)
+    # the CI smoke test of issue #6
     env = dict(os.environ)  # TRITON_INTERPRET=1 from conftest stays set: run.py must drop it
     proc = subprocess.run([sys.executable, "-m", "experiments.run", "--quick", "--out",
                            str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -66,18 +66,22 @@ def test_gradcheck_float64(backend, ids):
     def f(*xs):
         return radar_gate_lora(**dict(zip(names, xs)), **rest, backend=backend)
 
-    assert torch.autograd.gradcheck(f, leaves, fast_mode=False)
+    # the Triton path in fast mode (v^T J u for random u, v: any wrong Jacobian entry shows,
+    # almost surely), as PyTorch's OpInfo tests do: the full Jacobian took 300 s interpreted
+    assert torch.autograd.gradcheck(f, leaves, fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("ids", [False, True], ids=["dense", "topk"])
 def test_large_k_e_and_ranks_on_the_triton_path(ids):
-    # K = 64 slots (dense: E = 64; top-k: 64 of E = 128 experts), r = rg = 64 in bf16 (fp32:
-    # r = 64 with rg = 16, the widest pair its wider dots compile without spills)
+    # K = 64 slots (dense: E = 64; top-k: 64 of E = 72 experts), r = rg = 64 in bf16 (fp32:
+    # r = 64 with rg = 16, the widest pair its wider dots compile without spills). (E = 128 took
+    # 100 s here, mostly the reference ensemble's P = B B^T of 128^2 64^2 values; the kernels'
+    # expert loops are the same at 72.)
     K = 64
     for dtype, rg in ((torch.bfloat16, 64), (torch.float32, 16)):
         prob = make_lora_problem(2, K, 5, 4, 64, rg, dtype=dtype, ids=ids, bias=True,
-                                 E_extra=64, seed=3)
-        assert prob["lora_A"].shape[0] == (128 if ids else 64)
+                                 E_extra=8, seed=3)
+        assert prob["lora_A"].shape[0] == (72 if ids else 64)
         dy = torch.randn(2, 4, generator=torch.Generator().manual_seed(4)).to(dtype)
         check_lora_against_reference(prob, dy, backend="triton")
 

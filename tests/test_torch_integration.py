@@ -59,7 +59,7 @@ def test_device_decides_the_backend_and_the_kernels_need_cuda(monkeypatch):
 
     def no_kernels(*a, **k):
         raise AssertionError("auto launched the Triton kernels on CPU tensors")
-    monkeypatch.setattr(L, "forward", no_kernels)
+    monkeypatch.setattr(L, "run", no_kernels)
     # TRITON_INTERPRET=1 is set for this test session: "auto" still follows the device
     torch.testing.assert_close(radar_gate(**p), radar_gate(**p, backend="torch"))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
