@@ -434,7 +434,8 @@ def lora_relation_bwd_kernel(
                 # lanes, one batched dot (as one [BT, F] x [F, RP] dot, its operand V was
                 # held by every warp and spilled)
                 vp = tl.dot(tl.permute(tl.reshape(V, (BT, EL, RP)), (1, 0, 2)),
-                            expert_blocks(PF, j, E, r, EL, RP, ACC), input_precision=PREC)
+                            expert_blocks(PF, j, E, r, EL, RP, ACC), input_precision=PREC,
+                            out_dtype=ACC)
                 ds = (2.0 * tl.sum(vp, axis=0) / mk[:, None]
                       + mm(dzk, tl.trans(lane_tile(QF, rg, j * RP, RP, gg, gg < rg, E, r, RP,
                                                    ACC)), PREC))
@@ -453,7 +454,7 @@ def lora_relation_bwd_kernel(
                 s, mk, V = expert_rows_backward(S, t, e, mine, X, dG, ex, k, E, r, RP, EL, ACC)
                 ok = (mine & ~tok_bad)[:, None]
                 acc_q = tl.dot(tl.trans(tl.where(ok, s, 0.0)), tl.where(ok, slot_col(dz, k), 0.0),
-                               acc=acc_q, input_precision=PREC)
+                               acc=acc_q, input_precision=PREC, out_dtype=ACC)
         for k in range(K):
             e = slot_col(ex, k)
             mine = e == j
@@ -461,7 +462,8 @@ def lora_relation_bwd_kernel(
                 s, mk, V = expert_rows_backward(S, t, e, mine, X, dG, ex, k, E, r, RP, EL, ACC)
                 ok = (mine & ~tok_bad)[:, None]
                 acc_p = tl.dot(tl.trans(tl.where(ok, s / mk[:, None], 0.0)),
-                               tl.where(ok, V, 0.0), acc=acc_p, input_precision=PREC)
+                               tl.where(ok, V, 0.0), acc=acc_p, input_precision=PREC,
+                               out_dtype=ACC)
                 hit += tl.sum((used & (mine & tok_bad)[:, None]).to(tl.int32), axis=0)
         if SPLIT:  # expert j's columns of every token (0 where it has no slot of j)
             hi = ds_j.to(tl.bfloat16)
