@@ -13,6 +13,7 @@ Lower level: ``inject_radargate`` (wrap matching ``nn.Linear``s, nothing else),
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -59,8 +60,19 @@ class RadarGateConfig:
     adapter_dtype: str = "float32"
     modules_to_save: Optional[list] = None
     recompute: Optional[bool] = None
+    r: Optional[int] = None              # PEFT's names of rank, alpha, dropout (either works;
+    lora_alpha: Optional[float] = None   # after construction both hold the value)
+    lora_dropout: Optional[float] = None
 
     def __post_init__(self):
+        for peft, own in _PEFT_NAMES.items():
+            value, default = getattr(self, peft), _DEFAULTS[own]
+            if value is not None:
+                if getattr(self, own) not in (default, value):
+                    raise ValueError(f"{peft}: {value!r} conflicts with {own}="
+                                     f"{getattr(self, own)!r} (the same setting; give one)")
+                setattr(self, own, value)
+            setattr(self, peft, getattr(self, own))
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = [str(t) for t in self.target_modules]
         elif not isinstance(self.target_modules, str):
@@ -77,7 +89,7 @@ class RadarGateConfig:
 
     def layer_kwargs(self) -> dict:
         """The keyword arguments of ``RadarGateLoRALinear`` this config stands for."""
-        skip = {"target_modules", "modules_to_save", "adapter_dtype"}
+        skip = {"target_modules", "modules_to_save", "adapter_dtype", *_PEFT_NAMES}
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         kw["adapter_dtype"] = _dtype_from_name(self.adapter_dtype)
         return kw
@@ -112,6 +124,10 @@ class RadarGateConfig:
             return cls.from_dict(json.load(f))
 
 
+_PEFT_NAMES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RadarGateConfig)}
+
+
 def _dtype_from_name(name: str) -> torch.dtype:
     allowed = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
                "float16": torch.float16}
@@ -132,6 +148,23 @@ def _strip_compiled(name: str) -> str:
     return name.replace(_COMPILED_PREFIX, "")
 
 
+@contextlib.contextmanager
+def all_or_nothing(model: nn.Module):
+    """Undo, if the block raises, every change it made to ``model``'s module tree (submodules
+    swapped) and to its parameters' ``requires_grad``: a failed injection or load leaves the
+    caller's model as it was, so a retry starts from the same model."""
+    children = [(m, name, c) for m in model.modules() for name, c in m._modules.items()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for m, name, c in children:
+            m._modules[name] = c
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+
+
 def inject_radargate(model: nn.Module, target_modules: Union[str, Iterable[str]],
                      **layer_kwargs) -> list:
     """Replace every ``nn.Linear`` whose qualified name matches ``target_modules`` (a regex
@@ -144,6 +177,11 @@ def inject_radargate(model: nn.Module, target_modules: Union[str, Iterable[str]]
     every name, so the sharing is kept."""
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
+    with all_or_nothing(model):
+        return _inject(model, target_modules, layer_kwargs)
+
+
+def _inject(model, target_modules, layer_kwargs):
     wrappers, replaced, already = {}, [], []
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if not name or not _matches(_strip_compiled(name), target_modules):
@@ -257,8 +295,12 @@ def load_radargate_state_dict(model: nn.Module, state_dict: dict, strict: bool =
             raise ValueError(f"state_dict[{key!r}]: expected shape {tuple(dest.shape)}, got "
                              f"{tuple(value.shape)} (nothing was loaded)")
         if value.dtype != dest.dtype:
-            raise TypeError(f"state_dict[{key!r}]: expected dtype {dest.dtype}, got {value.dtype}"
-                            f" (cast it first; nothing was loaded)")
+            if key not in required and value.is_floating_point() and dest.is_floating_point():
+                value = value.to(dest.dtype)  # a base module (modules_to_save): as PEFT casts
+            else:
+                raise TypeError(f"state_dict[{key!r}]: expected dtype {dest.dtype}, got "
+                                f"{value.dtype} (adapter weights keep their dtype; cast the file "
+                                f"first; nothing was loaded)")
         plan.append((dest, value))
     with torch.no_grad():
         for dest, value in plan:
@@ -354,11 +396,17 @@ class RadarGateModel(nn.Module):
         path = os.path.join(directory, WEIGHTS_NAME)
         if not os.path.exists(path):
             raise FileNotFoundError(f"directory: {directory} has no {WEIGHTS_NAME}")
-        wrapped = get_radargate_model(model, config)
-        load_radargate_state_dict(wrapped.base_model, load_file(path))
-        if not is_trainable:
-            wrapped.requires_grad_(False)
-        return wrapped
+        try:  # read (and so check) the whole file before touching the model
+            state = load_file(path)
+        except Exception as err:
+            raise ValueError(f"directory: {path} is not a readable safetensors file ({err}); "
+                             f"the model is unchanged") from err
+        with all_or_nothing(model):
+            wrapped = get_radargate_model(model, config)
+            load_radargate_state_dict(wrapped.base_model, state)
+            if not is_trainable:
+                wrapped.requires_grad_(False)
+            return wrapped
 
 
 class _ForwardTo:
@@ -389,9 +437,11 @@ def get_radargate_model(model: nn.Module, config: RadarGateConfig) -> RadarGateM
     if isinstance(model, RadarGateModel):
         raise ValueError("model: already a RadarGateModel (injecting twice would wrap the "
                          "wrappers)")
-    inject_radargate(model, config.target_modules, **config.layer_kwargs())
-    _freeze_all_but_adapters(model, config.modules_to_save)
-    return RadarGateModel(model, config)
+    with all_or_nothing(model):
+        _modules_to_save_params(model, config.modules_to_save)  # raises for a missing target
+        inject_radargate(model, config.target_modules, **config.layer_kwargs())
+        _freeze_all_but_adapters(model, config.modules_to_save)
+        return RadarGateModel(model, config)
 
 
 # -------------------------------------------------------------------------- PEFT adapters in
@@ -480,7 +530,13 @@ def from_peft_adapters(model: nn.Module, adapter_dirs, target_modules=None, **la
     rank = max(A.shape[1] for _, m in adapters for A, _ in m.values())
     layer_kwargs = dict(layer_kwargs, num_experts=len(adapters), rank=rank, alpha=rank,
                         freeze_experts=True)
-    replaced = inject_radargate(model, names, **layer_kwargs)
+    with all_or_nothing(model):
+        replaced = inject_radargate(model, names, **layer_kwargs)
+        _copy_adapters(model, replaced, adapters)
+    return replaced
+
+
+def _copy_adapters(model, replaced, adapters):
     for name in replaced:
         layer = model.get_submodule(name)
         with torch.no_grad():
@@ -491,4 +547,3 @@ def from_peft_adapters(model: nn.Module, adapter_dirs, target_modules=None, **la
                     A, B = mods[name]
                     layer.lora_A[e, :, :A.shape[1]] = A.to(layer.lora_A.dtype)
                     layer.lora_B[e, :B.shape[0], :] = B.to(layer.lora_B.dtype)
-    return replaced

@@ -241,6 +241,10 @@ class RadarGateLoRALinear(nn.Module):
         return self.base.weight
 
     @property
+    def bias(self):  # as .weight: the base layer's
+        return self.base.bias
+
+    @property
     def in_features(self):
         return self.base.in_features
 

@@ -40,7 +40,9 @@ def check_inputs(expert_out, weights, rot_down, rot_up, angle_bias, expert_ids, 
     for name in ("weights", "rot_down", "rot_up", "angle_bias"):
         if name in named and named[name].dtype != expert_out.dtype:
             raise TypeError(f"{name}: expected dtype {expert_out.dtype} (the dtype of expert_out; "
-                            f"mixed floating dtypes are not promoted), got {named[name].dtype}")
+                            f"mixed floating dtypes are not promoted), got {named[name].dtype}: "
+                            f"cast it, e.g. {name}.to(expert_out.dtype) (the modules in "
+                            f"radargate_kernels.nn do this for you)")
     if K < 1:
         raise ValueError(f"expert_out: expected K >= 1 experts, got shape {_shape(expert_out)}")
     if D < 2 or D % 2:
@@ -166,7 +168,8 @@ def check_lora_inputs(x, lora_A, lora_B, weights, rot_down, rot_up, angle_bias, 
     for name in ("lora_A", "lora_B", "weights", "rot_down", "rot_up", "angle_bias"):
         if name in named and named[name].dtype != x.dtype:
             raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x; mixed floating "
-                            f"dtypes are not promoted), got {named[name].dtype}")
+                            f"dtypes are not promoted), got {named[name].dtype}: cast it, e.g. "
+                            f"{name}.to(x.dtype) (RadarGateLoRALinear does this for you)")
     if x.dim() < 1:
         raise ValueError(f"x: expected shape [..., in], got {_shape(x)}")
     if lora_A.dim() != 3 or min(lora_A.shape) < 1:

@@ -301,3 +301,131 @@ def test_hugging_face_trainer_trains_only_the_adapters_and_generate_works(tmp_pa
     cached = model.generate(prompt, **kw)
     assert cached.shape == (2, 9)
     assert torch.equal(cached, model.generate(prompt, use_cache=False, **kw))
+
+
+class _Net(nn.Module):
+    def __init__(self, d=8, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.q_proj, self.v_proj, self.head = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.head(self.v_proj(self.q_proj(x)))
+
+
+def _snapshot(model):
+    """Everything a failed load must leave as it was: the module tree (objects, not copies),
+    every parameter's value and requires_grad."""
+    return ([(n, id(m)) for n, m in model.named_modules()],
+            [(n, p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()])
+
+
+def _assert_unchanged(model, snap):
+    mods, params = _snapshot(model)
+    assert mods == snap[0]
+    assert [(n, g) for n, _, g in params] == [(n, g) for n, _, g in snap[1]]
+    for (n, v, _), (_, w, _) in zip(params, snap[1]):
+        assert torch.equal(v, w), n
+
+
+def _saved(tmp_path, **cfg):
+    cfg = RadarGateConfig(**{"target_modules": ["q_proj", "v_proj"], "num_experts": 3, "rank": 2,
+                             "modules_to_save": ["head"], **cfg})
+    get_radargate_model(_Net(seed=1), cfg).save_pretrained(str(tmp_path))
+    return tmp_path
+
+
+def _rewrite(path, change):
+    from safetensors.torch import load_file, save_file
+    f = path / "radargate_model.safetensors"
+    save_file(change(load_file(str(f))), str(f))
+
+
+def _edit_config(path, **kv):
+    f = path / "radargate_config.json"
+    f.write_text(json.dumps(dict(json.loads(f.read_text()), **kv)))
+
+
+def _truncate(path):
+    f = path / "radargate_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-40])
+
+
+@pytest.mark.parametrize("case", ["truncated file", "num_experts", "rank", "missing key",
+                                  "extra key", "fp16 weights", "other base dimensions",
+                                  "missing modules_to_save target"])
+def test_failed_from_pretrained_leaves_the_model_unchanged_and_a_retry_works(tmp_path, case):
+    path = _saved(tmp_path)
+    model = _Net(d=16 if case == "other base dimensions" else 8)
+    model.head.requires_grad_(False)  # a caller's own flags are restored too
+    if case == "truncated file":
+        _truncate(path)
+    elif case in ("num_experts", "rank"):
+        _edit_config(path, **{case: 4})
+    elif case == "missing key":
+        _rewrite(path, lambda sd: {k: v for k, v in sd.items() if k != sorted(sd)[-1]})
+    elif case == "extra key":
+        _rewrite(path, lambda sd: dict(sd, nope=torch.zeros(1)))
+    elif case == "fp16 weights":
+        _rewrite(path, lambda sd: {k: v.half() for k, v in sd.items()})
+    elif case == "missing modules_to_save target":
+        _edit_config(path, modules_to_save=["nope"])
+    snap = _snapshot(model)
+    with pytest.raises((ValueError, TypeError)):
+        RadarGateModel.from_pretrained(model, str(path))
+    _assert_unchanged(model, snap)
+    if case != "other base dimensions":  # the same model object loads a good file afterwards
+        good = _saved(tmp_path / "good")
+        loaded = RadarGateModel.from_pretrained(model, str(good))
+        assert isinstance(loaded.base_model.q_proj, RadarGateLoRALinear)
+
+
+def test_failed_injection_leaves_the_model_unchanged():
+    model = _Net()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="modules_to_save"):
+        get_radargate_model(model, RadarGateConfig(["q_proj"], num_experts=2, rank=2,
+                                                   modules_to_save=["nope"]))
+    _assert_unchanged(model, snap)
+    inject_radargate(model, ["v_proj"], num_experts=2, rank=2)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="already RadarGateLoRALinear"):
+        inject_radargate(model, ["q_proj", "v_proj"], num_experts=2, rank=2)  # q_proj first
+    _assert_unchanged(model, snap)
+
+
+def test_modules_to_save_load_onto_a_bf16_base_cast_as_peft_does(tmp_path):
+    path = _saved(tmp_path)
+    model = _Net(seed=2).to(torch.bfloat16)
+    loaded = RadarGateModel.from_pretrained(model, str(path))
+    from safetensors.torch import load_file
+    sd = load_file(str(path / "radargate_model.safetensors"))
+    assert loaded.base_model.head.weight.dtype == torch.bfloat16
+    assert torch.equal(loaded.base_model.head.weight, sd["head.weight"].to(torch.bfloat16))
+    assert loaded.base_model.q_proj.lora_A.dtype == torch.float32  # adapters stay fp32
+
+
+def test_top_level_imports_peft_names_and_bias_pass_through():
+    import radargate_kernels as rk
+    for name in ("RadarGate", "RadarGateLoRALinear", "RadarGateConfig", "RadarGateModel",
+                 "get_radargate_model", "inject_radargate", "from_peft_adapters"):
+        assert name in rk.__all__ and getattr(rk, name) is not None
+    cfg = rk.RadarGateConfig(["q_proj"], r=4, lora_alpha=8.0, lora_dropout=0.1)
+    assert (cfg.rank, cfg.alpha, cfg.dropout) == (4, 8.0, 0.1)
+    assert rk.RadarGateConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="r: 8 conflicts with rank=4"):
+        rk.RadarGateConfig(["q_proj"], rank=4, r=8)
+    base = nn.Linear(4, 6)
+    layer = RadarGateLoRALinear(base, num_experts=2, rank=2)
+    assert layer.bias is base.bias and layer.weight is base.weight
+
+
+def test_mixed_dtype_error_says_what_to_do():
+    from radargate_kernels import radar_gate
+    V = torch.randn(3, 2, 4, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"weights: expected dtype torch.bfloat16 .*cast it, e.g. "
+                                        r"weights.to\(expert_out.dtype\)"):
+        radar_gate(V, torch.randn(3, 2), torch.randn(4, 2, dtype=torch.bfloat16),
+                   torch.randn(2, 2, dtype=torch.bfloat16))
+    gate = RadarGate(4, 2, rank=2)  # a module casts fp32 routing weights to a bf16 input's dtype
+    assert gate(V, torch.softmax(torch.randn(3, 2), -1)).dtype == torch.bfloat16
