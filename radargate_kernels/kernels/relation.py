@@ -1,21 +1,14 @@
 """The relation part (SPEC steps 1-3 and their backward) of both ops, one small kernel each way.
 
-radar_gate: a program owns BT tokens as R = BT * KP rows (all slots of a token: stream.py's
-layout with SK = KP); each token's K x K matrices are the diagonal blocks of an R x R tile, and
-the products between rows of different tokens take the other token's rows with non-finite
-entries as 0 (tile.other_tokens_safe): a token with a non-finite v or dd has non-finite rows of
-its own. (The fused layer's kernels, below, hold [BT, KP, KP] tiles instead.)
-
-- ``op_relation_fwd_kernel`` (grid: token blocks): two passes over D, the Gram matrix of the
-  rows scaled by a power of two near their max |v| (exact in the input dtype, so no square
-  overflows and a 16-bit tile's products stay exact), then z = V A; then
-  n = max(|v|, eps), C, rho = softmax over j != i of C / tau, d = rho z - z (d = 0 when K = 1).
-  Stores n [T, K], C and rho [T, K, K], z and d [T, K, r] (the state the backward reads).
-- ``op_relation_bwd_kernel`` (grid: token blocks): from dd = dL/dd [T, K, r] (stream.py's row
-  kernel): drho_ij = <dd_i, z_j>, dC = rho (drho - rowsum(rho drho)) / tau, S = dC + dC^T,
-  dZ = rho^T dd - dd, and the normalisation's backward as one matrix on v,
-  M = S / (n n^T) - diag(<v^_i, dv^_i> / n_i^2) with <v^_i, dv^_i> = sum_j S_ij C_ij
-  (0 where the eps floor holds): dv (relation part) = M v + dZ A^T (stream.py's column kernel).
+radar_gate (a program: BT tokens as R = BT * KP rows, stream.py's layout with SK = KP; a token's
+K x K matrices are the diagonal blocks of an R x R tile; products across tokens take the other
+token's non-finite entries as 0, tile.other_tokens_safe):
+- ``op_relation_fwd_kernel``: over D, the Gram matrix of the rows scaled by a power of two near
+  max |v| (exact, so no square overflows), then z = V A; n = max(|v|, eps), C, rho = softmax over
+  j != i of C / tau, d = rho z - z (0 when K = 1). Stores n, C, rho, z, d for the backward.
+- ``op_relation_bwd_kernel``: from dd: drho_ij = <dd_i, z_j>, dC = rho (drho - rowsum(rho drho))
+  / tau, S = dC + dC^T, dZ = rho^T dd - dd, and M = S / (n n^T) - diag(q_i / n_i^2) with
+  q_i = sum_j S_ij C_ij (0 where the eps floor holds): dv = M v + dZ A^T (stream.py's columns).
 """
 import triton
 import triton.language as tl
@@ -165,13 +158,11 @@ def op_relation_bwd_kernel(
 
 
 # ---- the fused layer's relation part, from the low-rank s ---------------------------------------
-# With LoRA experts v = s B_e: <v_i, v_j> = s_i P[e_i, e_j] s_j^T with P = B B^T, and
-# z_i = s_i Q[e_i] with Q = B rot_down (torch GEMMs, lora.py). A program owns BT tokens; their
-# K x K matrices are [BT, KP, KP] tiles, so no product mixes tokens. Lanes: a token's s_all row
-# [E, r] as F = E padded x RP values (lane f: expert f // RP, element f % RP). For slot k,
-# u = w_k P[e_k, :] is one dot ([BT, RP] x [RP, F]); u times the token's lanes X (s_all / m per
-# expert row), summed per expert, is <w_k, w_e> under P for every expert e: the Gram row k is
-# that at each slot's expert. (W = s / m, m a power of two near max |s|: exact scaling.)
+# v = s B_e: <v_i, v_j> = s_i P[e_i, e_j] s_j^T with P = B B^T, z_i = s_i Q[e_i] with
+# Q = B rot_down (torch GEMMs, lora.py). K x K matrices are [BT, KP, KP] tiles (no product mixes
+# tokens). A token's lanes: its s_all row [E, r] as F = E padded x RP values. For slot k,
+# u = w_k P[e_k, :] is one [BT, RP] x [RP, F] dot; u times the token's lanes X (s_all / m per
+# expert), summed per expert, at each slot's expert is the Gram row k (w = s / m, m a power of 2).
 
 @triton.jit
 def lanes(c0, FC: tl.constexpr, E, r, RP: tl.constexpr):
@@ -434,7 +425,8 @@ def lora_relation_bwd_kernel(
                 # lanes, one batched dot (as one [BT, F] x [F, RP] dot, its operand V was
                 # held by every warp and spilled)
                 vp = tl.dot(tl.permute(tl.reshape(V, (BT, EL, RP)), (1, 0, 2)),
-                            expert_blocks(PF, j, E, r, EL, RP, ACC), input_precision=PREC)
+                            expert_blocks(PF, j, E, r, EL, RP, ACC), input_precision=PREC,
+                            out_dtype=ACC)
                 ds = (2.0 * tl.sum(vp, axis=0) / mk[:, None]
                       + mm(dzk, tl.trans(lane_tile(QF, rg, j * RP, RP, gg, gg < rg, E, r, RP,
                                                    ACC)), PREC))
@@ -453,7 +445,7 @@ def lora_relation_bwd_kernel(
                 s, mk, V = expert_rows_backward(S, t, e, mine, X, dG, ex, k, E, r, RP, EL, ACC)
                 ok = (mine & ~tok_bad)[:, None]
                 acc_q = tl.dot(tl.trans(tl.where(ok, s, 0.0)), tl.where(ok, slot_col(dz, k), 0.0),
-                               acc=acc_q, input_precision=PREC)
+                               acc=acc_q, input_precision=PREC, out_dtype=ACC)
         for k in range(K):
             e = slot_col(ex, k)
             mine = e == j
@@ -461,7 +453,8 @@ def lora_relation_bwd_kernel(
                 s, mk, V = expert_rows_backward(S, t, e, mine, X, dG, ex, k, E, r, RP, EL, ACC)
                 ok = (mine & ~tok_bad)[:, None]
                 acc_p = tl.dot(tl.trans(tl.where(ok, s / mk[:, None], 0.0)),
-                               tl.where(ok, V, 0.0), acc=acc_p, input_precision=PREC)
+                               tl.where(ok, V, 0.0), acc=acc_p, input_precision=PREC,
+                               out_dtype=ACC)
                 hit += tl.sum((used & (mine & tok_bad)[:, None]).to(tl.int32), axis=0)
         if SPLIT:  # expert j's columns of every token (0 where it has no slot of j)
             hi = ds_j.to(tl.bfloat16)
