@@ -15,7 +15,7 @@ setup(
     # live in requirements-dev.txt.
     install_requires=["torch>=2.4", "triton>=3.7.1", "numpy",
                       "safetensors"],  # save_pretrained / from_pretrained (adapters.py)
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis"],
                     "bench": ["pytest-benchmark", "matplotlib"]},
     license="Apache-2.0",
 )

@@ -54,3 +54,7 @@ def emulate_tf32():
 
 if os.environ["TRITON_INTERPRET"] == "1":
     emulate_tf32()
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one pytest-xdist worker per core: no thread contention
+    import torch
+    torch.set_num_threads(1)
