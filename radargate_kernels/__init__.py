@@ -8,10 +8,12 @@
 - ``RadarGateFunction``: the autograd Function behind radar_gate's Triton path
 - modules (``nn.py``): ``RadarGate``, ``RadarGateLoRALinear``; PEFT-style API (``adapters.py``):
   ``RadarGateConfig``, ``get_radargate_model``, ``RadarGateModel``, ``inject_radargate``,
-  ``from_peft_adapters``, ``radargate_state_dict``, ``load_radargate_state_dict``
+  ``from_peft_adapters``, ``peft_lora_weights``, ``radargate_state_dict``,
+  ``load_radargate_state_dict``
 """
 from .adapters import (RadarGateConfig, RadarGateModel, from_peft_adapters, get_radargate_model,
-                       inject_radargate, load_radargate_state_dict, radargate_state_dict)
+                       inject_radargate, load_radargate_state_dict, peft_lora_weights,
+                       radargate_state_dict)
 from .lora import radar_gate_lora
 from .nn import RadarGate, RadarGateLoRALinear
 from .ops import RadarGateFunction, radar_gate
@@ -20,5 +22,5 @@ from .reference import radar_gate_lora_reference, radar_gate_reference
 __all__ = ["radar_gate", "radar_gate_lora", "radar_gate_reference", "radar_gate_lora_reference",
            "RadarGateFunction", "RadarGate", "RadarGateLoRALinear", "RadarGateConfig",
            "RadarGateModel", "get_radargate_model", "inject_radargate", "from_peft_adapters",
-           "radargate_state_dict", "load_radargate_state_dict"]
+           "radargate_state_dict", "load_radargate_state_dict", "peft_lora_weights"]
 __version__ = "0.1.0"

@@ -502,6 +502,40 @@ def _read_peft_adapter(adapter_dir):
     return cfg, mods
 
 
+def peft_lora_weights(layer: nn.Module, adapter_names=None):
+    """A PEFT ``lora.Linear`` holding several adapters -> ``(lora_A [E, in, r], lora_B [E, r,
+    out])`` for ``radar_gate_lora``, one expert per adapter (``adapter_names``: which, in order;
+    default all of the layer's LoRA adapters), each adapter's scaling (lora_alpha / r, or rsLoRA's
+    / sqrt(r)) folded into its B. Ranks may differ: they are zero-padded to the largest (the
+    padding adds nothing). DoRA, fan_in_fan_out and LoRA biases raise."""
+    lora_A, lora_B = getattr(layer, "lora_A", None), getattr(layer, "lora_B", None)
+    if not isinstance(lora_A, nn.ModuleDict) or not isinstance(lora_B, nn.ModuleDict):
+        raise TypeError(f"layer: expected a PEFT LoRA layer (lora_A / lora_B ModuleDicts), got "
+                        f"{type(layer).__name__}")
+    names = list(lora_A.keys()) if adapter_names is None else list(adapter_names)
+    missing = [n for n in names if n not in lora_A]
+    if not names or missing:
+        raise ValueError(f"adapter_names: {missing or names} are not LoRA adapters of this layer "
+                         f"(it has {list(lora_A.keys())})")
+    for n in names:
+        if getattr(layer, "use_dora", {}).get(n):
+            raise ValueError(f"adapter_names: {n!r} uses DoRA, which is not supported")
+        if getattr(layer, "fan_in_fan_out", False):
+            raise ValueError("layer: fan_in_fan_out=True (Conv1D-style weights) is not supported")
+        if lora_B[n].bias is not None:
+            raise ValueError(f"adapter_names: {n!r} has a LoRA bias, which is not supported")
+    rank = max(lora_A[n].weight.shape[0] for n in names)
+    w = lora_A[names[0]].weight
+    A = w.new_zeros((len(names), w.shape[1], rank))
+    B = w.new_zeros((len(names), rank, lora_B[names[0]].weight.shape[0]))
+    with torch.no_grad():
+        for e, n in enumerate(names):
+            r = lora_A[n].weight.shape[0]
+            A[e, :, :r] = lora_A[n].weight.t()
+            B[e, :r, :] = lora_B[n].weight.t() * float(layer.scaling[n])
+    return A, B
+
+
 def from_peft_adapters(model: nn.Module, adapter_dirs, target_modules=None, **layer_kwargs):
     """Load N PEFT LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors`` in each
     of ``adapter_dirs``) into ``model`` as N frozen experts per adapted ``nn.Linear``, gated by a
@@ -510,7 +544,16 @@ def from_peft_adapters(model: nn.Module, adapter_dirs, target_modules=None, **la
     ``lora_alpha / r`` (per module with ``alpha_pattern`` / ``rank_pattern``; ``sqrt(r)`` with
     rsLoRA) is folded into its B; ranks may differ (zero-padded to the largest). Unsupported
     adapter features (DoRA, fan_in_fan_out, lora bias, modules_to_save, non-Linear targets)
-    and adapted modules that do not exist in ``model`` raise. Returns the replaced names."""
+    and adapted modules that do not exist in ``model`` raise, as does a layer argument the adapters
+    fix (num_experts, rank, alpha and their PEFT names, freeze_experts). As ``get_peft_model``:
+    every other parameter of ``model`` is frozen, and the result is a ``RadarGateModel``
+    (``save_pretrained``; the replaced names are ``.radargate_config.target_modules``)."""
+    fixed = sorted({"num_experts", "rank", "alpha", "r", "lora_alpha", "freeze_experts"}
+                   & set(layer_kwargs))
+    if fixed:
+        raise ValueError(f"{', '.join(fixed)}: set by the adapters (one expert per adapter, their "
+                         f"largest rank, their own scalings folded in, experts frozen); "
+                         f"remove {'it' if len(fixed) == 1 else 'them'}")
     adapters = [_read_peft_adapter(d) for d in adapter_dirs]
     if not adapters:
         raise ValueError("adapter_dirs: expected at least one adapter directory")
@@ -528,12 +571,15 @@ def from_peft_adapters(model: nn.Module, adapter_dirs, target_modules=None, **la
         names = [n for n in names if _matches(n, target_modules if isinstance(target_modules, str)
                                                  else list(target_modules))]
     rank = max(A.shape[1] for _, m in adapters for A, _ in m.values())
-    layer_kwargs = dict(layer_kwargs, num_experts=len(adapters), rank=rank, alpha=rank,
-                        freeze_experts=True)
+    if isinstance(layer_kwargs.get("adapter_dtype"), torch.dtype):
+        layer_kwargs["adapter_dtype"] = str(layer_kwargs["adapter_dtype"]).removeprefix("torch.")
+    config = RadarGateConfig(target_modules=names, num_experts=len(adapters), rank=rank,
+                             alpha=rank, freeze_experts=True, **layer_kwargs)
     with all_or_nothing(model):
-        replaced = inject_radargate(model, names, **layer_kwargs)
+        replaced = inject_radargate(model, names, **config.layer_kwargs())
         _copy_adapters(model, replaced, adapters)
-    return replaced
+        _freeze_all_but_adapters(model, None)
+        return RadarGateModel(model, config)
 
 
 def _copy_adapters(model, replaced, adapters):

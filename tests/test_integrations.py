@@ -2,6 +2,7 @@
 downloads) and adapters made with the real peft package."""
 import pytest
 import torch
+from torch import nn
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency "
                                    "(requirements-dev.txt); this file needs it")
@@ -70,11 +71,18 @@ PATTERNS = [{}, dict(rank_pattern={"q_proj": 5}, alpha_pattern={"layers.1.self_a
 
 def test_peft_adapters_as_frozen_experts_reproduce_each_adapter(tmp_path):
     adapters = [_make_adapter(tmp_path, s, f"a{s}", **PATTERNS[s]) for s in range(3)]
-    model = tiny_llama().requires_grad_(False)
-    names = from_peft_adapters(model, [p for _, p in adapters], tau=0.5)
-    assert len(names) == 4
+    model = tiny_llama()  # trainable, as loaded: from_peft_adapters freezes it (get_peft_model)
+    wrapped = from_peft_adapters(model, [p for _, p in adapters], tau=0.5)
+    assert len(wrapped.radargate_config.target_modules) == 4 and wrapped.base_model is model
     layers = [m for m in model.modules() if isinstance(m, RadarGateLoRALinear)]
+    assert len(layers) == 4
     assert all(not l.lora_A.requires_grad and l.router.weight.requires_grad for l in layers)
+    assert {n.split(".")[-1] for n, p in model.named_parameters() if p.requires_grad} <= {
+        "weight", "rot_down", "rot_up", "angle_bias"}  # router weight and the gate only
+    assert not any(p.requires_grad for n, p in model.named_parameters()
+                   if "router" not in n and ".gate." not in n)
+    with pytest.raises(ValueError, match="rank: set by the adapters"):
+        from_peft_adapters(tiny_llama(), [p for _, p in adapters], rank=4)
     ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
     for e, (pm, _) in enumerate(adapters):
         for l in layers:  # one-hot stretch gate on adapter e; the rotation starts at zero
@@ -113,3 +121,37 @@ def test_peft_adapter_for_another_model_raises(tmp_path):
     other.model.layers = other.model.layers[:1]  # the adapter also adapts layer 1
     with pytest.raises(ValueError, match="which the model does not have"):
         from_peft_adapters(other, [path])
+
+
+def test_peft_lora_weights_of_a_multi_adapter_layer_reproduce_each_adapter():
+    """A PEFT lora.Linear with three adapters of different ranks (one rsLoRA) -> A [E, in, r],
+    B [E, r, out] with the scalings folded in: x A_e B_e is adapter e's delta as PEFT computes it,
+    and radar_gate_lora at zero angles gives their weighted sum."""
+    from radargate_kernels import peft_lora_weights, radar_gate_lora
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 10))
+    cfgs = [dict(r=2, lora_alpha=8), dict(r=5, lora_alpha=3), dict(r=3, lora_alpha=6,
+                                                                     use_rslora=True)]
+    pm = peft.get_peft_model(base, peft.LoraConfig(target_modules=["0"], init_lora_weights=False,
+                                                   **cfgs[0]), adapter_name="a0")
+    for i, c in enumerate(cfgs[1:], 1):
+        pm.add_adapter(f"a{i}", peft.LoraConfig(target_modules=["0"], init_lora_weights=False,
+                                                **c))
+    layer = pm.base_model.model[0]
+    A, B = peft_lora_weights(layer)
+    assert A.shape == (3, 12, 5) and B.shape == (3, 5, 10)
+    x = torch.randn(7, 12)
+    with torch.no_grad():
+        plain = layer.base_layer(x)
+        for e in range(3):
+            pm.base_model.set_adapter(f"a{e}")
+            torch.testing.assert_close(x @ A[e] @ B[e], layer(x) - plain)
+        w = torch.softmax(torch.randn(7, 3), -1)
+        y = radar_gate_lora(x, A, B, w, backend="torch")
+        torch.testing.assert_close(y, torch.einsum("tk,tko->to", w,
+                                                   torch.einsum("ti,kir,kro->tko", x, A, B)))
+    assert peft_lora_weights(layer, ["a2", "a0"])[0].shape == (2, 12, 3)
+    with pytest.raises(ValueError, match="not LoRA adapters"):
+        peft_lora_weights(layer, ["nope"])
+    with pytest.raises(TypeError, match="expected a PEFT LoRA layer"):
+        peft_lora_weights(nn.Linear(2, 2))
