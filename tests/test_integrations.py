@@ -155,3 +155,63 @@ def test_peft_lora_weights_of_a_multi_adapter_layer_reproduce_each_adapter():
         peft_lora_weights(layer, ["nope"])
     with pytest.raises(TypeError, match="expected a PEFT LoRA layer"):
         peft_lora_weights(nn.Linear(2, 2))
+
+
+def _xlora_model(adapter_paths, **cfg):
+    base = tiny_llama()
+    base.config.use_cache = False
+    return peft.get_peft_model(base, peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=32,
+                                                      adapters=adapter_paths, xlora_depth=1,
+                                                      **cfg))
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_xlora_with_radargate_trains_and_round_trips(tmp_path, top_k):
+    """PEFT's X-LoRA on a tiny Llama with 4 PEFT adapters: use_radargate keeps the step-0 loss
+    (the gates start as the weighted sum; with top_k_lora only the kept slots enter), gradients
+    reach X-LoRA's router and every gate in 20 training steps, and the gates plus the router
+    saved and loaded into a fresh X-LoRA model give the same logits exactly."""
+    from radargate_kernels import load_radargate_state_dict
+    from radargate_kernels.integrations.xlora import use_radargate, xlora_gate_state_dict
+    paths = {str(i): _make_adapter(tmp_path, i, f"a{i}")[1] for i in range(4)}  # X-LoRA: "0".."3"
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    model = _xlora_model(paths, top_k_lora=top_k)
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids, labels=ids).loss
+    swapped = use_radargate(model, rank=4)
+    assert len(swapped) == 4  # q_proj and v_proj of 2 layers
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, before)
+    with pytest.raises(ValueError, match="already use RadarGate"):
+        use_radargate(model)
+    gates = [m.radargate for m in model.modules() if hasattr(m, "radargate")]
+    params = [p for p in model.parameters() if p.requires_grad]
+    gate_params = {id(p) for g in gates for p in g.parameters()}
+    assert gate_params <= {id(p) for p in params}  # registered: the optimizer sees them
+    opt = torch.optim.Adam(params, lr=1e-2)
+    model.train()
+    for step in range(20):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if step == 0:
+            router = [p for n, p in model.named_parameters() if "xlora_classifier" in n]
+            assert router and all(p.grad is not None and p.grad.abs().sum() > 0 for p in router)
+            assert all(g.rot_up.grad is not None and g.rot_up.grad.abs().sum() > 0 for g in gates)
+        opt.step()
+        assert torch.isfinite(loss)
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+    sd = dict(xlora_gate_state_dict(model), **{k: v for k, v in model.state_dict().items()
+                                                if "xlora_classifier" in k})
+    assert any(".radargate.rot_up" in k for k in sd)
+    from safetensors.torch import load_file, save_file
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "gates.safetensors"))
+    fresh = _xlora_model(paths, top_k_lora=top_k)
+    use_radargate(fresh, rank=4)
+    load_radargate_state_dict(fresh, load_file(str(tmp_path / "gates.safetensors")))
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, trained)

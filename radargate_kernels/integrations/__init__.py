@@ -1,0 +1,1 @@
+"""Drop-ins for other LoRA-MoE code: ``xlora`` (PEFT's X-LoRA)."""
