@@ -215,3 +215,36 @@ def test_xlora_with_radargate_trains_and_round_trips(tmp_path, top_k):
     fresh.eval()
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, trained)
+
+
+def test_expert_major_dispatch_to_slots_matches_mixlora_index_add():
+    """MixLoRA-style sparse top-2: experts run on their routed tokens (one expert gets none),
+    the rows are put at their slots, and radar_gate at zero angles equals MixLoRA's index_add_
+    combination; a wrong row count is named."""
+    from radargate_kernels import radar_gate
+    from radargate_kernels.integrations.sparse import slots_from_expert_major
+    gen = torch.Generator().manual_seed(0)
+    T, D, E, K = 9, 6, 4, 2
+    x = torch.randn(T, D, generator=gen)
+    experts = [nn.Linear(D, D) for _ in range(E)]
+    logits = torch.randn(T, E, generator=gen)
+    logits[:, 3] = -1e9  # expert 3 gets no token
+    weights, selected = torch.topk(torch.softmax(logits, -1), K, dim=-1)
+    mask = torch.nn.functional.one_hot(selected, E).permute(2, 1, 0)
+    out = torch.zeros(T, D)
+    rows = []
+    with torch.no_grad():
+        for e in range(E):
+            idx, top_x = torch.where(mask[e])
+            r = experts[e](x[top_x])
+            rows.append(r)
+            out.index_add_(0, top_x, r * weights[top_x, idx, None])
+        V = slots_from_expert_major(rows, selected)
+        A, B = torch.randn(D, 2, generator=gen), torch.zeros(2, D // 2)
+        y = radar_gate(V, weights, A, B, torch.zeros(E, D // 2), selected, backend="torch")
+    torch.testing.assert_close(y, out)
+    for t in range(T):
+        for k in range(K):
+            torch.testing.assert_close(V[t, k], experts[selected[t, k]](x[t]).detach())
+    with pytest.raises(ValueError, match="rows_per_expert"):
+        slots_from_expert_major(rows[:1] + [rows[1][:1]] + rows[2:], selected)
