@@ -2,10 +2,9 @@
 
 Providers (all compute the same thing except ``weighted_sum``):
   radargate     radar_gate on the device present: fused Triton kernels on CUDA, its CPU path
-                (without autograd the inductor-compiled reference, with autograd the
-                cache-blocked eager path) on CPU
-  cpu_eager     (CPU only) the cache-blocked eager CPU path, radar_gate's fallback when
-                compilation is unavailable (RADARGATE_CPU_PATH=eager)
+                (the cache-blocked eager path; RADARGATE_CPU_PATH=compile: the
+                inductor-compiled reference without autograd) on CPU
+  cpu_eager     (CPU only) the cache-blocked eager CPU path called directly
   naive         the PyTorch reference in eager mode (what LoRA-MoE code writes today)
   naive_compile torch.compile of the reference (dynamic shapes, compiled once)
   weighted_sum  plain weighted-sum gating, einsum("tk,tkd->td"): the cost floor, no rotation

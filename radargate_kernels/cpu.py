@@ -1,10 +1,12 @@
 """CPU path of ``radar_gate`` (CPU tensors, no Triton).
 
-Chosen by measurement (BENCHMARKS.md section 3): a forward without autograd runs the reference
-compiled by inductor (``torch.compile(..., dynamic=True)``, compiled on first use per
-dtype/signature, logged once), the fastest forward at most swept shapes. With autograd (and
-with ``RADARGATE_CPU_PATH=eager``, or after a broken compiler toolchain, with one warning) it
-runs:
+By default (and always with autograd) it runs the cache-blocked eager path below. A forward
+without autograd runs the reference compiled by inductor only when asked
+(``RADARGATE_CPU_PATH=compile``; compiled on first use per dtype/signature, logged once): measured
+(BENCHMARKS.md section 5), the compiled forward was at best 1.8x faster (K = 16) and slower at
+D <= 512, while its first call costs 6.6-15 s; it pays only after hundreds of calls at one shape,
+so no size threshold makes it the right default (issue #26). After a broken compiler toolchain it
+falls back to eager with one warning.
 
 the cache-blocked eager path below: the same math as the reference, reorganised for a CPU.
 
@@ -32,6 +34,9 @@ from .reference import (compute_dtype, radar_gate_reference, row_scale, scaled_c
 from .validation import no_double_backward
 
 CHUNK = 128  # tokens per chunk: best of {16, 32, 64, 128, 256, 512, all} in BENCHMARKS.md
+# (K = 8, D = 1024): a chunk of at least that many elements, so small K D run in few chunks
+# (T = 512, K = 2, D = 64: 14.4 ms forward + backward in 4 chunks, 8.0 ms in one; issue #26)
+CHUNK_ELEMS = CHUNK * 8 * 1024
 
 
 def _chunk_forward(V, g, A, B, beta, ids, tau: float, eps: float, out=None):
@@ -155,23 +160,27 @@ def _compiled(fn, V, beta, ids):
         if not _COMPILED:
             _LOG.warning("radargate_kernels: compiling the CPU path with torch.compile (first "
                          "forward without autograd of each dtype/signature, ~15 s; "
-                         "RADARGATE_CPU_PATH=eager skips it)")
+                         "RADARGATE_CPU_PATH=compile asked for it)")
         code = fn.__code__.replace(co_name=f"radar_gate_cpu{fn.__name__}_{len(_COMPILED)}")
         _COMPILED[key] = torch.compile(types.FunctionType(code, fn.__globals__), dynamic=True)
     return _COMPILED[key]
 
 
-def radar_gate_cpu_eager(V, g, A, B, beta, ids, tau: float, eps: float, chunk: int = CHUNK):
-    """Cache-blocked eager path. V [T, K, D], g [T, K], ids [T, K] or None -> y [T, D]."""
+def radar_gate_cpu_eager(V, g, A, B, beta, ids, tau: float, eps: float, chunk=None):
+    """Cache-blocked eager path. V [T, K, D], g [T, K], ids [T, K] or None -> y [T, D].
+    chunk: tokens per chunk (default: CHUNK_ELEMS elements of V, at least CHUNK tokens)."""
+    if chunk is None:
+        chunk = max(CHUNK, CHUNK_ELEMS // max(1, V.shape[-2] * V.shape[-1]))
     return _ChunkedCPU.apply(V, g, A, B, beta, ids, float(tau), float(eps), int(chunk))
 
 
 def radar_gate_cpu(V, g, A, B, beta, ids, tau: float, eps: float):
-    """CPU path: V [T, K, D], g [T, K], ids [T, K] or None -> y [T, D] (dtype of V). With
-    autograd: the cache-blocked eager path; without: the compiled reference."""
+    """CPU path: V [T, K, D], g [T, K], ids [T, K] or None -> y [T, D] (dtype of V): the
+    cache-blocked eager path; without autograd and with RADARGATE_CPU_PATH=compile, the compiled
+    reference."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (V, g, A, B, beta))
-    if not needs_grad and os.environ.get("RADARGATE_CPU_PATH", "compile") == "compile" \
+    if not needs_grad and os.environ.get("RADARGATE_CPU_PATH", "eager") == "compile" \
             and not _FAILED:
         ct = compute_dtype(V.dtype)
         try:

@@ -144,10 +144,9 @@ def radar_gate(expert_out, weights, rot_down, rot_up, angle_bias=None, expert_id
 
     backend: "auto" (the tensors' device decides: Triton kernels on CUDA, or under
     TRITON_INTERPRET=1; PyTorch otherwise), "triton" or "torch". The PyTorch path on CPU tensors
-    is the cache-blocked eager implementation (cpu.py) with autograd, and the reference compiled
-    by inductor without (compiled on first use per dtype/signature, ~15 s, logged once;
-    RADARGATE_CPU_PATH=eager: always eager); under torch.compile and on other devices it is
-    the reference itself.
+    is the cache-blocked eager implementation (cpu.py; without autograd and with
+    RADARGATE_CPU_PATH=compile, the reference compiled by inductor, ~15 s on first use per
+    dtype/signature); under torch.compile and on other devices it is the reference itself.
     First-order gradients on every path; create_graph=True raises except on the reference.
     """
     compiling = torch.compiler.is_compiling()

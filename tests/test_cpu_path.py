@@ -1,5 +1,5 @@
 """The CPU paths (radargate_kernels/cpu.py) against the reference, same tolerance table as the
-kernels: the cache-blocked eager path over many shapes, the inductor-compiled default on a few."""
+kernels: the cache-blocked eager path over many shapes, the inductor-compiled opt-in on a few, and what the default runs."""
 import pytest
 import torch
 
@@ -67,3 +67,30 @@ def test_all_zero_experts_give_zero_output_and_finite_gradients(path):
     for name in g_r:
         assert torch.isfinite(g[name]).all(), name
         torch.testing.assert_close(g[name], g_r[name], rtol=1e-4, atol=1e-4)
+
+
+def test_default_cpu_path_never_compiles_and_chunks_by_elements(monkeypatch):
+    """Issue #26: a forward without autograd no longer compiles unless asked
+    (RADARGATE_CPU_PATH=compile), and small K D run in one chunk (a chunk holds at least
+    CHUNK_ELEMS elements of V, and at least CHUNK tokens)."""
+    import radargate_kernels.cpu as cpu
+    from radargate_kernels import radar_gate
+    monkeypatch.delenv("RADARGATE_CPU_PATH", raising=False)
+
+    def no_compile(*a, **k):
+        raise AssertionError("the default CPU path compiled")
+    monkeypatch.setattr(cpu, "_compiled", no_compile)
+    calls = []
+    orig = cpu._chunk_forward
+    monkeypatch.setattr(cpu, "_chunk_forward", lambda V, *a, **k: calls.append(V.shape[0])
+                        or orig(V, *a, **k))
+    p = make_problem(512, 2, 64, 4, seed=1)
+    with torch.no_grad():
+        y = radar_gate(**p, backend="torch")
+    assert calls == [512]
+    torch.testing.assert_close(y, radar_gate_reference(**p), rtol=1e-5, atol=1e-5)
+    calls.clear()
+    p = make_problem(300, 8, 1024, 2, seed=2)
+    with torch.no_grad():
+        radar_gate(**p, backend="torch")
+    assert calls == [128, 128, 44]
