@@ -2,13 +2,13 @@
 
 By default (and always with autograd) it runs the cache-blocked eager path below. A forward
 without autograd runs the reference compiled by inductor only when asked
-(``RADARGATE_CPU_PATH=compile``; compiled on first use per dtype/signature, logged once): measured
-(BENCHMARKS.md section 5), the compiled forward was at best 1.8x faster (K = 16) and slower at
-D <= 512, while its first call costs 6.6-15 s; it pays only after hundreds of calls at one shape,
-so no size threshold makes it the right default (issue #26). After a broken compiler toolchain it
-falls back to eager with one warning.
+(``RADARGATE_CPU_PATH=compile``; compiled on first use per dtype/signature, logged once).
+Measured (BENCHMARKS.md section 5, sweep of 2026-12-05, T = 512): the compiled forward runs at
+0.9-1.7x the eager speed (-0.1 to 10 ms a call), while its first call costs 6.6-15 s: it pays after
+about a thousand calls, whatever the size, so no size threshold decides it and it is not the
+default (issue #26). After a broken compiler toolchain it falls back to eager with one warning.
 
-the cache-blocked eager path below: the same math as the reference, reorganised for a CPU.
+The cache-blocked eager path below: the same math as the reference, reorganised for a CPU.
 
 Differences from the literal reference (same result up to fp32 rounding, tested against it):
 cosines from the Gram matrix of the rows scaled by their max |v| (no overflow) instead of
