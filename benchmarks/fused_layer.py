@@ -7,8 +7,8 @@ Shape as in the issue: T tokens, in = out = d, LoRA rank 8, gate rank 8, fp32, n
 rot_up, an input that requires grad (a layer inside a network). Saved for backward: unique storages
 packed by ``saved_tensors_hooks`` during one forward (radargate_kernels.memory.saved_bytes),
 parameters included, as in the issue's table. Time: median of ``--repeats`` forward+backward
-passes after one warm-up, ``time.perf_counter`` (radar_gate's CPU path, the materialized layer's,
-is the inductor-compiled reference: its compile happens in the warm-up).
+passes after one warm-up, ``time.perf_counter`` (the materialized layer's op runs radar_gate's
+CPU path: with autograd, the cache-blocked eager path).
 """
 from __future__ import annotations
 

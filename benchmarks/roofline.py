@@ -396,6 +396,7 @@ QUICK_SHAPES = {"E8-dense-small": (512, 1024, 1024, 8, 8, 16, 16, False)}
 
 def total(works):
     w = Work("total", "total")
+    w.launches = 0  # the launches of the works summed, not one more
     for x in works:
         w.add(x)
     w.t = sum(x.time() for x in works)

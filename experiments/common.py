@@ -6,8 +6,8 @@ import re
 import sys
 from dataclasses import dataclass
 
-# The PyTorch path without inductor: every model shape here would otherwise pay a ~30 s compile
-# (measured), more than most runs take. Same math (tests/test_cpu_path.py). Read at call time.
+# The PyTorch path without inductor (the default since 2026-12-05; set so an environment that opts
+# in with RADARGATE_CPU_PATH=compile does not pay a ~30 s compile per model shape here, measured).
 os.environ.setdefault("RADARGATE_CPU_PATH", "eager")
 
 

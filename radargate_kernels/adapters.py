@@ -60,19 +60,10 @@ class RadarGateConfig:
     adapter_dtype: str = "float32"
     modules_to_save: Optional[list] = None
     recompute: Optional[bool] = None
-    r: Optional[int] = None              # PEFT's names of rank, alpha, dropout (either works;
-    lora_alpha: Optional[float] = None   # after construction both hold the value)
-    lora_dropout: Optional[float] = None
+    # PEFT's names r, lora_alpha, lora_dropout are accepted too: aliases of rank, alpha, dropout
+    # (properties reading and writing them; not stored twice), see _init_with_peft_names below
 
     def __post_init__(self):
-        for peft, own in _PEFT_NAMES.items():
-            value, default = getattr(self, peft), _DEFAULTS[own]
-            if value is not None:
-                if getattr(self, own) not in (default, value):
-                    raise ValueError(f"{peft}: {value!r} conflicts with {own}="
-                                     f"{getattr(self, own)!r} (the same setting; give one)")
-                setattr(self, own, value)
-            setattr(self, peft, getattr(self, own))
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = [str(t) for t in self.target_modules]
         elif not isinstance(self.target_modules, str):
@@ -89,7 +80,7 @@ class RadarGateConfig:
 
     def layer_kwargs(self) -> dict:
         """The keyword arguments of ``RadarGateLoRALinear`` this config stands for."""
-        skip = {"target_modules", "modules_to_save", "adapter_dtype", *_PEFT_NAMES}
+        skip = {"target_modules", "modules_to_save", "adapter_dtype"}
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         kw["adapter_dtype"] = _dtype_from_name(self.adapter_dtype)
         return kw
@@ -104,7 +95,7 @@ class RadarGateConfig:
         if version != _FORMAT_VERSION:
             raise ValueError(f"{CONFIG_NAME}: format_version {version!r} is not supported "
                              f"(this version reads {_FORMAT_VERSION})")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} | set(_PEFT_NAMES)
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"{CONFIG_NAME}: unknown fields {unknown}")
@@ -125,7 +116,28 @@ class RadarGateConfig:
 
 
 _PEFT_NAMES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RadarGateConfig)}
+_dataclass_init = RadarGateConfig.__init__
+
+
+def _init_with_peft_names(self, *args, r=None, lora_alpha=None, lora_dropout=None, **kwargs):
+    for peft, value in (("r", r), ("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
+        own = _PEFT_NAMES[peft]
+        if value is not None:
+            if own in kwargs and kwargs[own] != value:
+                raise ValueError(f"{peft}: {value!r} conflicts with {own}={kwargs[own]!r} (the "
+                                 f"same setting; give one)")
+            kwargs[own] = value
+    _dataclass_init(self, *args, **kwargs)
+
+
+def _alias(own):
+    return property(lambda self: getattr(self, own), lambda self, v: setattr(self, own, v),
+                    doc=f"PEFT's name of ``{own}``")
+
+
+RadarGateConfig.__init__ = _init_with_peft_names
+for _peft, _own in _PEFT_NAMES.items():
+    setattr(RadarGateConfig, _peft, _alias(_own))
 
 
 def _dtype_from_name(name: str) -> torch.dtype:

@@ -4,9 +4,10 @@ By default (and always with autograd) it runs the cache-blocked eager path below
 without autograd runs the reference compiled by inductor only when asked
 (``RADARGATE_CPU_PATH=compile``; compiled on first use per dtype/signature, logged once).
 Measured (BENCHMARKS.md section 5, sweep of 2026-12-05, T = 512): the compiled forward runs at
-0.9-1.7x the eager speed (-0.1 to 10 ms a call), while its first call costs 6.6-15 s: it pays after
-about a thousand calls, whatever the size, so no size threshold decides it and it is not the
-default (issue #26). After a broken compiler toolchain it falls back to eager with one warning.
+0.9-1.7x the eager speed (-0.1 to 10 ms a call), while its first call costs 6.6-15 s: it pays
+after about a thousand calls at K >= 8 with D = 1024, 3,000-19,000 at smaller K or D, never at
+K = 1; the number of calls decides, not a size, so it is not the default (issue #26). After a
+broken compiler toolchain it falls back to eager with one warning.
 
 The cache-blocked eager path below: the same math as the reference, reorganised for a CPU.
 
@@ -129,14 +130,15 @@ class _ChunkedCPU(torch.autograd.Function):
                 dbeta.to(beta.dtype) if beta is not None else None, None, None, None, None)
 
 
-# ---- the compiled reference (default CPU path without autograd) ------------------------------------
+# ---- the compiled reference (RADARGATE_CPU_PATH=compile, without autograd) ------------------------
 #
 # Measured (BENCHMARKS.md section 3, T = 2048, K = 8, D = 1024): for forward + backward the
 # cache-blocked eager path above (281 ms) was as fast as the compiled reference with autograd
 # (302 ms) and faster than a compiled forward + compiled vjp (386 ms), and it saves only the inputs,
 # keeps backward(retain_graph=True) working (inductor's donated buffers break it) and raises on
-# double backward. So autograd goes to the eager path; a forward without autograd (inference) runs
-# the compiled reference. One compiled function per static signature (dtype, angle bias or not,
+# double backward. So autograd goes to the eager path; a forward without autograd runs the
+# compiled reference when asked (RADARGATE_CPU_PATH=compile; the default is eager since
+# 2026-12-05, see the module docstring). One compiled function per static signature (dtype, angle bias or not,
 # ids or not), each with its own code object, so dynamo's per-code recompile limit (8) is never
 # shared; tau and eps go in as 0-d tensors (floats would be specialised: one recompile per value)
 # and shapes are dynamic. Threads: dynamo's caches are process-wide; results of concurrent first

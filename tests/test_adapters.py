@@ -415,6 +415,14 @@ def test_top_level_imports_peft_names_and_bias_pass_through():
     assert rk.RadarGateConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="r: 8 conflicts with rank=4"):
         rk.RadarGateConfig(["q_proj"], rank=4, r=8)
+    with pytest.raises(ValueError, match="r: 4 conflicts with rank=8"):  # explicit, = default
+        rk.RadarGateConfig(["q_proj"], rank=8, r=4)
+    cfg.rank = 6  # one setting under two names: no stale copy in what is saved or injected
+    assert cfg.r == 6 and rk.RadarGateConfig.from_dict(cfg.to_dict()).rank == 6
+    cfg.r = 3
+    assert cfg.layer_kwargs()["rank"] == 3 and "r" not in cfg.to_dict()
+    import dataclasses
+    assert dataclasses.replace(cfg, rank=16).r == 16
     base = nn.Linear(4, 6)
     layer = RadarGateLoRALinear(base, num_experts=2, rank=2)
     assert layer.bias is base.bias and layer.weight is base.weight

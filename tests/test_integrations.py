@@ -155,6 +155,9 @@ def test_peft_lora_weights_of_a_multi_adapter_layer_reproduce_each_adapter():
         peft_lora_weights(layer, ["nope"])
     with pytest.raises(TypeError, match="expected a PEFT LoRA layer"):
         peft_lora_weights(nn.Linear(2, 2))
+    layer.use_dora["a1"] = True  # as PEFT records it per adapter
+    with pytest.raises(ValueError, match="'a1' uses DoRA"):
+        peft_lora_weights(layer)
 
 
 def _xlora_model(adapter_paths, **cfg):
@@ -165,17 +168,19 @@ def _xlora_model(adapter_paths, **cfg):
                                                       **cfg))
 
 
-@pytest.mark.parametrize("top_k", [None, 2])
-def test_xlora_with_radargate_trains_and_round_trips(tmp_path, top_k):
+@pytest.mark.parametrize("top_k, softmax", [(None, True), (2, True), (2, False)],
+                         ids=["dense", "top2", "top2-raw-logits"])
+def test_xlora_with_radargate_trains_and_round_trips(tmp_path, top_k, softmax):
     """PEFT's X-LoRA on a tiny Llama with 4 PEFT adapters: use_radargate keeps the step-0 loss
     (the gates start as the weighted sum; with top_k_lora only the kept slots enter), gradients
     reach X-LoRA's router and every gate in 20 training steps, and the gates plus the router
-    saved and loaded into a fresh X-LoRA model give the same logits exactly."""
-    from radargate_kernels import load_radargate_state_dict
-    from radargate_kernels.integrations.xlora import use_radargate, xlora_gate_state_dict
+    saved and loaded into a fresh X-LoRA model give the same logits exactly. (Without X-LoRA's
+    softmax its scalings are raw logits, possibly negative: the kept slots must still be its.)"""
+    from radargate_kernels.integrations.xlora import (load_xlora_gate_state_dict, use_radargate,
+                                                      xlora_gate_state_dict)
     paths = {str(i): _make_adapter(tmp_path, i, f"a{i}")[1] for i in range(4)}  # X-LoRA: "0".."3"
     ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
-    model = _xlora_model(paths, top_k_lora=top_k)
+    model = _xlora_model(paths, top_k_lora=top_k, enable_softmax=softmax)
     model.eval()
     with torch.no_grad():
         before = model(input_ids=ids, labels=ids).loss
@@ -191,9 +196,11 @@ def test_xlora_with_radargate_trains_and_round_trips(tmp_path, top_k):
     assert gate_params <= {id(p) for p in params}  # registered: the optimizer sees them
     opt = torch.optim.Adam(params, lr=1e-2)
     model.train()
+    losses = []
     for step in range(20):
         opt.zero_grad()
         loss = model(input_ids=ids, labels=ids).loss
+        losses.append(float(loss))
         loss.backward()
         if step == 0:
             router = [p for n, p in model.named_parameters() if "xlora_classifier" in n]
@@ -201,6 +208,7 @@ def test_xlora_with_radargate_trains_and_round_trips(tmp_path, top_k):
             assert all(g.rot_up.grad is not None and g.rot_up.grad.abs().sum() > 0 for g in gates)
         opt.step()
         assert torch.isfinite(loss)
+    assert losses[-1] < losses[0]
     model.eval()
     with torch.no_grad():
         trained = model(input_ids=ids).logits
@@ -209,9 +217,12 @@ def test_xlora_with_radargate_trains_and_round_trips(tmp_path, top_k):
     assert any(".radargate.rot_up" in k for k in sd)
     from safetensors.torch import load_file, save_file
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "gates.safetensors"))
-    fresh = _xlora_model(paths, top_k_lora=top_k)
+    fresh = _xlora_model(paths, top_k_lora=top_k, enable_softmax=softmax)
     use_radargate(fresh, rank=4)
-    load_radargate_state_dict(fresh, load_file(str(tmp_path / "gates.safetensors")))
+    loaded = load_file(str(tmp_path / "gates.safetensors"))
+    with pytest.raises(ValueError, match="missing gate keys"):
+        load_xlora_gate_state_dict(fresh, {k: v for k, v in loaded.items() if "layers.1" not in k})
+    load_xlora_gate_state_dict(fresh, loaded)
     fresh.eval()
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, trained)

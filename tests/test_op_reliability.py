@@ -110,9 +110,10 @@ def test_fused_layer_retain_graph_and_create_graph(backend):
         torch.autograd.grad(y.sum(), x, create_graph=True)
 
 
-def test_default_cpu_path_gradients_and_the_compiled_forward_stays_compiled(monkeypatch):
-    """The default CPU path: with autograd it is the eager path (retain_graph works,
-    create_graph is a clear error); a forward without autograd runs the compiled reference,
+def test_opt_in_cpu_path_gradients_and_the_compiled_forward_stays_compiled(monkeypatch):
+    """The CPU path with RADARGATE_CPU_PATH=compile: with autograd it is the eager path
+    (retain_graph works, create_graph is a clear error); a forward without autograd runs the
+    compiled reference,
     which a bad input does not turn off, and shapes / tau values do not exhaust dynamo's
     recompile limit (which would silently fall back to eager code)."""
     monkeypatch.setenv("RADARGATE_CPU_PATH", "compile")

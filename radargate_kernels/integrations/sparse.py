@@ -28,8 +28,8 @@ def slots_from_expert_major(rows_per_expert, selected_experts: torch.Tensor) -> 
                          f"{tuple(selected_experts.shape)}")
     T, K = selected_experts.shape
     rows = list(rows_per_expert)
-    D = next((r.shape[-1] for r in rows if r.numel()), rows[0].shape[-1] if rows else 0)
-    like = rows[0] if rows else selected_experts.float()
+    like = next((r for r in rows if r.numel()), rows[0] if rows else selected_experts.float())
+    D = like.shape[-1]
     V = like.new_zeros((T, K, D))
     filled = 0
     for e, r in enumerate(rows):

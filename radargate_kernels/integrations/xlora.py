@@ -4,6 +4,7 @@
     use_radargate(model, rank=8)                               # every X-LoRA Linear now gates by RadarGate
     ...train: the router (X-LoRA's classifier) and the gates...
     torch.save(xlora_gate_state_dict(model), ...)              # the gates (X-LoRA saves its classifier)
+    load_xlora_gate_state_dict(fresh_model_after_use_radargate, sd)   # checked, all or nothing
 
 X-LoRA scales the input of adapter e by the router's weight w_e; for a linear adapter (dropout
 aside) that is w_e times the adapter's output v_e = B_e A_e x * scaling_e * global_scaling_weight,
@@ -60,11 +61,16 @@ class _RadarGateForward:
     def __call__(self, x, *args, scalings=None, **kwargs):
         layer, target = self.layer, self.module
         dtype = x.dtype
-        if layer.adapters_disabled or target.merged or scalings is None:
+        slots = [(i, a) for i, a in enumerate(target.active_adapters) if a in target.lora_A]
+        if layer.adapters_disabled or target.merged or scalings is None or not slots:
             return layer.forward(x, *args, scalings=scalings, **kwargs)
+        for _, a in slots:  # what X-LoRA's own mixing refuses or weights differently
+            if target.use_dora.get(a):
+                raise ValueError(f"X-LoRA adapter {a!r} uses DoRA: not supported (nor by X-LoRA)")
+            if target.lora_B[a].bias is not None:
+                raise ValueError(f"X-LoRA adapter {a!r} has a LoRA bias: not supported")
         result = target.base_layer(x, *args, **kwargs)
         w = layer.get_maybe_topk_scalings(scalings)  # [batch, seq, n], zeros off the top k
-        slots = [(i, a) for i, a in enumerate(target.active_adapters) if a in target.lora_A]
         outs = []
         for _, a in slots:
             xa = x.to(target.lora_A[a].weight.dtype)
@@ -75,7 +81,10 @@ class _RadarGateForward:
         ids = None
         k = layer.config.top_k_lora
         if k is not None and k < V.shape[-2]:
-            ids = torch.topk(w, k, dim=-1).indices  # the slots X-LoRA kept (its own top-k)
+            # the slots X-LoRA kept: its own top-k of the raw scalings (the processed w has zeros
+            # off the top k, which a top-k of w would pick over negative raw logits)
+            raw = scalings[:, :, layer.layer_number, :][..., [i for i, _ in slots]]
+            ids = torch.topk(raw, k, dim=-1).indices
             V = torch.gather(V, -2, ids.unsqueeze(-1).expand(*ids.shape, V.shape[-1]))
             w = torch.gather(w, -1, ids)
         y = target.radargate(V, w, ids)
@@ -84,6 +93,17 @@ class _RadarGateForward:
 
 def xlora_gate_state_dict(model: nn.Module) -> dict:
     """The RadarGate parameters of a model after ``use_radargate`` ({state_dict key: tensor});
-    load them back with ``model.load_state_dict(sd, strict=False)`` or
-    ``radargate_kernels.load_radargate_state_dict(model, sd)`` (validated)."""
+    load them back with ``load_xlora_gate_state_dict``."""
     return {k: v.detach() for k, v in model.state_dict().items() if ".radargate." in k}
+
+
+def load_xlora_gate_state_dict(model: nn.Module, state_dict: dict):
+    """Load gates (and any other keys of the model, e.g. X-LoRA's classifier) into a model after
+    ``use_radargate``: every gate key must be present, and every key, shape and dtype is checked
+    before anything is written (``load_radargate_state_dict``)."""
+    from ..adapters import load_radargate_state_dict
+    missing = sorted(set(xlora_gate_state_dict(model)) - set(state_dict))
+    if missing:
+        raise ValueError(f"state_dict: missing gate keys {missing[:5]} ({len(missing)} missing; "
+                         f"nothing was loaded)")
+    return load_radargate_state_dict(model, state_dict)
