@@ -96,22 +96,6 @@ def times_ms(run, reps=5, warmup=1):
     return times
 
 
-def time_ms(run, reps=5, warmup=1):
-    """Median wall time in ms. CUDA: triton.testing.do_bench (median); CPU: perf_counter."""
-    if device().type == "cuda":
-        import triton.testing
-        return triton.testing.do_bench(run, return_mode="median")
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def device_name():
     d = device()
     if d.type == "cuda":
