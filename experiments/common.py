@@ -79,6 +79,23 @@ def paired_bootstrap(diffs, n=BOOTSTRAP, seed=0):
     return d.mean().item(), means[int(0.025 * n)].item(), means[int(0.975 * n) - 1].item()
 
 
+def cluster_bootstrap(diffs_by_cluster, n=BOOTSTRAP, seed=0):
+    """Mean of paired differences and its 95% two-stage bootstrap interval: clusters (targets)
+    drawn with replacement, then within each drawn cluster its units (seeds) with replacement.
+    diffs_by_cluster: {cluster: [differences]}, the same count in every cluster -> (mean, low,
+    high)."""
+    rows = [list(v) for v in diffs_by_cluster.values()]
+    if not rows or len({len(r) for r in rows}) != 1:
+        raise ValueError("cluster_bootstrap: every cluster needs the same number of units")
+    d = torch.tensor(rows, dtype=torch.float64)  # [C, S]
+    C, S = d.shape
+    gen = torch.Generator().manual_seed(seed)
+    ci = torch.randint(C, (n, C), generator=gen)
+    si = torch.randint(S, (n, C, S), generator=gen)
+    means = d[ci.unsqueeze(-1), si].mean((1, 2)).sort().values
+    return d.mean().item(), means[int(0.025 * n)].item(), means[int(0.975 * n) - 1].item()
+
+
 def relative_mse(pred: torch.Tensor, target: torch.Tensor, baseline=None) -> torch.Tensor:
     """mean |pred - target|^2 / mean |target - baseline|^2 (baseline 0 if None): 1 = no better
     than predicting the baseline, 0 = exact."""

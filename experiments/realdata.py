@@ -26,9 +26,10 @@ Scaling: pools of 5, 10, 20 and 40 experts, drawn at random (per seed) from the 
 softmax vs RadarGate, same protocol; the 40-expert pool runs the fused layer's K = 40 path.
 
 Verdict rules (fixed before the first full run, ``RULES``): paired differences of test accuracy
-over (target, seed) units, 95% paired bootstrap interval over units (10,000 resamples);
-minimum effect 1 accuracy point. Every positive verdict is re-checked with twice the
-gate-training steps.
+over (target, seed) units, 95% bootstrap interval (10,000 resamples); minimum effect 1 accuracy
+point. Every positive verdict is re-checked with twice the gate-training steps. Changed by
+issue #28: the interval is the cluster bootstrap (targets drawn as clusters, their seeds
+nested), not the bootstrap over units as if independent (first report).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ from radargate_kernels import radar_gate_lora
 from radargate_kernels.progress import Progress
 
 from . import realdata_data as data
-from .common import BOOTSTRAP, paired_bootstrap  # noqa: F401 (BOOTSTRAP: the docstring states it)
+from .common import BOOTSTRAP, cluster_bootstrap, paired_bootstrap  # noqa: F401 (docstring)
 
 RANK, ALPHA, GATE_RANK = 4, 8.0, 8
 EXPERT_SEEDS = (0, 1)
@@ -85,7 +86,9 @@ QUICK = RealSettings(quick=True, per_topic=60, expert_tasks=8, expert_steps=20, 
 
 RULES = {
     "verdict": f"For a comparison A vs B: the mean paired difference (A - B, accuracy points) "
-               f"and its 95% bootstrap interval over (target, seed) units. Supported: mean >= "
+               f"and its 95% bootstrap interval (cluster bootstrap since issue #28: targets "
+               f"resampled as clusters, seeds nested; at first over (target, seed) units as if "
+               f"independent). Supported: mean >= "
                f"{MIN_EFFECT:g} and the interval above 0. Contradicted: mean <= -{MIN_EFFECT:g} "
                f"and the interval below 0. No effect of {MIN_EFFECT:g} point or more: the "
                f"interval inside (-{MIN_EFFECT:g}, {MIN_EFFECT:g}). Otherwise inconclusive. Fewer "
@@ -149,7 +152,8 @@ class Gate(nn.Module):
         self.register_buffer("A", A)
         self.register_buffer("B", B)
         self.router = None
-        if kind in ("softmax", "top2", "radargate", "radargate_static", "radargate_nostatic"):
+        if kind in ("softmax", "top2", "signed", "radargate", "radargate_static",
+                    "radargate_nostatic"):
             self.router = nn.Linear(fin, E, bias=False)
             nn.init.zeros_(self.router.weight)  # uniform weights at the start
         elif kind == "mlp":
@@ -173,6 +177,8 @@ class Gate(nn.Module):
         ids = None
         if self.kind == "uniform":
             w = u2.new_full((u2.shape[0], E), 1.0 / E)
+        elif self.kind == "signed":  # 1/E + linear(u): any signed weights, no rotation
+            w = 1.0 / E + self.router(u2)
         else:
             w = torch.softmax(self.router(u2), -1)
             if self.kind == "top2":
@@ -233,12 +239,15 @@ def train_expert(feats, split, task, seed, steps):
 
 # ---- gate runs ----------------------------------------------------------------------------------
 
-def fit_gate(feats, split, task, pool, kind, seed, lr, steps):
-    """Train one gate + head on the target's few-shot set -> (gate or None, head, final loss,
-    (labels, validation ids, test ids))."""
+def fit_gate(feats, split, task, pool, kind, seed, lr, steps, k_shot=K_SHOT, batch=None,
+             log_every=0):
+    """Train one gate + head on the target's few-shot set (``k_shot`` articles per class; steps
+    of ``batch`` random shots, None: all) -> (gate or None, head, losses, (labels, validation
+    ids, test ids)). losses: the last step's batch loss, or with ``log_every`` the loss on all
+    shots every that many steps."""
     gen = torch.Generator().manual_seed(seed)
     inside, y = task.select(feats.labels)
-    shots = _balanced(split["train"][inside[split["train"]]], y, K_SHOT, gen)
+    shots = _balanced(split["train"][inside[split["train"]]], y, k_shot, gen)
     val = _balanced(split["val"][inside[split["val"]]], y, VAL_PER_CLASS, gen)
     test = split["test"][inside[split["test"]]]
     torch.manual_seed(seed)
@@ -250,20 +259,42 @@ def fit_gate(feats, split, task, pool, kind, seed, lr, steps):
         gate = Gate(kind, A, B, gen)
     params = trainable(head) + (trainable(gate) if gate is not None else [])
     opt = torch.optim.Adam(params, lr=lr)
-    for _ in range(steps):
-        loss = F.cross_entropy(pooled_logits(feats, shots, gate, head), y[shots])
+    losses = []
+    for step in range(steps):
+        b = shots
+        if batch is not None and batch < len(shots):
+            b = shots[torch.randperm(len(shots), generator=gen)[:batch]]
+        loss = F.cross_entropy(pooled_logits(feats, b, gate, head), y[b])
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return gate, head, loss.item(), (y, val, test)
+        if log_every and (step + 1) % log_every == 0:
+            losses.append(evaluate(feats, shots, y, gate, head)[1])
+    return gate, head, losses or [loss.item()], (y, val, test)
 
 
-def run_gate(feats, split, task, pool, kind, seed, lr, steps):
-    """One gate run -> dict(val=, test= accuracy %, gate_params=, final_loss=)."""
-    gate, head, loss, (y, val, test) = fit_gate(feats, split, task, pool, kind, seed, lr, steps)
+def evaluate(feats, idx, labels, delta_fn, head):
+    """-> (accuracy %, mean cross-entropy) on the articles ``idx``."""
+    with torch.no_grad():
+        logits = pooled_logits(feats, idx, delta_fn, head)
+        acc = 100.0 * (logits.argmax(-1) == labels[idx]).float().mean().item()
+        return acc, F.cross_entropy(logits, labels[idx]).item()
+
+
+def run_gate(feats, split, task, pool, kind, seed, lr, steps, k_shot=K_SHOT, batch=None,
+             log_every=0):
+    """One gate run -> dict(val=, test= accuracy %, val_loss=, test_loss=, gate_params=,
+    final_loss=, and with ``log_every`` loss_curve: the loss on all shots every that many
+    steps)."""
+    gate, head, losses, (y, val, test) = fit_gate(feats, split, task, pool, kind, seed, lr,
+                                                  steps, k_shot, batch, log_every)
     n_gate = sum(p.numel() for p in trainable(gate)) if gate is not None else 0
-    return dict(val=accuracy(feats, val, y, gate, head), test=accuracy(feats, test, y, gate, head),
-                gate_params=n_gate, final_loss=loss)
+    (va, vl), (ta, tl) = (evaluate(feats, i, y, gate, head) for i in (val, test))
+    out = dict(val=va, test=ta, val_loss=vl, test_loss=tl, gate_params=n_gate,
+               final_loss=losses[-1])
+    if log_every:
+        out["loss_curve"] = losses
+    return out
 
 
 def contrast(feats, split, target, pool_tasks, pool, seed, lr, steps, controls):
@@ -274,7 +305,8 @@ def contrast(feats, split, target, pool_tasks, pool, seed, lr, steps, controls):
     learned one."""
     from .contrastive import pair_statistics, pearson
     from radargate_kernels.reference import relation_map, rotation_angles
-    gate, _, _, (_, _, test) = fit_gate(feats, split, target, pool, "radargate", seed, lr, steps)
+    gate, _, _, (_, _, test) = fit_gate(feats, split, target, pool, "radargate", seed, lr,
+                                        steps)
     u = feats.u[test][feats.mask[test]][:CONTRAST_TOKENS].double()
     with torch.no_grad():
         V = torch.einsum("ti,eir,ero->teo", u, gate.A.double(), gate.B.double()) * (ALPHA / RANK)
@@ -319,10 +351,14 @@ class RunCache:
         return self.done[key]
 
 
-def select_lr(cache, key_base, lrs, fn):
-    """Runs every lr, keeps the one with the best validation accuracy (first on ties)."""
+def select_lr(cache, key_base, lrs, fn, by="val"):
+    """Runs every lr, keeps the best on validation: by="val" the highest accuracy (first on
+    ties), by="val_loss" the lowest loss."""
     runs = [dict(cache.get(f"{key_base}|lr={lr}", lambda lr=lr: fn(lr)), lr=lr) for lr in lrs]
-    return max(runs, key=lambda r: r["val"])
+    if by == "val_loss":
+        return min(runs, key=lambda r: r["val_loss"])
+    best = max(runs, key=lambda r: r[by])
+    return dict(best, tied=sum(r[by] == best[by] for r in runs) > 1)
 
 
 # ---- statistics and verdicts --------------------------------------------------------------------
@@ -343,33 +379,36 @@ def verdict(mean, lo, hi, min_effect=MIN_EFFECT, units=MIN_UNITS):
 
 
 def compare(results, a, b):
-    """results[(target, seed)][gate] = test accuracy -> (mean, lo, hi, n units)."""
-    diffs = [r[a] - r[b] for r in results.values() if a in r and b in r]
-    return (*paired_bootstrap(diffs), len(diffs))
+    """results[(target, seed)][gate] = test accuracy -> (mean, lo, hi, n units): the interval
+    from the cluster bootstrap, targets as clusters with their seeds nested."""
+    by = {}
+    for (target, _), r in sorted(results.items()):
+        if a in r and b in r:
+            by.setdefault(target, []).append(r[a] - r[b])
+    n = sum(len(v) for v in by.values())
+    return (*cluster_bootstrap(by), n) if n else (float("nan"),) * 3 + (0,)
 
 
 # ---- the whole experiment -----------------------------------------------------------------------
 
-def run(settings: RealSettings, out_dir: str, cache_dir: str):
-    """-> (rows, markdown section, {claim: verdict})."""
-    os.makedirs(out_dir, exist_ok=True)
+def setup(settings: RealSettings, cache_dir: str, label="e_realdata"):
+    """Features, split, tasks and the trained experts (each cached under ``cache_dir``) ->
+    (feats, split, tasks, {(task name, seed): (A, B)}, expert rows). Quick settings keep the
+    first ``settings.targets`` topic-vs-topic tasks plus the first others, up to
+    ``settings.expert_tasks``."""
     bar = {}
+
     def features_progress(done, total):
-        bar.setdefault("p", Progress(total, "e_realdata features")).update(done)
+        bar.setdefault("p", Progress(total, f"{label} features")).update(done)
     feats = data.features(cache_dir, settings.per_topic, progress=features_progress)
     split = data.split_ids(feats.labels)
     tasks = data.make_tasks(feats.topics)
     if settings.expert_tasks is not None:  # quick: the targets plus a few others
         first = tasks[5:5 + settings.targets]
         tasks = first + [t for t in tasks if t not in first][:settings.expert_tasks - len(first)]
-    by_pair = {(t.pos[0], t.neg[0]): t for t in tasks if len(t.pos) == 1 and len(t.neg) == 1}
-    targets = [by_pair[p] for p in TARGET_PAIRS if p in by_pair][:settings.targets]
-    cache = RunCache(os.path.join(out_dir, "realdata_runs.jsonl"))
     tag = "quick" if settings.quick else "full"
-
-    # experts
     experts, rows = {}, []
-    prog = Progress(len(tasks) * len(EXPERT_SEEDS), "e_realdata experts")
+    prog = Progress(len(tasks) * len(EXPERT_SEEDS), f"{label} experts")
     for i, task in enumerate(tasks):
         for s in EXPERT_SEEDS:
             path = os.path.join(cache_dir,
@@ -382,6 +421,17 @@ def run(settings: RealSettings, out_dir: str, cache_dir: str):
             experts[(task.name, s)] = (A, B)
             rows.append(dict(experiment="realdata_expert", task=task.name, seed=s, test_acc=acc))
             prog.update(i * len(EXPERT_SEEDS) + s + 1, task.name)
+    return feats, split, tasks, experts, rows
+
+
+def run(settings: RealSettings, out_dir: str, cache_dir: str):
+    """-> (rows, markdown section, {claim: verdict})."""
+    os.makedirs(out_dir, exist_ok=True)
+    feats, split, tasks, experts, rows = setup(settings, cache_dir)
+    by_pair = {(t.pos[0], t.neg[0]): t for t in tasks if len(t.pos) == 1 and len(t.neg) == 1}
+    targets = [by_pair[p] for p in TARGET_PAIRS if p in by_pair][:settings.targets]
+    cache = RunCache(os.path.join(out_dir, "realdata_runs.jsonl"))
+    tag = "quick" if settings.quick else "full"
 
     def pool_for(target):
         return [(k, v) for k, v in experts.items() if k[0] != target.name]
@@ -402,9 +452,9 @@ def run(settings: RealSettings, out_dir: str, cache_dir: str):
             if kind == "radargate":
                 chosen_lr[(target.name, seed)] = best["lr"]
             rows.append(dict(experiment="realdata_gate", target=target.name, seed=seed, gate=kind,
-                             pool=len(pool), lr=best["lr"], val_acc=best["val"],
-                             test_acc=best["test"], gate_params=best["gate_params"],
-                             steps=settings.gate_steps))
+                             pool=len(pool), lr=best["lr"], lr_tied=best["tied"],
+                             val_acc=best["val"], test_acc=best["test"],
+                             gate_params=best["gate_params"], steps=settings.gate_steps))
             n += 1
             prog.update(n, f"{target.name} {kind}")
 

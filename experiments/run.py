@@ -1,11 +1,13 @@
 """Run the whole experiment suite and write RESULTS.md, runs.csv and PNG plots.
 
-    python -m experiments.run            # full: (a)-(d) 3 seeds, (e) 5 seeds; about an hour on 2 CPU cores
+    python -m experiments.run            # full: (a)-(d) 5 seeds, (e) 5 seeds, (f) 3 seeds;
+                                         # about two hours on 2 CPU cores uncached
     python -m experiments.run --quick    # smoke test: 1 seed, a few dozen steps, under a minute
     python -m experiments.run --out DIR  # where to write (default: experiments/results, or
                                          # results/experiments-quick with --quick)
 Resumable: every training run's result is cached under OUT/cache (synthetic runs with their
-trained weights, (e) per run in realdata_runs.jsonl); a stopped suite picks up where it stopped.
+trained weights, (e) and (f) per run in realdata_runs.jsonl and
+realdata_f_runs.jsonl); a stopped suite picks up where it stopped.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import time
 
 import torch
 
-from . import ablation, cone, contrastive, realdata, realdata_report, report, scaling
+from . import (ablation, cone, contrastive, realdata, realdata_f, realdata_f_report,
+               realdata_report, report, scaling)
 from .common import FULL, QUICK, cpu_pytorch_path, set_run_cache
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,17 +54,22 @@ def main(argv=None):
     real = realdata.QUICK if args.quick else realdata.FULL
     real_rows, real_md, real_found = timed("e_realdata", realdata.run, real, out,
                                            os.path.join(out, "cache"))
+    f_settings = realdata_f.QUICK if args.quick else realdata_f.FULL
+    f_out = timed("f_realdata", realdata_f.run, f_settings, out, os.path.join(out, "cache"))
     rows = cone_rows + control_rows + scaling_rows + ablation_rows + contrastive_rows
     timings["total"] = time.time() - t_all
     command = "python -m experiments.run" + (" --quick" if args.quick else "")
     found = report.write_all(rows, settings, timings, out, command, real_md)
     realdata_report.write(real_rows, real_md, out)
+    f_found = realdata_f_report.write(f_settings, *f_out, out, timings["f_realdata"])
     print(f"wrote {os.path.relpath(os.path.join(out, 'RESULTS.md'))} ({timings['total']:.0f} s)")
     for claim, (verdict, _) in found.items():
         print(f"  {claim:12s} {verdict}" + ("  (quick run: not evidence)" if args.quick else ""))
     for claim, (verdict, _, _) in real_found.items():
         print(f"  (e) {claim}: {verdict}"
               + ("  (quick run: not evidence)" if args.quick else ""))
+    for claim, verdict in f_found.items():
+        print(f"  {claim}: {verdict}" + ("  (quick run: not evidence)" if args.quick else ""))
     return found
 
 

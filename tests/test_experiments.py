@@ -147,6 +147,22 @@ def test_quick_run_writes_results_plots_and_verdicts(tmp_path):
     assert {line.split(",")[0] for line in real[1:]} == {"realdata_expert", "realdata_gate",
                                                          "realdata_contrastive",
                                                          "realdata_scaling"}
+    # (f) held-out pools: the same code path with a tiny config (1 target, 1 seed, 4 steps)
+    from experiments import realdata_f
+    assert "## (f) Real data, held out" in text and (tmp_path / "REALDATA_F.md").exists()
+    f_rows = (tmp_path / "realdata_f.csv").read_text().splitlines()
+    head = f_rows[0].split(",")
+    got = {(r[head.index("experiment")], r[head.index("shots")], r[head.index("gate")])
+           for r in (line.split(",") for line in f_rows[1:])}
+    lo, hi = (str(k) for k in realdata_f.QUICK.shots)
+    want = {("realdata_f_gate", k, g) for k in (lo, hi) for g in realdata_f.GATES}
+    want |= {("realdata_f_scaling", lo, g) for g in ("softmax", "radargate")}
+    assert got == want
+    f_text = (tmp_path / "REALDATA_F.md").read_text()
+    for k in realdata_f.QUICK.shots:
+        line = next(l for l in f_text.splitlines() if l.startswith(f"| {k} | "))
+        assert any(f"**{v}" in line for v in ("supported", "contradicted", "neither",
+                                                "no verdict"))
 
 
 def test_sensitivity_check_runs_and_counts_wins(tmp_path, monkeypatch):
