@@ -233,10 +233,50 @@ def replace_section(path, heading, md):
         f.write("\n".join(lines))
 
 
+def plain_reading(name, rows):
+    """What a rule's label leaves out, in plain words (issue #28); "" if nothing."""
+    if name == "ablation":
+        by = {(r["budget"], r["variant"], r["seed"]): r["heldout_error"] for r in rows
+              if r["experiment"] == "ablation_controls"}
+        seeds = sorted({k for b, _, k in by if b == 2})
+        if not seeds:
+            return ""
+        n2 = sum(by[(2, "both", k)] < by[(2, "stretch_only", k)] for k in seeds)
+        rel = (mean(by[(1, "stretch_only_matched", k)] for k in seeds)
+               / mean(by[(1, "both", k)] for k in seeds))
+        return (f"by its rule at 1x steps only: at 2x steps 'both' is below stretch only on "
+                f"{n2} of {len(seeds)} seeds, and a parameter-matched softmax gate (c') has "
+                f"{100 * (1 - rel):.0f}% lower held-out error than RadarGate")
+    if name == "contrastive":
+        rs = [r for r in rows if r["experiment"] == "contrastive"]
+        weak = sum(1 for r in rs if r["p_value"] < 0.05)
+        return (f"the rule counts a setting only with r < 0 and p < 0.05, because the claim is "
+                f"about direction; read as 'below the permutation control at p < 0.05' alone, "
+                f"{weak} of {len(rs)} settings count (that reading would give 'partly "
+                f"supported'; it says the learned rotations are less anti-contrastive than "
+                f"unlearned ones, not that they are contrastive)")
+    return ""
+
+
+def kept_section(path, heading):
+    """The hand-written section ``heading`` of an existing file (kept across rewrites), or []."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = f.read().split("\n")
+    start = next((i for i, l in enumerate(lines) if l.startswith(heading)), None)
+    if start is None:
+        return []
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+               len(lines))
+    return lines[start:end]
+
+
 def write_markdown(rows, settings, timings, path, command, extra=""):
     found = {name: getattr(verdicts, name)(rows) for name in CLAIMS}
     L = []
     L.append("# RadarGate experiment suite: the paper's claims, tested on CPU-sized problems\n")
+    L += kept_section(path, "## Bottom line")  # written by hand from the figures below
     if settings.quick:
         L.append("> **Quick smoke run** (1 seed, a few dozen steps, fewer E): it checks that the "
                  "suite runs; its verdicts are **not evidence**. The full run is "
@@ -263,7 +303,8 @@ def write_markdown(rows, settings, timings, path, command, extra=""):
              "experiment (e) were added, each with a rule fixed before its first run.\n")
     L.append("## Verdicts\n")
     L.append(_table(["claim", "verdict", "measured"],
-                    [[CLAIMS[k], f"**{v}**", "; ".join(reasons)]
+                    [[CLAIMS[k], f"**{v}**" + (f" ({q})" if (q := plain_reading(k, rows))
+                                                 else ""), "; ".join(reasons)]
                      for k, (v, reasons) in found.items()]))
     L.append("\nObservations (descriptive; not part of the verdict rules):\n")
     L += [f"- {o}" for o in observations(rows)]
