@@ -29,9 +29,11 @@ def section(settings, rows, errs, scal, info, wall):
     L.append(F.__doc__.strip().split("\n", 2)[2].strip() + "\n")
     L.append(f"Budget: {settings.steps} gate steps (batch {settings.batch} shots when there are "
              f"more), learning rates {list(settings.lrs)}, seeds {list(settings.seeds)}, "
-             f"{len(info['targets'])} targets, pools of {info['pool']} experts. Machine: "
-             f"{_machine()}. Training time of all (f) runs (summed per run, from the run "
-             f"cache): {info['run_seconds'] / 60:.1f} min; this invocation: {wall / 60:.1f} min.\n")
+             f"{len(info['targets'])} targets, pools of {info['pool']} experts. Machine of this "
+             f"report: {_machine()}. Training time of all (f) runs, summed over runs from the "
+             f"run cache: {info['run_seconds'] / 60:.1f} min (runs in parallel processes "
+             f"(--shard) overlap, so the wall time is shorter; runs on shared cores take "
+             f"longer); this invocation: {wall / 60:.1f} min.\n")
     L.append("### Verdicts (rule: RULES_F.md)\n")
     L.append("Test error in points; differences are RadarGate - other (negative: RadarGate "
              "better), 95% cluster-bootstrap interval; relative: RadarGate's mean error over the "

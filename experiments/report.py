@@ -267,9 +267,12 @@ def kept_section(path, heading):
     start = next((i for i, l in enumerate(lines) if l.startswith(heading)), None)
     if start is None:
         return []
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-               len(lines))
-    return lines[start:end]
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")
+                or lines[i] == END_KEPT), len(lines))
+    return lines[start:end] + [END_KEPT, ""]
+
+
+END_KEPT = "<!-- end of the hand-written section -->"
 
 
 def write_markdown(rows, settings, timings, path, command, extra=""):
@@ -300,7 +303,10 @@ def write_markdown(rows, settings, timings, path, command, extra=""):
              "(`experiments/verdicts.py`); the problems, budgets and learning rates were not "
              "changed after seeing results. Changed since (issue #13, 2026-11-28): the seeds of "
              "(a)-(d) went from 3 to 5 (rules unchanged), and the controls (a') and (c') and "
-             "experiment (e) were added, each with a rule fixed before its first run.\n")
+             "experiment (e) were added, each with a rule fixed before its first run. "
+             "Experiment (f) (issue #28) has its rules in `RULES_F.md`, committed before its "
+             "first full run; (e)'s intervals were recomputed then with the cluster "
+             "bootstrap.\n")
     L.append("## Verdicts\n")
     L.append(_table(["claim", "verdict", "measured"],
                     [[CLAIMS[k], f"**{v}**" + (f" ({q})" if (q := plain_reading(k, rows))

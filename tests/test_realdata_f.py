@@ -92,3 +92,17 @@ def test_signed_gate_is_one_over_e_plus_a_linear_map():
     assert (w < 0).any()  # signed weights: outside the cone of the experts
     torch.testing.assert_close(gate(u), (w.unsqueeze(-1) * V).sum(1), rtol=1e-4, atol=1e-4)
     assert gate.rot_down is None and gate.angle_bias is None
+
+
+def test_hand_written_bottom_line_is_kept_once(tmp_path):
+    from experiments import report
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# title\n\n## Bottom line\n\nplain words\n" + report.END_KEPT
+                    + "\n\nCommand: generated\n\n## Verdicts\n")
+    kept = report.kept_section(str(path), "## Bottom line")
+    assert kept[:3] == ["## Bottom line", "", "plain words"]
+    assert "Command: generated" not in kept and kept.count(report.END_KEPT) == 1
+    # written back and read again: the same lines, not doubled
+    path.write_text("\n".join(["# title", ""] + kept + ["Command: new", "## Verdicts"]))
+    assert report.kept_section(str(path), "## Bottom line") == kept
+    assert report.kept_section(str(tmp_path / "missing.md"), "## Bottom line") == []
