@@ -68,8 +68,9 @@ def section(settings, rows, found, scal, tasks, targets, found_contrast=None):
                  f"{hi:+.2f}] with seeds nested, [{lo2:+.2f}, {hi2:+.2f}] resampling the "
                  f"targets only: RadarGate is {'below' if m < 0 else 'above'} the untrained "
                  f"average in the mean, and neither interval shows it "
-                 f"{'above' if m < 0 else 'below'}. The rule's label ('{found.get(_UNIFORM, ('-',))[0]}') only says the "
-                 f"gap is under the 1-point minimum effect.")
+                 f"{'above' if m < 0 else 'below'}. The rule's label "
+                 f"('{found.get(_UNIFORM, ('-',))[0]}') only says the gap is under the "
+                 f"1-point minimum effect.")
     L.append("\n### Test accuracy per gate (mean over targets and seeds; lr picked on validation)\n")
     L.append("| gate | test accuracy % | trainable gate parameters | lr picked (count) |")
     L.append("| --- | --- | --- | --- |")
