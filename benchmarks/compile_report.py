@@ -16,6 +16,7 @@ the shared memory limit or cannot launch. Must not run with TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import re
 import sys
@@ -28,11 +29,12 @@ REGISTER_FILE = 65536  # 32-bit registers per block, sm_80 and sm_90
 DTYPES = ("bfloat16", "float16", "float32")  # fp64 runs the PyTorch path on CUDA (ops.py)
 T_REPR = 64  # tokens of the representative launch (T is never specialised)
 
-# radar_gate (K, D, r, E or None): K 1..64, D 2..4096, r 1..32, E up to 128
+# radar_gate (K, D, r, E): E experts with angle_bias and ids, 0 ids without angle_bias (masked
+# slots), None neither. K 1..64, D 2..4096, r 1..32, E up to 128
 OP_FULL = [(K, D, r, E) for K in (1, 2, 3, 8, 13, 32, 40, 64) for D in (2, 130, 4096)
-           for r in (1, 8, 17, 32) for E in (None, 128)]  # r <= 32 (launch.MAX_OP_RANK)
+           for r in (1, 8, 17, 32) for E in (None, 0, 128)]  # r <= 32 (launch.MAX_OP_RANK)
 OP_QUICK = [(8, 4096, 8, 8), (1, 2, 1, None), (64, 130, 32, 128), (32, 130, 32, 128),
-            (13, 4096, 17, None)]
+            (13, 4096, 17, None), (8, 4096, 8, 0)]
 # the fused layer (K, out, r, rg, E or None for no ids): r, rg <= 64, any K and E
 LORA_FULL = [(K, out, r, rg, E) for K in (1, 8, 40) for out in (2, 4096) for r in (1, 16, 32, 64)
              for rg in (1, 16, 32, 64) for E in (None, 64)]
@@ -116,7 +118,7 @@ def planned_launches(family, shape, dtype_name):
         V, g = torch.empty((T, K, D), dtype=dt), torch.empty((T, K), dtype=dt)
         A, B = torch.empty((D, r), dtype=dt), torch.empty((r, D // 2), dtype=dt)
         beta = torch.empty((E, D // 2), dtype=dt) if E else None
-        ids = torch.zeros((T, K), dtype=torch.int64) if E else None
+        ids = torch.zeros((T, K), dtype=torch.int64) if E is not None else None
         fwd, (y, n, C, rho, z, d) = L.plan_forward(V, g, A, B, beta, ids, 1.0, 1e-6)
         out = list(fwd)
         for need in ((True, True, True), (False, True, False), (True, False, False)):
@@ -236,7 +238,10 @@ def main(argv=None):
     print(f"{'arch':>4} {'dtype':8} {'kernel':24} {'config':40} {'warps':>5} {'regs':>4} "
           f"{'spill':>5} {'smem':>7} {'trig':>9}  shape  status")
     rows, failed = [], 0
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+    # spawned, not forked, workers: a fork of this process (torch and triton loaded, the pool's
+    # own threads running) left both workers blocked on an inherited lock once (seen 2026-12-05)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
         for row in pool.map(compile_job, jobs):
             rows.append(row)
             probs = check(row)

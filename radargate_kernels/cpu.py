@@ -30,8 +30,8 @@ import torch
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._inductor.exc import CppCompileError, InductorError
 
-from .reference import (compute_dtype, radar_gate_reference, row_scale, scaled_cosines,
-                        select_experts)
+from .reference import (compute_dtype, radar_gate_reference, relation_weights, row_scale,
+                        scaled_cosines, slot_rows_of)
 from .validation import no_double_backward
 
 CHUNK = 128  # tokens per chunk: best of {16, 32, 64, 128, 256, 512, all} in BENCHMARKS.md
@@ -41,23 +41,27 @@ CHUNK_ELEMS = CHUNK * 8 * 1024
 
 
 def _chunk_forward(V, g, A, B, beta, ids, tau: float, eps: float, out=None):
-    """V [t, K, D] (compute dtype) ... -> y [t, D]. Differentiable by autograd when ``out`` is
-    None; with ``out`` (forward, no autograd) it works in place and writes into ``out``."""
+    """V [t, K, D] (compute dtype), ids [t, K] or None (-1: a masked slot) ... -> y [t, D].
+    Differentiable by autograd when ``out`` is None; with ``out`` (forward, no autograd) it
+    works in place and writes into ``out``."""
     K, D = V.shape[-2:]
     h = D // 2
+    active = ids >= 0 if ids is not None else None
+    if active is not None:  # masked slots' values are never used (not even a NaN)
+        V = torch.where(active.unsqueeze(-1), V, 0.0)
+        g = torch.where(active, g, 0.0)
     if K > 1:
         m = row_scale(V)                                              # [t, K], no grad
         W = V / m.unsqueeze(-1)                                       # rows scaled: no overflow
         C = scaled_cosines(torch.bmm(W, W.transpose(1, 2)), m, eps)
-        eye = torch.eye(K, dtype=torch.bool, device=V.device)
-        rho = torch.softmax((C / tau).masked_fill(eye, float("-inf")), dim=-1)
+        rho, has_other = relation_weights(C, tau, active)
         z = V @ A
-        d = torch.baddbmm(z, rho, z, beta=-1)                         # rho z - z
+        d = torch.baddbmm(z * has_other, rho, z, beta=-1)             # rho z - z (0: no others)
         alpha = d @ B
     else:  # K = 1: d = 0, only the angle bias rotates
         alpha = V.new_zeros(V.shape[0], 1, h)
     if beta is not None:
-        alpha = alpha + (beta.unsqueeze(0) if ids is None else select_experts(beta, ids))
+        alpha = alpha + slot_rows_of(beta, ids)
     return rotate_stretch_sum(V, alpha, g, out)
 
 

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from .cpu import rotate_stretch_sum
-from .reference import (compute_dtype, lora_down, lora_up, row_scale, scaled_cosines,
-                        select_experts)
-from .validation import check_lora_inputs, no_double_backward
+from .reference import (compute_dtype, lora_down, lora_up, relation_weights, row_scale,
+                        scaled_cosines, slot_rows_of)
+from .validation import check_lora_inputs, no_double_backward, slot_ids
 
 CHUNK_ELEMS = 1 << 21  # largest per-chunk intermediate (elements) of the PyTorch parts (CPU:
 CHUNK_ELEMS_GPU = 1 << 27  # cache-sized; on a GPU, where each chunk costs launches: 512 MiB fp32)
@@ -75,8 +75,12 @@ def relation_lowrank(s, ids, P, Q, tau: float, eps: float):
     """SPEC steps 1-3 from low-rank activations: s [t, K, r] -> d [t, K, rg].
 
     Gram ``G_ij = s_i P[e_i, :, e_j, :] s_j^T`` (= <v_i, v_j>), ``n = max(|v|, eps)``, cosines,
-    reference weights rho, ``z_i = s_i Q[e_i]``, ``d = rho z - z`` (d = 0 when K = 1)."""
+    reference weights rho, ``z_i = s_i Q[e_i]``, ``d = rho z - z`` (d = 0 for a slot without
+    others: K = 1, or one active slot). ids < 0: masked slots (d = 0, out of the relation)."""
     K = s.shape[1]
+    active = ids >= 0 if ids is not None else None
+    if active is not None:  # a masked slot's s is never used
+        s = torch.where(active.unsqueeze(-1), s, 0.0)
     m = row_scale(s)  # [t, K]: the Gram matrix of s / m, so no square overflows
     w = s / m.unsqueeze(-1)
     if ids is None:
@@ -85,18 +89,17 @@ def relation_lowrank(s, ids, P, Q, tau: float, eps: float):
     else:  # the K x K blocks P[e_i, :, e_j, :] gathered by index_select (bitwise repeatable
         # gradients, unlike P[ids, :, ids, :]): K^2 r^2 per token, not E K r^2
         E, r = P.shape[:2]
-        e = ids.long()
+        e = ids.long().clamp_min(0)
         pairs = (e.unsqueeze(2) * E + e.unsqueeze(1)).reshape(-1)
         P_pairs = P.permute(0, 2, 1, 3).reshape(E * E, r * r)
         Pg = torch.index_select(P_pairs, 0, pairs).view(*e.shape, K, r, r)
+        Pg = torch.where((active.unsqueeze(2) & active.unsqueeze(1))[..., None, None], Pg, 0.0)
         G = torch.einsum("tia,tijab,tjb->tij", w, Pg, w)
-        z = torch.einsum("tia,tiag->tig", s, select_experts(Q, ids))
+        z = torch.einsum("tia,tiag->tig", s, slot_rows_of(Q, ids))
     if K == 1:
         return z * 0  # d = 0, as a function of s (zero gradients, and NaN stays NaN as in SPEC)
-    C = scaled_cosines(G, m, eps)
-    eye = torch.eye(K, dtype=torch.bool, device=s.device)
-    rho = torch.softmax((C / tau).masked_fill(eye, float("-inf")), dim=-1)
-    return torch.baddbmm(z, rho, z, beta=-1)
+    rho, has_other = relation_weights(scaled_cosines(G, m, eps), tau, active)
+    return torch.baddbmm(z * has_other, rho, z, beta=-1)
 
 
 def slots_to_experts(v, ids, E):
@@ -105,8 +108,8 @@ def slots_to_experts(v, ids, E):
     A one-hot product: exact and deterministic with repeated ids (no atomics). It would carry a
     non-finite row to every expert through 0 * nan, so non-finite entries are zeroed for the
     product and put back as NaN only where the row's own expert has them (a second one-hot
-    product of the non-finite mask, no host sync)."""
-    oh = F.one_hot(ids.long(), E).to(v.dtype)
+    product of the non-finite mask, no host sync). A masked slot's row (id < 0) goes nowhere."""
+    oh = expert_one_hot(ids, E).to(v.dtype)
     bad = ~torch.isfinite(v)
     out = torch.einsum("tke,tkr->ter", oh, v.masked_fill(bad, 0))
     hit = torch.einsum("tke,tkr->ter", oh, bad.to(v.dtype))
@@ -122,6 +125,11 @@ def weighted_sum_lowrank(s, g, ids, lora_B):
     return gs.reshape(-1, E * r) @ lora_B.to(s.dtype).reshape(E * r, out)
 
 
+def expert_one_hot(ids, E):
+    """ids [t, K] -> [t, K, E] bool, all False for a masked slot (id < 0)."""
+    return F.one_hot(ids.long().clamp_min(0), E).bool() & (ids >= 0).unsqueeze(-1)
+
+
 ONE_HOT_MAX = 512  # E * r up to which selected experts' outputs are one GEMM (CPU path)
 
 
@@ -130,7 +138,7 @@ def _one_hot_up(s, ids, E):
     its expert's columns (0 elsewhere, also for a non-finite s), so ``@ B.reshape(E r, out)``
     gives v = s B_e."""
     t, K, r = s.shape
-    own = F.one_hot(ids.long(), E).bool().unsqueeze(-1)
+    own = expert_one_hot(ids, E).unsqueeze(-1)  # a masked slot's row: all 0
     return torch.where(own, s.unsqueeze(2), 0).reshape(t * K, E * r)
 
 
@@ -165,8 +173,8 @@ class _OneHotUp(torch.autograd.Function):
             lanes = _one_hot_up(torch.ones_like(s), ids, E)
             dB = dB.masked_fill(lanes.t() @ bad.to(dB.dtype) > 0, float("nan"))
         dS = (dv @ B.reshape(E * r, out).t()).view(*ids.shape, E, r)
-        ds = torch.gather(dS, 2, ids.long()[..., None, None].expand(-1, -1, 1, r)).squeeze(2)
-        return ds, None, dB.view(E, r, out)
+        ds = torch.gather(dS, 2, ids.long().clamp_min(0)[..., None, None].expand(-1, -1, 1, r))
+        return ds.squeeze(2).masked_fill((ids < 0).unsqueeze(-1), 0), None, dB.view(E, r, out)
 
 
 def _expert_outputs(s, ids, lora_B):
@@ -182,11 +190,14 @@ def _expert_outputs(s, ids, lora_B):
 
 def stream_torch(s, g, d, ids, lora_B, rot_up, beta):
     """The streaming part in PyTorch, on a chunk of tokens: ``y = sum_k g_k R(d_k U + beta) v_k``
-    with ``v = s B_e`` formed for this chunk only. s [t, K, r], d [t, K, rg] -> y [t, out]."""
+    with ``v = s B_e`` formed for this chunk only. s [t, K, r], d [t, K, rg] -> y [t, out].
+    A masked slot (id < 0) adds nothing (its v is 0 and g must be 0: radar_gate_lora)."""
     V = _expert_outputs(s, ids, lora_B)
     alpha = d @ rot_up
     if beta is not None:
-        alpha = alpha + (beta.unsqueeze(0) if ids is None else select_experts(beta, ids))
+        alpha = alpha + slot_rows_of(beta, ids)
+    if ids is not None:
+        V = torch.where((ids >= 0).unsqueeze(-1), V, 0.0)
     return rotate_stretch_sum(V, alpha, g)
 
 
@@ -295,7 +306,13 @@ def _down(x, lora_A, ids, scaling, backend):
     s_all = (mm_ct(x, _a_cat(lora_A)) * scaling).view(-1, E, r)
     if ids is None:
         return s_all, s_all
-    return s_all, torch.gather(s_all, 1, ids.unsqueeze(-1).expand(-1, -1, r)).contiguous()
+    return s_all, slot_rows(s_all, ids)
+
+
+def slot_rows(s_all, ids):
+    """s_all [T, E, r] -> the slots' rows [T, K, r] (a masked slot's: expert 0's, not read)."""
+    idx = ids.clamp_min(0).unsqueeze(-1).expand(-1, -1, s_all.shape[2])
+    return torch.gather(s_all, 1, idx).contiguous()
 
 
 def _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA):
@@ -342,7 +359,7 @@ def _setup(x, lora_A, lora_B, rot_down, ids, scaling, backend, s_all=None):
     elif backend != "triton":  # the PyTorch path saves the slots' s
         s_all, s = None, s_all
     elif ids is not None:
-        s = torch.gather(s_all, 1, ids.unsqueeze(-1).expand(-1, -1, s_all.shape[2])).contiguous()
+        s = slot_rows(s_all, ids)
     else:
         s = s_all
     T, K, r = s.shape
@@ -574,15 +591,18 @@ def _resolve_backend(backend, x, rotation, ranks):
 
 def radar_gate_lora(x, lora_A, lora_B, weights, rot_down=None, rot_up=None, angle_bias=None,
                     expert_ids=None, scaling=1.0, dropout_p=0.0, training=True, tau=1.0,
-                    eps=1e-6, backend="auto", recompute=None):
+                    eps=1e-6, backend="auto", recompute=None, *, slot_mask=None):
     """RadarGate over K LoRA experts, fused: ``y = sum_k g_k R(alpha_k) (scaling x' A_e B_e)``.
 
     x [..., in], lora_A [E, in, r], lora_B [E, r, out], weights [..., K],
     rot_down [out, rg] and rot_up [rg, out/2] (both None: weighted sum ``sum_k g_k v_k``),
-    angle_bias [E, out/2] or None, expert_ids [..., K] integer in [0, E) or None (then K = E)
-    -> [..., out] in the dtype of x. ``x' = dropout(x, dropout_p, training)``. Same result as
-    ``radar_gate_lora_reference`` (LoRA outputs, then radar_gate) without ever forming the
-    [..., K, out] expert outputs, in forward or backward. r, rg <= 64; K and E unbounded.
+    angle_bias [E, out/2] or None, expert_ids [..., K] integer < E or None (then K = E),
+    slot_mask [..., K] bool or None -> [..., out] in the dtype of x. A slot whose mask is False
+    or whose id is negative is masked: out of the relation map and the sum, zero gradients (a
+    token without an active slot outputs 0; a weight of 0 does not mask: docs/SPEC.md).
+    ``x' = dropout(x, dropout_p, training)``. Same result as ``radar_gate_lora_reference`` (LoRA
+    outputs, then radar_gate) without ever forming the [..., K, out] expert outputs, in forward
+    or backward. r, rg <= 64; K and E unbounded.
     expert_ids may have any integer dtype; tau in [1e-30, 1e30], eps in [1e-18, 1e18].
     backend: "auto" (the tensors' device decides: Triton kernels on CUDA, the chunked PyTorch
     path elsewhere), "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "torch". First-order
@@ -595,19 +615,21 @@ def radar_gate_lora(x, lora_A, lora_B, weights, rot_down=None, rot_up=None, angl
     if recompute is not None and not isinstance(recompute, bool):
         raise TypeError(f"recompute: expected None, True or False, got {recompute!r}")
     check_lora_inputs(x, lora_A, lora_B, weights, rot_down, rot_up, angle_bias, expert_ids,
-                      scaling, tau, eps)
+                      scaling, tau, eps, slot_mask=slot_mask)
     which = _resolve_backend(backend, x, rot_down is not None,
                              (lora_A.shape[-1], rot_down.shape[1] if rot_down is not None else 1))
     lead, K = x.shape[:-1], weights.shape[-1]
     if dropout_p:
         x = F.dropout(x, dropout_p, training)
     x2 = x.reshape(-1, x.shape[-1])
-    ids = expert_ids.reshape(-1, K).long() if expert_ids is not None else None  # any int dtype
+    ids = slot_ids(expert_ids, slot_mask, K)  # any int dtype -> int64, -1 at masked slots
+    g = weights.reshape(-1, K)
+    if ids is not None:  # a masked slot's weight is never used, and gets a zero gradient
+        g = torch.where(ids >= 0, g, 0.0)
     rg = rot_down.shape[1] if rot_down is not None else 0
     save = (torch.is_grad_enabled() and save_lowrank(recompute, x2, lora_A, K, rg)
             and any(t is not None and t.requires_grad
                     for t in (x2, lora_A, lora_B, weights, rot_down, rot_up, angle_bias)))
-    y = torch.ops.radargate.lora_fwd(x2, lora_A, lora_B, weights.reshape(-1, K), rot_down,
-                                     rot_up, angle_bias, ids, float(scaling), float(tau),
-                                     float(eps), which, save)[0]
+    y = torch.ops.radargate.lora_fwd(x2, lora_A, lora_B, g, rot_down, rot_up, angle_bias, ids,
+                                     float(scaling), float(tau), float(eps), which, save)[0]
     return y.reshape(*lead, lora_B.shape[2])

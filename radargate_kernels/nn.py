@@ -1,6 +1,7 @@
 """nn.Modules on top of ``radar_gate`` for LoRA-MoE code.
 
-- ``RadarGate``: owns the RotationGate parameters; ``forward(expert_out, weights, expert_ids)``.
+- ``RadarGate``: owns the RotationGate parameters;
+  ``forward(expert_out, weights, expert_ids=None, slot_mask=None)``.
 - ``RadarGateLoRALinear``: a frozen ``nn.Linear`` plus E LoRA experts, a StretchGate router
   (softmax with temperature, optional top-k with renormalisation) and a ``RadarGate``.
 
@@ -34,9 +35,10 @@ class RadarGate(nn.Module):
     angle 0 (the identity rotation), while ``rot_down`` is small and random so ``rot_up`` receives
     a non-zero gradient from the first step and the rotation is learned.
 
-    forward(expert_out [..., K, dim], weights [..., K], expert_ids [..., K] | None) -> [..., dim].
-    The parameters are cast to the dtype of ``expert_out`` (autocast-friendly); the op itself
-    computes in fp32.
+    forward(expert_out [..., K, dim], weights [..., K], expert_ids [..., K] | None,
+    slot_mask [..., K] bool | None) -> [..., dim]; a slot whose mask is False or whose id is
+    negative takes no part (radar_gate). The parameters are cast to the dtype of ``expert_out``
+    (autocast-friendly); the op itself computes in fp32.
     """
 
     def __init__(self, dim: int, num_experts: int, rank: int = 8, tau: float = 1.0,
@@ -53,11 +55,11 @@ class RadarGate(nn.Module):
         self.rot_up = nn.Parameter(torch.zeros(rank, dim // 2))
         self.angle_bias = nn.Parameter(torch.zeros(num_experts, dim // 2)) if angle_bias else None
 
-    def forward(self, expert_out, weights, expert_ids=None):
+    def forward(self, expert_out, weights, expert_ids=None, slot_mask=None):
         dt = expert_out.dtype
         beta = self.angle_bias.to(dt) if self.angle_bias is not None else None
         return radar_gate(expert_out, weights.to(dt), self.rot_down.to(dt), self.rot_up.to(dt),
-                          beta, expert_ids, tau=self.tau, eps=self.eps)
+                          beta, expert_ids, tau=self.tau, eps=self.eps, slot_mask=slot_mask)
 
     def extra_repr(self):
         return (f"dim={self.dim}, num_experts={self.num_experts}, rank={self.rank}, "

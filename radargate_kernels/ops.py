@@ -13,7 +13,7 @@ import torch
 
 from .cpu import radar_gate_cpu
 from .reference import compute_dtype, radar_gate_reference
-from .validation import check_inputs, no_double_backward
+from .validation import check_inputs, no_double_backward, slot_ids
 
 _BACKENDS = ("auto", "triton", "torch")
 
@@ -94,14 +94,24 @@ class RadarGateFunction:
     ``radar_gate`` is the API). Differentiable through the custom op's registered autograd.
 
     apply(V [T,K,D], g [T,K], A [D,r], B [r,D/2], beta [E,D/2] | None, ids [T,K] | None, tau, eps)
-    -> y [T, D]. Saves the inputs and O(T K^2 + T K r) state for backward. Needs CUDA tensors
+    -> y [T, D]; ids: integers < E = beta.shape[0] (any without beta), negative: a masked slot.
+    Saves the inputs and O(T K^2 + T K r) state for backward. Needs CUDA tensors
     (or TRITON_INTERPRET=1); arguments are not validated here (``radar_gate`` does that).
     """
 
     @staticmethod
     def apply(V, g, A, B, beta, ids, tau, eps):
         require_triton_device(V, "RadarGateFunction.apply")
+        ids = None if ids is None else op_ids(ids.long(), beta)
         return torch.ops.radargate.fwd(V, g, A, B, beta, ids, float(tau), float(eps))[0]
+
+
+def op_ids(ids, beta):
+    """ids [T, K] int64 (-1: masked) as the kernels and paths take them: rows of beta, or
+    without beta (where the ids pick nothing, SPEC step 4) the slot numbers, -1 kept."""
+    if beta is not None:
+        return ids
+    return torch.where(ids >= 0, torch.arange(ids.shape[1], device=ids.device), -1)
 
 
 def require_triton_device(t: torch.Tensor, what: str):
@@ -135,12 +145,17 @@ def _resolve_backend(backend: str, V: torch.Tensor, K: int, r: int, E: int, has_
 
 
 def radar_gate(expert_out, weights, rot_down, rot_up, angle_bias=None, expert_ids=None,
-               tau=1.0, eps=1e-6, backend="auto"):
+               tau=1.0, eps=1e-6, backend="auto", *, slot_mask=None):
     """RadarGate: ``y = sum_i g_i R(alpha_i) v_i`` (docs/SPEC.md).
 
     expert_out [..., K, D], weights [..., K], rot_down [D, r], rot_up [r, D/2],
-    angle_bias [E, D/2] or None, expert_ids [..., K] (any integer dtype, values in [0, E)) or
-    None -> [..., D] in the dtype of expert_out. tau in [1e-30, 1e30], eps in [1e-18, 1e18].
+    angle_bias [E, D/2] or None, expert_ids [..., K] (any integer dtype, values < E; negative:
+    an empty slot) or None, slot_mask [..., K] bool or None -> [..., D] in the dtype of
+    expert_out. tau in [1e-30, 1e30], eps in [1e-18, 1e18].
+
+    Masked slots (slot_mask False, or a negative expert id) take no part at all: out of the
+    relation map and the sum, zero gradients, their values never used; a token without an
+    active slot outputs 0. A weight of 0 does not mask (docs/SPEC.md, "Masked slots").
 
     backend: "auto" (the tensors' device decides: Triton kernels on CUDA, or under
     TRITON_INTERPRET=1; PyTorch otherwise), "triton" or "torch". The PyTorch path on CPU tensors
@@ -151,15 +166,16 @@ def radar_gate(expert_out, weights, rot_down, rot_up, angle_bias=None, expert_id
     """
     compiling = torch.compiler.is_compiling()
     K, D, r, E = check_inputs(expert_out, weights, rot_down, rot_up, angle_bias, expert_ids,
-                              tau, eps)
+                              tau, eps, slot_mask=slot_mask)
     which = _resolve_backend(backend, expert_out, K, r, E, angle_bias is not None)
     lead = expert_out.shape[:-2]
     V = expert_out.reshape(-1, K, D)
     g = weights.reshape(-1, K)
-    # every integer dtype means indices (a uint8 tensor must not index as a mask): int64 on
-    # every path; without angle_bias the ids pick nothing (SPEC step 4), so none go further
-    ids = expert_ids.reshape(-1, K).long() \
-        if expert_ids is not None and angle_bias is not None else None
+    # one form on every path: int64 ids, -1 at masked slots (every integer dtype means indices:
+    # a uint8 tensor must not index as a mask)
+    ids = slot_ids(expert_ids, slot_mask, K)
+    if ids is not None:
+        ids = op_ids(ids, angle_bias)
     if which == "torch":
         if compiling or V.device.type != "cpu":
             # under torch.compile (inductor fuses it) and on devices without Triton kernels

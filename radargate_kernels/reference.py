@@ -5,8 +5,13 @@ A literal transcription of ``docs/SPEC.md`` steps 1-6 (this project's reading of
 autograd; all arithmetic runs in float32 or wider (float64 stays float64).
 
 Shapes (after flattening leading dims into T):
-    V [T, K, D], g [T, K], A [D, r], B [r, D/2], beta [E, D/2] or None, ids [T, K] or None
-    -> y [T, D] in the dtype of V.
+    V [T, K, D], g [T, K], A [D, r], B [r, D/2], beta [E, D/2] or None, ids [T, K] or None,
+    slot_mask [T, K] bool or None -> y [T, D] in the dtype of V.
+
+Masked slots (docs/SPEC.md, "Masked slots"): a slot whose ``slot_mask`` is False or whose
+expert id is negative takes no part: each token is computed as if it had only its active slots
+(out of the relation map and the sum, zero gradients; no active slot: y = 0). A weight of
+exactly 0 does not mask (the slot still shapes the others' angles).
 """
 from __future__ import annotations
 
@@ -46,39 +51,69 @@ def row_scale(X):
     return torch.where(m > 0, m, torch.ones_like(m))
 
 
-def relation_map(V: torch.Tensor, tau: float, eps: float):
-    """SPEC steps 1-2. V [T, K, D] -> (n [T, K], C [T, K, K], rho [T, K, K])."""
+def others(active, K: int, device):
+    """Which pairs (i, j) relate: j != i, both slots active (active [T, K] bool or None: all)
+    -> [T, K, K] or [K, K] bool."""
+    pairs = ~torch.eye(K, dtype=torch.bool, device=device)
+    if active is None:
+        return pairs
+    return pairs & active.unsqueeze(-1) & active.unsqueeze(-2)
+
+
+def relation_weights(C, tau: float, active=None):
+    """SPEC step 2: C [T, K, K] -> (rho [T, K, K], has_other [T or 1, K, 1] bool).
+
+    rho_ij = exp(C_ij/tau) / sum_{k != i} exp(C_ik/tau) over the other active slots, 0 for the
+    rest (rho_ii = 0). The row maximum is subtracted first (same value, no overflow for small
+    tau). An empty set of others (K = 1, or one active slot) gives rho = 0: such rows' logits are
+    set to 0 first, so neither the softmax nor its gradient sees a row of -inf only."""
+    rel = others(active, C.shape[-1], C.device)
+    has_other = rel.any(-1, keepdim=True)
+    logits = torch.where(has_other, (C / tau).masked_fill(~rel, float("-inf")), 0.0)
+    return torch.softmax(logits, dim=-1) * rel, has_other
+
+
+def relation_map(V: torch.Tensor, tau: float, eps: float, active=None):
+    """SPEC steps 1-2. V [T, K, D], active [T, K] bool or None -> (n [T, K], C [T, K, K],
+    rho [T, K, K]); rho_ij = 0 unless i and j are both active."""
     n = torch.clamp_min(safe_norm(V), eps)  # n_i = max(|v_i|, eps)
     v_hat = V / n.unsqueeze(-1)
     C = v_hat @ v_hat.transpose(-1, -2)  # C_ij = <v^_i, v^_j>
-    K = V.shape[-2]
-    self_mask = torch.eye(K, dtype=torch.bool, device=V.device)
-    # rho_ij = exp(C_ij/tau) / sum_{k != i} exp(C_ik/tau), rho_ii = 0. The row maximum is
-    # subtracted first (same value, no overflow for small tau); K = 1 leaves an empty set: rho = 0.
-    logits = (C / tau).masked_fill(self_mask, float("-inf"))
-    if K == 1:
-        rho = torch.zeros_like(C)
-    else:
-        rho = torch.softmax(logits, dim=-1)
+    rho, _ = relation_weights(C, tau, active)
     return n, C, rho
 
 
-def rotation_angles(V, rho, A, B, beta=None, ids=None):
+def rotation_angles(V, rho, A, B, beta=None, ids=None, active=None):
     """SPEC steps 3-4. -> alpha [T, K, D/2]."""
     z = V @ A  # z_j = v_j A            [T, K, r]
-    if V.shape[-2] > 1:
-        d = rho @ z - z  # d_i = sum_j rho_ij z_j - z_i
-    else:
-        # SPEC: "with K = 1, d = 0". The literal formula would give -z (rho = 0); SPEC's K = 1
-        # rule wins, as does the equivalent form sum_j rho_ij (z_j - z_i). rho @ z is 0 here.
-        d = rho @ z
+    # d_i = sum_j rho_ij z_j - z_i where slot i has another (active) slot to relate to; else
+    # SPEC's "with K = 1, d = 0" (the equivalent form sum_j rho_ij (z_j - z_i) gives the same)
+    has_other = others(active, V.shape[-2], V.device).any(-1, keepdim=True)
+    d = rho @ z - z * has_other
     alpha = d @ B  # [T, K, D/2]
     if beta is not None:
-        if ids is None:
-            alpha = alpha + beta.unsqueeze(0)  # K == E, slot k is expert k
-        else:
-            alpha = alpha + select_experts(beta, ids)  # any integer dtype indexes
+        alpha = alpha + slot_rows_of(beta, ids)
     return alpha
+
+
+def slot_rows_of(W, ids):
+    """Each slot's row of a per-expert parameter W [E, ...] -> [1 or T, K, ...]: W itself
+    without ids (K == E, slot k is expert k); zeros at a masked slot (id < 0), whose expert's row
+    is never used (a non-finite row there must not reach the result)."""
+    if ids is None:
+        return W.unsqueeze(0)
+    rows = select_experts(W, ids.clamp_min(0))  # any integer dtype
+    keep = (ids >= 0).reshape(*ids.shape, *(1,) * (W.dim() - 1))
+    return torch.where(keep, rows, 0.0)
+
+
+def active_slots(slot_mask, ids):
+    """Active slots [T, K] bool: slot_mask (True: takes part) and ids >= 0; None if neither is
+    given (every slot active)."""
+    if ids is None:
+        return slot_mask
+    keep = ids >= 0
+    return keep if slot_mask is None else keep & slot_mask
 
 
 def givens_rotate(V, alpha):
@@ -90,11 +125,12 @@ def givens_rotate(V, alpha):
 
 
 def radar_gate_reference(expert_out, weights, rot_down, rot_up, angle_bias=None,
-                         expert_ids=None, tau=1.0, eps=1e-6, backend=None):
-    """Reference RadarGate: ``y = sum_i g_i R(alpha_i) v_i``.
+                         expert_ids=None, tau=1.0, eps=1e-6, backend=None, *, slot_mask=None):
+    """Reference RadarGate: ``y = sum_i g_i R(alpha_i) v_i`` over the active slots.
 
     expert_out [..., K, D], weights [..., K], rot_down [D, r], rot_up [r, D/2],
-    angle_bias [E, D/2] or None, expert_ids [..., K] or None -> [..., D] (dtype of expert_out).
+    angle_bias [E, D/2] or None, expert_ids [..., K] or None (< 0: masked slot), slot_mask
+    [..., K] bool or None (False: masked slot) -> [..., D] (dtype of expert_out).
     ``backend`` is accepted (and ignored) so the signature matches ``radar_gate``.
     """
     out_dtype = expert_out.dtype
@@ -104,9 +140,14 @@ def radar_gate_reference(expert_out, weights, rot_down, rot_up, angle_bias=None,
     V = expert_out.reshape(-1, K, D).to(ct)
     g = weights.reshape(-1, K).to(ct)
     ids = None if expert_ids is None else expert_ids.reshape(-1, K)
+    active = active_slots(None if slot_mask is None else slot_mask.reshape(-1, K), ids)
+    if active is not None:  # masked slots' values and expert rows are never used
+        V = torch.where(active.unsqueeze(-1), V, 0.0)
+        g = torch.where(active, g, 0.0)
+        ids = None if ids is None else torch.where(active, ids, -1)
     beta = None if angle_bias is None else angle_bias.to(ct)
-    _, _, rho = relation_map(V, tau, eps)
-    alpha = rotation_angles(V, rho, rot_down.to(ct), rot_up.to(ct), beta, ids)
+    _, _, rho = relation_map(V, tau, eps, active)
+    alpha = rotation_angles(V, rho, rot_down.to(ct), rot_up.to(ct), beta, ids, active)
     U = givens_rotate(V, alpha)
     y = (g.unsqueeze(-1) * U).sum(dim=1)  # SPEC step 6
     return y.to(out_dtype).reshape(*lead, D)
@@ -117,36 +158,41 @@ def lora_down(x, lora_A, expert_ids=None, scaling=1.0):
 
     x [T, in], lora_A [E, in, r], expert_ids [T, K] or None -> s [T, K, r] (K = E without ids),
     ``s[t, k] = scaling * x[t] A_{ids[t, k]}``: expert k's output is then ``v = s B_{ids[t, k]}``.
+    A masked slot (id < 0) gets s = 0.
     """
     ct = compute_dtype(x.dtype)
     s = torch.einsum("ti,eir->ter", x.to(ct), lora_A.to(ct))
     if expert_ids is not None:
-        s = torch.gather(s, 1, expert_ids.long().unsqueeze(-1).expand(-1, -1, s.shape[-1]))
+        idx = expert_ids.long().clamp_min(0).unsqueeze(-1).expand(-1, -1, s.shape[-1])
+        s = torch.where((expert_ids >= 0).unsqueeze(-1), torch.gather(s, 1, idx), 0.0)
     return s * scaling
 
 
 def select_experts(W, expert_ids):
-    """W [E, ...] -> W[ids] [T, K, ...]. index_select, whose backward (index_add) was bitwise
-    repeatable on CPU where ``W[ids]``'s (index_put with accumulate) was not."""
+    """W [E, ...] -> W[ids] [T, K, ...] (ids >= 0). index_select, whose backward (index_add) was
+    bitwise repeatable on CPU where ``W[ids]``'s (index_put with accumulate) was not."""
     rows = torch.index_select(W.reshape(W.shape[0], -1), 0, expert_ids.reshape(-1).long())
     return rows.view(*expert_ids.shape, *W.shape[1:])
 
 
 def lora_up(s, lora_B, expert_ids=None):
-    """Expert outputs from low-rank activations: s [T, K, r], lora_B [E, r, out] -> V [T, K, out]."""
+    """Expert outputs from low-rank activations: s [T, K, r], lora_B [E, r, out] -> V [T, K, out]
+    (0 at a masked slot, id < 0)."""
     B = lora_B.to(s.dtype)
     if expert_ids is None:
         return torch.einsum("tkr,kro->tko", s, B)
-    return torch.einsum("tkr,tkro->tko", s, select_experts(B, expert_ids))
+    return torch.einsum("tkr,tkro->tko", s, slot_rows_of(B, expert_ids))
 
 
 def radar_gate_lora_reference(x, lora_A, lora_B, weights, rot_down=None, rot_up=None,
-                              angle_bias=None, expert_ids=None, scaling=1.0, tau=1.0, eps=1e-6):
+                              angle_bias=None, expert_ids=None, scaling=1.0, tau=1.0, eps=1e-6,
+                              *, slot_mask=None):
     """The fused RadarGate-LoRA layer's contract: LoRA expert outputs, then ``radar_gate_reference``.
 
     x [..., in], lora_A [E, in, r], lora_B [E, r, out], weights [..., K],
     rot_down [out, rg] / rot_up [rg, out/2] (both None: plain weighted sum ``sum_k g_k v_k``),
-    angle_bias [E, out/2] or None, expert_ids [..., K] or None -> [..., out] in the dtype of x.
+    angle_bias [E, out/2] or None, expert_ids [..., K] or None (< 0: masked slot), slot_mask
+    [..., K] bool or None (False: masked slot) -> [..., out] in the dtype of x.
     Expert k of token t outputs ``v = scaling * x A_e B_e`` (e = ids[t, k], or k), computed in
     the compute dtype (no rounding of v to the input dtype). Dropout, if any, is applied to x
     before this function.
@@ -156,11 +202,19 @@ def radar_gate_lora_reference(x, lora_A, lora_B, weights, rot_down=None, rot_up=
     ct = compute_dtype(x.dtype)
     x2 = x.reshape(-1, x.shape[-1])
     ids = None if expert_ids is None else expert_ids.reshape(-1, K)
+    mask = None if slot_mask is None else slot_mask.reshape(-1, K)
+    if ids is not None and mask is not None:  # a masked slot's expert is never used
+        ids = torch.where(mask, ids, -1)
     g = weights.reshape(-1, K).to(ct)
     V = lora_up(lora_down(x2, lora_A, ids, scaling), lora_B, ids)
     if rot_down is None:
+        active = active_slots(mask, ids)
+        if active is not None:
+            V = torch.where(active.unsqueeze(-1), V, 0.0)
+            g = torch.where(active, g, 0.0)
         y = (g.unsqueeze(-1) * V).sum(1)
     else:
         beta = None if angle_bias is None else angle_bias.to(ct)
-        y = radar_gate_reference(V, g, rot_down.to(ct), rot_up.to(ct), beta, ids, tau, eps)
+        y = radar_gate_reference(V, g, rot_down.to(ct), rot_up.to(ct), beta, ids, tau, eps,
+                                 slot_mask=mask)
     return y.to(x.dtype).reshape(*lead, lora_B.shape[2])

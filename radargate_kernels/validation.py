@@ -20,7 +20,7 @@ def _shape(t):
 
 
 def check_inputs(expert_out, weights, rot_down, rot_up, angle_bias, expert_ids, tau, eps,
-                 check_id_range=True):
+                 check_id_range=True, slot_mask=None):
     """Validate the arguments of ``radar_gate``; returns (K, D, r, E)."""
     named = {"expert_out": expert_out, "weights": weights, "rot_down": rot_down,
              "rot_up": rot_up}
@@ -75,12 +75,27 @@ def check_inputs(expert_out, weights, rot_down, rot_up, angle_bias, expert_ids, 
                              f"slots; pass expert_ids when E != K")
     check_positive("tau", tau)
     check_eps(eps)
+    _check_slot_mask(slot_mask, weights, named)
     _check_devices(named, "expert_out")
-    if expert_ids is not None and check_id_range:
-        # without angle_bias the ids select nothing; they must still be valid expert indices
-        _check_id_range(expert_ids, E if angle_bias is not None else None,
-                        "E = angle_bias.shape[0]")
+    if expert_ids is not None and check_id_range and angle_bias is not None:
+        # without angle_bias the ids select nothing: any value (a negative one masks the slot)
+        _check_id_range(expert_ids, E, "E = angle_bias.shape[0]")
     return K, D, r, E
+
+
+def _check_slot_mask(slot_mask, weights, named):
+    """slot_mask: None or a bool tensor of the weights' shape (True: the slot takes part)."""
+    if slot_mask is None:
+        return
+    if not isinstance(slot_mask, torch.Tensor):
+        raise TypeError(f"slot_mask: expected a torch.Tensor, got {type(slot_mask).__name__}")
+    if slot_mask.dtype != torch.bool:
+        raise TypeError(f"slot_mask: expected dtype torch.bool (True: the slot takes part), got "
+                        f"{slot_mask.dtype}")
+    if _shape(slot_mask) != _shape(weights):
+        raise ValueError(f"slot_mask: expected shape {_shape(weights)} (same as weights), got "
+                         f"{_shape(slot_mask)}")
+    named["slot_mask"] = slot_mask
 
 
 def _check_devices(named, first):
@@ -133,27 +148,25 @@ def check_positive(name, value):
 
 
 def _check_id_range(expert_ids, E, what):
-    """Values of expert_ids in [0, E) (E None: only >= 0). On the device, without a host sync,
-    for CUDA tensors and under torch.compile; on the host for CPU tensors in eager mode; not for
-    meta (fake) tensors, which hold no values."""
+    """Values of expert_ids below E (a negative value is a masked slot). On the device, without
+    a host sync, for CUDA tensors and under torch.compile; on the host for CPU tensors in eager
+    mode; not for meta (fake) tensors, which hold no values."""
     if not expert_ids.numel() or expert_ids.device.type == "meta":
         return
-    msg = (f"expert_ids: expected values in [0, {E}) ({what})" if E is not None
-           else "expert_ids: expected non-negative values")
+    msg = f"expert_ids: expected values < {E} ({what}; a negative id masks its slot)"
     if expert_ids.device.type == "cuda" or torch.compiler.is_compiling():
-        ok = expert_ids >= 0 if E is None else (expert_ids >= 0) & (expert_ids < E)
-        torch._assert_async(ok.all(), msg)
+        torch._assert_async((expert_ids < E).all(), msg)
         return
-    lo, hi = int(expert_ids.min()), int(expert_ids.max())
-    if lo < 0 or (E is not None and hi >= E):
-        raise ValueError(f"{msg}, got range [{lo}, {hi}]")
+    hi = int(expert_ids.max())
+    if hi >= E:
+        raise ValueError(f"{msg}, got a maximum of {hi}")
 
 
 MAX_LORA_RANK = 64   # r of the LoRA experts and rank of the RotationGate on the fused layer
 
 
 def check_lora_inputs(x, lora_A, lora_B, weights, rot_down, rot_up, angle_bias, expert_ids,
-                      scaling, tau, eps, check_id_range=True):
+                      scaling, tau, eps, check_id_range=True, slot_mask=None):
     """Validate the arguments of ``radar_gate_lora``; returns (E, fin, r, fout, K, rg)."""
     named = {"x": x, "lora_A": lora_A, "lora_B": lora_B, "weights": weights}
     for name, t in (("rot_down", rot_down), ("rot_up", rot_up), ("angle_bias", angle_bias),
@@ -225,10 +238,25 @@ def check_lora_inputs(x, lora_A, lora_B, weights, rot_down, rot_up, angle_bias, 
     _finite_float("scaling", scaling)
     check_positive("tau", tau)
     check_eps(eps)
+    _check_slot_mask(slot_mask, weights, named)
     _check_devices(named, "x")
     if expert_ids is not None and check_id_range:
         _check_id_range(expert_ids, E, "E = lora_A.shape[0]")
     return E, fin, r, fout, K, rg
+
+
+def slot_ids(expert_ids, slot_mask, K: int):
+    """The one form the implementations take masks in: ids [T, K] int64 with -1 at every masked
+    slot (slot_mask False or a negative id), or None when neither is given. Without expert_ids
+    the ids are the slot numbers (slot k is expert k). Shapes [..., K] are flattened to [T, K]."""
+    if slot_mask is None:
+        return None if expert_ids is None else expert_ids.reshape(-1, K).long()
+    mask = slot_mask.reshape(-1, K)
+    if expert_ids is None:
+        ids = torch.arange(K, device=mask.device).expand(mask.shape[0], K)
+    else:
+        ids = expert_ids.reshape(-1, K).long()
+    return torch.where(mask, ids, -1)
 
 
 def no_double_backward(what):

@@ -3,11 +3,12 @@ import torch
 
 
 def make_problem(T, K, D, r, dtype=torch.float32, bias=False, ids=False, E_extra=2, seed=0,
-                 lead=None):
+                 lead=None, masked=False):
     """Random inputs for radar_gate. Scales keep angles O(1) so every term matters.
 
     Returns a dict of keyword arguments (expert_out, weights, rot_down, rot_up, angle_bias,
-    expert_ids, tau). ``lead`` replaces (T,) as the leading shape when given.
+    expert_ids, tau, and with ``masked`` slot_mask: about a third of the slots False and, with
+    ids, about one in six ids -1). ``lead`` replaces (T,) as the leading shape when given.
     """
     gen = torch.Generator().manual_seed(seed)
     lead = (T,) if lead is None else tuple(lead)
@@ -25,7 +26,21 @@ def make_problem(T, K, D, r, dtype=torch.float32, bias=False, ids=False, E_extra
         expert_ids=torch.randint(0, E, (*lead, K), generator=gen) if ids else None,
         tau=float(0.3 + 1.7 * torch.rand((), generator=gen, dtype=torch.float64)),
     )
+    if masked:
+        out.update(masked_slots(out["expert_ids"], (*lead, K), gen))
     return out
+
+
+def masked_slots(expert_ids, shape, gen):
+    """Random masks for a problem: {"slot_mask": bool [shape], "expert_ids": with -1 at some
+    slots (None stays None)}."""
+    out = {"slot_mask": torch.rand(shape, generator=gen) > 0.35}
+    if expert_ids is not None:
+        out["expert_ids"] = torch.where(torch.rand(shape, generator=gen) < 0.17, -1, expert_ids)
+    return out
+
+
+TOKEN_ARGS = ("expert_out", "weights", "expert_ids", "slot_mask")  # indexed [T, K, ...]
 
 
 DIFF_ARGS = ("expert_out", "weights", "rot_down", "rot_up", "angle_bias")
@@ -51,8 +66,7 @@ def run_with_grads(fn, problem, dy, dtype=None, diff_args=DIFF_ARGS, **kw):
 PARAM_GRADS = ("rot_down", "rot_up", "angle_bias")
 
 
-def param_grad_abs_scale(fn, problem, dy, tokens=("expert_out", "weights", "expert_ids"),
-                         params=PARAM_GRADS):
+def param_grad_abs_scale(fn, problem, dy, tokens=TOKEN_ARGS, params=PARAM_GRADS):
     """max over elements of sum_t |contribution of token t to d(param)|, float64, per parameter
     (each token's parameter gradient from one vmapped torch.func.grad: tokens are independent)."""
     from torch.func import grad, vmap
@@ -80,8 +94,8 @@ def _variant(problem, dy, kind, gen):
     if kind == "tokens":
         perm = torch.randperm(T, generator=gen)
         inv = torch.argsort(perm)
-        for k in ("expert_out", "weights", "expert_ids"):
-            if p[k] is not None:
+        for k in TOKEN_ARGS:
+            if p.get(k) is not None:
                 p[k] = p[k][perm]
         back = {"y": lambda x: x[inv], "expert_out": lambda x: x[inv], "weights": lambda x: x[inv]}
         return p, dy[perm], back
@@ -90,8 +104,8 @@ def _variant(problem, dy, kind, gen):
         inv = torch.argsort(perm)
         if p["angle_bias"] is not None and p["expert_ids"] is None:
             p["expert_ids"] = torch.arange(K).expand(T, K)
-        for k in ("expert_out", "weights", "expert_ids"):
-            if p[k] is not None:
+        for k in TOKEN_ARGS:
+            if p.get(k) is not None:
                 p[k] = p[k][:, perm]
         back = {"expert_out": lambda x: x[:, inv], "weights": lambda x: x[:, inv]}
         return p, dy, back

@@ -8,16 +8,18 @@ LORA_PARAMS = ("lora_A", "lora_B", "rot_down", "rot_up", "angle_bias")
 
 
 def make_lora_problem(T, K, fin, out, r, rg, dtype=torch.float32, ids=False, bias=False,
-                      rotation=True, E_extra=2, seed=0):
+                      rotation=True, E_extra=2, seed=0, masked=False, E=None):
     """Fresh random inputs of ``radar_gate_lora`` (keyword dict). Scales keep |v| and the angles
-    O(1), so every term of the op matters."""
+    O(1), so every term of the op matters. ``masked``: slot_mask and -1 ids as
+    helpers.make_problem; ``E`` overrides the expert count with ids (K + E_extra)."""
+    from helpers import masked_slots
     gen = torch.Generator().manual_seed(seed)
-    E = K + E_extra if ids else K
+    E = (E or K + E_extra) if ids else K
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
-    return dict(
+    prob = dict(
         x=rnd(T, fin), lora_A=rnd(E, fin, r, scale=fin ** -0.5), lora_B=rnd(E, r, out),
         weights=rnd(T, K),
         rot_down=rnd(out, rg, scale=out ** -0.5) if rotation else None,
@@ -27,6 +29,9 @@ def make_lora_problem(T, K, fin, out, r, rg, dtype=torch.float32, ids=False, bia
         scaling=0.5 + float(torch.rand((), generator=gen)),
         tau=float(0.3 + 1.7 * torch.rand((), generator=gen, dtype=torch.float64)),
     )
+    if masked:
+        prob.update(masked_slots(prob["expert_ids"], (T, K), gen))
+    return prob
 
 
 def lora_run(fn, prob, dy, dtype=None, **kw):
@@ -86,7 +91,7 @@ def check_lora_against_reference(prob, dy, fn=None, **kw):
     assert_matches("y", y, y_r, y_t, dtype)
     assert set(grads) == set(g_t)
     scales = param_grad_abs_scale(radar_gate_lora_reference, prob, dy,
-                                  ("x", "weights", "expert_ids"), LORA_PARAMS)
+                                  ("x", "weights", "expert_ids", "slot_mask"), LORA_PARAMS)
     for name in g_t:
         assert grads[name].dtype == dtype, name
         sc = scales.get(name)

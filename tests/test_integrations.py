@@ -259,3 +259,37 @@ def test_expert_major_dispatch_to_slots_matches_mixlora_index_add():
             torch.testing.assert_close(V[t, k], experts[selected[t, k]](x[t]).detach())
     with pytest.raises(ValueError, match="rows_per_expert"):
         slots_from_expert_major(rows[:1] + [rows[1][:1]] + rows[2:], selected)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mixlora_top_p_empty_slots_are_masked(backend):
+    """MixLoRA's top-p variant: K slots, those past the top-p mass left empty with id -1 and
+    weight 0. slots_from_expert_major leaves them zero, radar_gate masks them: each token's
+    result is RadarGate over its kept slots alone (issue #26)."""
+    from radargate_kernels import radar_gate, radar_gate_reference
+    from radargate_kernels.integrations.sparse import slots_from_expert_major
+    gen = torch.Generator().manual_seed(3)
+    T, D, E, K, top_p = 10, 6, 4, 3, 0.6
+    x = torch.randn(T, D, generator=gen, dtype=torch.float64)
+    experts = [nn.Linear(D, D, dtype=torch.float64) for _ in range(E)]
+    probs, order = torch.sort(torch.softmax(torch.randn(T, E, generator=gen,
+                                                        dtype=torch.float64), -1), -1, True)
+    probs, order = probs[:, :K], order[:, :K]
+    keep = (probs.cumsum(-1) - probs) < top_p  # the slots needed to reach top_p (at least one)
+    assert (~keep).any() and keep.sum(1).min() >= 1
+    selected = torch.where(keep, order, -1)
+    weights = torch.where(keep, probs, 0.0)
+    weights = weights / weights.sum(-1, keepdim=True)
+    with torch.no_grad():
+        rows = [experts[e](x[torch.where(selected.t() == e)[1]]) for e in range(E)]
+        V = slots_from_expert_major(rows, selected)
+        A = torch.randn(D, 2, generator=gen, dtype=torch.float64)
+        B = torch.randn(2, D // 2, generator=gen, dtype=torch.float64)
+        beta = torch.randn(E, D // 2, generator=gen, dtype=torch.float64)
+        y = radar_gate(V, weights, A, B, beta, selected, backend=backend)
+        for t in range(T):
+            k = keep[t]
+            y_t = radar_gate_reference(V[t:t + 1, k], weights[t:t + 1, k], A, B, beta,
+                                       selected[t:t + 1, k])
+            torch.testing.assert_close(y[t], y_t[0], rtol=1e-12, atol=1e-12)
+    assert (V[~keep] == 0).all()

@@ -187,7 +187,7 @@ def test_torch_compile_fullgraph_and_opcheck(backend):
     (dict(weights=torch.zeros(4, 3)), ValueError, ["weights", "leading"]),
     (dict(weights=torch.zeros(5, 2)), ValueError, ["weights", "K = 2", "E = 3"]),
     (dict(expert_ids=torch.zeros(5, 2, dtype=torch.long)), ValueError, ["expert_ids", "shape"]),
-    (dict(expert_ids=torch.full((5, 3), 3)), ValueError, ["expert_ids", "[0, 3)"]),
+    (dict(expert_ids=torch.full((5, 3), 3)), ValueError, ["expert_ids", "< 3", "maximum of 3"]),
     (dict(expert_ids=torch.zeros(5, 3)), TypeError, ["expert_ids", "integer"]),
     (dict(lora_A=torch.zeros(3, 6, 65), lora_B=torch.zeros(3, 65, 8)), ValueError,
      ["lora_A", "64"]),

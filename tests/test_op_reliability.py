@@ -173,22 +173,34 @@ def test_compiler_failure_falls_back_once_with_a_warning(monkeypatch):
     assert len(cpu_mod._FAILED) == 1
 
 
-@pytest.mark.parametrize("bad", [-1, 5])
+@pytest.mark.parametrize("bad", [5, 9])
 def test_out_of_range_ids_under_torch_compile_raise(bad):
+    """ids >= E raise on the device under torch.compile (negative ids are masked slots)."""
     torch._dynamo.reset()
     p = make_problem(4, 3, 8, 2, bias=True, ids=True, E_extra=2, seed=8)  # E = 5
     p["expert_ids"] = p["expert_ids"].clone()
     p["expert_ids"][2, 1] = bad
     fn = torch.compile(lambda q: radar_gate(**q, backend="torch"), fullgraph=True)
-    with pytest.raises(RuntimeError, match=r"expert_ids: expected values in \[0, 5\)"):
+    with pytest.raises(RuntimeError, match=r"expert_ids: expected values < 5"):
         fn(p)
     lp = make_lora_problem(4, 3, 6, 8, 2, 2, ids=True, bias=True, seed=9)
     E = lp["lora_A"].shape[0]
     lp["expert_ids"] = lp["expert_ids"].clone()
-    lp["expert_ids"][1, 0] = -1 if bad < 0 else E
+    lp["expert_ids"][1, 0] = E + bad - 5
     fl = torch.compile(lambda q: radar_gate_lora(**q, backend="torch"), fullgraph=True)
-    with pytest.raises(RuntimeError, match=rf"expert_ids: expected values in \[0, {E}\)"):
+    with pytest.raises(RuntimeError, match=rf"expert_ids: expected values < {E}"):
         fl(lp)
+
+
+def test_masked_slots_under_torch_compile():
+    """slot_mask and negative ids trace with fullgraph=True and give the eager result."""
+    torch._dynamo.reset()
+    p = make_problem(6, 3, 8, 2, bias=True, ids=True, seed=12, masked=True)
+    fn = torch.compile(lambda q: radar_gate(**q, backend="torch"), fullgraph=True)
+    torch.testing.assert_close(fn(p), radar_gate_reference(**p), rtol=1e-5, atol=1e-5)
+    lp = make_lora_problem(6, 3, 6, 8, 2, 2, ids=True, bias=True, seed=13, masked=True)
+    fl = torch.compile(lambda q: radar_gate_lora(**q, backend="torch"), fullgraph=True)
+    torch.testing.assert_close(fl(lp), radar_gate_lora_reference(**lp), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("path", PATHS)

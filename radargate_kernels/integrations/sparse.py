@@ -22,7 +22,8 @@ def slots_from_expert_major(rows_per_expert, selected_experts: torch.Tensor) -> 
     ``torch.where(selected_experts.T == e)`` gives them (slot-major, then token: MixLoRA's
     ``torch.where(expert_mask[e])``); selected_experts [T, K] -> V [T, K, D] with
     V[t, k] = the row of expert selected_experts[t, k] for token t. Each (t, k) is written once
-    (no atomics). An expert with no tokens has an empty [0, D] tensor."""
+    (no atomics). An expert with no tokens has an empty [0, D] tensor. A slot with a negative id
+    (left empty by a top-p router or a capacity limit) stays zero: radar_gate masks it."""
     if selected_experts.dim() != 2:
         raise ValueError(f"selected_experts: expected [T, K], got shape "
                          f"{tuple(selected_experts.shape)}")
@@ -39,7 +40,8 @@ def slots_from_expert_major(rows_per_expert, selected_experts: torch.Tensor) -> 
                              f"row per slot routed to expert {e}), got {tuple(r.shape)}")
         V[t_idx, k_idx] = r
         filled += k_idx.numel()
-    if filled != T * K:
-        raise ValueError(f"selected_experts: {T * K - filled} slots name an expert outside "
-                         f"[0, {len(rows)})")
+    missing = T * K - int((selected_experts < 0).sum()) - filled
+    if missing:
+        raise ValueError(f"selected_experts: {missing} slots name an expert outside "
+                         f"[0, {len(rows)}) (negative ids are empty slots)")
     return V

@@ -101,7 +101,7 @@ def settings(kind: str, K: int, r: int, rg: int, E: int, has_ids: bool,
                    BH_COLS=32 if RP <= 16 and not wide_dots else 16, BH_REL=0)
     # the fused relation: 16 tokens per program (the M of its dots), F lanes per token
     cfg.update(KP=KP, RP=RP, RGP=RGP, EP=EP, R=R, F=pow2(E) * RP, BT_LREL=16,
-               BT_REL=max(1, 32 // KP), WARPS=8, WARPS_REL=16 if KP > 32 else 8, STAGES=1)
+               BT_REL=max(1, 32 // KP), WARPS=8, STAGES=1)
     return cfg
 
 
@@ -164,7 +164,8 @@ def _strides(t, n):
 def _meta(cfg, dtype, bh, **flags):
     acc, prec, fast, vprec = precision(dtype)
     return dict(BT=cfg["BT"], SK=cfg["SK"], BH=bh, RP=cfg["RP"], RGP=cfg["RGP"], FAST=fast,
-                PREC=prec, VPREC=vprec, ACC=acc, num_warps=cfg["WARPS"], num_stages=cfg["STAGES"], **flags)
+                PREC=prec, VPREC=vprec, ACC=acc, num_warps=cfg["WARPS"], num_stages=cfg["STAGES"],
+                **flags)
 
 
 def _stream_args(T, K, h, r, rg, E, V, S, LB, g, d, U, beta, ids):
@@ -182,8 +183,8 @@ def _stream_args(T, K, h, r, rg, E, V, S, LB, g, d, U, beta, ids):
 # ---- radar_gate --------------------------------------------------------------------------------
 
 def plan_forward(V, g, A, B, beta, ids, tau: float, eps: float):
-    """-> (launches, (y, n, C, rho, z, d)). ids only pick rows of beta (none without it)."""
-    ids = ids if beta is not None else None
+    """-> (launches, (y, n, C, rho, z, d)). ids: rows of beta (without beta, slot numbers), -1
+    at masked slots; None: every slot active, slot k is expert k."""
     T, K, D = V.shape
     h, r = D // 2, A.shape[1]
     E = beta.shape[0] if beta is not None else K
@@ -198,10 +199,11 @@ def plan_forward(V, g, A, B, beta, ids, tau: float, eps: float):
     # its Gram and V A products take 16-bit input values (or them scaled by a power of two):
     # exact in tf32, whatever the input dtype's dots elsewhere
     rel = Launch(op_relation_fwd_kernel, (nb,),
-                 (V, A, n, C, rho, z, d, T, K, h, r, *V.stride(), *A.stride(), 1.0 / tau, eps),
+                 (V, A, ids if ids is not None else g, n, C, rho, z, d, T, K, E, h, r,
+                  *V.stride(), *A.stride(), *_strides(ids, 2), 1.0 / tau, eps),
                  dict(KP=cfg["KP"], BT=cfg["BT"], BH=cfg["BH_REL"], RP=cfg["RP"],
-                      PREC="ieee" if prec == "ieee" else "tf32",
-                      ACC=acc, num_warps=cfg["WARPS_REL"], num_stages=cfg["STAGES"]))
+                      HAS_IDS=ids is not None, PREC="ieee" if prec == "ieee" else "tf32",
+                      ACC=acc, num_warps=cfg["WARPS"], num_stages=cfg["STAGES"]))
     ptrs, sizes, strides = _stream_args(T, K, h, r, r, E, V, None, None, g, d,
                                         B, beta, ids)
     fwd = Launch(stream_fwd_kernel, (nb, triton.cdiv(h, cfg["BH_FWD"])),
@@ -214,8 +216,8 @@ def plan_forward(V, g, A, B, beta, ids, tau: float, eps: float):
 def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: float,
                   need=(True, True, True)):
     """need = (dA, dB, dbeta). -> (launches, finish) where finish() returns
-    (dV, dg, dA, dB, dbeta) once the launches ran (the partial sums happen there)."""
-    ids = ids if beta is not None else None
+    (dV, dg, dA, dB, dbeta) once the launches ran (the partial sums happen there). A masked
+    slot's dV and dg are zeros."""
     T, K, D = V.shape
     h, r = D // 2, A.shape[1]
     E = beta.shape[0] if beta is not None else K
@@ -223,7 +225,10 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
     sd = compute_dtype(V.dtype)
     acc = precision(V.dtype)[0]
     nb = triton.cdiv(T, cfg["BT"])
-    dg, dd = g.new_empty((T, K), dtype=V.dtype), V.new_empty((T, K, r), dtype=sd)
+    # the rows kernel does not write a masked slot's dg and dd: zeros (the relation backward
+    # reads every dd)
+    dg = (g.new_zeros if ids is not None else g.new_empty)((T, K), dtype=V.dtype)
+    dd = (V.new_zeros if ids is not None else V.new_empty)((T, K, r), dtype=sd)
     M, dZ = V.new_empty((T, K, K), dtype=sd), V.new_empty((T, K, r), dtype=sd)
     dV = V.new_empty((T, K, D))
     ptrs, sizes, strides = _stream_args(T, K, h, r, r, E, V, None, None, g, d,
@@ -235,7 +240,7 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
     rel = Launch(op_relation_bwd_kernel, (nb,),
                  (dd, n, C, rho, z, M, dZ, T, K, r, 1.0 / tau, eps),
                  dict(KP=cfg["KP"], BT=cfg["BT"], RP=cfg["RP"], ACC=acc,
-                      num_warps=cfg["WARPS_REL"]))
+                      num_warps=cfg["WARPS"]))
     n_chunks = triton.cdiv(h, cfg["BH_COLS"])
     nb_cols = triton.cdiv(T, cfg["BT_COLS"])
     G = token_groups(nb_cols, n_chunks, V.device)
@@ -306,9 +311,10 @@ def plan_stream_backward(dy, s_all, g, d, ids, lora_B, U, beta, need=(True, True
     dU, dbeta), the parameter gradients None where not needed."""
     T, K, E, r, D, rg, cfg, ptrs, sizes, strides, flags = _lora_common(s_all, g, d, ids, lora_B,
                                                                        U, beta)
-    sd = s_all.dtype
-    ds, dd = s_all.new_empty((T, K, r)), s_all.new_empty((T, K, rg))
-    dg = g.new_empty((T, K))
+    # with ids the rows kernel writes only rows of an expert: a masked slot's (id -1) are zeros
+    new = s_all.new_zeros if ids is not None else s_all.new_empty
+    ds, dd = new((T, K, r)), new((T, K, rg))
+    dg = new((T, K), dtype=g.dtype)
     rows_, starts = expert_rows(ids, T, K, E, s_all.device)
     blocks = triton.cdiv(T * K, E * cfg["BT"])  # an expert's row blocks on average
     groups = min(max(1, blocks), max(1, token_groups(blocks * E, E, s_all.device)))

@@ -5,7 +5,9 @@ K x K matrices are the diagonal blocks of an R x R tile; products across tokens 
 token's non-finite entries as 0, tile.other_tokens_safe):
 - ``op_relation_fwd_kernel``: over D, the Gram matrix of the rows scaled by a power of two near
   max |v| (exact, so no square overflows), then z = V A; n = max(|v|, eps), C, rho = softmax over
-  j != i of C / tau, d = rho z - z (0 when K = 1). Stores n, C, rho, z, d for the backward.
+  the other active slots j != i of C / tau, d = rho z - z (0 for a slot without others). Stores
+  n, C, rho, z, d for the backward. With ids (HAS_IDS), a slot with id < 0 is masked: never
+  read, out of every token's relation.
 - ``op_relation_bwd_kernel``: from dd: drho_ij = <dd_i, z_j>, dC = rho (drho - rowsum(rho drho))
   / tau, S = dC + dC^T, dZ = rho^T dd - dd, and M = S / (n n^T) - diag(q_i / n_i^2) with
   q_i = sum_j S_ij C_ij (0 where the eps floor holds): dv = M v + dZ A^T (stream.py's columns).
@@ -37,19 +39,28 @@ def swap_pairs(x):
 
 
 @triton.jit
-def cosines_softmax(gram, m, same, off, diag, tau_inv, eps):
+def cosines_softmax(gram, m, same, off, diag, tau_inv, eps, act=None):
     """SPEC steps 1-2 on pair tiles (the last two axes are rows i, j; ``same``: one token's
     pair of real rows, ``off`` without, ``diag`` with i = j) from the Gram matrix of the rows
     scaled by m (> 0, a power of two) -> (n, C, rho): n = max(m |v / m|, eps),
-    C_ij = gram_ij (m_i / n_i) (m_j / n_j), rho = softmax over j != i of C / tau."""
+    C_ij = gram_ij (m_i / n_i) (m_j / n_j), rho = softmax over j != i of C / tau. ``act``
+    (radar_gate with ids: 1.0 for an active row, 0.0 for a masked one, whose v is 0) takes the
+    masked columns out of the softmax by a factor, not by a mask (a mask from loaded values
+    on the 64-row tile made ptxas spill)."""
     n = tl.maximum(m * tl.sqrt(tl.sum(tl.where(diag, gram, 0.0), axis=-1)), eps)
     q = m / n
     C = tl.where(same, gram * (tl.expand_dims(q, -1) * tl.expand_dims(q, -2)), 0.0)
     # |C| <= 1, so exp(C / tau - max) needs the max only for small tau; a row without another
-    # slot (K = 1) gives rho = 0
-    mx = tl.max(tl.where(off, C, -float("inf")), axis=-1)
-    ex = tl.where(off, tl.exp((C - tl.expand_dims(tl.where(mx == -float("inf"), 0.0, mx), -1))
+    # slot (K = 1) gives rho = 0. Masked columns count 3 below their C (< any active one's)
+    # for the max, and 0 in the sum.
+    Cm = C
+    if act is not None:
+        Cm = C - 3.0 * (1.0 - tl.expand_dims(act, -2))
+    mx = tl.max(tl.where(off, Cm, -float("inf")), axis=-1)
+    ex = tl.where(off, tl.exp((Cm - tl.expand_dims(tl.where(mx == -float("inf"), 0.0, mx), -1))
                               * tau_inv), 0.0)
+    if act is not None:
+        ex = ex * tl.expand_dims(act, -2)
     den = tl.sum(ex, axis=-1)
     return n, C, ex / tl.expand_dims(tl.where(den > 0, den, 1.0), -1)
 
@@ -77,25 +88,36 @@ def pow2_below(m):
     return tl.where(m > 0, p, 1.0)
 
 
+@triton.jit
+def has_other(rho):
+    """[R] whether a row has another active slot in its token (its reference weights sum to 1,
+    else to 0: K = 1, or one active slot), so that its context d is rho z - z, else 0."""
+    return (tl.sum(rho, axis=1) > 0).to(rho.dtype)[:, None]
+
+
 @triton.jit(do_not_specialize=["T"])
 def op_relation_fwd_kernel(
-    V, A, N, CM, RHO, Z, DCTX,
-    T, K, h, r, s_vt, s_vk, s_vd, s_ad, s_ar, tau_inv, eps,
+    V, A, IDS, N, CM, RHO, Z, DCTX,
+    T, K, E, h, r, s_vt, s_vk, s_vd, s_ad, s_ar, s_it, s_ik, tau_inv, eps,
     KP: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, RP: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr,
+    HAS_IDS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
-    blk = tl.program_id(0)
-    tok, slot, valid = block_rows(blk, 0, T, K, BT, KP)
+    """A masked slot (ids < 0) is never read (its v counts as 0) and is out of the softmax; its
+    own state is written but never read (every consumer masks it)."""
+    tok, slot, valid = block_rows(tl.program_id(0), 0, T, K, BT, KP)
+    row = tok * K + slot
+    act = (expert_of(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS) >= 0).to(ACC)
     voff = tok * s_vt + slot.to(tl.int64) * s_vk
     rr = tl.arange(0, RP)
     R: tl.constexpr = BT * KP
     # two passes over D (the second from L2): the Gram matrix, then z = V A (one accumulator
     # live at a time: both together spilled at 64 rows on sm_80)
+    ok = (act > 0)[:, None]
     gram = tl.zeros((R, R), dtype=ACC)
     m = tl.zeros((R,), dtype=ACC)
     for c0 in range(0, h, BH):
-        v1, v2 = load_pairs(V, voff, c0 + tl.arange(0, BH), h, s_vd,
-                            valid[:, None] & (c0 + tl.arange(0, BH) < h)[None, :], ACC)
+        cols = c0 + tl.arange(0, BH)
+        v1, v2 = load_pairs(V, voff, cols, h, s_vd, ok & (cols < h)[None, :], ACC)
         # the rows scaled by a power of two, rescaled (exactly) as it grows: a 16-bit input
         # tile stays exact in tf32, so these tensor-core products are exact
         big = tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1))
@@ -110,14 +132,15 @@ def op_relation_fwd_kernel(
     z = tl.zeros((R, RP), dtype=ACC)
     for c0 in range(0, h, BH):
         cols = c0 + tl.arange(0, BH)
-        v1, v2 = load_pairs(V, voff, cols, h, s_vd, valid[:, None] & (cols < h)[None, :], ACC)
+        v1, v2 = load_pairs(V, voff, cols, h, s_vd, ok & (cols < h)[None, :], ACC)
         z += mm(v1, load_tile(A, cols, rr, h, r, s_ad, s_ar, ACC), PREC) \
             + mm(v2, load_tile(A, cols + h, rr, 2 * h, r, s_ad, s_ar, ACC), PREC)  # z = V A
     same, off, diag = same_token(valid, KP)
-    n, C, rho = cosines_softmax(gram, tl.where(m > 0, m, 1.0), same, off, diag, tau_inv, eps)
-    d = mm(rho, other_tokens_safe(z, BT), "ieee") - z  # (a non-finite z: its token's rho is too)
-    d = tl.where(K > 1, d, 0.0 * z)  # SPEC: d = 0 when K = 1 (a NaN stays NaN)
-    row = tok * K + slot
+    n, C, rho = cosines_softmax(gram, tl.where(m > 0, m, 1.0), same, off, diag, tau_inv, eps,
+                                act if HAS_IDS else None)
+    # d = rho z - z, and 0 for a slot without others (a NaN stays NaN). (A non-finite z: its
+    # token's rho is non-finite too.)
+    d = mm(rho, other_tokens_safe(z, BT), "ieee") - z * has_other(rho)
     kk = row[:, None] * K + (tl.arange(0, R) % KP)[None, :]
     tl.store(N + row, n, mask=valid)
     tl.store(CM + kk, C, mask=same)
@@ -132,6 +155,8 @@ def op_relation_bwd_kernel(
     T, K, r, tau_inv, eps,
     KP: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, ACC: tl.constexpr,
 ):
+    """A masked slot needs no care here: its dd is 0 and it is out of rho, so its M and dZ
+    entries come out 0."""
     blk = tl.program_id(0)
     tok, slot, valid = block_rows(blk, 0, T, K, BT, KP)
     row = tok * K + slot
@@ -145,11 +170,11 @@ def op_relation_bwd_kernel(
     rho = tl.load(RHO + kk, mask=same, other=0.0).to(ACC)
     z = load_rows(Z, row, valid, r, RP, ACC)
     dd = load_rows(DD, row, valid, r, RP, ACC)
-    # through d = rho z - z: drho_ij = <dd_i, z_j>, dz = rho^T dd - dd (0 when K = 1)
+    # through d = rho z - z: drho_ij = <dd_i, z_j>, dz = rho^T dd - dd (no -dd for a slot
+    # without others)
     S, q = softmax_backward(tl.where(off, mm(dd, tl.trans(z), "ieee"), 0.0), rho, C, n, same,
                             tau_inv, eps)
-    dz = mm(tl.trans(rho), other_tokens_safe(dd, BT), "ieee") - dd
-    dz = tl.where(K > 1, dz, 0.0 * dd)
+    dz = mm(tl.trans(rho), other_tokens_safe(dd, BT), "ieee") - dd * has_other(rho)
     inv = 1.0 / n
     Mt = S * inv[:, None] * inv[None, :]
     Mt = tl.where(ri[:, None] == ri[None, :], Mt - (q * inv * inv)[:, None], Mt)
@@ -245,10 +270,13 @@ def load_slots(PTR, t, T, K, n, KP: tl.constexpr, NP: tl.constexpr, ACC: tl.cons
 @triton.jit
 def slot_pairs(ex):
     """Masks on [BT, KP, KP] from the slots' experts ex [BT, KP] (-1: no row): both rows real,
-    and the diagonal ([1, KP, KP])."""
+    and the diagonal ([1, KP, KP]); and whether each slot has another real one [BT, KP, 1]
+    (else its context d is 0)."""
     valid = ex >= 0
     kk = tl.arange(0, ex.shape[1])
-    return valid[:, :, None] & valid[:, None, :], (kk[:, None] == kk[None, :])[None, :, :]
+    same = valid[:, :, None] & valid[:, None, :]
+    eye = (kk[:, None] == kk[None, :])[None, :, :]
+    return same, eye, tl.max((same & ~eye).to(tl.int32), axis=2)[:, :, None] > 0
 
 
 @triton.jit
@@ -312,7 +340,7 @@ def lowrank_relation(S, IDS, PF, QF, bad, blk, T, K, E, r, rg, s_it, s_ik, tau_i
     rb = at_slots(bad[None, :].to(ACC), ex, EL) > 0
     gram = tl.where(rb[:, :, None] | rb[:, None, :], float("nan"), gram)
     z = tl.where(rb[:, :, None], float("nan"), z)
-    same, eye = slot_pairs(ex)
+    same, eye, _ = slot_pairs(ex)
     n, C, rho = cosines_softmax(gram, m, same, same & ~eye, same & eye, tau_inv, eps)
     return t, ex, X, z, m, n, C, rho
 
@@ -351,17 +379,19 @@ def lora_relation_fwd_kernel(
     KP: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr,
     HAS_IDS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
-    """d [T, K, rg] = rho z - z (0 when K = 1) for one block of BT tokens (grid: token blocks)."""
+    """d [T, K, rg] = rho z - z (0 for a slot without others: K = 1, or one real slot; and for
+    a masked slot) for one block of BT tokens (grid: token blocks)."""
     bad = bad_experts(PF, QF, E, r, rg, F // RP, RP, RGP)
     t, ex, X, z, m, n, C, rho = lowrank_relation(
         S, IDS, PF, QF, bad, tl.program_id(0), T, K, E, r, rg, s_it, s_ik, tau_inv, eps, KP, BT,
         F, RP, RGP, HAS_IDS, PREC, ACC)
-    d = -z
+    _, _, others = slot_pairs(ex)
+    d = -z * others.to(ACC)  # (a NaN z stays NaN)
     for j in range(K):  # d_i += rho_ij z_j
         d += slot_col(tl.permute(rho, (0, 2, 1)), j)[:, :, None] * slot_col(z, j)[:, None, :]
     kk = tl.arange(0, KP)[None, :, None]
     gg = tl.arange(0, RGP)[None, None, :]
-    tl.store(DCTX + (t[:, None, None] * K + kk) * rg + gg, tl.where(K > 1, d, 0.0 * z),
+    tl.store(DCTX + (t[:, None, None] * K + kk) * rg + gg, d,
              mask=(t < T)[:, None, None] & (kk < K) & (gg < rg))
 
 
@@ -394,16 +424,16 @@ def lora_relation_bwd_kernel(
         t, ex, X, z, m, n, C, rho = lowrank_relation(
             S, IDS, PF, QF, bad, blk, T, K, E, r, rg, s_it, s_ik, tau_inv, eps, KP, BT, F, RP,
             RGP, HAS_IDS, PREC, ACC)
-        same, eye = slot_pairs(ex)
+        same, eye, others = slot_pairs(ex)
         dd = load_slots(DD, t, T, K, rg, KP, RGP, ACC)
-        # through d = rho z - z: drho_ij = <dd_i, z_j>, dz_j = sum_i rho_ij dd_i - dd_j
+        # through d = rho z - z: drho_ij = <dd_i, z_j>, dz_j = sum_i rho_ij dd_i - dd_j (no
+        # -dd_j for a slot without others)
         drho_t = tl.zeros((BT, KP, KP), dtype=ACC)  # [t, j, i]
-        dz = -dd
+        dz = -dd * others.to(ACC)
         for i in range(K):
             drho_t = put_slot(drho_t, i, tl.sum(dd * slot_col(z, i)[:, None, :], axis=2))
             dz += slot_col(rho, i)[:, :, None] * slot_col(dd, i)[:, None, :]
         drho = tl.where(same & ~eye, tl.permute(drho_t, (0, 2, 1)), 0.0)
-        dz = tl.where(K > 1, dz, 0.0 * dd)
         S_, q = softmax_backward(drho, rho, C, n, same, tau_inv, eps)
         # gradient of the Gram matrix of w (C_ij = gram_ij qq_i qq_j, qq = m / n): S / 2 off
         # the diagonal (dC counted once per ordered pair), the norms' -q qq^2 / 2 on it

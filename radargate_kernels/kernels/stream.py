@@ -377,9 +377,9 @@ def stream_bwd_cols_kernel(
         for kc in range(0, K, SK):
             dbk = tl.zeros((SK, BH), dtype=ACC)  # without ids: each slot's dbeta
             for blk in range(grp, n_blocks, n_grp):
-                tok, slot, valid = block_rows(blk, kc, T, K, BT, SK)
-                e = expert_of(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
-                valid = e >= 0
+                tok, slot, inr = block_rows(blk, kc, T, K, BT, SK)
+                e = expert_of(IDS, tok, slot, inr, s_it, s_ik, E, HAS_IDS)
+                valid = e >= 0  # (a masked slot's dV is written as zeros)
                 row = tok * K + slot
                 v1, v2, w1, w2, d, _, _, _ = bwd_terms(
                     V, S, LB, DCTX, U, BETA, DY, tok, slot, row, e, valid, cols, cm, h, r, rg,
@@ -403,7 +403,6 @@ def stream_bwd_cols_kernel(
                     d_a2 += mm(tl.trans(dz), v2, PREC)
                 # dV = g w + dZ A^T + M v (M: zero across tokens; a token with a non-finite v
                 # has a non-finite M of its own)
-                on = valid[:, None] & cm[None, :]
                 off = (row * (2 * h))[:, None] + cols[None, :]
                 am = cm[:, None] & (rr < r)[None, :]
                 for half in tl.static_range(2):
@@ -412,18 +411,21 @@ def stream_bwd_cols_kernel(
                     dv = g * (w1 if half == 0 else w2) + mm(dz, tl.trans(a), PREC)
                     for jc in range(0, K, SK):  # M v over the token's slot chunks
                         vj = v1 if half == 0 else v2
-                        if SK < K:
+                        if SK < K:  # (a masked slot's v: its M column is 0, a NaN zeroed)
                             tj, sj, okj = block_rows(blk, jc, T, K, BT, SK)
-                            vj = tl.load(V + (tj * s_vt + sj.to(tl.int64) * s_vk)[:, None]
-                                         + (cols + half * h)[None, :].to(tl.int64) * s_vd,
-                                         mask=okj[:, None] & cm[None, :], other=0.0).to(ACC)
+                            vj = finite_or_zero(tl.load(
+                                V + (tj * s_vt + sj.to(tl.int64) * s_vk)[:, None]
+                                + (cols + half * h)[None, :].to(tl.int64) * s_vd,
+                                mask=okj[:, None] & cm[None, :], other=0.0).to(ACC))
                         ri = tl.arange(0, R)
                         same = (ri[:, None] // SK == ri[None, :] // SK) & valid[:, None] \
                             & (jc + ri % SK < K)[None, :]
                         m_t = tl.load(MR + row[:, None] * K + (jc + ri % SK)[None, :], mask=same,
                                       other=0.0).to(ACC)
                         dv += mm(m_t, other_tokens_safe(vj, BT), PREC)
-                    tl.store(DV + off + half * h, dv.to(DV.dtype.element_ty), mask=on)
+                    dv = tl.where(valid[:, None], dv, 0.0)
+                    tl.store(DV + off + half * h, dv.to(DV.dtype.element_ty),
+                             mask=inr[:, None] & cm[None, :])
             if NEED_DBETA and not HAS_IDS:
                 store_slot_rows(PBETA, dbk[:, None, :], grp, kc, K, 1, cols, cm, h, h)
         if NEED_DU:
