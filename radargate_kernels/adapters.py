@@ -71,8 +71,8 @@ class RadarGateConfig:
                             f"{type(self.target_modules).__name__}")
         if not self.target_modules:
             raise ValueError("target_modules: expected at least one module name or a regex")
-        if self.modules_to_save is not None:
-            self.modules_to_save = [str(m) for m in self.modules_to_save]
+        if self.modules_to_save is not None:  # a string is one name, not a list of letters
+            self.modules_to_save = _names(self.modules_to_save)
         _dtype_from_name(self.adapter_dtype)
         # the layer's constructor validates the rest; run it once on a tiny layer so a bad
         # config fails here, naming the field, rather than at injection time
@@ -232,8 +232,21 @@ def _added_param_names(model: nn.Module) -> dict:
     return out
 
 
+def _names(modules_to_save) -> list:
+    """None, one module name or a list of names -> a list (a string is one name, not letters)."""
+    if modules_to_save is None:
+        return []
+    if isinstance(modules_to_save, str):
+        return [modules_to_save]
+    if not isinstance(modules_to_save, (list, tuple)):
+        raise TypeError(f"modules_to_save: expected None, a module name or a list of names, got "
+                        f"{type(modules_to_save).__name__}")
+    return [str(m) for m in modules_to_save]
+
+
 def _modules_to_save_params(model: nn.Module, modules_to_save) -> dict:
     out = {}
+    modules_to_save = _names(modules_to_save)
     if not modules_to_save:
         return out
     found = set()
@@ -437,7 +450,7 @@ class _ForwardTo:
 
 
 def _in_modules_to_save(key: str, modules_to_save) -> bool:
-    return any(key.startswith(m + ".") or f".{m}." in key for m in modules_to_save or ())
+    return any(key.startswith(m + ".") or f".{m}." in key for m in _names(modules_to_save))
 
 
 def get_radargate_model(model: nn.Module, config: RadarGateConfig) -> RadarGateModel:
@@ -462,6 +475,9 @@ _UNSUPPORTED_PEFT = {
     "use_dora": "DoRA (use_dora=True)",
     "fan_in_fan_out": "fan_in_fan_out=True (Conv1D-style weights)",
     "lora_bias": "lora_bias=True",
+    # an aLoRA adapter is active only after its invocation tokens: loaded as a plain expert it
+    # would be on everywhere
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
 }
 
 

@@ -602,7 +602,8 @@ def radar_gate_lora(x, lora_A, lora_B, weights, rot_down=None, rot_up=None, angl
     token without an active slot outputs 0; a weight of 0 does not mask: docs/SPEC.md).
     ``x' = dropout(x, dropout_p, training)``. Same result as ``radar_gate_lora_reference`` (LoRA
     outputs, then radar_gate) without ever forming the [..., K, out] expert outputs, in forward
-    or backward. r, rg <= 64; K and E unbounded.
+    or backward. Any r, rg, K and E (the Triton kernels take r, rg <= 64: beyond, "auto" runs
+    the PyTorch path).
     expert_ids may have any integer dtype; tau in [1e-30, 1e30], eps in [1e-18, 1e18].
     backend: "auto" (the tensors' device decides: Triton kernels on CUDA, the chunked PyTorch
     path elsewhere), "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "torch". First-order

@@ -27,6 +27,11 @@ def _check_count(name, value):
         raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
 
 
+def _check_switch(name, value):
+    if not isinstance(value, bool):  # "no" and "false" are truthy: never guess
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+
+
 class RadarGate(nn.Module):
     """RadarGate over K expert outputs of width ``dim``.
 
@@ -50,6 +55,7 @@ class RadarGate(nn.Module):
         _check_count("rank", rank)
         check_positive("tau", tau)
         check_positive("eps", eps)
+        _check_switch("angle_bias", angle_bias)
         self.dim, self.num_experts, self.rank, self.tau, self.eps = dim, num_experts, rank, tau, eps
         self.rot_down = nn.Parameter(torch.randn(dim, rank) / math.sqrt(dim))
         self.rot_up = nn.Parameter(torch.zeros(rank, dim // 2))
@@ -108,7 +114,8 @@ class RadarGateLoRALinear(nn.Module):
                                   or not 1 <= top_k <= num_experts):
             raise ValueError(f"top_k: expected None or an integer 1 <= top_k <= num_experts = "
                              f"{num_experts}, got {top_k!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
+                or not math.isfinite(alpha):
             raise ValueError(f"alpha: expected a finite number, got {alpha!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
                 or not 0.0 <= dropout < 1.0:
@@ -119,6 +126,9 @@ class RadarGateLoRALinear(nn.Module):
             raise TypeError(f"adapter_dtype: expected a floating torch.dtype, got {adapter_dtype!r}")
         if recompute is not None and not isinstance(recompute, bool):
             raise TypeError(f"recompute: expected None, True or False, got {recompute!r}")
+        for name, value in (("freeze_experts", freeze_experts), ("rotation", rotation),
+                            ("stretch", stretch), ("fused", fused)):
+            _check_switch(name, value)
         if rotation and base.out_features % 2:
             raise ValueError(f"base: RadarGate rotates pairs of features and needs an even "
                              f"out_features, got {base.out_features} (or pass rotation=False)")

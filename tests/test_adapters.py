@@ -194,7 +194,9 @@ def test_inject_errors_and_shared_linears():
     ("gate_rank", dict(gate_rank=0)), ("router_temperature", dict(router_temperature=0.0)),
     ("dropout", dict(dropout=1.0)), ("top_k", dict(top_k=0)), ("tau", dict(tau=-1.0)),
     ("alpha", dict(alpha=float("nan"))), ("adapter_dtype", dict(adapter_dtype=torch.int8)),
-    ("recompute", dict(recompute="auto")),
+    ("recompute", dict(recompute="auto")), ("rotation", dict(rotation="no")),
+    ("stretch", dict(stretch="false")), ("fused", dict(fused=1)),
+    ("freeze_experts", dict(freeze_experts="yes")),
 ])
 def test_constructor_errors_name_the_argument(name, kwargs):
     args = {"num_experts": 2, **kwargs}
@@ -437,3 +439,36 @@ def test_mixed_dtype_error_says_what_to_do():
                    torch.randn(2, 2, dtype=torch.bfloat16))
     gate = RadarGate(4, 2, rank=2)  # a module casts fp32 routing weights to a bf16 input's dtype
     assert gate(V, torch.softmax(torch.randn(3, 2), -1)).dtype == torch.bfloat16
+
+
+def test_switches_and_strings_are_not_guessed(tmp_path):
+    """Issue #26: a string switch is truthy ("false" would turn rotation on) and a string
+    modules_to_save is a sequence of letters: the first raises naming the field (also from a
+    JSON config), the second is one module name."""
+    d = RadarGateConfig(target_modules=["q_proj"], num_experts=2, rank=2).to_dict()
+    with pytest.raises(TypeError, match="rotation: expected True or False"):
+        RadarGateConfig.from_dict(dict(d, rotation="false"))
+    with pytest.raises(TypeError, match="angle_bias: expected True or False"):
+        RadarGate(4, 2, angle_bias="no")
+    with pytest.raises(TypeError, match="modules_to_save"):
+        RadarGateConfig(target_modules=["q_proj"], modules_to_save=3)
+    cfg = RadarGateConfig(target_modules=["q_proj", "v_proj"], num_experts=2, rank=2,
+                          modules_to_save="head")
+    assert cfg.modules_to_save == ["head"]
+    model = get_radargate_model(_Net(), cfg)
+    assert all(p.requires_grad for p in model.base_model.head.parameters())
+    assert any(k.startswith("head.") for k in radargate_state_dict(model.base_model, "head"))
+
+
+def test_ranks_above_the_kernels_limit_run():
+    """Issue #26: what the constructor accepts runs; ranks 128 and 96 (beyond the Triton
+    kernels' 64) take the PyTorch path, trained and saved as any other."""
+    torch.manual_seed(0)
+    layer = RadarGateLoRALinear(nn.Linear(16, 8), num_experts=3, rank=128, gate_rank=96,
+                                top_k=2)
+    x = torch.randn(5, 16)
+    layer(x).sum().backward()
+    assert layer.lora_A.grad is not None and layer.gate.rot_up.grad is not None
+    model = get_radargate_model(_Net(), RadarGateConfig(target_modules=["q_proj"], rank=65,
+                                                        num_experts=2))
+    model(torch.randn(3, 8)).sum().backward()

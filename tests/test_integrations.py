@@ -107,6 +107,7 @@ def _edit_config(path, **changes):
 @pytest.mark.parametrize("change, message", [
     (dict(use_dora=True), "DoRA"), (dict(fan_in_fan_out=True), "fan_in_fan_out"),
     (dict(modules_to_save=["lm_head"]), "modules_to_save"), (dict(peft_type="IA3"), "IA3"),
+    (dict(alora_invocation_tokens=[5, 6]), "alora_invocation_tokens"),
 ])
 def test_peft_adapter_features_we_cannot_honour_raise(tmp_path, change, message):
     _, path = _make_adapter(tmp_path, 0, "a")

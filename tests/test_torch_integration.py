@@ -29,6 +29,30 @@ def test_torch_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_torch_compile_dynamic_shapes_and_scalars():
+    """Issue #26: fullgraph=True with dynamic=True (tau, eps, scaling become symbolic floats,
+    which math.isfinite does not take) for both ops and the module, at two token counts."""
+    from radargate_kernels import RadarGateLoRALinear, radar_gate_lora, radar_gate_reference
+    from radargate_kernels.reference import radar_gate_lora_reference
+    from lora_helpers import make_lora_problem
+    torch._dynamo.reset()
+    op = torch.compile(lambda q: radar_gate(**q), fullgraph=True, dynamic=True)
+    lora = torch.compile(lambda q: radar_gate_lora(**q), fullgraph=True, dynamic=True)
+    layer = RadarGateLoRALinear(torch.nn.Linear(8, 8), num_experts=3, rank=2, top_k=2,
+                                adapter_dtype=torch.float64).double()
+    mod = torch.compile(layer, fullgraph=True, dynamic=True)
+    f64 = dict(dtype=torch.float64, rtol=1e-10, atol=1e-12)  # the traced graph, not fp32 noise
+    for T in (6, 11):
+        p = make_problem(T, 3, 8, 2, bias=True, ids=True, seed=T, dtype=f64["dtype"])
+        torch.testing.assert_close(op(p), radar_gate_reference(**p), rtol=f64["rtol"],
+                                   atol=f64["atol"])
+        lp = make_lora_problem(T, 3, 6, 8, 2, 2, ids=True, bias=True, seed=T, dtype=f64["dtype"])
+        torch.testing.assert_close(lora(lp), radar_gate_lora_reference(**lp), rtol=f64["rtol"],
+                                   atol=f64["atol"])
+        x = torch.randn(T, 8, dtype=torch.float64)
+        torch.testing.assert_close(mod(x), layer(x), rtol=f64["rtol"], atol=f64["atol"])
+
+
 @pytest.mark.parametrize("bias,ids,dtype,strided", [(True, True, torch.float32, False),
                                                     (False, False, torch.float32, False),
                                                     (True, False, torch.float64, False),
