@@ -379,10 +379,19 @@ class RadarGateModel(nn.Module):
             return getattr(self.base_model, name)
 
     def aux_loss(self):
-        """Sum of the layers' load-balancing losses from the last forward (0 if none)."""
-        losses = [m.aux_loss for m in self.base_model.modules()
+        """Sum of the layers' load-balancing losses from the last forward (0 if none). Warns
+        when it is asked for with autograd on but the forward ran without it (gradient
+        checkpointing with use_reentrant=True): the loss would not balance anything."""
+        layers = [m for m in self.base_model.modules()
                   if isinstance(m, RadarGateLoRALinear) and m.aux_loss is not None]
-        return sum(losses) if losses else torch.zeros(())
+        if torch.is_grad_enabled() and any(
+                m.training and m.router.weight.requires_grad and m.aux_loss.grad_fn is None
+                for m in layers):
+            warnings.warn("aux_loss: the last forward ran without autograd (e.g. gradient "
+                          "checkpointing with use_reentrant=True), so this loss has no gradient "
+                          "and balances nothing; use use_reentrant=False", RuntimeWarning,
+                          stacklevel=2)
+        return sum(m.aux_loss for m in layers) if layers else torch.zeros(())
 
     def get_nb_trainable_parameters(self) -> tuple:
         return trainable_parameters(self)

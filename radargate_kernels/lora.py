@@ -127,7 +127,8 @@ def weighted_sum_lowrank(s, g, ids, lora_B):
 
 def expert_one_hot(ids, E):
     """ids [t, K] -> [t, K, E] bool, all False for a masked slot (id < 0)."""
-    return F.one_hot(ids.long().clamp_min(0), E).bool() & (ids >= 0).unsqueeze(-1)
+    # a comparison, not F.one_hot, whose range check reads values back to the host on CPU
+    return ids.unsqueeze(-1) == torch.arange(E, device=ids.device)
 
 
 ONE_HOT_MAX = 512  # E * r up to which selected experts' outputs are one GEMM (CPU path)
@@ -153,13 +154,11 @@ class _OneHotUp(torch.autograd.Function):
         ctx.save_for_backward(s, ids, B)
         Bf = B.reshape(E * r, out)
         bad = ~torch.isfinite(Bf)
-        if not bad.any():
-            return (_one_hot_up(s, ids, E) @ Bf).view(*ids.shape, out)
         # a non-finite entry of B_e reaches only the rows of expert e (0 * inf elsewhere): zeroed
-        # for the product, NaN put back at (row of expert e, column) as the gather gives
-        v = _one_hot_up(s, ids, E) @ Bf.masked_fill(bad, 0)
-        hit = _one_hot_up(torch.ones_like(s), ids, E) @ bad.to(v.dtype)
-        return v.masked_fill(hit > 0, float("nan")).view(*ids.shape, out)
+        # for the product, NaN put back at (row of expert e, column) as the gather gives. No
+        # branch on bad.any() (a host sync on CUDA): the NaN places are one small gather
+        v = (_one_hot_up(s, ids, E) @ Bf.masked_fill(bad, 0)).view(*ids.shape, out)
+        return v.masked_fill(per_slot(bad.view(E, r, out).any(1), ids), float("nan"))
 
     @staticmethod
     def backward(ctx, dv):
@@ -169,12 +168,18 @@ class _OneHotUp(torch.autograd.Function):
         S = _one_hot_up(s, ids, E)
         bad = ~torch.isfinite(dv)
         dB = S.t() @ dv.masked_fill(bad, 0)
-        if bad.any():  # only then: which (expert row, column) has a term through a bad dv
-            lanes = _one_hot_up(torch.ones_like(s), ids, E)
-            dB = dB.masked_fill(lanes.t() @ bad.to(dB.dtype) > 0, float("nan"))
+        # which (expert, column) has a term through a bad dv: all r rows of that expert there
+        hit = slots_to_experts(bad.view(*ids.shape, out).to(dB.dtype), ids, E) > 0  # [t, E, out]
+        dB = dB.view(E, r, out).masked_fill(hit.any(0).unsqueeze(1), float("nan"))
         dS = (dv @ B.reshape(E * r, out).t()).view(*ids.shape, E, r)
         ds = torch.gather(dS, 2, ids.long().clamp_min(0)[..., None, None].expand(-1, -1, 1, r))
-        return ds.squeeze(2).masked_fill((ids < 0).unsqueeze(-1), 0), None, dB.view(E, r, out)
+        return ds.squeeze(2).masked_fill((ids < 0).unsqueeze(-1), 0), None, dB
+
+
+def per_slot(x, ids):
+    """x [E, n] bool per expert -> [t, K, n] at each slot's expert (False at a masked slot)."""
+    rows = torch.index_select(x, 0, ids.reshape(-1).clamp_min(0)).view(*ids.shape, -1)
+    return rows & (ids >= 0).unsqueeze(-1)
 
 
 def _expert_outputs(s, ids, lora_B):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .lora import radar_gate_lora
+from .lora import expert_one_hot, radar_gate_lora
 from .ops import radar_gate
 from .validation import check_positive
 
@@ -25,6 +25,14 @@ from .validation import check_positive
 def _check_count(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+
+
+def _recomputing() -> bool:
+    """True while autograd runs a backward pass, i.e. when a forward runs inside one: activation
+    checkpointing's recomputation (torch.compile traces forwards only)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
 
 
 def _check_switch(name, value):
@@ -200,7 +208,7 @@ class RadarGateLoRALinear(nn.Module):
             return torch.einsum("ter,ero->teo", xa, B) * self.scaling
         T, k = ids.shape
         E, r, out = B.shape
-        keep = F.one_hot(ids, E).to(h.dtype).unsqueeze(-1)        # [T, k, E, 1]
+        keep = expert_one_hot(ids, E).to(h.dtype).unsqueeze(-1)   # [T, k, E, 1]
         s = (keep * xa.unsqueeze(1)).reshape(T * k, E * r)         # slot's expert only
         return (s @ B.reshape(E * r, out)).view(T, k, out) * self.scaling
 
@@ -213,16 +221,20 @@ class RadarGateLoRALinear(nn.Module):
         else:
             y = self._materialized(x2, weights, ids)
         # load balancing (Switch Transformer): E * sum_e (routed fraction) * (mean probability)
-        # (one_hot sums, not bincount: no host sync on CUDA, and it compiles with fullgraph)
+        # (one-hot sums, not bincount: no host sync, and it compiles with fullgraph)
         routed = ids.reshape(-1) if ids is not None else probs.argmax(-1)
-        counts = F.one_hot(routed, self.num_experts).sum(0)
+        counts = expert_one_hot(routed, self.num_experts).sum(0)
         if routed.numel():
             frac = counts.float() / routed.numel()
-            self.aux_loss = self.num_experts * (frac * probs.mean(0)).sum()
+            aux = self.num_experts * (frac * probs.mean(0)).sum()
         else:  # empty batch: nothing to balance
-            self.aux_loss = probs.sum() * 0.0
-        with torch.no_grad():
-            self.routing_counts += counts
+            aux = probs.sum() * 0.0
+        if not _recomputing():  # activation checkpointing re-runs forward in backward (the
+            # same ops: it checks what is saved); the first run's statistics stand (counted
+            # once; its aux_loss is the one in the loss)
+            self.aux_loss = aux
+            with torch.no_grad():
+                self.routing_counts += counts
         out = self.base(x)  # under autocast: the autocast dtype
         return out + y.reshape(*lead, self.out_features).to(out.dtype)
 
