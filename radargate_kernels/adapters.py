@@ -379,19 +379,10 @@ class RadarGateModel(nn.Module):
             return getattr(self.base_model, name)
 
     def aux_loss(self):
-        """Sum of the layers' load-balancing losses from the last forward (0 if none). Warns
-        when it is asked for with autograd on but the forward ran without it (gradient
-        checkpointing with use_reentrant=True): the loss would not balance anything."""
-        layers = [m for m in self.base_model.modules()
+        """Sum of the layers' load-balancing losses from the last forward (0 if none)."""
+        losses = [m.aux_loss for m in self.base_model.modules()
                   if isinstance(m, RadarGateLoRALinear) and m.aux_loss is not None]
-        if torch.is_grad_enabled() and any(
-                m.training and m.router.weight.requires_grad and m.aux_loss.grad_fn is None
-                for m in layers):
-            warnings.warn("aux_loss: the last forward ran without autograd (e.g. gradient "
-                          "checkpointing with use_reentrant=True), so this loss has no gradient "
-                          "and balances nothing; use use_reentrant=False", RuntimeWarning,
-                          stacklevel=2)
-        return sum(m.aux_loss for m in layers) if layers else torch.zeros(())
+        return sum(losses) if losses else torch.zeros(())
 
     def get_nb_trainable_parameters(self) -> tuple:
         return trainable_parameters(self)
@@ -484,10 +475,24 @@ _UNSUPPORTED_PEFT = {
     "use_dora": "DoRA (use_dora=True)",
     "fan_in_fan_out": "fan_in_fan_out=True (Conv1D-style weights)",
     "lora_bias": "lora_bias=True",
-    # an aLoRA adapter is active only after its invocation tokens: loaded as a plain expert it
-    # would be on everywhere
+    # options that change the adapter's forward (a plain x A B would silently differ): aLoRA is
+    # active only after its invocation tokens; the others reshape, gate or replace the product
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "use_qalora": "QA-LoRA (use_qalora=True)",
+    "velora_config": "VeLoRA (velora_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "use_bdlora": "BD-LoRA (use_bdlora=True)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "kasa_config": "KaSA (kasa_config)",
+    "layer_replication": "layer_replication",
+    "target_parameters": "target_parameters (adapters on nn.Parameters, not Linear layers)",
 }
+
+
+def lora_variant(layer, name):
+    """The PEFT LoRA variant (DoRA, aLoRA, ...) adapter ``name`` of a PEFT layer uses, or None:
+    a variant changes the forward, so a plain x A B would silently differ."""
+    return getattr(layer, "lora_variant", {}).get(name)
 
 
 def _pattern_value(pattern: dict, name: str, default):
@@ -557,6 +562,9 @@ def peft_lora_weights(layer: nn.Module, adapter_names=None):
     for n in names:
         if getattr(layer, "use_dora", {}).get(n):
             raise ValueError(f"adapter_names: {n!r} uses DoRA, which is not supported")
+        if lora_variant(layer, n) is not None:
+            raise ValueError(f"adapter_names: {n!r} uses the LoRA variant "
+                             f"{type(lora_variant(layer, n)).__name__}, which is not supported")
         if getattr(layer, "fan_in_fan_out", False):
             raise ValueError("layer: fan_in_fan_out=True (Conv1D-style weights) is not supported")
         if lora_B[n].bias is not None:

@@ -169,8 +169,9 @@ class _OneHotUp(torch.autograd.Function):
         bad = ~torch.isfinite(dv)
         dB = S.t() @ dv.masked_fill(bad, 0)
         # which (expert, column) has a term through a bad dv: all r rows of that expert there
-        hit = slots_to_experts(bad.view(*ids.shape, out).to(dB.dtype), ids, E) > 0  # [t, E, out]
-        dB = dB.view(E, r, out).masked_fill(hit.any(0).unsqueeze(1), float("nan"))
+        oh = expert_one_hot(ids, E).reshape(-1, E).to(dB.dtype)
+        hit = (oh.t() @ bad.to(dB.dtype)) > 0  # [E, out]
+        dB = dB.view(E, r, out).masked_fill(hit.unsqueeze(1), float("nan"))
         dS = (dv @ B.reshape(E * r, out).t()).view(*ids.shape, E, r)
         ds = torch.gather(dS, 2, ids.long().clamp_min(0)[..., None, None].expand(-1, -1, 1, r))
         return ds.squeeze(2).masked_fill((ids < 0).unsqueeze(-1), 0), None, dB
@@ -607,8 +608,8 @@ def radar_gate_lora(x, lora_A, lora_B, weights, rot_down=None, rot_up=None, angl
     token without an active slot outputs 0; a weight of 0 does not mask: docs/SPEC.md).
     ``x' = dropout(x, dropout_p, training)``. Same result as ``radar_gate_lora_reference`` (LoRA
     outputs, then radar_gate) without ever forming the [..., K, out] expert outputs, in forward
-    or backward. Any r, rg, K and E (the Triton kernels take r, rg <= 64: beyond, "auto" runs
-    the PyTorch path).
+    or backward. Any r, rg, K and E (the Triton kernels take r, rg <= 64 in bf16, <= 32 or one
+    of them <= 16 in fp16 / fp32: beyond, "auto" runs the PyTorch path).
     expert_ids may have any integer dtype; tau in [1e-30, 1e30], eps in [1e-18, 1e18].
     backend: "auto" (the tensors' device decides: Triton kernels on CUDA, the chunked PyTorch
     path elsewhere), "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "torch". First-order

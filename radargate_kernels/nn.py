@@ -10,6 +10,7 @@ re-exported here for code written against earlier versions.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -29,7 +30,8 @@ def _check_count(name, value):
 
 def _recomputing() -> bool:
     """True while autograd runs a backward pass, i.e. when a forward runs inside one: activation
-    checkpointing's recomputation (torch.compile traces forwards only)."""
+    checkpointing's recomputation (or a forward called from a backward hook). False while
+    torch.compile traces (a graph cannot ask)."""
     if torch.compiler.is_compiling():
         return False
     return torch._C._current_graph_task_id() != -1
@@ -224,14 +226,23 @@ class RadarGateLoRALinear(nn.Module):
         # (one-hot sums, not bincount: no host sync, and it compiles with fullgraph)
         routed = ids.reshape(-1) if ids is not None else probs.argmax(-1)
         counts = expert_one_hot(routed, self.num_experts).sum(0)
-        if routed.numel():
-            frac = counts.float() / routed.numel()
-            aux = self.num_experts * (frac * probs.mean(0)).sum()
-        else:  # empty batch: nothing to balance
-            aux = probs.sum() * 0.0
+        no_grad_training = (self.training and not torch.is_grad_enabled()
+                            and self.router.weight.requires_grad)
+        # a training forward without autograd (gradient checkpointing with use_reentrant=True
+        # runs forward so): the router's probabilities again, with autograd, so that aux_loss
+        # still trains the router
+        with torch.enable_grad() if no_grad_training else contextlib.nullcontext():
+            if no_grad_training:
+                probs = self.route(x2.detach())[2]
+            if routed.numel():
+                frac = counts.float() / routed.numel()
+                aux = self.num_experts * (frac * probs.mean(0)).sum()
+            else:  # empty batch: nothing to balance
+                aux = probs.sum() * 0.0
         if not _recomputing():  # activation checkpointing re-runs forward in backward (the
             # same ops: it checks what is saved); the first run's statistics stand (counted
-            # once; its aux_loss is the one in the loss)
+            # once; its aux_loss is the one in the loss). Not under torch.compile, where the
+            # check is traced away: a compiled layer inside checkpointing counts twice
             self.aux_loss = aux
             with torch.no_grad():
                 self.routing_counts += counts

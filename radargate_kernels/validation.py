@@ -51,13 +51,7 @@ def check_inputs(expert_out, weights, rot_down, rot_up, angle_bias, expert_ids, 
     if _shape(weights) != _shape(expert_out)[:-1]:
         raise ValueError(f"weights: expected shape {_shape(expert_out)[:-1]} (expert_out's "
                          f"shape without D), got {_shape(weights)}")
-    if rot_down.dim() != 2 or rot_down.shape[0] != D or rot_down.shape[1] < 1:
-        raise ValueError(f"rot_down: expected shape [D, r] = [{D}, r] with r >= 1, "
-                         f"got {_shape(rot_down)}")
-    r = rot_down.shape[1]
-    if _shape(rot_up) != (r, h):
-        raise ValueError(f"rot_up: expected shape [r, D/2] = [{r}, {h}] (r from rot_down), "
-                         f"got {_shape(rot_up)}")
+    r = _check_rotation(rot_down, rot_up, D, "D", "r")
     E = K
     if expert_ids is not None:
         if expert_ids.dtype not in INT_DTYPES:
@@ -96,6 +90,18 @@ def _check_slot_mask(slot_mask, weights, named):
         raise ValueError(f"slot_mask: expected shape {_shape(weights)} (same as weights), got "
                          f"{_shape(slot_mask)}")
     named["slot_mask"] = slot_mask
+
+
+def _check_rotation(rot_down, rot_up, D: int, dim: str, rank: str) -> int:
+    """rot_down [D, rank] and rot_up [rank, D/2] (the names as the op calls them) -> rank."""
+    if rot_down.dim() != 2 or rot_down.shape[0] != D or rot_down.shape[1] < 1:
+        raise ValueError(f"rot_down: expected shape [{dim}, {rank}] = [{D}, {rank}] with "
+                         f"{rank} >= 1, got {_shape(rot_down)}")
+    r = rot_down.shape[1]
+    if _shape(rot_up) != (r, D // 2):
+        raise ValueError(f"rot_up: expected shape [{rank}, {dim}/2] = [{r}, {D // 2}] ({rank} "
+                         f"from rot_down), got {_shape(rot_up)}")
+    return r
 
 
 def _check_devices(named, first):
@@ -217,13 +223,7 @@ def check_lora_inputs(x, lora_A, lora_B, weights, rot_down, rot_up, angle_bias, 
         if fout % 2:
             raise ValueError(f"lora_B: expected an even output size for the rotation, got "
                              f"out = {fout}")
-        if rot_down.dim() != 2 or rot_down.shape[0] != fout or rot_down.shape[1] < 1:
-            raise ValueError(f"rot_down: expected shape [out, rg] = [{fout}, rg] with rg >= 1, "
-                             f"got {_shape(rot_down)}")
-        rg = rot_down.shape[1]
-        if _shape(rot_up) != (rg, fout // 2):
-            raise ValueError(f"rot_up: expected shape [rg, out/2] = [{rg}, {fout // 2}], "
-                             f"got {_shape(rot_up)}")
+        rg = _check_rotation(rot_down, rot_up, fout, "out", "rg")
     if angle_bias is not None:
         if rot_down is None:
             raise ValueError("angle_bias: given without rot_down/rot_up (no rotation)")

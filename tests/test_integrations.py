@@ -108,6 +108,7 @@ def _edit_config(path, **changes):
     (dict(use_dora=True), "DoRA"), (dict(fan_in_fan_out=True), "fan_in_fan_out"),
     (dict(modules_to_save=["lm_head"]), "modules_to_save"), (dict(peft_type="IA3"), "IA3"),
     (dict(alora_invocation_tokens=[5, 6]), "alora_invocation_tokens"),
+    (dict(use_qalora=True), "QA-LoRA"), (dict(arrow_config={"top_k": 2}), "Arrow"),
 ])
 def test_peft_adapter_features_we_cannot_honour_raise(tmp_path, change, message):
     _, path = _make_adapter(tmp_path, 0, "a")
@@ -158,6 +159,11 @@ def test_peft_lora_weights_of_a_multi_adapter_layer_reproduce_each_adapter():
         peft_lora_weights(nn.Linear(2, 2))
     layer.use_dora["a1"] = True  # as PEFT records it per adapter
     with pytest.raises(ValueError, match="'a1' uses DoRA"):
+        peft_lora_weights(layer)
+    layer.use_dora["a1"] = False
+    from peft.tuners.lora.variants import ALoraLinearVariant
+    layer.lora_variant["a2"] = ALoraLinearVariant()  # as PEFT records an aLoRA adapter
+    with pytest.raises(ValueError, match="'a2' uses the LoRA variant ALoraLinearVariant"):
         peft_lora_weights(layer)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..adapters import lora_variant
 from ..nn import RadarGate
 
 
@@ -67,6 +68,9 @@ class _RadarGateForward:
         for _, a in slots:  # what X-LoRA's own mixing refuses or weights differently
             if target.use_dora.get(a):
                 raise ValueError(f"X-LoRA adapter {a!r} uses DoRA: not supported (nor by X-LoRA)")
+            if lora_variant(target, a) is not None:
+                raise ValueError(f"X-LoRA adapter {a!r} uses the LoRA variant "
+                                 f"{type(lora_variant(target, a)).__name__}: not supported")
             if target.lora_B[a].bias is not None:
                 raise ValueError(f"X-LoRA adapter {a!r} has a LoRA bias: not supported")
         result = target.base_layer(x, *args, **kwargs)
