@@ -65,6 +65,10 @@ def factors_backward(dP, dQ, B, rot_down, dB=None):
     dP [E, r, E, r], dQ [E, r, rg], B [E, r, out], rot_down [out, rg] (compute dtype), dB a
     gradient of B to add to (or None) -> (dB [E, r, out] contiguous, drot_down [out, rg])."""
     E, r, out = B.shape
+    # a non-finite entry of B_e may meet only expert e's (zero, when no token uses e) blocks of
+    # dP, dQ: zeroed, so 0 * inf cannot reach the other experts or rot_down. The reference's
+    # gradient there is what flows through the tokens that use e, carried by dP, dQ themselves
+    B = torch.where(torch.isfinite(B), B, 0.0)
     Bf, dPf, dQf = B.reshape(E * r, out), dP.reshape(E * r, E * r), dQ.reshape(E * r, -1)
     acc = dQf @ rot_down.t() if dB is None else torch.addmm(dB.reshape(E * r, out), dQf,
                                                             rot_down.t())
@@ -120,8 +124,8 @@ def weighted_sum_lowrank(s, g, ids, lora_B):
     """``sum_k g_k s_k B_e`` as one GEMM over the E r low-rank columns: s [t, K, r] -> [t, out]."""
     E, r, out = lora_B.shape
     gs = g.unsqueeze(-1) * s
-    if ids is not None:  # slots to experts
-        gs = slots_to_experts(gs, ids, E)
+    if ids is not None:
+        return _SlotSum.apply(gs, ids, lora_B.to(s.dtype))
     return gs.reshape(-1, E * r) @ lora_B.to(s.dtype).reshape(E * r, out)
 
 
@@ -131,67 +135,65 @@ def expert_one_hot(ids, E):
     return ids.unsqueeze(-1) == torch.arange(E, device=ids.device)
 
 
+# A GEMM over all experts' columns multiplies a row's zeros (experts it does not use) with every
+# expert's values: a non-finite entry of one expert's B, or of one row's gradient, would reach
+# every row or expert through 0 * inf where the reference's gather touches only the users. So the
+# products run with non-finite entries zeroed, and NaN is put back where the gather has them:
+
+def finite_mm(S, B, hot):
+    """S [n, E r] @ B [E, r, out] -> [n, out], each row non-finite only where its experts (hot
+    [n, E] bool) have a non-finite B entry in that column (one small GEMM puts the NaN back: no
+    host sync, no branch)."""
+    E, r, out = B.shape
+    bad = ~torch.isfinite(B)
+    y = S @ B.masked_fill(bad, 0).reshape(E * r, out)
+    return y.masked_fill((hot.to(y.dtype) @ bad.any(1).to(y.dtype)) > 0, float("nan"))
+
+
+def expert_grad(S, dv, hot):
+    """dB [E, r, out] = S^T dv for S [n, E r], dv [n, out]: a non-finite dv entry (n, c) reaches
+    only column c of the experts of row n (hot [n, E]), in all their r rows."""
+    E = hot.shape[1]
+    bad = ~torch.isfinite(dv)
+    dB = (S.t() @ dv.masked_fill(bad, 0)).view(E, -1, dv.shape[1])
+    hit = (hot.t().to(dB.dtype) @ bad.to(dB.dtype)) > 0  # [E, out]
+    return dB.masked_fill(hit.unsqueeze(1), float("nan"))
+
+
+class _SlotSum(torch.autograd.Function):
+    """y = sum_k gs_k B_{e_k} over top-k slots as one GEMM over all experts' columns (slots
+    added to their experts first), non-finite values kept to the tokens and experts the
+    reference's gather gives them. gs [t, K, r], ids [t, K], B [E, r, out] -> y [t, out]."""
+
+    @staticmethod
+    def forward(ctx, gs, ids, B):
+        E, r, _ = B.shape
+        ctx.save_for_backward(gs, ids, B)
+        used = expert_one_hot(ids, E).any(1)  # [t, E]
+        return finite_mm(slots_to_experts(gs, ids, E).reshape(-1, E * r), B, used)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gs, ids, B = ctx.saved_tensors
+        E, r, out = B.shape
+        dgs = slot_rows((dy @ B.reshape(E * r, out).t()).view(-1, E, r), ids)
+        used = expert_one_hot(ids, E).any(1)
+        dB = expert_grad(slots_to_experts(gs, ids, E).reshape(-1, E * r), dy, used)
+        return dgs.masked_fill((ids < 0).unsqueeze(-1), 0), None, dB
+
+
 ONE_HOT_MAX = 512  # E * r up to which selected experts' outputs are one GEMM (CPU path)
-
-
-def _one_hot_up(s, ids, E):
-    """Top-k expert outputs as one GEMM: s [t, K, r] -> [t K, E r], each slot's r values in
-    its expert's columns (0 elsewhere, also for a non-finite s), so ``@ B.reshape(E r, out)``
-    gives v = s B_e."""
-    t, K, r = s.shape
-    own = expert_one_hot(ids, E).unsqueeze(-1)  # a masked slot's row: all 0
-    return torch.where(own, s.unsqueeze(2), 0).reshape(t * K, E * r)
-
-
-class _OneHotUp(torch.autograd.Function):
-    """v = _one_hot_up(s) @ B_flat with a backward that keeps a non-finite dv row to its own
-    expert's rows of dB (the GEMM ``S^T dv`` would spread it through 0 * nan to every expert,
-    where the reference's gather does not). s [t, K, r], B [E, r, out] -> v [t, K, out]."""
-
-    @staticmethod
-    def forward(ctx, s, ids, B):
-        E, r, out = B.shape
-        ctx.save_for_backward(s, ids, B)
-        Bf = B.reshape(E * r, out)
-        bad = ~torch.isfinite(Bf)
-        # a non-finite entry of B_e reaches only the rows of expert e (0 * inf elsewhere): zeroed
-        # for the product, NaN put back at (row of expert e, column) as the gather gives. No
-        # branch on bad.any() (a host sync on CUDA): the NaN places are one small gather
-        v = (_one_hot_up(s, ids, E) @ Bf.masked_fill(bad, 0)).view(*ids.shape, out)
-        return v.masked_fill(per_slot(bad.view(E, r, out).any(1), ids), float("nan"))
-
-    @staticmethod
-    def backward(ctx, dv):
-        s, ids, B = ctx.saved_tensors
-        E, r, out = B.shape
-        dv = dv.reshape(-1, out)
-        S = _one_hot_up(s, ids, E)
-        bad = ~torch.isfinite(dv)
-        dB = S.t() @ dv.masked_fill(bad, 0)
-        # which (expert, column) has a term through a bad dv: all r rows of that expert there
-        oh = expert_one_hot(ids, E).reshape(-1, E).to(dB.dtype)
-        hit = (oh.t() @ bad.to(dB.dtype)) > 0  # [E, out]
-        dB = dB.view(E, r, out).masked_fill(hit.unsqueeze(1), float("nan"))
-        dS = (dv @ B.reshape(E * r, out).t()).view(*ids.shape, E, r)
-        ds = torch.gather(dS, 2, ids.long().clamp_min(0)[..., None, None].expand(-1, -1, 1, r))
-        return ds.squeeze(2).masked_fill((ids < 0).unsqueeze(-1), 0), None, dB
-
-
-def per_slot(x, ids):
-    """x [E, n] bool per expert -> [t, K, n] at each slot's expert (False at a masked slot)."""
-    rows = torch.index_select(x, 0, ids.reshape(-1).clamp_min(0)).view(*ids.shape, -1)
-    return rows & (ids >= 0).unsqueeze(-1)
 
 
 def _expert_outputs(s, ids, lora_B):
     """v = s B_e for a chunk: s [t, K, r], lora_B [E, r, out] (compute dtype) -> [t, K, out].
-    With ids and E r <= ONE_HOT_MAX: one GEMM over all experts' columns (E times the minimal
-    flops, but one large product instead of a [t, K, r, out] gather of B rows: measured faster
-    on CPU); otherwise the gather of the reference (lora_up)."""
+    With ids and E r <= ONE_HOT_MAX: one GEMM over all experts' columns, each slot a row of
+    _SlotSum (E times the minimal flops, but one large product instead of a [t, K, r, out]
+    gather of B rows: measured faster on CPU); otherwise the gather of the reference (lora_up)."""
     E, r, out = lora_B.shape
     if ids is None or E * r > ONE_HOT_MAX:
         return lora_up(s, lora_B, ids)
-    return _OneHotUp.apply(s, ids, lora_B)
+    return _SlotSum.apply(s.reshape(-1, 1, r), ids.reshape(-1, 1), lora_B).view(*ids.shape, out)
 
 
 def stream_torch(s, g, d, ids, lora_B, rot_up, beta):
@@ -402,10 +404,26 @@ def _saved_shapes(save, x, lora_A, K, rg, rotation, backend):
             (E, r, E, r) if rotation else None, (E, r, rg) if rotation else None)
 
 
+BIG_B_LOG2 = 40  # max|B_e| above 2^40 is rescaled (balanced): P = B B^T then stays < 2^80 out
+
+
+def balanced(lora_A, lora_B):
+    """(A_e f_e, B_e / f_e, f [E]) with f_e = 2^k_e, k_e = max(0, floor(log2 max|B_e|) - 40):
+    the same products x A_e B_e, exactly (powers of two), with |B_e| below 2^41. P = B B^T, the
+    only square of B the fused path forms, overflows fp32 near |B| ~ 1e19, where the reference
+    (which squares v / max|v|) stays finite. f = 1 for every B of 16-bit range."""
+    m = lora_B.detach().abs().amax(dim=(1, 2)).float()
+    m = torch.where(torch.isfinite(m) & (m > 0), m, 1.0)
+    f = torch.exp2((torch.floor(torch.log2(m)) - BIG_B_LOG2).clamp_min(0))
+    return lora_A * f.to(lora_A.dtype)[:, None, None], lora_B / f.to(lora_B.dtype)[:, None, None], f
+
+
 def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend,
              save):
     """-> (y [T, out] in x's dtype, s, d, P, Q): what backward may reuse (``save``), else empty
-    tensors."""
+    tensors (s, P, Q of the balanced A, B)."""
+    if rot_down is not None:
+        lora_A, lora_B, _ = balanced(lora_A, lora_B)
     ct, s_all, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids, scaling,
                                                     backend)
     d = P = Q = None
@@ -435,6 +453,10 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
               need_dx, need_dA, s_saved=None, d=None, P=None, Q=None):
     """-> (dx, dA, dB, dg, drot_down, drot_up, dbeta); s_saved, d, P, Q: forward's, where it
     saved them (else recomputed here)."""
+    f = None
+    if rot_down is not None:  # the gradients of the balanced A', B' -> of A, B at the end
+        lora_A0, lora_B0 = lora_A, lora_B
+        lora_A, lora_B, f = balanced(lora_A, lora_B)
     ct, s_all, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids, scaling,
                                                     backend, s_saved)
     dyc = dy.to(ct) if backend != "triton" or rot_down is None else None
@@ -472,6 +494,11 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
         dx, dA = _down_backward(ds, x, lora_A, ids, 1.0 if scaled else scaling, need_dx, need_dA)
     else:
         dx, dA = _down_backward_torch(ds, x, lora_A, ids, scaling, need_dx, need_dA)
+
+    if f is not None:
+        lora_A, lora_B = lora_A0, lora_B0
+        dA = dA * f.to(dA.dtype)[:, None, None] if dA is not None else None
+        dB = dB / f.to(dB.dtype)[:, None, None]
 
     def cast(t, like):  # contiguous, as the fake implementation promises
         return t.to(like.dtype).contiguous() if t is not None else x.new_empty(0)

@@ -299,21 +299,62 @@ def test_non_finite_token_reaches_only_the_experts_it_uses(bad, where, ids, back
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_non_finite_expert_weight_reaches_only_the_tokens_that_use_it(backend):
-    # NaN in one expert's B: the reference's gather gives it only to the tokens that select the
-    # expert. The kernels' Gram comes from P = B B^T, whose cross blocks with that expert are
-    # all non-finite, and the PyTorch path's one-hot GEMM has 0 * nan: neither may spread it
-    prob = make_lora_problem(6, 2, 8, 10, 4, 3, ids=True, bias=True, E_extra=6, seed=29)
-    e = int(prob["expert_ids"][0, 0])
-    prob["lora_B"] = prob["lora_B"].clone()
-    prob["lora_B"][e, 1, 3] = float("nan")
-    y_k = radar_gate_lora(**prob, backend=backend)
-    y_r = radar_gate_lora_reference(**prob)
-    users = (prob["expert_ids"] == e).any(1)
-    assert (~users).any() and torch.isfinite(y_r[~users]).all()
-    assert torch.equal(torch.isfinite(y_k), torch.isfinite(y_r))
-    fin = torch.isfinite(y_r)
-    torch.testing.assert_close(y_k[fin], y_r[fin], rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("rotation", [True, False], ids=["rot", "weighted_sum"])
+@pytest.mark.parametrize("param, used, bad", [
+    ("lora_B", True, float("nan")), ("lora_B", False, float("inf")),
+    ("lora_A", True, -float("inf")), ("lora_A", False, float("nan"))],
+    ids=["B-used", "B-unused", "A-used", "A-unused"])
+def test_non_finite_expert_weight_reaches_only_what_the_reference_gives_it(param, used, bad,
+                                                                           rotation, backend):
+    # one non-finite entry in one expert's A or B, top-2 of 8: the output and every gradient
+    # are non-finite exactly where the reference's are, and equal to it elsewhere. The
+    # reference gathers B per slot, so an expert no token uses leaves y and dx finite; the fused
+    # path's GEMMs over all experts' columns (P = B B^T, the weighted sum, the one-hot products
+    # and their gradients) would spread it through 0 * inf. (The reference forms x A for every
+    # expert, so a non-finite A reaches every token's dx there, and here.) float64: the
+    # tolerance table's 1e-10 relative bound, where rounding cannot blur the comparison
+    prob = make_lora_problem(6, 2, 8, 10, 4, 3, dtype=torch.float64, ids=True, bias=rotation,
+                             rotation=rotation, E_extra=6, seed=29)
+    E = prob["lora_B"].shape[0]
+    users = prob["expert_ids"]
+    e = int(users[0, 0]) if used else min(set(range(E)) - set(users.flatten().tolist()))
+    prob[param] = prob[param].clone()
+    prob[param][(e, 1, 3) if param == "lora_B" else (e, 2, 1)] = bad
+    dy = torch.randn(6, 10, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    y_k, g_k = lora_run(lambda **kw: radar_gate_lora(**kw, backend=backend), prob, dy)
+    y_r, g_r = lora_run(radar_gate_lora_reference, prob, dy)
+    if param == "lora_B" and not used:
+        assert torch.isfinite(y_r).all() and torch.isfinite(g_r["x"]).all()
+    mismatch = []
+    for name, got, ref in [("y", y_k, y_r)] + [(n, g_k[n], g_r[n]) for n in g_r]:
+        fin = torch.isfinite(ref)
+        if not torch.equal(torch.isfinite(got), fin):
+            mismatch.append((name, int((~torch.isfinite(got)).sum()), int((~fin).sum())))
+        elif fin.any():
+            torch.testing.assert_close(got[fin], ref[fin], rtol=0,
+                                       atol=1e-10 * float(ref[fin].abs().max()), msg=name)
+    assert not mismatch, mismatch
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("ids", [True, False], ids=["topk", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_huge_lora_B_gives_the_scaled_result_exactly(dtype, ids, backend):
+    # |B| ~ 1e19 (2^63) with rot_down scaled by 2^-63, so the angles are those of the unscaled
+    # problem: the reference stays finite (it squares v / max|v|), but P = B B^T overflowed fp32.
+    # The op rescales A_e, B_e by powers of two (lora.balanced), so its result is exactly 2^63
+    # times that of the unscaled problem, and every gradient exactly its power of two -- except
+    # drot_down, 2^126 times an O(1..100) value, at the edge of fp32's range
+    prob = make_lora_problem(6, 2, 8, 10, 4, 3, dtype=dtype, ids=ids, bias=True, seed=31)
+    big = dict(prob, lora_B=prob["lora_B"] * 2.0 ** 63, rot_down=prob["rot_down"] * 2.0 ** -63)
+    dy = torch.randn(6, 10, generator=torch.Generator().manual_seed(5)).to(dtype)
+    y1, g1 = lora_run(radar_gate_lora, prob, dy, backend=backend)
+    y2, g2 = lora_run(radar_gate_lora, big, dy, backend=backend)
+    assert torch.isfinite(radar_gate_lora_reference(**big)).all() and torch.isfinite(y2).all()
+    assert torch.equal(y2, y1 * 2.0 ** 63)
+    power = dict(x=63, lora_A=63, lora_B=0, weights=63, rot_up=63, angle_bias=63)
+    for name, k in power.items():
+        assert torch.equal(g2[name], g1[name] * 2.0 ** k), name
 
 
 SAVE_CASES = [CASES[0], CASES[3], CASES[4], CASES[6], CASES[7], CASES[9], CASES[10]]
