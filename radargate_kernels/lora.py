@@ -412,10 +412,11 @@ def balanced(lora_A, lora_B):
     the same products x A_e B_e, exactly (powers of two), with |B_e| below 2^41. P = B B^T, the
     only square of B the fused path forms, overflows fp32 near |B| ~ 1e19, where the reference
     (which squares v / max|v|) stays finite. f = 1 for every B of 16-bit range."""
-    m = lora_B.detach().abs().amax(dim=(1, 2)).float()
-    m = torch.where(torch.isfinite(m) & (m > 0), m, 1.0)
-    f = torch.exp2((torch.floor(torch.log2(m)) - BIG_B_LOG2).clamp_min(0))
-    return lora_A * f.to(lora_A.dtype)[:, None, None], lora_B / f.to(lora_B.dtype)[:, None, None], f
+    m = torch.linalg.vector_norm(lora_B.detach(), float("inf"), dim=(1, 2))
+    m = m.to(compute_dtype(m.dtype))  # exact: a max of |B|
+    k = torch.floor(torch.log2(m.nan_to_num(1.0, 1.0)))  # max|B_e| = 0: k = -inf, f = 1
+    f = torch.exp2(k - BIG_B_LOG2).clamp_min(1.0)[:, None, None]
+    return lora_A * f.to(lora_A.dtype), lora_B / f.to(lora_B.dtype), f
 
 
 def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend,
@@ -497,8 +498,8 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
 
     if f is not None:
         lora_A, lora_B = lora_A0, lora_B0
-        dA = dA * f.to(dA.dtype)[:, None, None] if dA is not None else None
-        dB = dB / f.to(dB.dtype)[:, None, None]
+        dA = dA * f.to(dA.dtype) if dA is not None else None
+        dB = dB / f.to(dB.dtype)
 
     def cast(t, like):  # contiguous, as the fake implementation promises
         return t.to(like.dtype).contiguous() if t is not None else x.new_empty(0)
