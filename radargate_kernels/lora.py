@@ -68,7 +68,7 @@ def factors_backward(dP, dQ, B, rot_down, dB=None):
     # a non-finite entry of B_e may meet only expert e's (zero, when no token uses e) blocks of
     # dP, dQ: zeroed, so 0 * inf cannot reach the other experts or rot_down. The reference's
     # gradient there is what flows through the tokens that use e, carried by dP, dQ themselves
-    B = torch.where(torch.isfinite(B), B, 0.0)
+    B = B.nan_to_num(0.0, 0.0, 0.0)
     Bf, dPf, dQf = B.reshape(E * r, out), dP.reshape(E * r, E * r), dQ.reshape(E * r, -1)
     acc = dQf @ rot_down.t() if dB is None else torch.addmm(dB.reshape(E * r, out), dQf,
                                                             rot_down.t())
@@ -412,10 +412,9 @@ def balanced(lora_A, lora_B):
     the same products x A_e B_e, exactly (powers of two), with |B_e| below 2^41. P = B B^T, the
     only square of B the fused path forms, overflows fp32 near |B| ~ 1e19, where the reference
     (which squares v / max|v|) stays finite. f = 1 for every B of 16-bit range."""
-    m = torch.linalg.vector_norm(lora_B.detach(), float("inf"), dim=(1, 2))
-    m = m.to(compute_dtype(m.dtype))  # exact: a max of |B|
-    k = torch.floor(torch.log2(m.nan_to_num(1.0, 1.0)))  # max|B_e| = 0: k = -inf, f = 1
-    f = torch.exp2(k - BIG_B_LOG2).clamp_min(1.0)[:, None, None]
+    # max|B_e| in [2^(x-1), 2^x) (frexp's x; 0 for 0, inf, NaN): k = x - 41. Five small launches
+    x = torch.frexp(torch.linalg.vector_norm(lora_B.detach(), float("inf"), dim=(1, 2))).exponent
+    f = torch.exp2((x - (BIG_B_LOG2 + 1)).clamp_min(0)).view(-1, 1, 1)
     return lora_A * f.to(lora_A.dtype), lora_B / f.to(lora_B.dtype), f
 
 
