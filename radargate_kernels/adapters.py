@@ -284,17 +284,21 @@ class LoadResult(NamedTuple):
     unexpected_keys: list
 
 
-def load_radargate_state_dict(model: nn.Module, state_dict: dict, strict: bool = True):
+def load_radargate_state_dict(model: nn.Module, state_dict: dict, strict: bool = True,
+                              modules_to_save=None):
     """Load what ``radargate_state_dict`` saved into an injected model.
 
     Every key, shape and dtype is checked before anything is written: on an error the model is
     unchanged. Keys may carry ``torch.compile``'s ``_orig_mod.`` prefix or not, on either side.
-    Required keys: the injected parameters; other keys must name a parameter or buffer of the
+    Required keys: the injected parameters and the state of ``modules_to_save`` (what
+    ``radargate_state_dict`` saved for them); other keys must name a parameter or buffer of the
     model (e.g. a trained head). Returns ``(missing_keys, unexpected_keys)`` like
     ``nn.Module.load_state_dict``; with ``strict=True`` (default) either being non-empty raises.
     """
     targets = {_strip_compiled(k): v for k, v in model.state_dict(keep_vars=True).items()}
-    required = set(_strip_compiled(k) for k in _added_param_names(model))
+    added = set(_strip_compiled(k) for k in _added_param_names(model))
+    required = added | set(_strip_compiled(k)
+                           for k in _modules_to_save_params(model, modules_to_save))
     given = {}
     for k, v in state_dict.items():
         key = _strip_compiled(k)
@@ -320,7 +324,7 @@ def load_radargate_state_dict(model: nn.Module, state_dict: dict, strict: bool =
             raise ValueError(f"state_dict[{key!r}]: expected shape {tuple(dest.shape)}, got "
                              f"{tuple(value.shape)} (nothing was loaded)")
         if value.dtype != dest.dtype:
-            if key not in required and value.is_floating_point() and dest.is_floating_point():
+            if key not in added and value.is_floating_point() and dest.is_floating_point():
                 value = value.to(dest.dtype)  # a base module (modules_to_save): as PEFT casts
             else:
                 raise TypeError(f"state_dict[{key!r}]: expected dtype {dest.dtype}, got "
@@ -428,7 +432,8 @@ class RadarGateModel(nn.Module):
                              f"the model is unchanged") from err
         with all_or_nothing(model):
             wrapped = get_radargate_model(model, config)
-            load_radargate_state_dict(wrapped.base_model, state)
+            load_radargate_state_dict(wrapped.base_model, state,
+                                      modules_to_save=config.modules_to_save)
             if not is_trainable:
                 wrapped.requires_grad_(False)
             return wrapped

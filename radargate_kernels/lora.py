@@ -185,8 +185,8 @@ class _SlotSum(torch.autograd.Function):
 ONE_HOT_MAX = 512  # E * r up to which selected experts' outputs are one GEMM (CPU path)
 
 
-def _expert_outputs(s, ids, lora_B):
-    """v = s B_e for a chunk: s [t, K, r], lora_B [E, r, out] (compute dtype) -> [t, K, out].
+def expert_outputs(s, ids, lora_B):
+    """v = s B_e: s [t, K, r], lora_B [E, r, out] (s's dtype) -> [t, K, out] (0 at a masked slot).
     With ids and E r <= ONE_HOT_MAX: one GEMM over all experts' columns, each slot a row of
     _SlotSum (E times the minimal flops, but one large product instead of a [t, K, r, out]
     gather of B rows: measured faster on CPU); otherwise the gather of the reference (lora_up)."""
@@ -200,7 +200,7 @@ def stream_torch(s, g, d, ids, lora_B, rot_up, beta):
     """The streaming part in PyTorch, on a chunk of tokens: ``y = sum_k g_k R(d_k U + beta) v_k``
     with ``v = s B_e`` formed for this chunk only. s [t, K, r], d [t, K, rg] -> y [t, out].
     A masked slot (id < 0) adds nothing (its v is 0 and g must be 0: radar_gate_lora)."""
-    V = _expert_outputs(s, ids, lora_B)
+    V = expert_outputs(s, ids, lora_B)
     alpha = d @ rot_up
     if beta is not None:
         alpha = alpha + slot_rows_of(beta, ids)
@@ -648,6 +648,8 @@ def radar_gate_lora(x, lora_A, lora_B, weights, rot_down=None, rot_up=None, angl
     """
     if recompute is not None and not isinstance(recompute, bool):
         raise TypeError(f"recompute: expected None, True or False, got {recompute!r}")
+    if not isinstance(training, bool):  # a string such as "false" would be truthy
+        raise TypeError(f"training: expected True or False, got {training!r}")
     check_lora_inputs(x, lora_A, lora_B, weights, rot_down, rot_up, angle_bias, expert_ids,
                       scaling, tau, eps, slot_mask=slot_mask)
     which = _resolve_backend(backend, x, rot_down is not None,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .lora import expert_one_hot, radar_gate_lora
+from .lora import expert_one_hot, expert_outputs, radar_gate_lora
 from .ops import radar_gate
 from .validation import check_positive
 
@@ -197,10 +197,11 @@ class RadarGateLoRALinear(nn.Module):
         """x2 [T, in] -> expert outputs [T, K, out] (all experts, or the selected ``ids``).
 
         Top-k without a host sync or a loop over experts: the down projection of all experts is
-        one GEMM (``[T, E r]``, small), each slot keeps its expert's r columns (a one-hot mask),
-        and the up projection is one GEMM ``[T k, E r] @ [E r, out]``. Memory: the k outputs per
-        token, never E; compute: E times the minimal up projection (rank-r GEMMs, small next to
-        the base layer). The fused path (default) needs neither.
+        one GEMM (``[T, E r]``, small), each slot gathers its expert's r columns, and the up
+        projection is one GEMM ``[T k, E r] @ [E r, out]`` (lora.expert_outputs: a non-finite B
+        of an expert stays with the tokens that select it). Memory: the k outputs per token,
+        never E; compute: E times the minimal up projection (rank-r GEMMs, small next to the
+        base layer). The fused path (default) needs neither.
         """
         h = self.dropout(x2)
         A = self.lora_A.to(h.dtype)
@@ -208,11 +209,8 @@ class RadarGateLoRALinear(nn.Module):
         xa = torch.einsum("ti,eir->ter", h, A)
         if ids is None:
             return torch.einsum("ter,ero->teo", xa, B) * self.scaling
-        T, k = ids.shape
-        E, r, out = B.shape
-        keep = expert_one_hot(ids, E).to(h.dtype).unsqueeze(-1)   # [T, k, E, 1]
-        s = (keep * xa.unsqueeze(1)).reshape(T * k, E * r)         # slot's expert only
-        return (s @ B.reshape(E * r, out)).view(T, k, out) * self.scaling
+        s = torch.gather(xa, 1, ids.clamp_min(0).unsqueeze(-1).expand(-1, -1, xa.shape[2]))
+        return expert_outputs(s, ids, B) * self.scaling
 
     def forward(self, x):
         lead = x.shape[:-1]

@@ -354,8 +354,8 @@ def _truncate(path):
 
 
 @pytest.mark.parametrize("case", ["truncated file", "num_experts", "rank", "missing key",
-                                  "extra key", "fp16 weights", "other base dimensions",
-                                  "missing modules_to_save target"])
+                                  "missing modules_to_save key", "extra key", "fp16 weights",
+                                  "other base dimensions", "missing modules_to_save target"])
 def test_failed_from_pretrained_leaves_the_model_unchanged_and_a_retry_works(tmp_path, case):
     path = _saved(tmp_path)
     model = _Net(d=16 if case == "other base dimensions" else 8)
@@ -366,6 +366,8 @@ def test_failed_from_pretrained_leaves_the_model_unchanged_and_a_retry_works(tmp
         _edit_config(path, **{case: 4})
     elif case == "missing key":
         _rewrite(path, lambda sd: {k: v for k, v in sd.items() if k != sorted(sd)[-1]})
+    elif case == "missing modules_to_save key":  # the saved head's weight: not the base's
+        _rewrite(path, lambda sd: {k: v for k, v in sd.items() if k != "head.weight"})
     elif case == "extra key":
         _rewrite(path, lambda sd: dict(sd, nope=torch.zeros(1)))
     elif case == "fp16 weights":

@@ -212,6 +212,7 @@ def test_torch_compile_fullgraph_and_opcheck(backend):
     (dict(scaling=float("nan")), ValueError, ["scaling"]),
     (dict(backend="cuda"), ValueError, ["backend"]),
     (dict(recompute="yes"), TypeError, ["recompute", "None, True or False"]),
+    (dict(training="false", dropout_p=0.0), TypeError, ["training", "True or False"]),
 ])
 def test_bad_input_raises_clear_error(over, exc, words):
     prob = make_lora_problem(5, 3, 6, 8, 2, 2, bias=True, seed=1)

@@ -187,3 +187,37 @@ def test_injected_model_trains_under_torch_compile():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("rotation", [True, False], ids=["rot", "weighted_sum"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "materialized"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_weight_of_an_unused_expert_changes_nothing(bad, fused, rotation):
+    # top-1 routing sends every token to expert 0; expert 3's lora_B holds a non-finite entry.
+    # As in the reference (which gathers B per slot), no output and no gradient may see it:
+    # the result and every gradient equal those with that entry set to 0 (both paths, which
+    # once multiplied every expert's B with every token's zeros: 0 * inf)
+    torch.manual_seed(0)
+    layer = RadarGateLoRALinear(nn.Linear(8, 8), num_experts=4, rank=2, top_k=1, fused=fused,
+                                rotation=rotation)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0] = 10.0
+        layer.lora_B.normal_()
+    x = torch.randn(5, 8)
+    x[:, 0] = 1.0
+    runs = []
+    for value in (bad, 0.0):
+        net = copy.deepcopy(layer)
+        with torch.no_grad():
+            net.lora_B[3, 0, 0] = value
+        xr = x.clone().requires_grad_(True)
+        y = net(xr)
+        y.square().sum().backward()
+        params = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+        runs.append((y, xr.grad, params))
+    (y1, dx1, p1), (y0, dx0, p0) = runs
+    assert torch.isfinite(y1).all() and torch.equal(y1, y0) and torch.equal(dx1, dx0)
+    assert p1.keys() == p0.keys() and "lora_B" in p1
+    for name in p0:
+        assert torch.equal(p1[name], p0[name]), name
