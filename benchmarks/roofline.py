@@ -314,8 +314,10 @@ def problem(T, d_in, d_out, E, K, r, rg, dtype, topk, seed=0):
 
 def fused_layer(p, fwd_sink, bwd_sink):
     from radargate_kernels import lora
+    with counting(fwd_sink):
+        bal = lora.balance_factors(p["lora_B"])
     args = (p["x"], p["lora_A"], p["lora_B"], p["g"], p["rot_down"], p["rot_up"], p["beta"],
-            p["ids"], 1.0, 1.0, 1e-6, "triton")
+            p["ids"], bal, 1.0, 1.0, 1e-6, "triton")
     with counting(fwd_sink):
         y, s, d, P, Q = lora._forward(*args, True)
     with counting(bwd_sink):

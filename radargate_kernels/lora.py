@@ -299,19 +299,21 @@ def split16(a):
     return torch.cat((hi, (a - hi.to(a.dtype)).to(torch.bfloat16)), dim=1)
 
 
-def _a_cat(lora_A):
-    """lora_A [E, in, r] -> [in, E r] (expert e's r columns at e r)."""
+def _a_cat(lora_A, f=1.0):
+    """lora_A [E, in, r] times f ([E, 1, 1] or 1) -> [in, E r] (expert e's r columns at e r),
+    in one launch."""
     E, fin, r = lora_A.shape
-    return lora_A.permute(1, 0, 2).reshape(fin, E * r)
+    return times(lora_A, f.view(-1, 1) if torch.is_tensor(f) else f, perm=(1, 0, 2)).view(
+        fin, E * r)
 
 
-def _down(x, lora_A, ids, scaling, backend):
-    """-> (s_all [T, E, r]: every expert's s = scaling x A_e (Triton backend; None otherwise), s
-    [T, K, r]: the slots' rows), compute dtype, contiguous."""
+def _down(x, lora_A, ids, scaling, backend, f=1.0):
+    """-> (s_all [T, E, r]: every expert's s = scaling x A_e f_e (Triton backend; None
+    otherwise), s [T, K, r]: the slots' rows), compute dtype, contiguous."""
     if backend != "triton":
-        return None, lora_down(x, lora_A, ids, scaling).contiguous()
+        return None, lora_down(x, times(lora_A, f), ids, scaling).contiguous()
     E, _, r = lora_A.shape
-    s_all = (mm_ct(x, _a_cat(lora_A)) * scaling).view(-1, E, r)
+    s_all = (mm_ct(x, _a_cat(lora_A, f)) * scaling).view(-1, E, r)
     if ids is None:
         return s_all, s_all
     return s_all, slot_rows(s_all, ids)
@@ -323,24 +325,25 @@ def slot_rows(s_all, ids):
     return torch.gather(s_all, 1, idx).contiguous()
 
 
-def _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA):
+def _down_backward(ds, x, lora_A, ids, scaling, need_dx, need_dA, f=1.0):
     """Gradients of s = scaling * gather(x A): ds [T, K, r] (or, bf16, already per expert and
     split: [T, 2 E r], relation kernel) -> (dx [T, in], dA [E, in, r]), two GEMMs over all
     experts' columns (slots added to their experts first). bf16: one 16-bit GEMM each, ds split
-    into bf16 hi + lo parts (split16); others in the compute dtype."""
+    into bf16 hi + lo parts (split16); others in the compute dtype. dA is multiplied by f
+    (balance_factors, [E, 1, 1])."""
     E, fin, r = lora_A.shape
     if x.dtype != torch.bfloat16:
-        return _down_backward_torch(ds, x, lora_A, ids, scaling, need_dx, need_dA)
+        return _down_backward_torch(ds, x, lora_A, ids, scaling, need_dx, need_dA, f)
     if ds.dtype != torch.bfloat16:
         dS = slots_to_experts(ds, ids, E) if ids is not None else ds
         ds = split16((dS * scaling).reshape(-1, E * r))
-    A_cat = _a_cat(lora_A)
     dx = dA = None
-    if need_dx:
-        dx = ds @ torch.cat((A_cat.t(), A_cat.t()), dim=0)
+    if need_dx:  # [A_cat^T; A_cat^T] of A f: [2 E r, in]
+        twice = times(lora_A.expand(2, -1, -1, -1), f, perm=(0, 1, 3, 2))
+        dx = ds @ twice.view(2 * E * r, fin)
     if need_dA:
         dA = mm_ct(x.t(), ds).view(fin, 2, E * r).sum(1)
-        dA = dA.view(fin, E, r).permute(1, 0, 2).to(lora_A.dtype).contiguous()
+        dA = times(dA.view(fin, E, r), f, lora_A.dtype, (1, 0, 2))
     return dx, dA
 
 
@@ -358,12 +361,12 @@ def _relation(s, ids, P, Q, tau, eps, chunks):
                          (s, ids), (), s.new_empty((T, K, Q.shape[2])))
 
 
-def _setup(x, lora_A, lora_B, rot_down, ids, scaling, backend, s_all=None):
+def _setup(x, lora_A, lora_B, rot_down, ids, scaling, backend, f, s_all=None):
     """What forward and backward both start from: the compute dtype, s_all and s (down
     projection, or from the saved s_all), the sizes and the token chunks of the PyTorch parts."""
     ct = compute_dtype(x.dtype)
     if s_all is None:
-        s_all, s = _down(x, lora_A, ids, scaling, backend)
+        s_all, s = _down(x, lora_A, ids, scaling, backend, f)
     elif backend != "triton":  # the PyTorch path saves the slots' s
         s_all, s = None, s_all
     elif ids is not None:
@@ -407,25 +410,34 @@ def _saved_shapes(save, x, lora_A, K, rg, rotation, backend):
 BIG_B_LOG2 = 40  # max|B_e| above 2^40 is rescaled (balanced): P = B B^T then stays < 2^80 out
 
 
-def balanced(lora_A, lora_B):
-    """(A_e f_e, B_e / f_e, f [E]) with f_e = 2^k_e, k_e = max(0, floor(log2 max|B_e|) - 40):
-    the same products x A_e B_e, exactly (powers of two), with |B_e| below 2^41. P = B B^T, the
-    only square of B the fused path forms, overflows fp32 near |B| ~ 1e19, where the reference
-    (which squares v / max|v|) stays finite. f = 1 for every B of 16-bit range."""
-    # max|B_e| in [2^(x-1), 2^x) (frexp's x; 0 for 0, inf, NaN): k = x - 41. Five small launches
-    x = torch.frexp(torch.linalg.vector_norm(lora_B.detach(), float("inf"), dim=(1, 2))).exponent
-    f = torch.exp2((x - (BIG_B_LOG2 + 1)).clamp_min(0)).view(-1, 1, 1)
-    return lora_A * f.to(lora_A.dtype), lora_B / f.to(lora_B.dtype), f
+def balance_factors(lora_B):
+    """f [E, 1, 1] fp32, f_e = 2^k_e, k_e = max(0, floor(log2 max|B_e|) - 40): the op computes
+    with A_e f_e and B_e / f_e -- the same products x A_e B_e, exactly (powers of two) -- so
+    |B_e| < 2^41. P = B B^T, the only square of B the fused path forms, overflows fp32 near
+    |B| ~ 1e19, where the reference (which squares v / max|v|) stays finite. f = 1 for every B
+    of 16-bit range, and for a non-finite max (frexp's exponent 0). Five small launches, once
+    per forward (backward reuses f)."""
+    m = torch.linalg.vector_norm(lora_B.detach(), float("inf"), dim=(1, 2))
+    x = torch.frexp(m).exponent  # max|B_e| in [2^(x-1), 2^x)
+    return torch.exp2((x - (BIG_B_LOG2 + 1)).clamp_min(0)).view(-1, 1, 1)
 
 
-def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend,
-             save):
+def times(t, f, dtype=None, perm=None, divide=False):
+    """t.permute(perm) * f (or / f) as a new contiguous tensor of ``dtype`` (default t's): one
+    launch, which also does the cast and the permutation."""
+    t = t.permute(perm) if perm is not None else t
+    out = torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
+    return (torch.div if divide else torch.mul)(t, f, out=out)
+
+
+def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, bal, scaling, tau, eps,
+             backend, save):
     """-> (y [T, out] in x's dtype, s, d, P, Q): what backward may reuse (``save``), else empty
-    tensors (s, P, Q of the balanced A, B)."""
-    if rot_down is not None:
-        lora_A, lora_B, _ = balanced(lora_A, lora_B)
+    tensors. bal: balance_factors (None: rotation off); the op runs on A f, B / f (s, P, Q too)."""
+    f = bal if bal is not None else 1.0
+    lora_B = times(lora_B, bal, divide=True) if bal is not None else lora_B
     ct, s_all, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids, scaling,
-                                                    backend)
+                                                    backend, f)
     d = P = Q = None
     if rot_down is None:
         y = _chunked_eval(weighted_sum_lowrank, chunks, (s, g.to(ct), ids),
@@ -449,16 +461,14 @@ def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, ep
                  for t, shp in zip(keep, shapes)))
 
 
-def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend,
-              need_dx, need_dA, s_saved=None, d=None, P=None, Q=None):
+def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, bal, scaling, tau, eps,
+              backend, need_dx, need_dA, s_saved=None, d=None, P=None, Q=None):
     """-> (dx, dA, dB, dg, drot_down, drot_up, dbeta); s_saved, d, P, Q: forward's, where it
     saved them (else recomputed here)."""
-    f = None
-    if rot_down is not None:  # the gradients of the balanced A', B' -> of A, B at the end
-        lora_A0, lora_B0 = lora_A, lora_B
-        lora_A, lora_B, f = balanced(lora_A, lora_B)
+    f = bal if bal is not None else 1.0  # gradients of A f, B / f here; of A, B at the end
+    lora_B0, lora_B = lora_B, times(lora_B, bal, divide=True) if bal is not None else lora_B
     ct, s_all, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids, scaling,
-                                                    backend, s_saved)
+                                                    backend, f, s_saved)
     dyc = dy.to(ct) if backend != "triton" or rot_down is None else None
     dA_rot = dU = dbeta = None
     scaled = False  # ds already scaled (and, bf16, split): the relation kernel did it
@@ -491,33 +501,30 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, ta
             ds = ds + ds_rel
         dB, dA_rot = factors_backward(dP, dQ, lora_B.to(ct), rot_down.to(ct), dB)
     if backend == "triton":
-        dx, dA = _down_backward(ds, x, lora_A, ids, 1.0 if scaled else scaling, need_dx, need_dA)
+        dx, dA = _down_backward(ds, x, lora_A, ids, 1.0 if scaled else scaling, need_dx, need_dA,
+                                f)
     else:
-        dx, dA = _down_backward_torch(ds, x, lora_A, ids, scaling, need_dx, need_dA)
-
-    if f is not None:
-        lora_A, lora_B = lora_A0, lora_B0
-        dA = dA * f.to(dA.dtype) if dA is not None else None
-        dB = dB / f.to(dB.dtype)
+        dx, dA = _down_backward_torch(ds, x, lora_A, ids, scaling, need_dx, need_dA, f)
+    dB = times(dB, f, lora_B0.dtype, divide=True)
 
     def cast(t, like):  # contiguous, as the fake implementation promises
         return t.to(like.dtype).contiguous() if t is not None else x.new_empty(0)
     return (dx if dx is not None else x.new_empty(0), dA if dA is not None else x.new_empty(0),
-            cast(dB, lora_B), cast(dg, g), cast(dA_rot, rot_down if rot_down is not None else x),
+            dB, cast(dg, g), cast(dA_rot, rot_down if rot_down is not None else x),
             cast(dU, rot_up if rot_up is not None else x),
             cast(dbeta, beta if beta is not None else x))
 
 
-def _down_backward_torch(ds, x, lora_A, ids, scaling, need_dx, need_dA):
+def _down_backward_torch(ds, x, lora_A, ids, scaling, need_dx, need_dA, f=1.0):
     """_down_backward in the compute dtype (the PyTorch path)."""
     E, fin, r = lora_A.shape
     ct = ds.dtype
     dS = slots_to_experts(ds, ids, E) if ids is not None else ds
     dS = (dS * scaling).reshape(-1, E * r)
-    A_cat = _a_cat(lora_A).to(ct)
+    A_cat = _a_cat(lora_A, f).to(ct)
     dx = (dS @ A_cat.t()).to(x.dtype) if need_dx else None
-    dA = (x.to(ct).t() @ dS).reshape(fin, E, r).permute(1, 0, 2).to(lora_A.dtype).contiguous() \
-        if need_dA else None
+    dA = (times((x.to(ct).t() @ dS).view(fin, E, r), f, lora_A.dtype, (1, 0, 2))
+          if need_dA else None)
     return dx, dA
 
 
@@ -526,19 +533,20 @@ def _down_backward_torch(ds, x, lora_A, ids, scaling, need_dx, need_dA):
 @torch.library.custom_op("radargate::lora_fwd", mutates_args=())
 def _lora_fwd_op(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, g: torch.Tensor,
                  rot_down: Optional[torch.Tensor], rot_up: Optional[torch.Tensor],
-                 beta: Optional[torch.Tensor], ids: Optional[torch.Tensor], scaling: float,
-                 tau: float, eps: float, backend: str, save: bool) -> tuple[
+                 beta: Optional[torch.Tensor], ids: Optional[torch.Tensor],
+                 bal: Optional[torch.Tensor], scaling: float, tau: float, eps: float,
+                 backend: str, save: bool) -> tuple[
                      torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [T, in] ... -> (y [T, out] in the dtype of x, s, d, P, Q): the last four for backward
     (save_lowrank: s [T, E, r] on the Triton path, [T, K, r] else; d [T, K, rg]; P, Q), empty
-    when not saved."""
-    return _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend,
-                    save)
+    when not saved. bal: balance_factors(lora_B) with rotation, else None."""
+    return _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, bal, scaling, tau, eps,
+                    backend, save)
 
 
 @_lora_fwd_op.register_fake
-def _lora_fwd_fake(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend,
-                   save):
+def _lora_fwd_fake(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, bal, scaling, tau, eps,
+                   backend, save):
     ct = compute_dtype(x.dtype)
     rg = rot_down.shape[1] if rot_down is not None else 0
     shapes = _saved_shapes(save, x, lora_A, g.shape[1], rg, rot_down is not None, backend)
@@ -550,21 +558,22 @@ def _lora_fwd_fake(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, t
 def _lora_bwd_op(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                  g: torch.Tensor, rot_down: Optional[torch.Tensor],
                  rot_up: Optional[torch.Tensor], beta: Optional[torch.Tensor],
-                 ids: Optional[torch.Tensor], scaling: float, tau: float, eps: float,
-                 backend: str, need_dx: bool, need_dA: bool, s: Optional[torch.Tensor],
+                 ids: Optional[torch.Tensor], bal: Optional[torch.Tensor], scaling: float,
+                 tau: float, eps: float, backend: str, need_dx: bool, need_dA: bool,
+                 s: Optional[torch.Tensor],
                  d: Optional[torch.Tensor], P: Optional[torch.Tensor],
                  Q: Optional[torch.Tensor]) -> tuple[
                      torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                      torch.Tensor, torch.Tensor]:
     """-> (dx, dlora_A, dlora_B, dg, drot_down, drot_up, dbeta); empty where not computed.
     s, d, P, Q: forward's (None: recomputed)."""
-    return _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps,
-                     backend, need_dx, need_dA, s, d, P, Q)
+    return _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, bal, scaling, tau,
+                     eps, backend, need_dx, need_dA, s, d, P, Q)
 
 
 @_lora_bwd_op.register_fake
-def _lora_bwd_fake(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps,
-                   backend, need_dx, need_dA, s, d, P, Q):
+def _lora_bwd_fake(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, bal, scaling, tau,
+                   eps, backend, need_dx, need_dA, s, d, P, Q):
     def like(t, on=True):
         return t.new_empty(t.shape) if t is not None and on else x.new_empty(0)
     return (like(x, need_dx), like(lora_A, need_dA), like(lora_B), like(g), like(rot_down),
@@ -572,11 +581,12 @@ def _lora_bwd_fake(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scalin
 
 
 def _setup_context(ctx, inputs, output):
-    x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, scaling, tau, eps, backend, save = inputs
+    x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, bal, scaling, tau, eps, backend, save = \
+        inputs
     rg = rot_down.shape[1] if rot_down is not None else 0
     shapes = _saved_shapes(save, x, lora_A, g.shape[1], rg, rot_down is not None, backend)
     kept = [t if shp is not None else None for t, shp in zip(output[1:], shapes)]
-    ctx.save_for_backward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, *kept)
+    ctx.save_for_backward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, bal, *kept)
     ctx.args = (scaling, tau, eps, backend)
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero tensors for s, d, P, Q's (absent) gradients
@@ -586,13 +596,13 @@ def _backward_fn(ctx, dy, *_):
     no_double_backward("radar_gate_lora")
     if dy is None:  # y's gradient undefined (gradients are not materialized): none flows back
         return (None,) * len(ctx.needs_input_grad)
-    x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, s, d, P, Q = ctx.saved_tensors
+    x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, bal, s, d, P, Q = ctx.saved_tensors
     need = ctx.needs_input_grad
     grads = torch.ops.radargate.lora_bwd(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids,
-                                         *ctx.args, need[0], need[1], s, d, P, Q)
+                                         bal, *ctx.args, need[0], need[1], s, d, P, Q)
     present = (True, True, True, True, rot_down is not None, rot_up is not None, beta is not None)
     out = [gr if (p and n) else None for gr, p, n in zip(grads, present, need[:7])]
-    return (*out, None, None, None, None, None, None)
+    return (*out, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("radargate::lora_fwd", _backward_fn, setup_context=_setup_context)
@@ -666,6 +676,8 @@ def radar_gate_lora(x, lora_A, lora_B, weights, rot_down=None, rot_up=None, angl
     save = (torch.is_grad_enabled() and save_lowrank(recompute, x2, lora_A, K, rg)
             and any(t is not None and t.requires_grad
                     for t in (x2, lora_A, lora_B, weights, rot_down, rot_up, angle_bias)))
+    bal = balance_factors(lora_B) if rot_down is not None else None
     y = torch.ops.radargate.lora_fwd(x2, lora_A, lora_B, g, rot_down, rot_up, angle_bias, ids,
-                                     float(scaling), float(tau), float(eps), which, save)[0]
+                                     bal, float(scaling), float(tau), float(eps), which,
+                                     save)[0]
     return y.reshape(*lead, lora_B.shape[2])

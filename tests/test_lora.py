@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from radargate_kernels import radar_gate_lora
+from radargate_kernels.lora import balance_factors
 from radargate_kernels.reference import radar_gate_lora_reference
 from lora_helpers import check_lora_against_reference, lora_run, make_lora_problem
 
@@ -190,7 +191,8 @@ def test_torch_compile_fullgraph_and_opcheck(backend):
              else v) for k, v in prob.items()}
     torch.library.opcheck(torch.ops.radargate.lora_fwd, (
         p["x"], p["lora_A"], p["lora_B"], p["weights"], p["rot_down"], p["rot_up"],
-        p["angle_bias"], p["expert_ids"], p["scaling"], p["tau"], 1e-6, backend, True))
+        p["angle_bias"], p["expert_ids"], balance_factors(p["lora_B"]), p["scaling"], p["tau"],
+        1e-6, backend, True))
 
 
 @pytest.mark.parametrize("over, exc, words", [
@@ -343,7 +345,7 @@ def test_non_finite_expert_weight_reaches_only_what_the_reference_gives_it(param
 def test_huge_lora_B_gives_the_scaled_result_exactly(dtype, ids, backend):
     # |B| ~ 1e19 (2^63) with rot_down scaled by 2^-63, so the angles are those of the unscaled
     # problem: the reference stays finite (it squares v / max|v|), but P = B B^T overflowed fp32.
-    # The op rescales A_e, B_e by powers of two (lora.balanced), so its result is exactly 2^63
+    # The op rescales A_e, B_e by powers of two (lora.balance_factors), so its result is exactly 2^63
     # times that of the unscaled problem, and every gradient exactly its power of two -- except
     # drot_down, 2^126 times an O(1..100) value, at the edge of fp32's range
     prob = make_lora_problem(6, 2, 8, 10, 4, 3, dtype=dtype, ids=ids, bias=True, seed=31)

@@ -304,7 +304,8 @@ def test_no_host_sync_in_forward_or_backward(monkeypatch, op, backend):
         elif op == "radar_gate_lora":
             g = torch.where(ids >= 0, p["weights"], 0.0)
             args = (p["x"], p["lora_A"], p["lora_B"], g, p["rot_down"], p["rot_up"],
-                    p["angle_bias"], ids, p["scaling"], p["tau"], 1e-6, backend)
+                    p["angle_bias"], ids, L.balance_factors(p["lora_B"]), p["scaling"], p["tau"],
+                    1e-6, backend)
             y, *saved = L._forward(*args, True)
             L._backward(torch.ones_like(y), *args, True, True, *saved)
             L._backward(torch.ones_like(y), *args, True, True)  # recomputing s, d, P, Q
