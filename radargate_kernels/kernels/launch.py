@@ -349,10 +349,9 @@ def _relation_common(s_all, ids, P, Q, input_dtype):
     rg = Q.shape[-1]
     cfg = settings("lora", K, r, rg, E, ids is not None, input_dtype)
     acc, prec, _, _ = precision(input_dtype)
-    # P, W and Q are computed fp32 values: in tf32 the forward lost 2^-11 of d, hence of the
-    # angles (visible in a bf16 y at large angles); three tf32 products keep fp32's accuracy.
-    # The backward's products only scale gradients: tf32 for bf16 (fp16's, 3 bits finer, missed
-    # the tolerance of dlora_A by 15% in tf32: three tf32 products)
+    # P, W and Q are computed fp32 values that set d, hence the angles: three tf32 products keep
+    # fp32's accuracy (tf32 loses 2^-11 of d). The backward's products only scale gradients:
+    # tf32 for bf16, three tf32 products for fp16 (3 bits finer; docs/launch_config.md)
     meta = dict(KP=cfg["KP"], BT=cfg["BT_LREL"], F=cfg["F"], RP=cfg["RP"], RGP=cfg["RGP"],
                 HAS_IDS=ids is not None, PREC="tf32x3" if prec == "tf32" else prec, ACC=acc,
                 num_warps=4)

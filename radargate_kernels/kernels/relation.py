@@ -30,33 +30,25 @@ def same_token(valid, KP: tl.constexpr):
 
 
 @triton.jit
-def swap_pairs(x):
-    """x_ji for x_ij on the last two axes."""
-    return tl.permute(x, (0, 2, 1)) if len(x.shape) == 3 else tl.trans(x)
-
-
-@triton.jit
 def cosines_softmax(gram, m, same, off, diag, tau_inv, eps, act=None):
     """SPEC steps 1-2 on pair tiles (the last two axes are rows i, j; ``same``: one token's
     pair of real rows, ``off`` without, ``diag`` with i = j) from the Gram matrix of the rows
     scaled by m (> 0, a power of two) -> (n, C, rho): n = max(m |v / m|, eps),
     C_ij = gram_ij (m_i / n_i) (m_j / n_j), rho = softmax over j != i of C / tau. ``act``
     (radar_gate with ids: 1.0 for an active row, 0.0 for a masked one, whose v is 0) takes the
-    masked columns out of the softmax by a factor, not by a mask (docs/launch_config.md)."""
+    masked columns out of the softmax by a factor, not by a mask (a mask from loaded values
+    on the 64-row tile made ptxas spill)."""
     n = tl.maximum(m * tl.sqrt(tl.sum(tl.where(diag, gram, 0.0), axis=-1)), eps)
     q = m / n
     C = tl.where(same, gram * (tl.expand_dims(q, -1) * tl.expand_dims(q, -2)), 0.0)
     # |C| <= 1, so exp(C / tau - max) needs the max only for small tau; a row without another
     # slot (K = 1) gives rho = 0. Masked columns count 3 below their C (< any active one's)
     # for the max, and 0 in the sum.
-    Cm = C
-    if act is not None:
-        Cm = C - 3.0 * (1.0 - tl.expand_dims(act, -2))
+    Cm = C - 3.0 * (1.0 - tl.expand_dims(act, -2)) if act is not None else C
     mx = tl.max(tl.where(off, Cm, -float("inf")), axis=-1)
     ex = tl.where(off, tl.exp((Cm - tl.expand_dims(tl.where(mx == -float("inf"), 0.0, mx), -1))
                               * tau_inv), 0.0)
-    if act is not None:
-        ex = ex * tl.expand_dims(act, -2)
+    ex = ex * tl.expand_dims(act, -2) if act is not None else ex
     den = tl.sum(ex, axis=-1)
     return n, C, ex / tl.expand_dims(tl.where(den > 0, den, 1.0), -1)
 
@@ -67,7 +59,7 @@ def softmax_backward(drho, rho, C, n, same, tau_inv, eps):
     <v^_i, dv^_i> = sum_j S_ij C_ij, 0 where the eps floor holds)."""
     dC = tl.where(same, rho * (drho - tl.expand_dims(tl.sum(rho * drho, axis=-1), -1))
                   * tau_inv, 0.0)
-    S = dC + swap_pairs(dC)
+    S = dC + (tl.permute(dC, (0, 2, 1)) if len(dC.shape) == 3 else tl.trans(dC))  # + dC_ji
     return S, tl.where(n > eps, tl.sum(S * C, axis=-1), 0.0)
 
 
@@ -223,13 +215,6 @@ def at_slots(x, ex, EL: tl.constexpr):
     """x [BT, EL] per expert -> [BT, KP] at each slot's expert ex [BT, KP] (a select)."""
     el = tl.arange(0, EL)[None, None, :]
     return tl.sum(tl.where(ex[:, :, None] == el, tl.expand_dims(x, 1), 0.0), axis=2)
-
-
-@triton.jit
-def to_experts(x, ex, EL: tl.constexpr):
-    """x [BT, KP] per slot -> [BT, EL]: each expert's slots added up (ex [BT, KP], -1: none)."""
-    el = tl.arange(0, EL)[None, None, :]
-    return tl.sum(tl.where(ex[:, :, None] == el, x[:, :, None], 0.0), axis=1)
 
 
 @triton.jit
@@ -419,8 +404,10 @@ def lora_relation_bwd_kernel(
                                 mask=mine[:, None] & (rr < r)[None, :], other=0.0).to(ACC)
                     mk = pow2_below(tl.max(tl.abs(s), axis=1))
                     # V = sum_l dG_kl W_l [BT, F] in lanes, W_l from the token's lanes X at
-                    # each slot's expert (dge: dG_kl per expert of l)
-                    dge = to_experts(slot_col(tl.permute(dG, (0, 2, 1)), k), ex, EL)
+                    # each slot's expert (dge: dG_kl per expert of l, its slots added up)
+                    dkl = slot_col(tl.permute(dG, (0, 2, 1)), k)
+                    dge = tl.sum(tl.where(ex[:, :, None] == el[None, None, :], dkl[:, :, None],
+                                          0.0), axis=1)
                     V = tl.reshape(tl.reshape(X, (BT, EL, RP)) * dge[:, :, None], (BT, F))
                     ok = (mine & ~tok_bad)[:, None]
                     if step == 0:

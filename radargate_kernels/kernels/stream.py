@@ -57,43 +57,6 @@ def lanes_lora_b(LB, f0, cols, cm, h, r, E, s_le, s_lr, s_ld, RP: tl.constexpr,
             tl.load(LB + off + (c + h) * s_ld, mask=on, other=0.0).to(ACC))
 
 
-@triton.jit
-def expert_values(V, S, LB, tok, slot, e, valid, kc, cols, cm, h, r, K, E,
-                  s_vt, s_vk, s_vd, s_le, s_lr, s_ld, BT: tl.constexpr, SK: tl.constexpr,
-                  RP: tl.constexpr, FE: tl.constexpr, V_FROM_S: tl.constexpr,
-                  HAS_IDS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    """v of the rows at columns cols and cols + h -> (v1, v2), each [R, BH] (0 on masked rows).
-    (PREC here: the launch's VPREC.)"""
-    if not V_FROM_S:
-        return load_pairs(V, tok * s_vt + slot.to(tl.int64) * s_vk, cols, h, s_vd,
-                          valid[:, None] & cm[None, :], ACC)
-    elif HAS_IDS:
-        v1 = tl.zeros((BT * SK, cols.shape[0]), dtype=ACC)
-        v2 = tl.zeros((BT * SK, cols.shape[0]), dtype=ACC)
-        ln = tl.arange(0, FE * RP)
-        for f0 in range(0, E, FE):
-            # only chunks holding an expert of the tile's rows (16 rows: at most 16 of E)
-            if tl.sum(((e >= f0) & (e < f0 + FE)).to(tl.int32)) > 0:
-                # each row's s in its expert's lanes of experts f0 .. f0 + FE - 1 [R, FE * RP]
-                f = f0 + ln // RP
-                on = (valid[:, None] & (f[None, :] == e[:, None])) & (ln % RP < r)[None, :]
-                sx = tl.load(S + (tok * E)[:, None] * r + (f * r + ln % RP)[None, :], mask=on,
-                             other=0.0).to(ACC)
-                b1, b2 = lanes_lora_b(LB, f0, cols, cm, h, r, E, s_le, s_lr, s_ld, RP, FE, ACC)
-                # other experts' non-finite B stays out (their lanes hold 0); a row of an expert
-                # with one is non-finite anyway through its token's context d (finite_or_zero)
-                v1 += mm(sx, finite_or_zero(b1), PREC)
-                v2 += mm(sx, finite_or_zero(b2), PREC)
-        return v1, v2
-    else:
-        s3 = slot_major(load_rows(S, tok * E + slot, valid, r, RP, ACC), SK)
-        # lora_B of slots kc .. kc + SK - 1 (slot k is expert k) -> two [SK, RP, BH] tiles
-        b1, b2 = lanes_lora_b(LB, kc, cols, cm, h, r, K, s_le, s_lr, s_ld, RP, SK, ACC)
-        b1 = tl.reshape(b1, (SK, RP, cols.shape[0]))
-        b2 = tl.reshape(b2, (SK, RP, cols.shape[0]))
-        return row_major(mm(s3, b1, PREC)), row_major(mm(s3, b2, PREC))
-
-
 # T (and the number of token blocks) are never specialised: Triton makes an integer argument
 # equal to 1 a constant, so a one-token launch would compile another kernel than the one
 # benchmarks/compile_report.py checks.
@@ -118,9 +81,34 @@ def stream_fwd_kernel(
         tok, slot, valid = block_rows(blk, kc, T, K, BT, SK)
         e = expert_of(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
         valid = e >= 0
-        v1, v2 = expert_values(V, S, LB, tok, slot, e, valid, kc, cols, cm, h, r, K, E,
-                               s_vt, s_vk, s_vd, s_le, s_lr, s_ld, BT, SK, RP, FE, V_FROM_S,
-                               HAS_IDS, VPREC, ACC)
+        # v of the rows at columns cols and cols + h: v1, v2 [R, BH] (0 on masked rows)
+        if not V_FROM_S:
+            v1, v2 = load_pairs(V, tok * s_vt + slot.to(tl.int64) * s_vk, cols, h, s_vd,
+                                valid[:, None] & cm[None, :], ACC)
+        elif HAS_IDS:
+            v1 = tl.zeros((BT * SK, BH), dtype=ACC)
+            v2 = tl.zeros((BT * SK, BH), dtype=ACC)
+            ln = tl.arange(0, FE * RP)
+            for f0 in range(0, E, FE):
+                # only chunks holding an expert of the tile's rows (16 rows: at most 16 of E)
+                if tl.sum(((e >= f0) & (e < f0 + FE)).to(tl.int32)) > 0:
+                    # each row's s in its expert's lanes of experts f0 .. f0 + FE - 1
+                    f = f0 + ln // RP
+                    on = (valid[:, None] & (f[None, :] == e[:, None])) & (ln % RP < r)[None, :]
+                    sx = tl.load(S + (tok * E)[:, None] * r + (f * r + ln % RP)[None, :],
+                                 mask=on, other=0.0).to(ACC)
+                    b1, b2 = lanes_lora_b(LB, f0, cols, cm, h, r, E, s_le, s_lr, s_ld, RP, FE,
+                                          ACC)
+                    # other experts' non-finite B stays out (their lanes hold 0); a row of an
+                    # expert with one is non-finite anyway through its token's context d
+                    v1 += mm(sx, finite_or_zero(b1), VPREC)
+                    v2 += mm(sx, finite_or_zero(b2), VPREC)
+        else:
+            s3 = slot_major(load_rows(S, tok * E + slot, valid, r, RP, ACC), SK)
+            # lora_B of slots kc .. kc + SK - 1 (slot k is expert k) -> two [SK, RP, BH] tiles
+            b1, b2 = lanes_lora_b(LB, kc, cols, cm, h, r, K, s_le, s_lr, s_ld, RP, SK, ACC)
+            v1 = row_major(mm(s3, tl.reshape(b1, (SK, RP, BH)), VPREC))
+            v2 = row_major(mm(s3, tl.reshape(b2, (SK, RP, BH)), VPREC))
         alpha, _ = angles(DCTX, U, BETA, tok * K + slot, e, valid, cols, cm, rg, s_ur, s_uh,
                           s_be, s_bh, RGP, HAS_BETA, PREC, ACC)
         c, s = cos_sin(alpha, FAST)
@@ -187,9 +175,7 @@ def bwd_terms(V, S, LB, G, DCTX, U, BETA, DY, tok, slot, row, e, valid, cols, cm
         v2 = mm(s_rows, b2, VPREC)
     else:
         v1, v2 = load_pairs(V, tok * s_vt + slot.to(tl.int64) * s_vk, cols, h, s_vd, on, ACC)
-        s_rows = v1
-        b1 = v1
-        b2 = v1
+        s_rows, b1, b2 = v1, v1, v1  # (not used by radar_gate)
     alpha, d = angles(DCTX, U, BETA, row, e, valid, cols, cm, rg, s_ur, s_uh, s_be, s_bh, RGP,
                       HAS_BETA, PREC, ACC)
     c, s = cos_sin(alpha, FAST)
@@ -317,7 +303,6 @@ def stream_bwd_cols_kernel(
         grp = tl.program_id(1)
         n_grp = tl.num_programs(1)
         slab = grp.to(tl.int64)  # this program's group slab of the partials
-        R: tl.constexpr = BT * SK
         ee = tl.arange(0, EP)
         d_beta = tl.zeros((EP, BH), dtype=ACC)  # with ids (one-hot over experts)
         n_bad = tl.zeros((EP, BH), dtype=ACC)  # with ids: non-finite dalpha per expert, column
@@ -363,7 +348,7 @@ def stream_bwd_cols_kernel(
                                 V + (tj * s_vt + sj.to(tl.int64) * s_vk)[:, None]
                                 + (cols + half * h)[None, :].to(tl.int64) * s_vd,
                                 mask=okj[:, None] & cm[None, :], other=0.0).to(ACC))
-                        ri = tl.arange(0, R)
+                        ri = tl.arange(0, BT * SK)
                         same = (ri[:, None] // SK == ri[None, :] // SK) & valid[:, None] \
                             & (jc + ri % SK < K)[None, :]
                         m_t = tl.load(MR + row[:, None] * K + (jc + ri % SK)[None, :], mask=same,
