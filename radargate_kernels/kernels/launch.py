@@ -77,14 +77,12 @@ def settings(kind: str, K: int, r: int, rg: int, E: int, has_ids: bool,
     widths and warps of every kernel. kind: "op" (radar_gate; rg = r) or "lora" (fused layer).
     Every value is compiled by benchmarks/compile_report.py without spills (docs/launch_config.md:
     each narrower choice was forced by a spill there)."""
-    KP, RP, RGP = pow2(K), max(16, pow2(r)), max(16, pow2(rg))
-    EP = max(16, pow2(E))
+    KP, RP, RGP, EP = pow2(K), max(16, pow2(r)), max(16, pow2(rg)), max(16, pow2(E))
     wide_dots = precision(dtype)[3] != "tf32"  # tf32x2 / ieee dots hold more registers
     if kind == "op":
         # 32-row tiles: BT tokens of up to 32 slots (the relation kernels: all K slots of a
         # token, its K x K blocks in an R x R tile, R = 64 at K > 32)
         BT = max(1, 32 // KP)
-        R = BT * min(KP, 32)
         # the column kernel (dV with M v, and four accumulators): 16-row tiles
         cfg = dict(BT=BT, SK=min(KP, 32), BT_COLS=max(1, 16 // KP), SK_COLS=min(KP, 16), FE=1,
                    BH_FWD=32 if wide_dots else 64,
@@ -94,14 +92,12 @@ def settings(kind: str, K: int, r: int, rg: int, E: int, has_ids: bool,
         # 16 tokens per tile (the batched dots' M), slots in chunks; with ids one slot per tile,
         # each row's s in its expert's lanes of FE experts (FE r <= 64 per dot)
         SK = min(KP, 4) if not has_ids else 1
-        R = 16 * SK
         FE = max(1, min(EP if has_ids else 1, 64 // RP))
         cfg = dict(BT=16, SK=SK, FE=FE, BH_FWD=16 if wide_dots and RP > 16 else 32,
                    BH_ROWS=16 if wide_dots or RP > 16 else 32,
                    BH_COLS=32 if RP <= 16 and not wide_dots else 16, BH_REL=0)
     # the fused relation: 16 tokens per program (the M of its dots), F lanes per token
-    cfg.update(KP=KP, RP=RP, RGP=RGP, EP=EP, R=R, F=pow2(E) * RP, BT_LREL=16,
-               BT_REL=max(1, 32 // KP), WARPS=8, STAGES=1)
+    cfg.update(KP=KP, RP=RP, RGP=RGP, EP=EP, F=pow2(E) * RP, BT_LREL=16, WARPS=8, STAGES=1)
     return cfg
 
 
@@ -113,10 +109,8 @@ class Launch:
         self.kernel, self.grid, self.args = kernel, tuple(grid), args
         self.meta = dict(meta, enable_fp_fusion=ENABLE_FP_FUSION)
         if not interpreting():
-            # the most registers a thread may have at one block per SM: without the bound ptxas
-            # capped 8-warp kernels at 128 registers, and a 16-warp one at 32, and spilled
-            self.meta.setdefault("maxnreg", min(255, 65536 // (32 * self.meta.get("num_warps",
-                                                                                  4))))
+            # the most registers a thread may have at one block per SM (docs/launch_config.md)
+            self.meta.setdefault("maxnreg", min(255, 65536 // (32 * self.meta.get("num_warps", 4))))
         if not (self.grid[0] < 2 ** 31 and all(g <= GRID_AXIS_MAX for g in self.grid[1:])):
             raise ValueError(f"{kernel.__name__}: grid {self.grid} is beyond CUDA's limits "
                              f"(axis 0 < 2^31, axes 1 and 2 <= {GRID_AXIS_MAX}): too many "
@@ -170,14 +164,15 @@ def _meta(cfg, dtype, bh, **flags):
 
 def _stream_args(T, K, h, r, rg, E, V, S, LB, g, d, U, beta, ids):
     """The first arguments shared by the three streaming kernels (the unused of V / S, LB are
-    dummies: their flags keep them unread)."""
+    dummies: their flags keep them unread), and their flags."""
     dummy = g
     return ((V if V is not None else dummy), (S if S is not None else dummy),
             (LB if LB is not None else dummy), g, d, U, beta if beta is not None else dummy,
             ids if ids is not None else dummy), \
         (T, K, h, r, rg, E), \
         (*_strides(V, 3), *_strides(LB, 3), *g.stride(), *U.stride(), *_strides(beta, 2),
-         *_strides(ids, 2))
+         *_strides(ids, 2)), \
+        dict(V_FROM_S=V is None, HAS_IDS=ids is not None, HAS_BETA=beta is not None)
 
 
 # ---- radar_gate --------------------------------------------------------------------------------
@@ -204,12 +199,10 @@ def plan_forward(V, g, A, B, beta, ids, tau: float, eps: float):
                  dict(KP=cfg["KP"], BT=cfg["BT"], BH=cfg["BH_REL"], RP=cfg["RP"],
                       HAS_IDS=ids is not None, PREC="ieee" if prec == "ieee" else "tf32",
                       ACC=acc, num_warps=cfg["WARPS"], num_stages=cfg["STAGES"]))
-    ptrs, sizes, strides = _stream_args(T, K, h, r, r, E, V, None, None, g, d,
-                                        B, beta, ids)
+    ptrs, sizes, strides, flags = _stream_args(T, K, h, r, r, E, V, None, None, g, d, B, beta,
+                                               ids)
     fwd = Launch(stream_fwd_kernel, (nb, triton.cdiv(h, cfg["BH_FWD"])),
-                 (*ptrs, y, *sizes, *strides),
-                 _meta(cfg, V.dtype, cfg["BH_FWD"], FE=1, V_FROM_S=False,
-                       HAS_IDS=ids is not None, HAS_BETA=beta is not None))
+                 (*ptrs, y, *sizes, *strides), _meta(cfg, V.dtype, cfg["BH_FWD"], FE=1, **flags))
     return [rel, fwd], (y, n, C, rho, z, d)
 
 
@@ -231,9 +224,8 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
     dd = (V.new_zeros if ids is not None else V.new_empty)((T, K, r), dtype=sd)
     M, dZ = V.new_empty((T, K, K), dtype=sd), V.new_empty((T, K, r), dtype=sd)
     dV = V.new_empty((T, K, D))
-    ptrs, sizes, strides = _stream_args(T, K, h, r, r, E, V, None, None, g, d,
-                                        B, beta, ids)
-    flags = dict(V_FROM_S=False, HAS_IDS=ids is not None, HAS_BETA=beta is not None)
+    ptrs, sizes, strides, flags = _stream_args(T, K, h, r, r, E, V, None, None, g, d, B, beta,
+                                               ids)
     rows = Launch(stream_bwd_rows_kernel, (nb,),
                   (*ptrs, g, g, dy, dg, dd, dd, *sizes, *strides, *dy.stride()),
                   _meta(cfg, V.dtype, cfg["BH_ROWS"], **flags))
@@ -257,9 +249,7 @@ def plan_backward(dy, V, g, A, B, beta, ids, n, C, rho, z, d, tau: float, eps: f
 
     def finish():
         def total(p, on, like):
-            if on:
-                return p.sum(0).to(like.dtype)
-            return torch.zeros(like.shape, dtype=like.dtype, device=like.device)  # contiguous
+            return p.sum(0).to(like.dtype) if on else like.new_zeros(like.shape)  # contiguous
         dbeta = total(pbeta, need_dbeta, beta) if beta is not None else V.new_empty(0)
         return dV, dg, total(pA, need_dA, A), total(pB, need_dB, B), dbeta
     return [rows, rel, cols], finish
@@ -272,9 +262,8 @@ def _lora_common(s_all, g, d, ids, lora_B, U, beta):
     E, r, D = lora_B.shape
     rg = U.shape[0]
     cfg = settings("lora", K, r, rg, E, ids is not None, lora_B.dtype)
-    ptrs, sizes, strides = _stream_args(T, K, D // 2, r, rg, E, None, s_all, lora_B, g, d, U,
-                                        beta, ids)
-    flags = dict(V_FROM_S=True, HAS_IDS=ids is not None, HAS_BETA=beta is not None)
+    ptrs, sizes, strides, flags = _stream_args(T, K, D // 2, r, rg, E, None, s_all, lora_B, g,
+                                               d, U, beta, ids)
     return T, K, E, r, D, rg, cfg, ptrs, sizes, strides, flags
 
 
@@ -360,10 +349,9 @@ def _relation_common(s_all, ids, P, Q, input_dtype):
     rg = Q.shape[-1]
     cfg = settings("lora", K, r, rg, E, ids is not None, input_dtype)
     acc, prec, _, _ = precision(input_dtype)
-    # P, W and Q are computed fp32 values: in tf32 the forward lost 2^-11 of d, hence of the
-    # angles (visible in a bf16 y at large angles); three tf32 products keep fp32's accuracy.
-    # The backward's products only scale gradients: tf32 for bf16 (fp16's, 3 bits finer, missed
-    # the tolerance of dlora_A by 15% in tf32: three tf32 products)
+    # P, W and Q are computed fp32 values that set d, hence the angles: three tf32 products keep
+    # fp32's accuracy (tf32 loses 2^-11 of d). The backward's products only scale gradients:
+    # tf32 for bf16, three tf32 products for fp16 (3 bits finer; docs/launch_config.md)
     meta = dict(KP=cfg["KP"], BT=cfg["BT_LREL"], F=cfg["F"], RP=cfg["RP"], RGP=cfg["RGP"],
                 HAS_IDS=ids is not None, PREC="tf32x3" if prec == "tf32" else prec, ACC=acc,
                 num_warps=4)

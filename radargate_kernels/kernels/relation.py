@@ -15,8 +15,8 @@ token's non-finite entries as 0, tile.other_tokens_safe):
 import triton
 import triton.language as tl
 
-from .tile import (block_rows, expert_of, load_pairs, load_rows, load_tile, mm, non_finite,
-                   other_tokens_safe, store_rows)
+from .tile import (block_rows, expert_of, finite_or_zero, load_pairs, load_rows, load_tile, mm,
+                   non_finite, other_tokens_safe, store_rows)
 
 
 @triton.jit
@@ -27,15 +27,6 @@ def same_token(valid, KP: tl.constexpr):
     same = ((ri[:, None] // KP) == (ri[None, :] // KP)) & valid[:, None] & valid[None, :]
     eye = ri[:, None] == ri[None, :]
     return same, same & ~eye, same & eye
-
-
-@triton.jit
-def swap_pairs(x):
-    """x_ji for x_ij on the last two axes."""
-    if len(x.shape) == 3:
-        return tl.permute(x, (0, 2, 1))
-    else:
-        return tl.trans(x)
 
 
 @triton.jit
@@ -53,14 +44,11 @@ def cosines_softmax(gram, m, same, off, diag, tau_inv, eps, act=None):
     # |C| <= 1, so exp(C / tau - max) needs the max only for small tau; a row without another
     # slot (K = 1) gives rho = 0. Masked columns count 3 below their C (< any active one's)
     # for the max, and 0 in the sum.
-    Cm = C
-    if act is not None:
-        Cm = C - 3.0 * (1.0 - tl.expand_dims(act, -2))
+    Cm = C - 3.0 * (1.0 - tl.expand_dims(act, -2)) if act is not None else C
     mx = tl.max(tl.where(off, Cm, -float("inf")), axis=-1)
     ex = tl.where(off, tl.exp((Cm - tl.expand_dims(tl.where(mx == -float("inf"), 0.0, mx), -1))
                               * tau_inv), 0.0)
-    if act is not None:
-        ex = ex * tl.expand_dims(act, -2)
+    ex = ex * tl.expand_dims(act, -2) if act is not None else ex
     den = tl.sum(ex, axis=-1)
     return n, C, ex / tl.expand_dims(tl.where(den > 0, den, 1.0), -1)
 
@@ -71,7 +59,7 @@ def softmax_backward(drho, rho, C, n, same, tau_inv, eps):
     <v^_i, dv^_i> = sum_j S_ij C_ij, 0 where the eps floor holds)."""
     dC = tl.where(same, rho * (drho - tl.expand_dims(tl.sum(rho * drho, axis=-1), -1))
                   * tau_inv, 0.0)
-    S = dC + swap_pairs(dC)
+    S = dC + (tl.permute(dC, (0, 2, 1)) if len(dC.shape) == 3 else tl.trans(dC))  # + dC_ji
     return S, tl.where(n > eps, tl.sum(S * C, axis=-1), 0.0)
 
 
@@ -157,8 +145,7 @@ def op_relation_bwd_kernel(
 ):
     """A masked slot needs no care here: its dd is 0 and it is out of rho, so its M and dZ
     entries come out 0."""
-    blk = tl.program_id(0)
-    tok, slot, valid = block_rows(blk, 0, T, K, BT, KP)
+    tok, slot, valid = block_rows(tl.program_id(0), 0, T, K, BT, KP)
     row = tok * K + slot
     rr = tl.arange(0, RP)
     R: tl.constexpr = BT * KP
@@ -202,9 +189,8 @@ def lane_tile(PTR, width, c0, FC: tl.constexpr, cols, col_on, E, r, RP: tl.const
     """Rows of lanes c0 .. c0 + FC of a flat factor [E r, width] (P_flat or Q_flat), columns
     ``cols``, non-finite entries zeroed -> [FC, len(cols)]."""
     flat, on = lanes(c0, FC, E, r, RP)
-    x = tl.load(PTR + flat[:, None] * width + cols[None, :], mask=on[:, None] & col_on[None, :],
-                other=0.0).to(ACC)
-    return tl.where(non_finite(x), 0.0, x)
+    return finite_or_zero(tl.load(PTR + flat[:, None] * width + cols[None, :],
+                                  mask=on[:, None] & col_on[None, :], other=0.0).to(ACC))
 
 
 @triton.jit
@@ -232,39 +218,19 @@ def at_slots(x, ex, EL: tl.constexpr):
 
 
 @triton.jit
-def to_experts(x, ex, EL: tl.constexpr):
-    """x [BT, KP] per slot -> [BT, EL]: each expert's slots added up (ex [BT, KP], -1: none)."""
-    el = tl.arange(0, EL)[None, None, :]
-    return tl.sum(tl.where(ex[:, :, None] == el, x[:, :, None], 0.0), axis=1)
-
-
-@triton.jit
 def slot_col(x, k):
     """Column k of x [BT, KP] or [BT, KP, N] -> [BT] or [BT, N]."""
     kk = tl.arange(0, x.shape[1])
-    if len(x.shape) == 3:
-        return tl.sum(tl.where(kk[None, :, None] == k, x, 0), axis=1)
-    else:
-        return tl.sum(tl.where(kk[None, :] == k, x, 0), axis=1)
+    at_k = kk[None, :, None] == k if len(x.shape) == 3 else kk[None, :] == k
+    return tl.sum(tl.where(at_k, x, 0), axis=1)
 
 
 @triton.jit
 def put_slot(x, k, col):
     """x [BT, KP(, N)] with column k set to col [BT(, N)]."""
     kk = tl.arange(0, x.shape[1])
-    if len(x.shape) == 3:
-        return tl.where(kk[None, :, None] == k, col[:, None, :], x)
-    else:
-        return tl.where(kk[None, :] == k, col[:, None], x)
-
-
-@triton.jit
-def load_slots(PTR, t, T, K, n, KP: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr):
-    """[T, K, n] rows of tokens t -> [BT, KP, NP]."""
-    kk = tl.arange(0, KP)[None, :, None]
-    cc = tl.arange(0, NP)[None, None, :]
-    return tl.load(PTR + (t[:, None, None] * K + kk) * n + cc,
-                   mask=(t < T)[:, None, None] & (kk < K) & (cc < n), other=0.0).to(ACC)
+    at_k = kk[None, :, None] == k if len(x.shape) == 3 else kk[None, :] == k
+    return tl.where(at_k, tl.expand_dims(col, 1), x)
 
 
 @triton.jit
@@ -291,12 +257,7 @@ def lowrank_relation(S, IDS, PF, QF, bad, blk, T, K, E, r, rg, s_it, s_ik, tau_i
     t = (blk * BT + tl.arange(0, BT)).to(tl.int64)  # (blk * BT < T < 2^31)
     kk = tl.arange(0, KP)
     real = (t < T)[:, None] & (kk < K)[None, :]
-    if HAS_IDS:
-        ex = tl.load(IDS + t[:, None] * s_it + kk[None, :].to(tl.int64) * s_ik, mask=real,
-                     other=-1).to(tl.int32)
-        ex = tl.where(real & (ex >= 0) & (ex < E), ex, -1)
-    else:
-        ex = tl.where(real, kk[None, :], -1)
+    ex = expert_of(IDS, t[:, None], kk[None, :], real, s_it, s_ik, E, HAS_IDS)
     # the token's lanes, scaled per expert row; experts it does not use zeroed (their s may be
     # non-finite without touching it)
     el = tl.arange(0, EL)
@@ -319,9 +280,8 @@ def lowrank_relation(S, IDS, PF, QF, bad, blk, T, K, E, r, rg, s_it, s_ik, tau_i
         mk = pow2_below(tl.max(tl.abs(s), axis=1))
         u = tl.zeros((BT, F), dtype=ACC)
         zk = tl.zeros((BT, RGP), dtype=ACC)
-        # u = w P[e, :] and z = s Q[e], one expert's rows at a time (all rows' one without ids).
-        # Two loops: Triton gives dots that share operands in one region one register layout,
-        # the [BT, BT] one's (rows split over warps), which held u 4 times over and spilled
+        # u = w P[e, :] and z = s Q[e], one expert's rows at a time (all rows' one without ids),
+        # in loops apart (one region's dots share one register layout: docs/launch_config.md)
         for j in range(0 if HAS_IDS else k, E if HAS_IDS else k + 1):
             mine = (e == j)[:, None]
             if tl.max(mine.to(tl.int32)) > 0:
@@ -352,24 +312,8 @@ def expert_blocks(PF, j, E, r, EL: tl.constexpr, RP: tl.constexpr, ACC: tl.const
     e3 = tl.arange(0, EL)[:, None, None]
     b3 = tl.arange(0, RP)[None, :, None]
     a3 = tl.arange(0, RP)[None, None, :]
-    x = tl.load(PF + (j * r + a3) * (E * r) + e3 * r + b3, mask=(e3 < E) & (a3 < r) & (b3 < r),
-                other=0.0).to(ACC)
-    return tl.where(non_finite(x), 0.0, x)
-
-
-@triton.jit
-def expert_rows_backward(S, t, e, mine, X, dG, ex, k, E, r, RP: tl.constexpr, EL: tl.constexpr,
-                         ACC: tl.constexpr):
-    """Slot k's rows of the experts e where ``mine`` -> (s [BT, RP], m, V = sum_l dG_kl W_l
-    [BT, F] in lanes: W_l from the token's lanes X at each slot's expert)."""
-    rr = tl.arange(0, RP)
-    s = tl.load(S + (t * E + e)[:, None] * r + rr[None, :],
-                mask=mine[:, None] & (rr < r)[None, :], other=0.0).to(ACC)
-    BT: tl.constexpr = X.shape[0]
-    F: tl.constexpr = X.shape[1]
-    dge = to_experts(slot_col(tl.permute(dG, (0, 2, 1)), k), ex, EL)  # dG_kl per expert of l
-    V = tl.reshape(tl.reshape(X, (BT, EL, RP)) * dge[:, :, None], (BT, F))
-    return s, pow2_below(tl.max(tl.abs(s), axis=1)), V
+    return finite_or_zero(tl.load(PF + (j * r + a3) * (E * r) + e3 * r + b3,
+                                  mask=(e3 < E) & (a3 < r) & (b3 < r), other=0.0).to(ACC))
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -425,7 +369,10 @@ def lora_relation_bwd_kernel(
             S, IDS, PF, QF, bad, blk, T, K, E, r, rg, s_it, s_ik, tau_inv, eps, KP, BT, F, RP,
             RGP, HAS_IDS, PREC, ACC)
         same, eye, others = slot_pairs(ex)
-        dd = load_slots(DD, t, T, K, rg, KP, RGP, ACC)
+        kk = tl.arange(0, KP)[None, :, None]
+        dd = tl.load(DD + (t[:, None, None] * K + kk) * rg + gg[None, None, :],
+                     mask=(t < T)[:, None, None] & (kk < K) & (gg < rg)[None, None, :],
+                     other=0.0).to(ACC)
         # through d = rho z - z: drho_ij = <dd_i, z_j>, dz_j = sum_i rho_ij dd_i - dd_j (no
         # -dd_j for a slot without others)
         drho_t = tl.zeros((BT, KP, KP), dtype=ACC)  # [t, j, i]
@@ -445,47 +392,48 @@ def lora_relation_bwd_kernel(
                    + tl.max(non_finite(X).to(tl.int32), axis=1)) > 0
         used = tl.max((ex[:, :, None] == el[None, None, :]).to(tl.int32), axis=1) > 0
         ds_j = tl.zeros((BT, RP), dtype=ACC)
-        for k in range(K):  # ds of the rows of expert j
-            e = slot_col(ex, k)
-            mine = e == j
-            if tl.max(mine.to(tl.int32)) > 0:
-                s, mk, V = expert_rows_backward(S, t, e, mine, X, dG, ex, k, E, r, RP, EL, ACC)
-                dzk = slot_col(dz, k)
-                # (dG W P)_k = V P[j, :]^T (P symmetric), / m for W = S / m: per expert of the
-                # lanes, one batched dot (as one [BT, F] x [F, RP] dot, its operand V was
-                # held by every warp and spilled)
-                vp = tl.dot(tl.permute(tl.reshape(V, (BT, EL, RP)), (1, 0, 2)),
-                            expert_blocks(PF, j, E, r, EL, RP, ACC), input_precision=PREC,
-                            out_dtype=ACC)
-                ds = (2.0 * tl.sum(vp, axis=0) / mk[:, None]
-                      + mm(dzk, tl.trans(lane_tile(QF, rg, j * RP, RP, gg, gg < rg, E, r, RP,
-                                                   ACC)), PREC))
-                row = t * K + k
-                ds = (load_rows(DS, row, mine, r, RP, ACC) + ds) * scale
-                if SPLIT:
-                    ds_j += tl.where(mine[:, None], ds, 0.0)
-                else:
-                    store_rows(DS, ds, row, mine, r, RP)
-        # dP[j, :] += w_k^T V and dQ[j] += s_k^T dz_k: loops apart (see lowrank_relation; the
-        # ds loop with dQ in it spilled for fp16)
-        for k in range(K):
-            e = slot_col(ex, k)
-            mine = e == j
-            if tl.max(mine.to(tl.int32)) > 0:
-                s, mk, V = expert_rows_backward(S, t, e, mine, X, dG, ex, k, E, r, RP, EL, ACC)
-                ok = (mine & ~tok_bad)[:, None]
-                acc_q = tl.dot(tl.trans(tl.where(ok, s, 0.0)), tl.where(ok, slot_col(dz, k), 0.0),
-                               acc=acc_q, input_precision=PREC, out_dtype=ACC)
-        for k in range(K):
-            e = slot_col(ex, k)
-            mine = e == j
-            if tl.max(mine.to(tl.int32)) > 0:
-                s, mk, V = expert_rows_backward(S, t, e, mine, X, dG, ex, k, E, r, RP, EL, ACC)
-                ok = (mine & ~tok_bad)[:, None]
-                acc_p = tl.dot(tl.trans(tl.where(ok, s / mk[:, None], 0.0)),
-                               tl.where(ok, V, 0.0), acc=acc_p, input_precision=PREC,
-                               out_dtype=ACC)
-                hit += tl.sum((used & (mine & tok_bad)[:, None]).to(tl.int32), axis=0)
+        # three passes over the slots k of expert j: its rows' ds, dQ[j] += s_k^T dz_k and
+        # dP[j, :] += w_k^T V; apart, as the dots of one region share one register layout
+        # (docs/launch_config.md)
+        for step in tl.static_range(3):
+            for k in range(K):
+                e = slot_col(ex, k)
+                mine = e == j
+                if tl.max(mine.to(tl.int32)) > 0:
+                    s = tl.load(S + (t * E + e)[:, None] * r + rr[None, :],
+                                mask=mine[:, None] & (rr < r)[None, :], other=0.0).to(ACC)
+                    mk = pow2_below(tl.max(tl.abs(s), axis=1))
+                    # V = sum_l dG_kl W_l [BT, F] in lanes, W_l from the token's lanes X at
+                    # each slot's expert (dge: dG_kl per expert of l, its slots added up)
+                    dkl = slot_col(tl.permute(dG, (0, 2, 1)), k)
+                    dge = tl.sum(tl.where(ex[:, :, None] == el[None, None, :], dkl[:, :, None],
+                                          0.0), axis=1)
+                    V = tl.reshape(tl.reshape(X, (BT, EL, RP)) * dge[:, :, None], (BT, F))
+                    ok = (mine & ~tok_bad)[:, None]
+                    if step == 0:
+                        # (dG W P)_k = V P[j, :]^T (P symmetric), / m for W = S / m: per
+                        # expert of the lanes, one batched dot
+                        vp = tl.dot(tl.permute(tl.reshape(V, (BT, EL, RP)), (1, 0, 2)),
+                                    expert_blocks(PF, j, E, r, EL, RP, ACC),
+                                    input_precision=PREC, out_dtype=ACC)
+                        qj = lane_tile(QF, rg, j * RP, RP, gg, gg < rg, E, r, RP, ACC)
+                        ds = (2.0 * tl.sum(vp, axis=0) / mk[:, None]
+                              + mm(slot_col(dz, k), tl.trans(qj), PREC))
+                        row = t * K + k
+                        ds = (load_rows(DS, row, mine, r, RP, ACC) + ds) * scale
+                        if SPLIT:
+                            ds_j += tl.where(mine[:, None], ds, 0.0)
+                        else:
+                            store_rows(DS, ds, row, mine, r, RP)
+                    elif step == 1:
+                        acc_q = tl.dot(tl.trans(tl.where(ok, s, 0.0)),
+                                       tl.where(ok, slot_col(dz, k), 0.0), acc=acc_q,
+                                       input_precision=PREC, out_dtype=ACC)
+                    else:
+                        acc_p = tl.dot(tl.trans(tl.where(ok, s / mk[:, None], 0.0)),
+                                       tl.where(ok, V, 0.0), acc=acc_p, input_precision=PREC,
+                                       out_dtype=ACC)
+                        hit += tl.sum((used & (mine & tok_bad)[:, None]).to(tl.int32), axis=0)
         if SPLIT:  # expert j's columns of every token (0 where it has no slot of j)
             hi = ds_j.to(tl.bfloat16)
             lo = (ds_j - hi.to(ACC)).to(tl.bfloat16)

@@ -43,77 +43,18 @@ def row_major(x):
 
 
 @triton.jit
-def slot_lora_b(LB, kc, cols, cm, h, r, K, s_le, s_lr, s_ld, SK: tl.constexpr,
-                RP: tl.constexpr, ACC: tl.constexpr):
-    """lora_B of slots kc .. kc + SK - 1 (no ids: slot k is expert k) at columns cols, cols + h
-    -> two [SK, RP, BH] tiles."""
-    j = tl.arange(0, SK)[:, None, None]
-    a = tl.arange(0, RP)[None, :, None]
-    off = (kc + j).to(tl.int64) * s_le + a * s_lr
-    c = cols[None, None, :].to(tl.int64)
-    m = (kc + j < K) & (a < r) & cm[None, None, :]
-    b1 = tl.load(LB + off + c * s_ld, mask=m, other=0.0).to(ACC)
-    b2 = tl.load(LB + off + (c + h) * s_ld, mask=m, other=0.0).to(ACC)
-    return b1, b2
-
-
-@triton.jit
-def expert_lanes(S, tok, e, valid, f0, r, E, RP: tl.constexpr, FE: tl.constexpr,
-                 ACC: tl.constexpr):
-    """Each row's s placed in its expert's lanes of experts f0 .. f0 + FE - 1 -> (tile
-    [R, FE * RP], own lanes [R, FE * RP])."""
-    ln = tl.arange(0, FE * RP)
-    f = f0 + ln // RP
-    a = ln % RP
-    on = (valid[:, None] & (f[None, :] == e[:, None])) & (a < r)[None, :]
-    x = tl.load(S + (tok * E)[:, None] * r + (f * r + a)[None, :], mask=on, other=0.0)
-    return x.to(ACC), on
-
-
-@triton.jit
 def lanes_lora_b(LB, f0, cols, cm, h, r, E, s_le, s_lr, s_ld, RP: tl.constexpr,
                  FE: tl.constexpr, ACC: tl.constexpr):
     """lora_B rows of experts f0 .. f0 + FE - 1 at columns cols, cols + h -> two [FE * RP, BH]
-    tiles and their mask."""
+    tiles."""
     ln = tl.arange(0, FE * RP)
     f = f0 + ln // RP
     a = ln % RP
     off = (f.to(tl.int64) * s_le + a * s_lr)[:, None]
     c = cols[None, :].to(tl.int64)
     on = ((f < E) & (a < r))[:, None] & cm[None, :]
-    b1 = tl.load(LB + off + c * s_ld, mask=on, other=0.0).to(ACC)
-    b2 = tl.load(LB + off + (c + h) * s_ld, mask=on, other=0.0).to(ACC)
-    return b1, b2, on
-
-
-@triton.jit
-def expert_values(V, S, LB, tok, slot, e, valid, kc, cols, cm, h, r, K, E,
-                  s_vt, s_vk, s_vd, s_le, s_lr, s_ld, BT: tl.constexpr, SK: tl.constexpr,
-                  RP: tl.constexpr, FE: tl.constexpr, V_FROM_S: tl.constexpr,
-                  HAS_IDS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    """(PREC here: the launch's VPREC.)"""
-    """v of the rows at columns cols and cols + h -> (v1, v2), each [R, BH] (0 on masked rows)."""
-    if not V_FROM_S:
-        return load_pairs(V, tok * s_vt + slot.to(tl.int64) * s_vk, cols, h, s_vd,
-                          valid[:, None] & cm[None, :], ACC)
-    elif HAS_IDS:
-        v1 = tl.zeros((BT * SK, cols.shape[0]), dtype=ACC)
-        v2 = tl.zeros((BT * SK, cols.shape[0]), dtype=ACC)
-        for f0 in range(0, E, FE):
-            # only chunks holding an expert of the tile's rows (16 rows: at most 16 of E)
-            if tl.sum(((e >= f0) & (e < f0 + FE)).to(tl.int32)) > 0:
-                sx, _ = expert_lanes(S, tok, e, valid, f0, r, E, RP, FE, ACC)
-                b1, b2, _ = lanes_lora_b(LB, f0, cols, cm, h, r, E, s_le, s_lr, s_ld, RP, FE,
-                                         ACC)
-                # other experts' non-finite B stays out (their lanes hold 0); a row of an expert
-                # with one is non-finite anyway through its token's context d (finite_or_zero)
-                v1 += mm(sx, finite_or_zero(b1), PREC)
-                v2 += mm(sx, finite_or_zero(b2), PREC)
-        return v1, v2
-    else:
-        s3 = slot_major(load_rows(S, tok * E + slot, valid, r, RP, ACC), SK)
-        b1, b2 = slot_lora_b(LB, kc, cols, cm, h, r, K, s_le, s_lr, s_ld, SK, RP, ACC)
-        return row_major(mm(s3, b1, PREC)), row_major(mm(s3, b2, PREC))
+    return (tl.load(LB + off + c * s_ld, mask=on, other=0.0).to(ACC),
+            tl.load(LB + off + (c + h) * s_ld, mask=on, other=0.0).to(ACC))
 
 
 # T (and the number of token blocks) are never specialised: Triton makes an integer argument
@@ -140,9 +81,34 @@ def stream_fwd_kernel(
         tok, slot, valid = block_rows(blk, kc, T, K, BT, SK)
         e = expert_of(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
         valid = e >= 0
-        v1, v2 = expert_values(V, S, LB, tok, slot, e, valid, kc, cols, cm, h, r, K, E,
-                               s_vt, s_vk, s_vd, s_le, s_lr, s_ld, BT, SK, RP, FE, V_FROM_S,
-                               HAS_IDS, VPREC, ACC)
+        # v of the rows at columns cols and cols + h: v1, v2 [R, BH] (0 on masked rows)
+        if not V_FROM_S:
+            v1, v2 = load_pairs(V, tok * s_vt + slot.to(tl.int64) * s_vk, cols, h, s_vd,
+                                valid[:, None] & cm[None, :], ACC)
+        elif HAS_IDS:
+            v1 = tl.zeros((BT * SK, BH), dtype=ACC)
+            v2 = tl.zeros((BT * SK, BH), dtype=ACC)
+            ln = tl.arange(0, FE * RP)
+            for f0 in range(0, E, FE):
+                # only chunks holding an expert of the tile's rows (16 rows: at most 16 of E)
+                if tl.sum(((e >= f0) & (e < f0 + FE)).to(tl.int32)) > 0:
+                    # each row's s in its expert's lanes of experts f0 .. f0 + FE - 1
+                    f = f0 + ln // RP
+                    on = (valid[:, None] & (f[None, :] == e[:, None])) & (ln % RP < r)[None, :]
+                    sx = tl.load(S + (tok * E)[:, None] * r + (f * r + ln % RP)[None, :],
+                                 mask=on, other=0.0).to(ACC)
+                    b1, b2 = lanes_lora_b(LB, f0, cols, cm, h, r, E, s_le, s_lr, s_ld, RP, FE,
+                                          ACC)
+                    # other experts' non-finite B stays out (their lanes hold 0); a row of an
+                    # expert with one is non-finite anyway through its token's context d
+                    v1 += mm(sx, finite_or_zero(b1), VPREC)
+                    v2 += mm(sx, finite_or_zero(b2), VPREC)
+        else:
+            s3 = slot_major(load_rows(S, tok * E + slot, valid, r, RP, ACC), SK)
+            # lora_B of slots kc .. kc + SK - 1 (slot k is expert k) -> two [SK, RP, BH] tiles
+            b1, b2 = lanes_lora_b(LB, kc, cols, cm, h, r, K, s_le, s_lr, s_ld, RP, SK, ACC)
+            v1 = row_major(mm(s3, tl.reshape(b1, (SK, RP, BH)), VPREC))
+            v2 = row_major(mm(s3, tl.reshape(b2, (SK, RP, BH)), VPREC))
         alpha, _ = angles(DCTX, U, BETA, tok * K + slot, e, valid, cols, cm, rg, s_ur, s_uh,
                           s_be, s_bh, RGP, HAS_BETA, PREC, ACC)
         c, s = cos_sin(alpha, FAST)
@@ -175,10 +141,7 @@ def expert_block(ROWS, OFFS, e, blk, T, K, BT: tl.constexpr, HAS_IDS: tl.constex
 @triton.jit
 def expert_count(OFFS, e, T, HAS_IDS: tl.constexpr):
     """How many rows expert e has."""
-    if HAS_IDS:
-        return tl.load(OFFS + e + 1) - tl.load(OFFS + e)
-    else:
-        return T
+    return tl.load(OFFS + e + 1) - tl.load(OFFS + e) if HAS_IDS else T
 
 
 @triton.jit
@@ -193,14 +156,14 @@ def expert_b(LB, e, cols, cm, h, r, s_le, s_lr, s_ld, RP: tl.constexpr, ACC: tl.
 
 
 @triton.jit
-def bwd_terms(V, S, LB, DCTX, U, BETA, DY, tok, slot, row, e, valid, cols, cm, h, r, rg, E,
-              s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_ur, s_uh, s_be, s_bh, s_yt, s_yd,
+def bwd_terms(V, S, LB, G, DCTX, U, BETA, DY, tok, slot, row, e, valid, cols, cm, h, r, rg, E,
+              s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_gt, s_gk, s_ur, s_uh, s_be, s_bh, s_yt, s_yd,
               RP: tl.constexpr, RGP: tl.constexpr, V_FROM_S: tl.constexpr,
               HAS_BETA: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr,
               VPREC: tl.constexpr, ACC: tl.constexpr):
     """What both backward kernels recompute for one chunk of rows: v, the context d, and
-    w = R(-alpha) dy -> (v1, v2, w1, w2, d, s rows, B_e halves). Fused layer: the rows are one
-    expert's (e: that expert for every row)."""
+    w = R(-alpha) dy -> (v1, v2, w1, w2, g [R, 1], dalpha = g (v1 w2 - v2 w1), d, s rows, B_e
+    halves). Fused layer: the rows are one expert's (e: that expert for every row)."""
     on = valid[:, None] & cm[None, :]
     dy1, dy2 = load_pairs(DY, tok * s_yt, cols, h, s_yd, on, ACC)
     rr = tl.arange(0, RP)
@@ -212,47 +175,13 @@ def bwd_terms(V, S, LB, DCTX, U, BETA, DY, tok, slot, row, e, valid, cols, cm, h
         v2 = mm(s_rows, b2, VPREC)
     else:
         v1, v2 = load_pairs(V, tok * s_vt + slot.to(tl.int64) * s_vk, cols, h, s_vd, on, ACC)
-        s_rows = v1
-        b1 = v1
-        b2 = v1
+        s_rows, b1, b2 = v1, v1, v1  # (not used by radar_gate)
     alpha, d = angles(DCTX, U, BETA, row, e, valid, cols, cm, rg, s_ur, s_uh, s_be, s_bh, RGP,
                       HAS_BETA, PREC, ACC)
     c, s = cos_sin(alpha, FAST)
     w1, w2 = rotate(dy1, dy2, c, -s)
-    return v1, v2, w1, w2, d, s_rows, b1, b2
-
-
-@triton.jit
-def rows_reduce(V, S, LB, G, DCTX, U, BETA, DY, DG, DD, DS, tok, slot, row, e, valid,
-                h, r, rg, E, s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_gt, s_gk, s_ur, s_uh, s_be,
-                s_bh, s_yt, s_yd, BH: tl.constexpr, RP: tl.constexpr, RGP: tl.constexpr,
-                V_FROM_S: tl.constexpr, HAS_BETA: tl.constexpr, FAST: tl.constexpr,
-                PREC: tl.constexpr, VPREC: tl.constexpr, ACC: tl.constexpr):
-    """One block of rows, all feature pairs: dg = <w, v>, dd = g (v1 w2 - v2 w1) U^T and, fused
-    layer, ds = g w B_e^T; stored at the rows' places in contiguous [T, K, ...] outputs."""
-    R: tl.constexpr = tok.shape[0]
-    gg = tl.arange(0, RGP)
-    dg = tl.zeros((R,), dtype=ACC)
-    dd = tl.zeros((R, RGP), dtype=ACC)
-    ds = tl.zeros((R, RP), dtype=ACC)
-    for c0 in range(0, h, BH):
-        cols = c0 + tl.arange(0, BH)
-        cm = cols < h
-        v1, v2, w1, w2, _, _, b1, b2 = bwd_terms(
-            V, S, LB, DCTX, U, BETA, DY, tok, slot, row, e, valid, cols, cm, h, r, rg, E,
-            s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_ur, s_uh, s_be, s_bh, s_yt, s_yd,
-            RP, RGP, V_FROM_S, HAS_BETA, FAST, PREC, VPREC, ACC)
-        dg += tl.sum(v1 * w1 + v2 * w2, axis=1)
-        ut = tl.load(U + gg[None, :].to(tl.int64) * s_ur + cols[:, None].to(tl.int64) * s_uh,
-                     mask=cm[:, None] & (gg < rg)[None, :], other=0.0).to(ACC)
-        dd += mm(v1 * w2 - v2 * w1, ut, PREC)
-        if V_FROM_S:
-            ds += mm(w1, tl.trans(b1), PREC) + mm(w2, tl.trans(b2), PREC)
-    g = tl.load(G + tok * s_gt + slot.to(tl.int64) * s_gk, mask=valid, other=0.0).to(ACC)
-    tl.store(DG + row, dg.to(DG.dtype.element_ty), mask=valid)
-    store_rows(DD, g[:, None] * dd, row, valid, rg, RGP)
-    if V_FROM_S:
-        store_rows(DS, g[:, None] * ds, row, valid, r, RP)
+    g = tl.load(G + tok * s_gt + slot.to(tl.int64) * s_gk, mask=valid, other=0.0).to(ACC)[:, None]
+    return v1, v2, w1, w2, g, g * (v1 * w2 - v2 * w1), d, s_rows, b1, b2
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -265,38 +194,49 @@ def stream_bwd_rows_kernel(
     RGP: tl.constexpr, V_FROM_S: tl.constexpr, HAS_IDS: tl.constexpr, HAS_BETA: tl.constexpr,
     FAST: tl.constexpr, PREC: tl.constexpr, VPREC: tl.constexpr, ACC: tl.constexpr,
 ):
-    """The reductions over the features, per row (contiguous [T, K, ...] outputs DG, DD, DS).
-    radar_gate: grid (token blocks,), slots in chunks of SK; fused layer: grid (E, groups),
-    program (e, p) takes the blocks p, p + groups, ... of expert e's rows."""
+    """The reductions over the features, per row: dg = <w, v>, dd = g (v1 w2 - v2 w1) U^T and,
+    fused layer, ds = g w B_e^T, stored at the rows' places in contiguous [T, K, ...] outputs
+    DG, DD, DS. radar_gate: grid (token blocks,), slots in chunks of SK; fused layer: grid
+    (E, groups), program (e, p) takes the blocks p, p + groups, ... of expert e's rows."""
+    p0 = tl.program_id(0)  # fused layer: the expert; radar_gate: the token block
     if V_FROM_S:
-        e0 = tl.program_id(0)
-        n_grp = tl.num_programs(1)
-        n_blk = tl.cdiv(expert_count(OFFS, e0, T, HAS_IDS), BT)
-        for blk in range(tl.program_id(1), n_blk, n_grp):
-            tok, slot, row, valid = expert_block(ROWS, OFFS, e0, blk, T, K, BT, HAS_IDS)
-            rows_reduce(V, S, LB, G, DCTX, U, BETA, DY, DG, DD, DS, tok, slot, row,
-                        tl.zeros((BT,), dtype=tl.int32) + e0, valid, h, r, rg, E, s_vt, s_vk,
-                        s_vd, s_le, s_lr, s_ld, s_gt, s_gk, s_ur, s_uh, s_be, s_bh, s_yt, s_yd,
-                        BH, RP, RGP, V_FROM_S, HAS_BETA, FAST, PREC, VPREC, ACC)
+        first = tl.program_id(1)
+        stop = tl.cdiv(expert_count(OFFS, p0, T, HAS_IDS), BT)
+        step = tl.num_programs(1)
     else:
-        blk = tl.program_id(0)
-        for kc in range(0, K, SK):
-            tok, slot, valid = block_rows(blk, kc, T, K, BT, SK)
+        first, stop, step = 0, K, SK
+    gg = tl.arange(0, RGP)
+    for it in range(first, stop, step):
+        if V_FROM_S:  # block it of expert p0's rows
+            tok, slot, row, valid = expert_block(ROWS, OFFS, p0, it, T, K, BT, HAS_IDS)
+            e = tl.zeros((BT,), dtype=tl.int32) + p0
+        else:  # slots it .. it + SK - 1 of token block p0
+            tok, slot, valid = block_rows(p0, it, T, K, BT, SK)
             e = expert_of(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS)
-            rows_reduce(V, S, LB, G, DCTX, U, BETA, DY, DG, DD, DS, tok, slot, tok * K + slot,
-                        e, e >= 0, h, r, rg, E, s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_gt, s_gk,
-                        s_ur, s_uh, s_be, s_bh, s_yt, s_yd, BH, RP, RGP, V_FROM_S, HAS_BETA,
-                        FAST, PREC, VPREC, ACC)
-
-
-@triton.jit
-def store_slot_rows(ptr, x, grp, kc, K, n_rows, cols, cm, h, width):
-    """x [SK, n_rows, BH] -> ptr[grp, kc + j, a, cols] of a contiguous [G, K, n_rows, width]
-    partial (slots kc .. kc + SK - 1)."""
-    j = tl.arange(0, x.shape[0])[:, None, None]
-    a = tl.arange(0, x.shape[1])[None, :, None]
-    off = ((grp.to(tl.int64) * K + kc + j) * n_rows + a) * width + cols[None, None, :]
-    tl.store(ptr + off, x, mask=(kc + j < K) & (a < n_rows) & cm[None, None, :])
+            row = tok * K + slot
+            valid = e >= 0
+        R: tl.constexpr = tok.shape[0]
+        dg = tl.zeros((R,), dtype=ACC)
+        dd = tl.zeros((R, RGP), dtype=ACC)
+        ds = tl.zeros((R, RP), dtype=ACC)
+        for c0 in range(0, h, BH):
+            cols = c0 + tl.arange(0, BH)
+            cm = cols < h
+            v1, v2, w1, w2, _, _, _, _, b1, b2 = bwd_terms(
+                V, S, LB, G, DCTX, U, BETA, DY, tok, slot, row, e, valid, cols, cm, h, r, rg, E,
+                s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_gt, s_gk, s_ur, s_uh, s_be, s_bh, s_yt,
+                s_yd, RP, RGP, V_FROM_S, HAS_BETA, FAST, PREC, VPREC, ACC)
+            dg += tl.sum(v1 * w1 + v2 * w2, axis=1)
+            ut = tl.load(U + gg[None, :].to(tl.int64) * s_ur + cols[:, None].to(tl.int64) * s_uh,
+                         mask=cm[:, None] & (gg < rg)[None, :], other=0.0).to(ACC)
+            dd += mm(v1 * w2 - v2 * w1, ut, PREC)
+            if V_FROM_S:
+                ds += mm(w1, tl.trans(b1), PREC) + mm(w2, tl.trans(b2), PREC)
+        g = tl.load(G + tok * s_gt + slot.to(tl.int64) * s_gk, mask=valid, other=0.0).to(ACC)
+        tl.store(DG + row, dg.to(DG.dtype.element_ty), mask=valid)
+        store_rows(DD, g[:, None] * dd, row, valid, rg, RGP)
+        if V_FROM_S:
+            store_rows(DS, g[:, None] * ds, row, valid, r, RP)
 
 
 @triton.jit(do_not_specialize=["T", "n_blocks"])
@@ -339,13 +279,10 @@ def stream_bwd_cols_kernel(
         for blk in range(grp, n_blk, n_grp):
             tok, slot, row, valid = expert_block(ROWS, OFFS, e0, blk, T, K, BT, HAS_IDS)
             e = tl.zeros((BT,), dtype=tl.int32) + e0
-            v1, v2, w1, w2, d, s_rows, _, _ = bwd_terms(
-                V, S, LB, DCTX, U, BETA, DY, tok, slot, row, e, valid, cols, cm, h, r, rg, E,
-                s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_ur, s_uh, s_be, s_bh, s_yt, s_yd,
-                RP, RGP, V_FROM_S, HAS_BETA, FAST, PREC, VPREC, ACC)
-            g = tl.load(G + tok * s_gt + slot.to(tl.int64) * s_gk, mask=valid,
-                        other=0.0).to(ACC)[:, None]
-            da = g * (v1 * w2 - v2 * w1)
+            v1, v2, w1, w2, g, da, d, s_rows, _, _ = bwd_terms(
+                V, S, LB, G, DCTX, U, BETA, DY, tok, slot, row, e, valid, cols, cm, h, r, rg, E,
+                s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_gt, s_gk, s_ur, s_uh, s_be, s_bh, s_yt,
+                s_yd, RP, RGP, V_FROM_S, HAS_BETA, FAST, PREC, VPREC, ACC)
             if NEED_DU:
                 d_u += mm(tl.trans(d), da, PREC)
             if NEED_DBETA:
@@ -355,9 +292,6 @@ def stream_bwd_cols_kernel(
                 d_b1 += mm(st, g * w1, PREC)
                 d_b2 += mm(st, g * w2, PREC)
         slab = grp.to(tl.int64) * E + e0  # this program's [group, expert] slab of the partials
-        if NEED_DU:
-            tl.store(PU + (slab * rg + gg[:, None]) * h + cols[None, :], d_u,
-                     mask=(gg < rg)[:, None] & cm[None, :])
         if NEED_DBETA:
             tl.store(PBETA + slab * h + cols, d_beta, mask=cm)
         if NEED_DW:
@@ -368,7 +302,7 @@ def stream_bwd_cols_kernel(
     else:
         grp = tl.program_id(1)
         n_grp = tl.num_programs(1)
-        R: tl.constexpr = BT * SK
+        slab = grp.to(tl.int64)  # this program's group slab of the partials
         ee = tl.arange(0, EP)
         d_beta = tl.zeros((EP, BH), dtype=ACC)  # with ids (one-hot over experts)
         n_bad = tl.zeros((EP, BH), dtype=ACC)  # with ids: non-finite dalpha per expert, column
@@ -381,13 +315,10 @@ def stream_bwd_cols_kernel(
                 e = expert_of(IDS, tok, slot, inr, s_it, s_ik, E, HAS_IDS)
                 valid = e >= 0  # (a masked slot's dV is written as zeros)
                 row = tok * K + slot
-                v1, v2, w1, w2, d, _, _, _ = bwd_terms(
-                    V, S, LB, DCTX, U, BETA, DY, tok, slot, row, e, valid, cols, cm, h, r, rg,
-                    E, s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_ur, s_uh, s_be, s_bh, s_yt, s_yd,
-                    RP, RGP, V_FROM_S, HAS_BETA, FAST, PREC, VPREC, ACC)
-                g = tl.load(G + tok * s_gt + slot.to(tl.int64) * s_gk, mask=valid,
-                            other=0.0).to(ACC)[:, None]
-                da = g * (v1 * w2 - v2 * w1)
+                v1, v2, w1, w2, g, da, d, _, _, _ = bwd_terms(
+                    V, S, LB, G, DCTX, U, BETA, DY, tok, slot, row, e, valid, cols, cm, h, r,
+                    rg, E, s_vt, s_vk, s_vd, s_le, s_lr, s_ld, s_gt, s_gk, s_ur, s_uh, s_be, s_bh,
+                    s_yt, s_yd, RP, RGP, V_FROM_S, HAS_BETA, FAST, PREC, VPREC, ACC)
                 if NEED_DU:
                     d_u += mm(tl.trans(d), da, PREC)
                 if NEED_DBETA:
@@ -417,7 +348,7 @@ def stream_bwd_cols_kernel(
                                 V + (tj * s_vt + sj.to(tl.int64) * s_vk)[:, None]
                                 + (cols + half * h)[None, :].to(tl.int64) * s_vd,
                                 mask=okj[:, None] & cm[None, :], other=0.0).to(ACC))
-                        ri = tl.arange(0, R)
+                        ri = tl.arange(0, BT * SK)
                         same = (ri[:, None] // SK == ri[None, :] // SK) & valid[:, None] \
                             & (jc + ri % SK < K)[None, :]
                         m_t = tl.load(MR + row[:, None] * K + (jc + ri % SK)[None, :], mask=same,
@@ -426,17 +357,19 @@ def stream_bwd_cols_kernel(
                     dv = tl.where(valid[:, None], dv, 0.0)
                     tl.store(DV + off + half * h, dv.to(DV.dtype.element_ty),
                              mask=inr[:, None] & cm[None, :])
-            if NEED_DBETA and not HAS_IDS:
-                store_slot_rows(PBETA, dbk[:, None, :], grp, kc, K, 1, cols, cm, h, h)
-        if NEED_DU:
-            tl.store(PU + (grp.to(tl.int64) * rg + gg[:, None]) * h + cols[None, :], d_u,
-                     mask=(gg < rg)[:, None] & cm[None, :])
+            if NEED_DBETA and not HAS_IDS:  # slots kc .. kc + SK - 1 of PBETA [G, K, h]
+                jk = kc + tl.arange(0, SK)[:, None]
+                tl.store(PBETA + (slab * K + jk) * h + cols[None, :], dbk,
+                         mask=(jk < K) & cm[None, :])
         if NEED_DBETA and HAS_IDS:
-            tl.store(PBETA + (grp.to(tl.int64) * E + ee[:, None]) * h + cols[None, :],
+            tl.store(PBETA + (slab * E + ee[:, None]) * h + cols[None, :],
                      tl.where(n_bad > 0, float("nan"), d_beta),
                      mask=(ee < E)[:, None] & cm[None, :])
         if NEED_DW:  # dA [G, D, r]: rows cols and cols + h, from dA^T [RP, BH]
-            off = (grp.to(tl.int64) * 2 * h + cols[None, :]) * r + rr[:, None]
+            off = (slab * 2 * h + cols[None, :]) * r + rr[:, None]
             m = (rr < r)[:, None] & cm[None, :]
             tl.store(PW + off, d_a1, mask=m)
             tl.store(PW + off + h * r, d_a2, mask=m)
+    if NEED_DU:  # PU [G, (E,) rg, h]
+        tl.store(PU + (slab * rg + gg[:, None]) * h + cols[None, :], d_u,
+                 mask=(gg < rg)[:, None] & cm[None, :])

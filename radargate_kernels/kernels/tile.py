@@ -12,15 +12,13 @@ for fp32/fp64. Dots of two 16-bit input tiles use their own dtype (exact product
 import triton
 import triton.language as tl
 
-# Set for the interpreter before import (tests): the GPU-only approximations below are then
-# emulated with the accurate functions on the same reduced argument.
-INTERPRETING = bool(triton.knobs.runtime.interpret)
-
 TWO_PI_HI = tl.constexpr(6.28125)   # 2 pi = TWO_PI_HI + TWO_PI_LO; TWO_PI_HI has 9 bits, so
 TWO_PI_LO = tl.constexpr(0.0019353071795864769)  # k * HI is exact for |k| < 2^15
 INV_TWO_PI = tl.constexpr(0.15915494309189535)
 
-if INTERPRETING:
+# Set for the interpreter before import (tests): the GPU-only approximations below are then
+# emulated with the accurate functions on the same reduced argument.
+if triton.knobs.runtime.interpret:
     @triton.jit
     def _approx_cos(x):
         return tl.cos(x)
@@ -91,10 +89,7 @@ def finite_or_zero(x):
 def other_tokens_safe(x, BT: tl.constexpr):
     """finite_or_zero(x) as the right operand of a block-diagonal per-token product when the
     tile holds several tokens (BT > 1); x itself for one token (nothing to keep apart)."""
-    if BT > 1:
-        return finite_or_zero(x)
-    else:
-        return x
+    return finite_or_zero(x) if BT > 1 else x
 
 
 @triton.jit
@@ -120,14 +115,10 @@ def expert_of(IDS, tok, slot, valid, s_it, s_ik, E, HAS_IDS: tl.constexpr):
 @triton.jit
 def load_pairs(ptr, row_off, cols, h, s_d, mask, ACC: tl.constexpr):
     """Columns ``cols`` and ``cols + h`` of the rows at int64 offsets ``row_off`` -> two
-    [R, BH] tiles (ACC; None keeps the stored dtype)."""
+    [R, BH] tiles (ACC)."""
     c = cols[None, :].to(tl.int64)
-    x1 = tl.load(ptr + row_off[:, None] + c * s_d, mask=mask, other=0.0)
-    x2 = tl.load(ptr + row_off[:, None] + (c + h) * s_d, mask=mask, other=0.0)
-    if ACC is not None:
-        x1 = x1.to(ACC)
-        x2 = x2.to(ACC)
-    return x1, x2
+    return (tl.load(ptr + row_off[:, None] + c * s_d, mask=mask, other=0.0).to(ACC),
+            tl.load(ptr + row_off[:, None] + (c + h) * s_d, mask=mask, other=0.0).to(ACC))
 
 
 @triton.jit
@@ -153,13 +144,10 @@ def store_rows(ptr, x, row, valid, n, NP: tl.constexpr):
 
 @triton.jit
 def load_tile(ptr, rows, cols, nrows, ncols, s_r, s_c, ACC: tl.constexpr):
-    """[len(rows), len(cols)] of a 2-D parameter, masked (ACC None: stored dtype)."""
+    """[len(rows), len(cols)] of a 2-D parameter, masked (ACC)."""
     m = (rows[:, None] < nrows) & (cols[None, :] < ncols)
-    x = tl.load(ptr + rows[:, None].to(tl.int64) * s_r + cols[None, :].to(tl.int64) * s_c, mask=m,
-                other=0.0)
-    if ACC is not None:
-        x = x.to(ACC)
-    return x
+    return tl.load(ptr + rows[:, None].to(tl.int64) * s_r + cols[None, :].to(tl.int64) * s_c,
+                   mask=m, other=0.0).to(ACC)
 
 
 @triton.jit
