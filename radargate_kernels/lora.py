@@ -416,8 +416,11 @@ def balance_factors(lora_B):
     |B_e| < 2^41. P = B B^T, the only square of B the fused path forms, overflows fp32 near
     |B| ~ 1e19, where the reference (which squares v / max|v|) stays finite. f = 1 for every B
     of 16-bit range, and for a non-finite max (frexp's exponent 0). Five small launches, once
-    per forward (backward reuses f)."""
-    m = torch.linalg.vector_norm(lora_B.detach(), float("inf"), dim=(1, 2))
+    per forward (backward reuses f). In fp32 also for float64 B (whose P overflows only past
+    1e154): Inductor's CPU code for frexp of float64 does not compile (torch 2.13)."""
+    B = lora_B.detach()
+    B = B.to(torch.float32) if B.dtype == torch.float64 else B
+    m = torch.linalg.vector_norm(B, float("inf"), dim=(1, 2), dtype=torch.float32)
     x = torch.frexp(m).exponent  # max|B_e| in [2^(x-1), 2^x)
     return torch.exp2((x - (BIG_B_LOG2 + 1)).clamp_min(0)).view(-1, 1, 1)
 

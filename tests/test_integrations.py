@@ -81,8 +81,10 @@ def test_peft_adapters_as_frozen_experts_reproduce_each_adapter(tmp_path):
         "weight", "rot_down", "rot_up", "angle_bias"}  # router weight and the gate only
     assert not any(p.requires_grad for n, p in model.named_parameters()
                    if "router" not in n and ".gate." not in n)
-    with pytest.raises(ValueError, match="rank: set by the adapters"):
-        from_peft_adapters(tiny_llama(), [p for _, p in adapters], rank=4)
+    for key, value in dict(rank=4, r=4, alpha=8.0, lora_alpha=8.0, num_experts=2,
+                           freeze_experts=False).items():  # what the adapters fix, both names
+        with pytest.raises(ValueError, match=f"{key}: set by the adapters"):
+            from_peft_adapters(tiny_llama(), [p for _, p in adapters], **{key: value})
     ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
     for e, (pm, _) in enumerate(adapters):
         for l in layers:  # one-hot stretch gate on adapter e; the rotation starts at zero
