@@ -168,16 +168,15 @@ class _SlotSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gs, ids, B):
         E, r, _ = B.shape
-        ctx.save_for_backward(gs, ids, B)
         used = expert_one_hot(ids, E).any(1)  # [t, E]
+        ctx.save_for_backward(gs, ids, B, used)
         return finite_mm(slots_to_experts(gs, ids, E).reshape(-1, E * r), B, used)
 
     @staticmethod
     def backward(ctx, dy):
-        gs, ids, B = ctx.saved_tensors
+        gs, ids, B, used = ctx.saved_tensors
         E, r, out = B.shape
         dgs = slot_rows((dy @ B.reshape(E * r, out).t()).view(-1, E, r), ids)
-        used = expert_one_hot(ids, E).any(1)
         dB = expert_grad(slots_to_experts(gs, ids, E).reshape(-1, E * r), dy, used)
         return dgs.masked_fill((ids < 0).unsqueeze(-1), 0), None, dB
 
@@ -361,9 +360,12 @@ def _relation(s, ids, P, Q, tau, eps, chunks):
                          (s, ids), (), s.new_empty((T, K, Q.shape[2])))
 
 
-def _setup(x, lora_A, lora_B, rot_down, ids, scaling, backend, f, s_all=None):
-    """What forward and backward both start from: the compute dtype, s_all and s (down
-    projection, or from the saved s_all), the sizes and the token chunks of the PyTorch parts."""
+def _setup(x, lora_A, lora_B, rot_down, ids, scaling, backend, bal, s_all=None):
+    """What forward and backward both start from: the balance factor f (bal, or 1) and B / f,
+    the compute dtype, s_all and s of A f (down projection, or from the saved s_all), the sizes
+    and the token chunks of the PyTorch parts."""
+    f = bal if bal is not None else 1.0
+    lora_B = times(lora_B, bal, divide=True) if bal is not None else lora_B
     ct = compute_dtype(x.dtype)
     if s_all is None:
         s_all, s = _down(x, lora_A, ids, scaling, backend, f)
@@ -378,7 +380,7 @@ def _setup(x, lora_A, lora_B, rot_down, ids, scaling, backend, f, s_all=None):
     rg = rot_down.shape[1] if rot_down is not None else 0
     chunks = _chunks(T, _per_token_elems(K, r, out, E, rg, ids, rot_down is not None, backend),
                      x.device)
-    return ct, s_all, s, T, K, E, out, rg, chunks
+    return f, lora_B, ct, s_all, s, T, K, E, out, rg, chunks
 
 
 SAVE_LOWRANK_FRACTION = 0.25  # auto: save s, d while they cost <= this share of x's bytes
@@ -437,10 +439,8 @@ def _forward(x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, bal, scaling, ta
              backend, save):
     """-> (y [T, out] in x's dtype, s, d, P, Q): what backward may reuse (``save``), else empty
     tensors. bal: balance_factors (None: rotation off); the op runs on A f, B / f (s, P, Q too)."""
-    f = bal if bal is not None else 1.0
-    lora_B = times(lora_B, bal, divide=True) if bal is not None else lora_B
-    ct, s_all, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids, scaling,
-                                                    backend, f)
+    f, lora_B, ct, s_all, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids,
+                                                               scaling, backend, bal)
     d = P = Q = None
     if rot_down is None:
         y = _chunked_eval(weighted_sum_lowrank, chunks, (s, g.to(ct), ids),
@@ -468,10 +468,9 @@ def _backward(dy, x, lora_A, lora_B, g, rot_down, rot_up, beta, ids, bal, scalin
               backend, need_dx, need_dA, s_saved=None, d=None, P=None, Q=None):
     """-> (dx, dA, dB, dg, drot_down, drot_up, dbeta); s_saved, d, P, Q: forward's, where it
     saved them (else recomputed here)."""
-    f = bal if bal is not None else 1.0  # gradients of A f, B / f here; of A, B at the end
-    lora_B0, lora_B = lora_B, times(lora_B, bal, divide=True) if bal is not None else lora_B
-    ct, s_all, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids, scaling,
-                                                    backend, f, s_saved)
+    lora_B0 = lora_B  # gradients of A f, B / f below; of A, B at the end
+    f, lora_B, ct, s_all, s, T, K, E, out, rg, chunks = _setup(x, lora_A, lora_B, rot_down, ids,
+                                                               scaling, backend, bal, s_saved)
     dyc = dy.to(ct) if backend != "triton" or rot_down is None else None
     dA_rot = dU = dbeta = None
     scaled = False  # ds already scaled (and, bf16, split): the relation kernel did it
